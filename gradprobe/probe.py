@@ -1,0 +1,666 @@
+"""The probe: owns every hook handle, the step counter, the schedule and the records.
+
+How a value is captured (per block, on a recorded step):
+
+1. A forward *pre*-hook replaces the block's input ``x`` by an alias
+   ``x.view_as(x)`` and registers a tensor hook on it. Gradients reaching the
+   alias flow through this block only, so that hook sees ``g_x`` of this block
+   even when ``x`` also feeds a skip connection outside it. (For a block whose
+   input does not require grad, the alias is a fresh leaf that does, so its
+   ``g_x`` still exists; the caller's tensor and its flags are untouched.)
+2. A forward hook computes the forward statistics at once and registers a
+   tensor hook on the output ``y``. A tensor hook stays bound to the node that
+   produced the value, so a later in-place op (``nn.ReLU(inplace=True)`` after
+   the block) does not change what it sees. ``register_full_backward_hook`` is
+   deliberately not used: it breaks on in-place ops (pytorch#61519) and
+   misreports the first block when the model input does not require grad.
+3. The tensor hooks reduce ``g_y`` and ``g_x`` to a few scalars at once
+   (:mod:`gradprobe.metrics`) and drop the gradient tensors.
+4. The first gradient hook of a backward pass queues a callback on the
+   autograd engine that runs when that backward pass ends: it records the
+   block parameter statistics and marks the step as finished.
+
+Nothing is written on user modules; every handle lives in ``Probe._handles``
+and is removed by ``detach`` (also on exceptions, through ``with``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from . import metrics
+from ._version import __version__
+from .blocks import BlockSpec, select_blocks
+from .records import FRAME_COLUMNS, Run, rows_to_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Schedule = Callable[[int], bool]
+
+_SHORTCUT_NAMES = ("shortcut", "downsample")
+
+
+def every_n(n: int) -> Schedule:
+    """Schedule that records steps where ``step % n == 0``.
+
+    >>> [s for s in range(7) if every_n(3)(s)]
+    [0, 3, 6]
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"every= must be a positive int or a callable step -> bool, got {n!r}")
+
+    def schedule(step: int) -> bool:
+        return step % n == 0
+
+    schedule.__name__ = f"every_{n}"
+    return schedule
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor of a block output (a tensor, a tuple/list, or a dict-like output)."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            if isinstance(item, torch.Tensor):
+                return item
+        return None
+    if isinstance(obj, Mapping):
+        for item in obj.values():
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
+
+
+# Muting is process-wide, not per probe: while one probe runs its own Jacobian
+# passes through the graph, no probe (a second one on the same model included)
+# may record those passes as training gradients.
+_MUTED = [0]
+
+
+def _in_backward() -> bool:
+    # True while the autograd engine runs a backward pass on this thread: a forward
+    # call then is a recomputation (activation checkpointing), not a new forward.
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
+@dataclass
+class _Call:
+    """Statistics of one call of one block within the current step (0-d tensors, no graph)."""
+
+    block: str
+    x: torch.Tensor | None = None  # alias, held only between the pre-hook and the forward hook
+    x_version: int = 0
+    x_node: Any = None  # grad_fn of the caller's input and its output_nr (in-place fallback)
+    x_output_nr: int = 0
+    same_shape: bool = False
+    fwd: torch.Tensor | None = None
+    numel_x: int = 0
+    numel_y: int = 0
+    g_y: torch.Tensor | None = None  # held only between the g_y and the g_x hooks
+    gyy: torch.Tensor | None = None
+    bwd_x: torch.Tensor | None = None
+    scale: float = 1.0
+
+
+@dataclass
+class _StepBuffer:
+    calls: list[_Call] = field(default_factory=list)
+    params: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    snapshot: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    scalars: dict[str, Any] = field(default_factory=dict)
+    jacobian: dict[str, dict[str, float]] = field(default_factory=dict)
+    backward_done: bool = False
+    recorded: bool = False
+
+
+class Probe:
+    """Hooks on the blocks of a model that record gradient and identity metrics.
+
+    Create it with :func:`gradprobe.attach`. Stepping rule: by default each
+    backward pass that reaches the probed blocks is one step. The step is
+    closed lazily, when the next forward pass through a probed block begins
+    (or on ``frame()``, ``save()``, ``detach()``), so ``probe.log(loss=...)``
+    anywhere between a forward pass and the next one belongs to its step. The
+    first call of :meth:`step` switches the probe to explicit stepping: from
+    then on only ``step()`` closes a step, and every backward pass in between
+    is pooled into it (gradient accumulation). ``auto_step=False`` selects
+    explicit stepping from the start.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: BlockSpec = "auto",
+        *,
+        every: int | Schedule = 1,
+        strict: bool = False,
+        auto_step: bool | None = None,
+        shortcuts: Mapping[str, str | nn.Module] | None = None,
+        scaler: Any = None,
+        record_eval: bool = False,
+        jacobian: bool | int = False,
+        probes: int = 4,
+        jacobian_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        selected = select_blocks(model, blocks)
+        self._model = model
+        self._schedule: Schedule = every if callable(every) else every_n(every)
+        self._every = every if isinstance(every, int) else getattr(every, "__name__", repr(every))
+        self._strict = strict
+        self._auto = auto_step is not False
+        self._explicit_from_start = auto_step is False
+        self._scaler = scaler
+        self._record_eval = record_eval
+        if isinstance(jacobian, bool):
+            self._jacobian_every = 1 if jacobian else 0
+        elif isinstance(jacobian, int) and jacobian >= 1:
+            self._jacobian_every = jacobian
+        else:
+            raise ValueError(f"jacobian= must be a bool or a positive int (every N-th recorded step), got {jacobian!r}")
+        if not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes= must be a positive int, got {probes!r}")
+        self._probes = probes
+        self._jacobian_options = dict(jacobian_options or {})
+        self._jacobian_generator: torch.Generator | None = None
+        self._recorded_steps = 0
+
+        self._modules: dict[str, nn.Module] = dict(selected)
+        self._params: dict[str, list[nn.Parameter]] = {
+            name: [p for p in module.parameters() if p.requires_grad] for name, module in selected
+        }
+        self._prev_params: dict[str, list[torch.Tensor]] = {}
+        self._index: dict[str, int] = {}
+        self._stack: dict[str, list[_Call]] = {name: [] for name in self._modules}
+        self._shortcut_out: dict[str, torch.Tensor] = {}
+        self._captures: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+        self._step = 0
+        self._buf = _StepBuffer()
+        self._rows: list[dict[str, Any]] = []
+        self._scalar_rows: list[dict[str, Any]] = []
+        self._callback_queued = False
+        self._warned: set[str] = set()
+        self._handles: list[RemovableHandle] = []
+        self._attached = False
+        self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._shortcut_modules = self._resolve_shortcuts(shortcuts or {})
+        self._attach()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _resolve_shortcuts(self, given: Mapping[str, str | nn.Module]) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {}
+        for name, module in self._modules.items():
+            spec = given.get(name)
+            if isinstance(spec, nn.Module):
+                out[name] = spec
+                continue
+            child_names = (spec,) if isinstance(spec, str) else _SHORTCUT_NAMES
+            for child_name in child_names:
+                child = getattr(module, child_name, None)
+                if isinstance(child, nn.Module):
+                    out[name] = child
+                    break
+            else:
+                if isinstance(spec, str):
+                    raise ValueError(f"shortcuts[{name!r}] = {spec!r}: block {name} has no child module {spec!r}")
+        unknown = set(given) - set(self._modules)
+        if unknown:
+            raise ValueError(f"shortcuts= names blocks that are not probed: {sorted(unknown)}; probed: {list(self._modules)}")
+        return out
+
+    def _attach(self) -> None:
+        try:
+            for name, module in self._modules.items():
+                self._handles.append(
+                    module.register_forward_pre_hook(partial(self._pre_hook, name), with_kwargs=True)
+                )
+                self._handles.append(module.register_forward_hook(partial(self._post_hook, name), with_kwargs=True))
+            for name, shortcut in self._shortcut_modules.items():
+                self._handles.append(shortcut.register_forward_hook(partial(self._shortcut_hook, name)))
+            if self._jacobian_every:
+                self._handles.append(self._model.register_forward_hook(self._root_post_hook))
+        except BaseException:
+            self._remove_handles()
+            raise
+        self._attached = True
+
+    def _remove_handles(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def detach(self) -> None:
+        """Remove every hook; recorded tables stay available. Safe to call twice."""
+        try:
+            if self._attached:
+                self._flush()
+        finally:
+            self._remove_handles()
+            self._attached = False
+            self._captures.clear()
+            self._shortcut_out.clear()
+            for stack in self._stack.values():
+                stack.clear()
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def blocks(self) -> list[str]:
+        """Probed block names, in forward order once a forward pass has run (module order before)."""
+        order = list(self._modules)
+        seen = sorted(self._index, key=self._index.__getitem__)
+        return seen + [n for n in order if n not in self._index]
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place."""
+        return self._attached
+
+    @property
+    def current_step(self) -> int:
+        """Number of the step being recorded now (steps start at 0)."""
+        return self._step
+
+    def log(self, **scalars: Any) -> None:
+        """Attach scalars (loss, accuracy, lr, ...) to the current step.
+
+        Tensors are converted with ``.item()``; call it before the next forward pass.
+        """
+        for key, value in scalars.items():
+            if key == "step":
+                raise ValueError("'step' is reserved: the probe numbers steps itself")
+            if isinstance(value, torch.Tensor):
+                value = value.detach().item() if value.numel() == 1 else value.detach().tolist()
+            self._buf.scalars[key] = value
+
+    def step(self) -> None:
+        """Close the current step now and switch to explicit stepping (see the class docstring)."""
+        self._auto = False
+        self._close_step()
+
+    def frame(self) -> pd.DataFrame:
+        """One row per (recorded step, block), columns as in :data:`gradprobe.records.FRAME_COLUMNS`."""
+        self._flush()
+        return rows_to_frame(self._rows)
+
+    def scalars(self) -> pd.DataFrame:
+        """One row per recorded step with the logged scalars."""
+        import pandas as pd
+
+        self._flush()
+        frame = pd.DataFrame.from_records(self._scalar_rows) if self._scalar_rows else pd.DataFrame({"step": []})
+        return frame.astype({"step": "int64"})
+
+    def meta(self) -> dict[str, Any]:
+        """Metadata stored with a saved run."""
+        return {
+            "kind": "probe",
+            "gradprobe_version": __version__,
+            "torch_version": torch.__version__,
+            "model_class": f"{type(self._model).__module__}.{type(self._model).__qualname__}",
+            "blocks": self.blocks,
+            "every": self._every,
+            "created": self._created,
+            "steps": self._step,
+            "jacobian": self._jacobian_every,
+            "probes": self._probes,
+        }
+
+    def run(self) -> Run:
+        """The recorded tables as a :class:`gradprobe.records.Run`."""
+        return Run(self.frame(), self.scalars(), self.meta())
+
+    def save(self, path: str | os.PathLike[str]) -> os.PathLike[str]:
+        """Save frame, scalars and metadata into the folder ``path``; read back with ``gradprobe.load``."""
+        return self.run().save(path)
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return f"Probe({type(self._model).__name__}, blocks={len(self._modules)}, steps={self._step}, {state})"
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    @contextlib.contextmanager
+    def _mute() -> Iterator[None]:
+        """Every probe's hooks ignore what happens inside (a probe's own Jacobian passes)."""
+        _MUTED[0] += 1
+        try:
+            yield
+        finally:
+            _MUTED[0] -= 1
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        if self._strict:
+            raise exc
+        # Warn once per kind of failure (not once per block and step): the first message
+        # names the block, later ones would only flood the user's training log.
+        kind = where.split(" of block ")[0]
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(
+                f"gradprobe: {where} failed ({type(exc).__name__}: {exc}); recording NaN there and "
+                "carrying on. Pass strict=True to attach() to raise instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _recording(self) -> bool:
+        return self._schedule(self._step)
+
+    def _queue_backward_end(self) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _MUTED[0] or _in_backward():
+            return None
+        if self._auto and self._buf.backward_done:
+            self._close_step()
+        if not torch.is_grad_enabled() or not (module.training or self._record_eval):
+            return None
+        if name not in self._index:
+            self._index[name] = len(self._index)
+        if not self._recording():
+            # Unrecorded step: one tensor hook per forward only to notice the backward pass.
+            self._stack[name].append(_Call(block=name))  # placeholder keeps pre/post hooks paired
+            return None
+        try:
+            return self._replace_input(name, args, kwargs)
+        except Exception as exc:  # never break the user's forward pass
+            self._fail(f"input capture of block {name}", exc)
+            self._stack[name].append(_Call(block=name))
+            return None
+
+    def _replace_input(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = _Call(block=name)
+        self._stack[name].append(call)
+        x: Any = args[0] if args else None
+        in_kwargs = False
+        if not isinstance(x, torch.Tensor) and isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            x, in_kwargs = kwargs["hidden_states"], True
+        if not isinstance(x, torch.Tensor) or not (x.is_floating_point() or x.is_complex()):
+            return None
+        alias = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        alias.register_hook(partial(self._grad_x_hook, call))
+        call.x_node, call.x_output_nr = x.grad_fn, x.output_nr
+        call.x = alias
+        call.x_version = alias._version
+        if in_kwargs:
+            return args, {**kwargs, "hidden_states": alias}
+        return (alias, *args[1:]), kwargs
+
+    def _shortcut_hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack[name] and self._stack[name][-1].x is not None:
+            out = _first_tensor(output)
+            if out is not None:
+                self._shortcut_out[name] = out
+
+    def _post_hook(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        stack = self._stack.get(name)
+        if not stack:
+            return
+        call = stack.pop()
+        shortcut_out = self._shortcut_out.pop(name, None)
+        y = _first_tensor(output)
+        if y is None or not y.requires_grad:
+            return
+        try:
+            if not self._recording():
+                # Unrecorded step: a bare hook whose only job is to notice the backward pass.
+                y.register_hook(self._count_hook)
+                return
+            self._record_forward(call, y, shortcut_out)
+        except Exception as exc:
+            self._fail(f"forward metrics of block {name}", exc)
+        finally:
+            call.x = None
+
+    def _record_forward(self, call: _Call, y: torch.Tensor, shortcut_out: torch.Tensor | None) -> None:
+        x = call.x
+        with torch.no_grad(), torch.autocast(y.device.type, enabled=False):
+            if x is not None:
+                call.same_shape = x.shape == y.shape
+                ref = x if call.same_shape else shortcut_out
+                call.fwd = metrics.forward_stats(x, y, ref)
+                call.numel_x = x.numel()
+                if x._version != call.x_version and call.x_node is not None:
+                    # The block modified its input in place: the alias's node left the graph
+                    # and its hook will not fire. Read g_x on the node that produced the
+                    # caller's input instead (exact when the block is its only consumer).
+                    call.x_node.register_prehook(partial(self._grad_x_node_hook, call))
+            call.x_node = None
+            call.numel_y = y.numel()
+        self._buf.calls.append(call)
+        y.register_hook(partial(self._grad_y_hook, call))
+        if self._jacobian_due() and x is not None:
+            self._captures.append((call.block, x, y))
+
+    def _count_hook(self, grad: torch.Tensor) -> None:
+        if not _MUTED[0]:
+            self._queue_backward_end()
+
+    def _grad_y_hook(self, call: _Call, grad: torch.Tensor) -> None:
+        if _MUTED[0]:
+            return
+        self._queue_backward_end()
+        try:
+            with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
+                stats = metrics.grad_out_stats(grad)
+                call.gyy = stats if call.gyy is None else call.gyy + stats
+                if call.same_shape:
+                    call.g_y = grad
+        except Exception as exc:
+            self._fail(f"output gradient of block {call.block}", exc)
+
+    def _grad_x_hook(self, call: _Call, grad: torch.Tensor) -> None:
+        if _MUTED[0]:
+            return
+        self._queue_backward_end()
+        try:
+            with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
+                stats = metrics.grad_in_stats(grad, call.g_y if call.same_shape else None)
+                call.bwd_x = stats if call.bwd_x is None else call.bwd_x + stats
+        except Exception as exc:
+            self._fail(f"input gradient of block {call.block}", exc)
+        finally:
+            call.g_y = None
+
+    def _grad_x_node_hook(self, call: _Call, grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+        grad = grad_outputs[call.x_output_nr]
+        if grad is not None:
+            self._grad_x_hook(call, grad)
+
+    def _on_backward_end(self) -> None:
+        self._callback_queued = False
+        try:
+            if self._recording():
+                self._record_params()
+                if self._scaler is not None:
+                    scale = float(self._scaler.get_scale())
+                    for call in self._buf.calls:
+                        call.scale = scale
+        except Exception as exc:
+            self._fail("parameter metrics", exc)
+        finally:
+            self._buf.backward_done = True
+
+    def _record_params(self) -> None:
+        # Taken at the end of every backward pass of a recorded step, before the optimizer
+        # moves the weights; with gradient accumulation the last pass (full .grad) wins.
+        seen = {c.block for c in self._buf.calls}
+        with torch.no_grad():
+            for name in seen:
+                params = self._params[name]
+                self._buf.params[name] = metrics.param_stats(params, self._prev_params.get(name))
+                self._buf.snapshot[name] = [p.detach().clone() for p in params]
+
+    # ------------------------------------------------------------------ Jacobian
+    def _jacobian_due(self) -> bool:
+        return bool(self._jacobian_every) and self._recorded_steps % self._jacobian_every == 0
+
+    def _root_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        captures, self._captures = self._captures, []
+        if not captures or _MUTED[0] or _in_backward():
+            return
+        try:
+            from .jacobian import BlockCapture, jacobian_columns
+
+            if self._jacobian_generator is None:
+                self._jacobian_generator = torch.Generator().manual_seed(int(self._jacobian_options.get("seed", 0)))
+            seen: set[str] = set()
+            caps = []
+            for name, x, y in sorted(captures, key=lambda c: self._index[c[0]]):
+                if name in seen:  # weight sharing: the first call of each block
+                    continue
+                seen.add(name)
+                caps.append(BlockCapture(name=name, x=x, y=y, same_shape=x.shape == y.shape))
+            options = {k: v for k, v in self._jacobian_options.items() if k != "seed"}
+            with self._mute():
+                cols = jacobian_columns(caps, probes=self._probes, generator=self._jacobian_generator, **options)
+            self._buf.jacobian.update(cols)
+        except Exception as exc:
+            self._fail("Jacobian columns", exc)
+
+    # ------------------------------------------------------------------ step closing
+    def _flush(self) -> None:
+        if self._auto and self._buf.backward_done:
+            self._close_step()
+
+    def _close_step(self) -> None:
+        buf, self._buf = self._buf, _StepBuffer()
+        self._captures.clear()
+        step = self._step
+        self._step += 1
+        if buf.scalars:  # scalars are cheap: kept for every step, recorded or not
+            self._scalar_rows.append({"step": step, **buf.scalars})
+        if not self._schedule(step):
+            return
+        self._recorded_steps += 1
+        try:
+            self._rows.extend(self._rows_of(step, buf))
+        except Exception as exc:
+            self._fail("closing a step", exc)
+        # Parameters as of this recorded step, for the next recorded step's update_ratio.
+        self._prev_params.update(buf.snapshot)
+
+    def _rows_of(self, step: int, buf: _StepBuffer) -> list[dict[str, Any]]:
+        by_block: dict[str, list[_Call]] = {}
+        for call in buf.calls:
+            by_block.setdefault(call.block, []).append(call)
+        if not by_block:
+            return []
+        # One device->host transfer for everything: keeps the GPU pipeline intact.
+        tensors: list[torch.Tensor] = []
+        layout: list[tuple[str, int, int, int, int]] = []
+        nan = torch.full((), math.nan, dtype=torch.float64)
+        for name, calls in by_block.items():
+            complete = [c for c in calls if c.gyy is not None] or calls
+            fwd = [c.fwd.double().cpu() for c in complete if c.fwd is not None]
+            gyy = [c.gyy.double().cpu() / c.scale**2 for c in complete if c.gyy is not None]
+            bwd = [c.bwd_x.double().cpu() / (c.scale**2) for c in complete if c.bwd_x is not None]
+            start = len(tensors)
+            tensors.append(torch.stack(fwd).sum(0) if fwd else torch.full((4,), math.nan, dtype=torch.float64))
+            tensors.append(torch.stack(gyy).sum(0) if len(gyy) == len(complete) else nan.reshape(1))
+            tensors.append(
+                torch.stack(bwd).sum(0) if bwd and len(bwd) == len(complete) else torch.full((3,), math.nan)
+            )
+            params = buf.params.get(name)
+            if params is not None:
+                tensors.append(torch.stack([p.double().cpu() for p in params]))
+            else:
+                tensors.append(torch.full((3,), math.nan, dtype=torch.float64))
+            numel_x = sum(c.numel_x for c in complete)
+            numel_y = sum(c.numel_y for c in complete)
+            layout.append((name, start, len(complete), numel_x, numel_y))
+        values = [t.double().tolist() for t in tensors]
+        rows = []
+        for name, start, n_calls, numel_x, numel_y in layout:
+            fwd_v, gyy_v, bwd_v, par_v = values[start : start + 4]
+            row: dict[str, Any] = {"step": step, "block": name, "index": self._index.get(name, -1), "calls": n_calls}
+            row.update(metrics.finalize(fwd_v, numel_x, numel_y, gyy_v[0], bwd_v))
+            psq, gsq, dsq = par_v
+            row["param_norm"] = math.sqrt(psq) if psq >= 0 else math.nan
+            row["param_grad_norm"] = math.sqrt(gsq) if gsq >= 0 else math.nan
+            row["update_ratio"] = metrics._div(math.sqrt(dsq) if dsq >= 0 else math.nan, row["param_norm"])
+            row.update(buf.jacobian.get(name, {}))
+            rows.append(row)
+        rows.sort(key=lambda r: r["index"])
+        last_out = rows[-1]["grad_out"]
+        for row in rows:
+            row["cum_gain"] = metrics.cum_gain(row["grad_in"], last_out)
+        return [{c: r.get(c, math.nan) for c in FRAME_COLUMNS} for r in rows]
+
+
+def attach(
+    model: nn.Module,
+    blocks: BlockSpec = "auto",
+    *,
+    every: int | Schedule = 1,
+    strict: bool = False,
+    auto_step: bool | None = None,
+    shortcuts: Mapping[str, str | nn.Module] | None = None,
+    scaler: Any = None,
+    record_eval: bool = False,
+    jacobian: bool | int = False,
+    probes: int = 4,
+    jacobian_options: Mapping[str, Any] | None = None,
+) -> Probe:
+    """Register gradprobe's hooks on the blocks of ``model`` and return the :class:`Probe`.
+
+    Args:
+        model: any ``torch.nn.Module``.
+        blocks: ``"auto"``, names or glob patterns, module class(es), or a predicate
+            (see :func:`gradprobe.blocks.select_blocks`).
+        every: record steps where ``step % every == 0``, or a callable ``step -> bool``.
+        strict: raise metric errors instead of warning once and recording NaN.
+        auto_step: ``None``/``True``: one step per backward pass until ``probe.step()`` is
+            first called; ``False``: only ``probe.step()`` closes steps (gradient accumulation).
+        shortcuts: ``{block name: child name or module}`` whose output a shape-changing block
+            is compared with (default: a child named ``shortcut`` or ``downsample``).
+        scaler: a ``torch.amp.GradScaler``; recorded gradient norms are divided by its scale.
+        record_eval: also record forward/backward passes of blocks in eval mode.
+        jacobian: add the Jacobian columns on every recorded step (``True``) or every N-th.
+        probes: random vectors per Hutchinson estimate of the Jacobian columns.
+        jacobian_options: extra keyword arguments of :func:`gradprobe.jacobian.jacobian_columns`.
+
+    >>> import torch, torch.nn as nn, gradprobe
+    >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])
+    >>> with gradprobe.attach(net) as probe:
+    ...     net(torch.randn(16, 8)).pow(2).mean().backward()
+    >>> probe.frame()[["block", "gain"]].shape
+    (4, 2)
+    """
+    return Probe(
+        model,
+        blocks,
+        every=every,
+        strict=strict,
+        auto_step=auto_step,
+        shortcuts=shortcuts,
+        scaler=scaler,
+        record_eval=record_eval,
+        jacobian=jacobian,
+        probes=probes,
+        jacobian_options=jacobian_options,
+    )

@@ -1,0 +1,96 @@
+"""Reference values of every probe metric, computed directly with torch.autograd (float64).
+
+Independent of the probe: block inputs/outputs are captured by plain hooks that
+keep references, then gradients come from ``torch.autograd.grad``; g_x through
+a block only is the vector-Jacobian product ``autograd.grad(y, x, g_y)``.
+The model must not use in-place ops (use the in-place-free twin of a net).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return next(t for t in out if isinstance(t, torch.Tensor))
+
+
+def reference_rows(model: nn.Module, names: list[str], x: torch.Tensor, loss_fn, shortcuts=None) -> dict:
+    """{block name: {metric: value}} for one forward/backward of ``loss_fn(model(x))``."""
+    shortcuts = shortcuts or {}
+    modules = dict(model.named_modules())
+    xs, ys, order, sc_out = {}, {}, [], {}
+    handles = []
+
+    def pre(name):
+        def hook(mod, args):
+            if name not in xs:
+                xs[name] = args[0]
+                order.append(name)
+
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            ys.setdefault(name, first_tensor(out))
+
+        return hook
+
+    def sc(name):
+        def hook(mod, args, out):
+            sc_out.setdefault(name, out)
+
+        return hook
+
+    for n in names:
+        handles.append(modules[n].register_forward_pre_hook(pre(n)))
+        handles.append(modules[n].register_forward_hook(post(n)))
+        child = shortcuts.get(n)
+        if child is not None:
+            handles.append(getattr(modules[n], child).register_forward_hook(sc(n)))
+    x = x.clone().requires_grad_(True)
+    try:
+        loss = loss_fn(model(x))
+    finally:
+        for h in handles:
+            h.remove()
+    params = {n: [p for p in modules[n].parameters()] for n in names}
+    g_ys = torch.autograd.grad(loss, [ys[n] for n in order], retain_graph=True)
+    rows = {}
+    for n, g_y in zip(order, g_ys):
+        xi, yi = xs[n], ys[n]
+        (g_x,) = torch.autograd.grad(yi, xi, g_y, retain_graph=True)
+        pg = torch.autograd.grad(loss, params[n], retain_graph=True, allow_unused=True)
+        r = {
+            "grad_out": g_y.norm().item(),
+            "grad_in": g_x.norm().item(),
+            "in_rms": (xi.pow(2).mean().sqrt()).item(),
+            "out_rms": (yi.pow(2).mean().sqrt()).item(),
+            "param_norm": torch.sqrt(sum(p.pow(2).sum() for p in params[n])).item(),
+            "param_grad_norm": torch.sqrt(sum(g.pow(2).sum() for g in pg if g is not None)).item(),
+        }
+        r["gain"] = r["grad_in"] / r["grad_out"]
+        ref = xi if xi.shape == yi.shape else sc_out.get(n)
+        if ref is not None:
+            r["res_ratio"] = ((yi - ref).norm() / ref.norm()).item()
+            r["cos_xy"] = torch.nn.functional.cosine_similarity(ref.flatten(), yi.flatten(), dim=0).item()
+        else:
+            r["res_ratio"] = r["cos_xy"] = math.nan
+        if xi.shape == yi.shape:
+            b = g_x - g_y
+            r["skip_grad"] = g_y.norm().item()
+            r["branch_grad"] = b.norm().item()
+            r["branch_cos"] = torch.nn.functional.cosine_similarity(b.flatten(), g_y.flatten(), dim=0).item()
+        else:
+            r["skip_grad"] = r["branch_grad"] = r["branch_cos"] = math.nan
+        rows[n] = r
+    last = order[-1]
+    for n in order:
+        rows[n]["cum_gain"] = rows[n]["grad_in"] / rows[last]["grad_out"]
+        rows[n]["index"] = order.index(n)
+    return rows
