@@ -9,8 +9,9 @@
 """
 
 from ._version import __version__
+from .analysis import analyze
 from .blocks import select_blocks
 from .probe import Probe, attach, every_n
 from .records import Run, load
 
-__all__ = ["Probe", "Run", "__version__", "attach", "every_n", "load", "select_blocks"]
+__all__ = ["Probe", "Run", "__version__", "analyze", "attach", "every_n", "load", "select_blocks"]

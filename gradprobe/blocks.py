@@ -37,7 +37,7 @@ from typing import Union
 
 from torch import nn
 
-BlockSpec = Union[
+BlockSpec = Union[  # noqa: UP007 (a runtime alias: ``X | Y`` of these typing objects needs 3.10+ anyway)
     str,
     Sequence[str],
     type[nn.Module],
@@ -147,14 +147,20 @@ def select_blocks(model: nn.Module, blocks: BlockSpec = "auto") -> list[tuple[st
             f"gradprobe needs a torch.nn.Module, got {type(model).__name__}; pass the model itself "
             "(for a wrapper such as a Lightning module or a pipeline, pass its inner nn.Module)"
         )
+    # A torch.compile'd model wraps the original as ``_orig_mod``: name blocks as in the original.
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        model = inner
     named = dict(model.named_modules())
     selected: list[str]
     if isinstance(blocks, str) and blocks == "auto":
         selected = _auto(model)
     elif isinstance(blocks, str) or (
-        isinstance(blocks, Sequence) and not isinstance(blocks, str) and all(isinstance(b, str) for b in blocks)
+        isinstance(blocks, Sequence)
+        and not isinstance(blocks, str)
+        and all(isinstance(b, str) for b in blocks)
     ):
-        patterns = [blocks] if isinstance(blocks, str) else list(blocks)
+        patterns: list[str] = [blocks] if isinstance(blocks, str) else [str(b) for b in blocks]
         if not patterns:
             raise ValueError("blocks= is an empty list; pass 'auto' or at least one module name or pattern")
         selected = []
@@ -169,12 +175,12 @@ def select_blocks(model: nn.Module, blocks: BlockSpec = "auto") -> list[tuple[st
             selected += [h for h in hits if h not in selected]
         order = {n: i for i, n in enumerate(named)}
         selected.sort(key=order.__getitem__)
-    elif isinstance(blocks, type) and issubclass(blocks, nn.Module) or (
+    elif (isinstance(blocks, type) and issubclass(blocks, nn.Module)) or (
         isinstance(blocks, tuple) and blocks and all(isinstance(b, type) for b in blocks)
     ):
-        selected = [n for n, m in named.items() if n and isinstance(m, blocks)]  # type: ignore[arg-type]
+        selected = [n for n, m in named.items() if n and isinstance(m, blocks)]
     elif callable(blocks):
-        selected = [n for n, m in named.items() if n and blocks(n, m)]  # type: ignore[call-arg,arg-type]
+        selected = [n for n, m in named.items() if n and blocks(n, m)]  # type: ignore[call-arg]
     else:
         raise TypeError(
             f"blocks= must be 'auto', a name or glob pattern, a list of them, a module class or tuple of "

@@ -174,6 +174,9 @@ def param_stats(
         dsq = torch.tensor(NAN, device=device, dtype=acc)
     else:
         dsq = torch.stack(
-            [_sq(_flat(p) - _flat(q).to(device)).to(device=device, dtype=acc) for p, q in zip(params, previous)]
+            [
+                _sq(_flat(p) - _flat(q).to(device)).to(device=device, dtype=acc)
+                for p, q in zip(params, previous, strict=False)
+            ]
         ).sum()
     return sq, gsq, dsq

@@ -43,7 +43,7 @@ from torch.utils.hooks import RemovableHandle
 from . import metrics
 from ._version import __version__
 from .blocks import BlockSpec, select_blocks
-from .records import FRAME_COLUMNS, Run, rows_to_frame
+from .records import FRAME_COLUMNS, RowStore, Run, Sink
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -97,6 +97,39 @@ def _in_backward() -> bool:
     return bool(torch._C._current_graph_task_id() != -1)
 
 
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a hook eagerly under ``torch.compile``: Dynamo breaks the graph around it.
+
+    Traced into a compiled graph, the tensor hooks that the probe registers are
+    replayed in ways that double-count gradients (a view alias and its base share
+    one node); eager hooks see exactly what eager mode sees.
+    """
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def _alias(x: torch.Tensor) -> torch.Tensor:
+    """A stand-in for the block input whose gradient is the gradient through this block only.
+
+    A view keeps in-place semantics (an in-place op on it still writes the caller's
+    tensor). An input that does not require grad gets a fresh leaf that does, so
+    the first block's input gradient exists; the caller's tensor is untouched.
+    """
+    return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def _swap_input(
+    args: tuple[Any, ...], kwargs: dict[str, Any], swap: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Replace the block input (first positional tensor, or ``hidden_states=``) by ``swap(x)``."""
+    x: Any = args[0] if args else None
+    if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
+        return (swap(x), *args[1:]), kwargs
+    hidden = kwargs.get("hidden_states")
+    if x is None and isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
+        return args, {**kwargs, "hidden_states": swap(hidden)}
+    return None
+
+
 @dataclass
 class _Call:
     """Statistics of one call of one block within the current step (0-d tensors, no graph)."""
@@ -124,6 +157,7 @@ class _StepBuffer:
     scalars: dict[str, Any] = field(default_factory=dict)
     jacobian: dict[str, dict[str, float]] = field(default_factory=dict)
     backward_done: bool = False
+    blocks: set[str] = field(default_factory=set)  # blocks called with grad in this step
     recorded: bool = False
 
 
@@ -155,6 +189,8 @@ class Probe:
         jacobian: bool | int = False,
         probes: int = 4,
         jacobian_options: Mapping[str, Any] | None = None,
+        sink: str | os.PathLike[str] | None = None,
+        sink_options: Mapping[str, Any] | None = None,
     ) -> None:
         selected = select_blocks(model, blocks)
         self._model = model
@@ -170,7 +206,9 @@ class Probe:
         elif isinstance(jacobian, int) and jacobian >= 1:
             self._jacobian_every = jacobian
         else:
-            raise ValueError(f"jacobian= must be a bool or a positive int (every N-th recorded step), got {jacobian!r}")
+            raise ValueError(
+                f"jacobian= must be a bool or a positive int (every N-th recorded step), got {jacobian!r}"
+            )
         if not isinstance(probes, int) or probes < 1:
             raise ValueError(f"probes= must be a positive int, got {probes!r}")
         self._probes = probes
@@ -190,8 +228,9 @@ class Probe:
 
         self._step = 0
         self._buf = _StepBuffer()
-        self._rows: list[dict[str, Any]] = []
+        self._store = RowStore()
         self._scalar_rows: list[dict[str, Any]] = []
+        self._sink = Sink(sink, **dict(sink_options or {})) if sink is not None else None
         self._callback_queued = False
         self._warned: set[str] = set()
         self._handles: list[RemovableHandle] = []
@@ -216,23 +255,32 @@ class Probe:
                     break
             else:
                 if isinstance(spec, str):
-                    raise ValueError(f"shortcuts[{name!r}] = {spec!r}: block {name} has no child module {spec!r}")
+                    raise ValueError(
+                        f"shortcuts[{name!r}] = {spec!r}: block {name} has no child module {spec!r}"
+                    )
         unknown = set(given) - set(self._modules)
         if unknown:
-            raise ValueError(f"shortcuts= names blocks that are not probed: {sorted(unknown)}; probed: {list(self._modules)}")
+            raise ValueError(
+                f"shortcuts= names blocks that are not probed: {sorted(unknown)}; "
+                f"probed: {list(self._modules)}"
+            )
         return out
 
     def _attach(self) -> None:
         try:
             for name, module in self._modules.items():
                 self._handles.append(
-                    module.register_forward_pre_hook(partial(self._pre_hook, name), with_kwargs=True)
+                    module.register_forward_pre_hook(_eager(partial(self._pre_hook, name)), with_kwargs=True)
                 )
-                self._handles.append(module.register_forward_hook(partial(self._post_hook, name), with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_hook(_eager(partial(self._post_hook, name)), with_kwargs=True)
+                )
             for name, shortcut in self._shortcut_modules.items():
-                self._handles.append(shortcut.register_forward_hook(partial(self._shortcut_hook, name)))
+                self._handles.append(
+                    shortcut.register_forward_hook(_eager(partial(self._shortcut_hook, name)))
+                )
             if self._jacobian_every:
-                self._handles.append(self._model.register_forward_hook(self._root_post_hook))
+                self._handles.append(self._model.register_forward_hook(_eager(self._root_post_hook)))
         except BaseException:
             self._remove_handles()
             raise
@@ -248,6 +296,9 @@ class Probe:
         try:
             if self._attached:
                 self._flush()
+                if self._sink is not None:
+                    self._sink.meta = self.meta()
+                    self._sink.flush()
         finally:
             self._remove_handles()
             self._attached = False
@@ -297,18 +348,58 @@ class Probe:
         self._auto = False
         self._close_step()
 
-    def frame(self) -> pd.DataFrame:
-        """One row per (recorded step, block), columns as in :data:`gradprobe.records.FRAME_COLUMNS`."""
-        self._flush()
-        return rows_to_frame(self._rows)
+    def frame(self, gather: bool = False) -> pd.DataFrame:
+        """One row per (recorded step, block), columns as in :data:`gradprobe.records.FRAME_COLUMNS`.
 
-    def scalars(self) -> pd.DataFrame:
-        """One row per recorded step with the logged scalars."""
+        Under ``torch.distributed`` a ``rank`` column is added; ``gather=True`` returns
+        every rank's rows on rank 0 (a collective: call it on every rank; other ranks
+        get their own rows).
+        """
+        self._flush()
+        if self._sink is not None:
+            self._sink.flush()
+            from .records import load
+
+            frame = load(self._sink.path).frame()
+        else:
+            frame = self._store.frame()
+        return self._distributed(frame, gather)
+
+    def scalars(self, gather: bool = False) -> pd.DataFrame:
+        """One row per step with the logged scalars (every step, recorded or not)."""
         import pandas as pd
 
         self._flush()
-        frame = pd.DataFrame.from_records(self._scalar_rows) if self._scalar_rows else pd.DataFrame({"step": []})
-        return frame.astype({"step": "int64"})
+        if self._sink is not None:
+            self._sink.flush()
+            from .records import load
+
+            frame = load(self._sink.path).scalars()
+        else:
+            frame = (
+                pd.DataFrame.from_records(self._scalar_rows)
+                if self._scalar_rows
+                else pd.DataFrame({"step": []})
+            )
+            frame = frame.astype({"step": "int64"})
+        return self._distributed(frame, gather)
+
+    @staticmethod
+    def _distributed(frame: pd.DataFrame, gather: bool) -> pd.DataFrame:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return frame
+        frame = frame.assign(rank=dist.get_rank())
+        if not gather:
+            return frame
+        import pandas as pd
+
+        parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(frame, parts, dst=0)
+        if parts is None:
+            return frame
+        return pd.concat(parts, ignore_index=True)
 
     def meta(self) -> dict[str, Any]:
         """Metadata stored with a saved run."""
@@ -335,7 +426,9 @@ class Probe:
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"
-        return f"Probe({type(self._model).__name__}, blocks={len(self._modules)}, steps={self._step}, {state})"
+        return (
+            f"Probe({type(self._model).__name__}, blocks={len(self._modules)}, steps={self._step}, {state})"
+        )
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -373,14 +466,25 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if _MUTED[0] or _in_backward():
+        if _MUTED[0]:
             return None
-        if self._auto and self._buf.backward_done:
+        if _in_backward():
+            # A forward call inside a backward pass is activation checkpointing recomputing
+            # the block. Non-reentrant checkpointing ran the block normally first: that call
+            # is recorded, the recomputation is not. Reentrant checkpointing ran it under
+            # no_grad first: the recomputation is the only call with a graph, so record it.
+            if not torch.is_grad_enabled():
+                return None
+            if name in self._buf.blocks:
+                # Same graph as the first run (checkpointing compares saved tensors), no hooks.
+                return _swap_input(args, kwargs, _alias)
+        elif self._auto and self._buf.backward_done:
             self._close_step()
+        if name not in self._index:  # forward order, also from no_grad passes
+            self._index[name] = len(self._index)
         if not torch.is_grad_enabled() or not (module.training or self._record_eval):
             return None
-        if name not in self._index:
-            self._index[name] = len(self._index)
+        self._buf.blocks.add(name)
         if not self._recording():
             # Unrecorded step: one tensor hook per forward only to notice the backward pass.
             self._stack[name].append(_Call(block=name))  # placeholder keeps pre/post hooks paired
@@ -395,20 +499,16 @@ class Probe:
     def _replace_input(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         call = _Call(block=name)
         self._stack[name].append(call)
-        x: Any = args[0] if args else None
-        in_kwargs = False
-        if not isinstance(x, torch.Tensor) and isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            x, in_kwargs = kwargs["hidden_states"], True
-        if not isinstance(x, torch.Tensor) or not (x.is_floating_point() or x.is_complex()):
-            return None
-        alias = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-        alias.register_hook(partial(self._grad_x_hook, call))
-        call.x_node, call.x_output_nr = x.grad_fn, x.output_nr
-        call.x = alias
-        call.x_version = alias._version
-        if in_kwargs:
-            return args, {**kwargs, "hidden_states": alias}
-        return (alias, *args[1:]), kwargs
+
+        def capture(x: torch.Tensor) -> torch.Tensor:
+            alias = _alias(x)
+            alias.register_hook(partial(self._grad_x_hook, call))
+            call.x_node, call.x_output_nr = x.grad_fn, x.output_nr
+            call.x = alias
+            call.x_version = alias._version
+            return alias
+
+        return _swap_input(args, kwargs, capture)
 
     def _shortcut_hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._stack[name] and self._stack[name][-1].x is not None:
@@ -491,7 +591,13 @@ class Probe:
         if grad is not None:
             self._grad_x_hook(call, grad)
 
-    def _on_backward_end(self) -> None:
+    def _on_backward_end(self, deferred: bool = False) -> None:
+        if not deferred:
+            # Run once more at the very end of the callback queue: DistributedDataParallel
+            # queues its own end-of-backward callback (which waits for the gradient
+            # all-reduce) after ours, and parameter gradients are final only after it.
+            torch.autograd.Variable._execution_engine.queue_callback(partial(self._on_backward_end, True))
+            return
         self._callback_queued = False
         try:
             if self._recording():
@@ -527,7 +633,9 @@ class Probe:
             from .jacobian import BlockCapture, jacobian_columns
 
             if self._jacobian_generator is None:
-                self._jacobian_generator = torch.Generator().manual_seed(int(self._jacobian_options.get("seed", 0)))
+                self._jacobian_generator = torch.Generator().manual_seed(
+                    int(self._jacobian_options.get("seed", 0))
+                )
             seen: set[str] = set()
             caps = []
             for name, x, y in sorted(captures, key=lambda c: self._index[c[0]]):
@@ -537,7 +645,9 @@ class Probe:
                 caps.append(BlockCapture(name=name, x=x, y=y, same_shape=x.shape == y.shape))
             options = {k: v for k, v in self._jacobian_options.items() if k != "seed"}
             with self._mute():
-                cols = jacobian_columns(caps, probes=self._probes, generator=self._jacobian_generator, **options)
+                cols = jacobian_columns(
+                    caps, probes=self._probes, generator=self._jacobian_generator, **options
+                )
             self._buf.jacobian.update(cols)
         except Exception as exc:
             self._fail("Jacobian columns", exc)
@@ -553,16 +663,38 @@ class Probe:
         step = self._step
         self._step += 1
         if buf.scalars:  # scalars are cheap: kept for every step, recorded or not
-            self._scalar_rows.append({"step": step, **buf.scalars})
+            if self._sink is not None:
+                self._sink.append_scalars({"step": step, **buf.scalars})
+            else:
+                self._scalar_rows.append({"step": step, **buf.scalars})
         if not self._schedule(step):
             return
         self._recorded_steps += 1
         try:
-            self._rows.extend(self._rows_of(step, buf))
+            rows = self._rows_of(step, buf)
+            (self._sink or self._store).append(rows)
+            self._flag_non_finite(step, rows)
         except Exception as exc:
             self._fail("closing a step", exc)
         # Parameters as of this recorded step, for the next recorded step's update_ratio.
         self._prev_params.update(buf.snapshot)
+
+    def _flag_non_finite(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Warn once when nan/inf reaches the records: recorded as is, but never silently."""
+        if "non-finite" in self._warned:
+            return
+        for row in rows:
+            bad = [c for c in ("in_rms", "out_rms", "grad_out", "grad_in") if not math.isfinite(row[c])]
+            if bad:
+                self._warned.add("non-finite")
+                warnings.warn(
+                    f"gradprobe: non-finite {', '.join(bad)} at step {step}, block {row['block']} "
+                    f"(index {row['index']}); recorded as is. Check the data and the loss for nan/inf "
+                    "(gradprobe.testing.assert_finite_gradients names the block).",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return
 
     def _rows_of(self, step: int, buf: _StepBuffer) -> list[dict[str, Any]]:
         by_block: dict[str, list[_Call]] = {}
@@ -580,7 +712,9 @@ class Probe:
             gyy = [c.gyy.double().cpu() / c.scale**2 for c in complete if c.gyy is not None]
             bwd = [c.bwd_x.double().cpu() / (c.scale**2) for c in complete if c.bwd_x is not None]
             start = len(tensors)
-            tensors.append(torch.stack(fwd).sum(0) if fwd else torch.full((4,), math.nan, dtype=torch.float64))
+            tensors.append(
+                torch.stack(fwd).sum(0) if fwd else torch.full((4,), math.nan, dtype=torch.float64)
+            )
             tensors.append(torch.stack(gyy).sum(0) if len(gyy) == len(complete) else nan.reshape(1))
             tensors.append(
                 torch.stack(bwd).sum(0) if bwd and len(bwd) == len(complete) else torch.full((3,), math.nan)
@@ -597,7 +731,12 @@ class Probe:
         rows = []
         for name, start, n_calls, numel_x, numel_y in layout:
             fwd_v, gyy_v, bwd_v, par_v = values[start : start + 4]
-            row: dict[str, Any] = {"step": step, "block": name, "index": self._index.get(name, -1), "calls": n_calls}
+            row: dict[str, Any] = {
+                "step": step,
+                "block": name,
+                "index": self._index.get(name, -1),
+                "calls": n_calls,
+            }
             row.update(metrics.finalize(fwd_v, numel_x, numel_y, gyy_v[0], bwd_v))
             psq, gsq, dsq = par_v
             row["param_norm"] = math.sqrt(psq) if psq >= 0 else math.nan
@@ -625,6 +764,8 @@ def attach(
     jacobian: bool | int = False,
     probes: int = 4,
     jacobian_options: Mapping[str, Any] | None = None,
+    sink: str | os.PathLike[str] | None = None,
+    sink_options: Mapping[str, Any] | None = None,
 ) -> Probe:
     """Register gradprobe's hooks on the blocks of ``model`` and return the :class:`Probe`.
 
@@ -643,6 +784,9 @@ def attach(
         jacobian: add the Jacobian columns on every recorded step (``True``) or every N-th.
         probes: random vectors per Hutchinson estimate of the Jacobian columns.
         jacobian_options: extra keyword arguments of :func:`gradprobe.jacobian.jacobian_columns`.
+        sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
+            (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
+        sink_options: ``chunk_rows`` (rows per chunk, default 50,000) and ``fmt``.
 
     >>> import torch, torch.nn as nn, gradprobe
     >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])
@@ -663,4 +807,6 @@ def attach(
         jacobian=jacobian,
         probes=probes,
         jacobian_options=jacobian_options,
+        sink=sink,
+        sink_options=sink_options,
     )

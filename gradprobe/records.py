@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +75,8 @@ GLOSSARY: dict[str, str] = {
     "cum_gain": "grad_in of this block / grad_out of the last block: the product of gains from here to the "
     "output, i.e. prod(1 + dF/dx) along the gradient training uses",
     "skip_grad": "|g_y|: gradient carried by the identity path (the gradient highway); NaN if shapes change",
-    "branch_grad": "|g_x - g_y| = |(dF/dx)^T g_y|: gradient carried by the learned branch F; NaN if shapes change",
+    "branch_grad": "|g_x - g_y| = |(dF/dx)^T g_y|: gradient carried by the learned branch F; "
+    "NaN if shapes change",
     "branch_cos": "cosine between the skip gradient g_y and the branch gradient g_x - g_y",
     "res_ratio": "|y - x| / |x| (|y - s(x)| / |s(x)| with a shortcut s): forward distance from the identity",
     "cos_xy": "cosine between block input x (or shortcut output) and output y",
@@ -91,7 +92,6 @@ GLOSSARY: dict[str, str] = {
     "block's output",
     "prod_spec": "largest singular value of that product",
 }
-
 
 
 def has_parquet() -> bool:
@@ -203,7 +203,7 @@ def _read_table(base: Path, dtypes: Mapping[str, str]) -> pd.DataFrame:
         raise FileNotFoundError(f"no {base.name}.parquet or {base.name}.csv in {base.parent}")
     for col, dtype in dtypes.items():
         if col in frame.columns and str(frame[col].dtype) != dtype:
-            frame[col] = frame[col].astype(dtype)
+            frame[col] = frame[col].astype(dtype)  # type: ignore[call-overload]
     return frame
 
 
@@ -273,6 +273,166 @@ def load(path: str | os.PathLike[str]) -> Run:
         raise FileNotFoundError(f"{folder} has no meta.json; is it a gradprobe run folder?")
     meta = json.loads(meta_file.read_text())
     dtypes = meta.pop("dtypes", {})
+    streamed = _read_chunks(folder, "frame")
+    if streamed is not None:  # a run streamed by a sink: concatenate its chunks
+        scalars_part = _read_chunks(folder, "scalars")
+        frame = rows_to_frame([]) if not len(streamed) else streamed
+        frame = frame.astype({"step": "int64", "index": "int64", "calls": "int64"})
+        scalars = scalars_part if scalars_part is not None else _empty_scalars()
+        return Run(frame, scalars.astype({"step": "int64"}), meta)
     frame = _read_table(folder / "frame", dtypes.get("frame", {}))
     scalars = _read_table(folder / "scalars", dtypes.get("scalars", {}))
     return Run(frame, scalars, meta)
+
+
+def _empty_scalars() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame({"step": pd.Series(dtype="int64")})
+
+
+#: Float columns of the block frame, in stored order (everything after the keys and ``calls``).
+VALUE_COLUMNS: tuple[str, ...] = METRIC_COLUMNS + JACOBIAN_COLUMNS
+
+
+class RowStore:
+    """Recorded rows kept compactly in memory: one float64 array per step.
+
+    A (step, block) row costs its 19 float64 values plus three int32 keys,
+    about 180 bytes, instead of ~2 kB as a dict of Python floats.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[Any, Any]] = []  # (keys int32 (n, 4), values float64 (n, k)) per step
+        self._names: list[str] = []
+        self._ids: dict[str, int] = {}
+
+    def _id(self, name: str) -> int:
+        if name not in self._ids:
+            self._ids[name] = len(self._names)
+            self._names.append(name)
+        return self._ids[name]
+
+    def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Add the rows of one step (dicts with every column of FRAME_COLUMNS)."""
+        import numpy as np
+
+        if not rows:
+            return
+        keys = np.array(
+            [(r["step"], self._id(r["block"]), r["index"], r["calls"]) for r in rows], dtype=np.int32
+        )
+        values = np.array([[r[c] for c in VALUE_COLUMNS] for r in rows], dtype=np.float64)
+        self._chunks.append((keys, values))
+
+    def __len__(self) -> int:
+        return sum(len(c[0]) for c in self._chunks)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored arrays."""
+        return sum(c[0].nbytes + c[1].nbytes for c in self._chunks)
+
+    def frame(self) -> pd.DataFrame:
+        """The stored rows as a block frame."""
+        import numpy as np
+        import pandas as pd
+
+        if not self._chunks:
+            return empty_frame()
+        keys = np.concatenate([c[0] for c in self._chunks]).astype(np.int64)
+        values = np.concatenate([c[1] for c in self._chunks])
+        names = np.array(self._names, dtype=object)
+        data: dict[str, Any] = {
+            "step": keys[:, 0],
+            "block": names[keys[:, 1]],
+            "index": keys[:, 2],
+            "calls": keys[:, 3],
+        }
+        data.update({c: values[:, i] for i, c in enumerate(VALUE_COLUMNS)})
+        return pd.DataFrame(data, columns=list(FRAME_COLUMNS))
+
+    def clear(self) -> None:
+        self._chunks.clear()
+
+
+class Sink:
+    """Streams recorded rows to a run folder in chunks, so memory stays bounded on long runs.
+
+    The folder holds ``frame-NNNNNN.parquet`` (or ``.csv``) and
+    ``scalars-NNNNNN.*`` chunks plus ``meta.json``; every chunk is written to a
+    temporary name and renamed, so an interrupted run leaves only complete
+    chunks. :func:`load` reads such a folder as one run.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, chunk_rows: int = 50_000, fmt: str | None = None):
+        self.path = Path(path)
+        self.fmt = fmt or ("parquet" if has_parquet() else "csv")
+        self.chunk_rows = int(chunk_rows)
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be positive, got {chunk_rows!r}")
+        try:
+            if self.path.exists() and not self.path.is_dir():
+                raise NotADirectoryError(f"{self.path} exists and is not a folder")
+            self.path.mkdir(parents=True, exist_ok=True)
+            if any(self.path.glob("frame-*")):
+                raise FileExistsError(f"{self.path} already holds a streamed run; choose an empty folder")
+            probe_file = self.path / ".write-test"
+            probe_file.write_text("ok")
+            probe_file.unlink()
+        except OSError as exc:
+            raise OSError(f"sink={str(path)!r} cannot be written ({exc}); pass a writable folder") from exc
+        self._rows = RowStore()
+        self._scalars: list[dict[str, Any]] = []
+        self._chunk = 0
+        self.meta: dict[str, Any] = {}
+
+    def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._rows.append(rows)
+        if len(self._rows) >= self.chunk_rows:
+            self.flush()
+
+    def append_scalars(self, row: Mapping[str, Any]) -> None:
+        self._scalars.append(dict(row))
+
+    def _write(self, frame: pd.DataFrame, stem: str) -> None:
+        final = self.path / f"{stem}-{self._chunk:06d}.{self.fmt}"
+        tmp = final.with_name("." + final.name + ".tmp")
+        if self.fmt == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        os.replace(tmp, final)
+
+    def flush(self) -> None:
+        """Write buffered rows and scalars as a new chunk (nothing if empty), and the metadata."""
+        import pandas as pd
+
+        if len(self._rows) or self._scalars:
+            self._write(self._rows.frame(), "frame")
+            scalars = (
+                pd.DataFrame.from_records(self._scalars) if self._scalars else pd.DataFrame({"step": []})
+            )
+            self._write(scalars.astype({"step": "int64"}), "scalars")
+            self._chunk += 1
+            self._rows.clear()
+            self._scalars.clear()
+        meta = dict(self.meta)
+        meta.update({"format_version": _FORMAT_VERSION, "table_format": self.fmt, "streamed": True})
+        (self.path / "meta.json").write_text(json.dumps(_jsonable(meta), indent=2, sort_keys=True))
+
+
+def _read_chunks(folder: Path, stem: str) -> pd.DataFrame | None:
+    import pandas as pd
+
+    files = sorted(folder.glob(f"{stem}-*.parquet")) + sorted(folder.glob(f"{stem}-*.csv"))
+    if not files:
+        return None
+    parts = [
+        pd.read_parquet(f)
+        if f.suffix == ".parquet"
+        else pd.read_csv(f, keep_default_na=False, na_values=[""])
+        for f in files
+    ]
+    parts = [p for p in parts if len(p)] or parts[:1]
+    return pd.concat(parts, ignore_index=True)

@@ -71,7 +71,7 @@ class ResMLPBlock(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """CIFAR-style residual block with BatchNorm, optional projection shortcut, in-place ReLU and ``out += x``."""
+    """CIFAR-style residual block: BatchNorm, optional projection shortcut, in-place ReLU, ``out += x``."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1, inplace: bool = True, residual: bool = True):
         super().__init__()
@@ -102,7 +102,9 @@ class BasicBlock(nn.Module):
 class ResCNN(nn.Module):
     def __init__(self, inplace: bool = True, residual: bool = True, width: int = 4):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace)
+        )
         self.layer1 = nn.Sequential(
             BasicBlock(width, width, inplace=inplace, residual=residual),
             BasicBlock(width, width, inplace=inplace, residual=residual),

@@ -62,7 +62,7 @@ def reference_rows(model: nn.Module, names: list[str], x: torch.Tensor, loss_fn,
     params = {n: [p for p in modules[n].parameters()] for n in names}
     g_ys = torch.autograd.grad(loss, [ys[n] for n in order], retain_graph=True)
     rows = {}
-    for n, g_y in zip(order, g_ys):
+    for n, g_y in zip(order, g_ys, strict=False):
         xi, yi = xs[n], ys[n]
         (g_x,) = torch.autograd.grad(yi, xi, g_y, retain_graph=True)
         pg = torch.autograd.grad(loss, params[n], retain_graph=True, allow_unused=True)

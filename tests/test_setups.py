@@ -1,0 +1,207 @@
+"""Real training setups: mixed precision, loss scaling, checkpointing, torch.compile, DDP, long runs."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ResMLPBlock, make, make_input
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gradprobe
+
+COLS = ["grad_out", "grad_in", "gain", "cum_gain", "res_ratio", "branch_grad", "param_grad_norm"]
+
+
+def _frame(net, x, **kwargs):
+    with gradprobe.attach(net, **kwargs) as probe:
+        (net(x) ** 2).sum().backward()
+    return probe.frame()
+
+
+def test_bfloat16_autocast_on_cpu_records_finite_values_close_to_float32():
+    net = make("res_cnn", dtype=torch.float32)
+    x = make_input("res_cnn", dtype=torch.float32)
+    ref = _frame(copy.deepcopy(net), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f = _frame(net, x)
+    cols = [c for c in COLS if c != "branch_grad"]  # NaN by definition on the projection block
+    assert np.isfinite(f[cols].to_numpy(dtype=float)).all()
+    np.testing.assert_allclose(f["gain"], ref["gain"], rtol=0.1)
+
+
+def test_grad_scaler_norms_are_unscaled():
+    net = make("res_mlp", dtype=torch.float32)
+    x = make_input("res_mlp", dtype=torch.float32)
+    ref = _frame(copy.deepcopy(net), x)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with gradprobe.attach(net, scaler=scaler) as probe:
+        scaler.scale((net(x) ** 2).sum()).backward()
+    f = probe.frame()
+    for col in ["grad_out", "grad_in", "branch_grad", "gain", "cum_gain"]:
+        np.testing.assert_allclose(f[col], ref[col], rtol=1e-6)
+    # parameter gradients are read as they are in .grad (scaled) unless unscaled: documented
+    assert f["param_grad_norm"].iloc[0] == pytest.approx(ref["param_grad_norm"].iloc[0] * 2.0**12, rel=1e-6)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.blocks = nn.ModuleList([ResMLPBlock(6) for _ in range(3)])
+        self.mode = mode
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x) if self.mode is None else checkpoint(block, x, use_reentrant=self.mode)
+        return x
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_records_each_block_once_with_the_same_values(reentrant):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = Checkpointed(None).double()
+    x = make_input("res_mlp")
+    ref = _frame(copy.deepcopy(base), x)
+    net = copy.deepcopy(base)
+    net.mode = reentrant
+    # reentrant checkpointing only builds a graph when an input requires grad
+    f = _frame(net, x.clone().requires_grad_(reentrant))
+    assert (f["calls"] == 1).all()
+    assert f["block"].tolist() == ref["block"].tolist()
+    for col in [*COLS, "in_rms", "out_rms", "cos_xy"]:
+        np.testing.assert_allclose(f[col], ref[col], rtol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["attach_then_compile", "compile_then_attach"])
+def test_torch_compile_records_the_eager_values(order):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = nn.Sequential(*[ResMLPBlock(6) for _ in range(3)])
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    ref = _frame(copy.deepcopy(base), x)
+    net = copy.deepcopy(base)
+    if order == "attach_then_compile":
+        probe = gradprobe.attach(net)
+        compiled = torch.compile(net)
+    else:
+        compiled = torch.compile(net)
+        probe = gradprobe.attach(compiled)
+    try:
+        for _ in range(2):
+            (compiled(x) ** 2).sum().backward()
+            net.zero_grad()
+    finally:
+        probe.detach()
+    f = probe.frame()
+    assert f["block"].unique().tolist() == ["0", "1", "2"]  # names of the original modules
+    first = f[f["step"] == 0].reset_index(drop=True)
+    for col in ["grad_out", "grad_in", "res_ratio", "branch_grad"]:
+        np.testing.assert_allclose(first[col], ref[col], rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = nn.Sequential(*[ResMLPBlock(6) for _ in range(3)])
+        ddp = nn.parallel.DistributedDataParallel(net)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 + rank))  # each rank its own shard
+        with gradprobe.attach(ddp) as probe:
+            for _ in range(2):
+                ddp.zero_grad()
+                (ddp(x) ** 2).sum().backward()
+        gathered = probe.frame(gather=True)
+        local = probe.frame()
+        # the local reference: same net, same shard, no DDP
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            twin = nn.Sequential(*[ResMLPBlock(6) for _ in range(3)])
+        with gradprobe.attach(twin) as ref_probe:
+            (twin(x) ** 2).sum().backward()
+        ref = ref_probe.frame()
+        step0 = local[local["step"] == 0].reset_index(drop=True)
+        np.testing.assert_allclose(step0["grad_in"], ref["grad_in"], rtol=1e-6)  # local activation grads
+        local.to_csv(f"{out_dir}/local{rank}.csv", index=False)
+        if rank == 0:
+            gathered.to_csv(f"{out_dir}/gathered.csv", index=False)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_data_parallel_each_rank_records_its_rows_and_gather_collects_them(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    gathered = pd.read_csv(tmp_path / "gathered.csv")
+    assert sorted(gathered["rank"].unique()) == [0, 1]
+    assert len(gathered) == 2 * 2 * 3  # ranks x steps x blocks
+    assert gathered["block"].str.startswith("module.").all()
+    local0, local1 = pd.read_csv(tmp_path / "local0.csv"), pd.read_csv(tmp_path / "local1.csv")
+    assert (local0["rank"] == 0).all() and (local1["rank"] == 1).all()
+    # activation gradients are local to each shard; parameter gradients are all-reduced (equal)
+    assert not np.allclose(local0["grad_out"], local1["grad_out"])
+    np.testing.assert_allclose(local0["param_grad_norm"], local1["param_grad_norm"], rtol=1e-6)
+
+
+def test_sink_streams_chunks_and_load_reads_the_whole_run(tmp_path):
+    net = make("res_mlp")
+    x = make_input("res_mlp")
+    with gradprobe.attach(net, sink=tmp_path / "run", sink_options={"chunk_rows": 8}) as probe:
+        for i in range(7):
+            (net(x) ** 2).sum().backward()
+            probe.log(loss=float(i))
+        in_memory = probe._store.nbytes
+    chunks = sorted((tmp_path / "run").glob("frame-*"))
+    assert len(chunks) >= 3
+    assert in_memory == 0  # nothing kept in memory with a sink
+    run = gradprobe.load(tmp_path / "run")
+    f = run.frame()
+    assert len(f) == 7 * 4 and f["step"].tolist() == sorted(f["step"].tolist())
+    pd.testing.assert_frame_equal(f, probe.frame())
+    assert run.scalars()["loss"].tolist() == [float(i) for i in range(7)]
+    assert run.meta["blocks"] == ["0", "1", "2", "3"]
+
+
+def test_interrupted_run_keeps_every_chunk_written_before_the_interruption(tmp_path):
+    net = make("res_mlp")
+    x = make_input("res_mlp")
+    with (
+        pytest.raises(KeyboardInterrupt),
+        gradprobe.attach(net, sink=tmp_path / "run", sink_options={"chunk_rows": 4}),
+    ):
+        for i in range(5):
+            (net(x) ** 2).sum().backward()
+            if i == 3:
+                raise KeyboardInterrupt
+    f = gradprobe.load(tmp_path / "run").frame()
+    assert sorted(f["step"].unique()) == [0, 1, 2, 3]
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_sink_that_cannot_be_written_fails_at_attach_time(tmp_path, no_leaks):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    net = no_leaks(make("res_mlp"))
+    with pytest.raises(OSError, match="cannot be written"):
+        gradprobe.attach(net, sink=blocker / "run")
