@@ -28,9 +28,9 @@ def reference_rows(model: nn.Module, names: list[str], x: torch.Tensor, loss_fn,
     handles = []
 
     def pre(name):
-        def hook(mod, args):
+        def hook(mod, args, kwargs):
             if name not in xs:
-                xs[name] = args[0]
+                xs[name] = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
                 order.append(name)
 
         return hook
@@ -48,12 +48,13 @@ def reference_rows(model: nn.Module, names: list[str], x: torch.Tensor, loss_fn,
         return hook
 
     for n in names:
-        handles.append(modules[n].register_forward_pre_hook(pre(n)))
+        handles.append(modules[n].register_forward_pre_hook(pre(n), with_kwargs=True))
         handles.append(modules[n].register_forward_hook(post(n)))
         child = shortcuts.get(n)
         if child is not None:
             handles.append(getattr(modules[n], child).register_forward_hook(sc(n)))
-    x = x.clone().requires_grad_(True)
+    if x.is_floating_point():
+        x = x.clone().requires_grad_(True)
     try:
         loss = loss_fn(model(x))
     finally:
@@ -64,6 +65,8 @@ def reference_rows(model: nn.Module, names: list[str], x: torch.Tensor, loss_fn,
     rows = {}
     for n, g_y in zip(order, g_ys, strict=False):
         xi, yi = xs[n], ys[n]
+        if not xi.requires_grad:  # the reference gets the gradient of a non-differentiable input
+            raise ValueError(f"block {n}: input does not require grad; give the reference a float input")
         (g_x,) = torch.autograd.grad(yi, xi, g_y, retain_graph=True)
         pg = torch.autograd.grad(loss, params[n], retain_graph=True, allow_unused=True)
         r = {

@@ -1,0 +1,185 @@
+"""Models we did not write: Hugging Face transformers built from small configs (random weights, offline),
+torchvision and timm when they import."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import reference_rows
+
+import gradprobe
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+transformers.logging.set_verbosity_error()
+
+
+# Dropout off: the reference run must see the same function as the probed one.
+NO_DROPOUT_GPT2 = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def _build(factory):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return factory().double()
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(
+        n_layer=3, n_embd=16, n_head=2, vocab_size=64, n_positions=16, **NO_DROPOUT_GPT2
+    )
+    cfg.bos_token_id = cfg.eos_token_id = 0
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def bert():
+    return transformers.BertModel(
+        transformers.BertConfig(
+            num_hidden_layers=2,
+            hidden_size=16,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=64,
+            max_position_embeddings=16,
+            **NO_DROPOUT,
+        )
+    )
+
+
+def vit():
+    return transformers.ViTModel(
+        transformers.ViTConfig(
+            num_hidden_layers=2,
+            hidden_size=16,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            **NO_DROPOUT,
+        )
+    )
+
+
+def hf_resnet():
+    return transformers.ResNetModel(
+        transformers.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[2, 1], layer_type="bottleneck"
+        )
+    )
+
+
+def _ids(seed=0):
+    return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _images(seed=0, size=8):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+CASES = {
+    # name: (factory, input, loss on the output, expected blocks)
+    "gpt2": (gpt2, _ids, lambda out: out.logits.pow(2).mean(), [f"transformer.h.{i}" for i in range(3)]),
+    "bert": (
+        bert,
+        _ids,
+        lambda out: out.last_hidden_state.pow(2).mean(),
+        [f"encoder.layer.{i}" for i in range(2)],
+    ),
+    "vit": (vit, _images, lambda out: out.last_hidden_state.pow(2).mean(), None),
+    "resnet": (
+        hf_resnet,
+        lambda: _images(size=32),
+        lambda out: out.pooler_output.pow(2).mean(),
+        ["encoder.stages.0.layers.0", "encoder.stages.0.layers.1", "encoder.stages.1.layers.0"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hugging_face_models_blocks_metrics_and_reference(name, no_leaks):
+    factory, make_input, loss_fn, expected = CASES[name]
+    model = no_leaks(_build(factory))
+    x = make_input()
+    with gradprobe.attach(model) as probe:
+        loss_fn(model(x)).backward()
+    f = probe.frame()
+    if expected is not None:
+        assert probe.blocks == expected
+    assert len(probe.blocks) >= 2
+    core = [
+        "grad_out",
+        "grad_in",
+        "gain",
+        "cum_gain",
+        "res_ratio",
+        "cos_xy",
+        "in_rms",
+        "out_rms",
+        "param_norm",
+    ]
+    assert np.isfinite(f[core].to_numpy(dtype=float)).all()
+    # grad_in of every block against autograd on the same hidden states
+    model.zero_grad()
+    ref = reference_rows(model, probe.blocks, x, loss_fn)
+    for _, row in f.iterrows():
+        assert row["grad_in"] == pytest.approx(ref[row["block"]]["grad_in"], rel=1e-6)
+        assert row["grad_out"] == pytest.approx(ref[row["block"]]["grad_out"], rel=1e-6)
+
+
+def _cache_tensors(cache):
+    out = []
+    for layer in getattr(cache, "layers", []):
+        for attr in ("keys", "values"):
+            t = getattr(layer, attr, None)
+            if isinstance(t, torch.Tensor):
+                out.append(t.detach().clone())
+    if not out and hasattr(cache, "to_legacy_cache"):
+        for k, v in cache.to_legacy_cache():
+            out += [k.detach().clone(), v.detach().clone()]
+    return out
+
+
+def test_gpt2_key_value_cache_is_left_unchanged_by_the_probe():
+    model = _build(gpt2)
+    ids = _ids()
+
+    def run(probed):
+        cache = transformers.DynamicCache()
+        model.zero_grad()
+        if probed:
+            with gradprobe.attach(model) as probe:
+                model(ids, use_cache=True, past_key_values=cache).logits.pow(2).mean().backward()
+            assert len(probe.frame()) == 3
+        else:
+            model(ids, use_cache=True, past_key_values=cache).logits.pow(2).mean().backward()
+        return _cache_tensors(cache)
+
+    bare, probed = run(False), run(True)
+    assert len(bare) == 6 and len(bare) == len(probed)
+    for a, b in zip(bare, probed):
+        assert torch.equal(a, b)
+
+
+def test_torchvision_resnets():
+    try:
+        import torchvision
+    except Exception as exc:  # it fails to import beside the CPU build of torch 2.13 (operator nms missing)
+        pytest.skip(f"torchvision does not import here: {type(exc).__name__}: {exc}")
+    for factory, n_blocks in ((torchvision.models.resnet18, 8), (torchvision.models.resnet50, 16)):
+        model = factory(weights=None)
+        with gradprobe.attach(model) as probe:
+            model(torch.randn(2, 3, 64, 64)).pow(2).mean().backward()
+        assert len(probe.blocks) == n_blocks and probe.blocks[0] == "layer1.0"
+        assert probe.frame()["grad_in"].map(math.isfinite).all()
+
+
+def test_timm_resnet():
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    model = timm.create_model("resnet18", pretrained=False)
+    with gradprobe.attach(model) as probe:
+        model(torch.randn(2, 3, 64, 64)).pow(2).mean().backward()
+    assert probe.blocks[0] == "layer1.0" and len(probe.blocks) == 8
