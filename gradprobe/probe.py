@@ -107,6 +107,13 @@ def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compiler.disable(fn, recursive=True)
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Statistics in full precision even inside ``torch.autocast`` (which would run dot in bf16)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _alias(x: torch.Tensor) -> torch.Tensor:
     """A stand-in for the block input whose gradient is the gradient through this block only.
 
@@ -128,6 +135,36 @@ def _swap_input(
     if x is None and isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
         return args, {**kwargs, "hidden_states": swap(hidden)}
     return None
+
+
+def _to_host(tensors: list[Any]) -> list[tuple[Any, list[float]]]:
+    """``(tensor, values)`` pairs, copying each device's tensors to the host in one transfer."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    out: list[tuple[Any, list[float]]] = []
+    for group in by_device.values():
+        flat = torch.cat([t.reshape(-1).double() for t in group]).tolist()
+        i = 0
+        for t in group:
+            n = t.numel()
+            out.append((t, flat[i : i + n]))
+            i += n
+    return out
+
+
+def _scaled(values: dict[int, list[float]], t: torch.Tensor | None, scale: float) -> list[float] | None:
+    if t is None:
+        return None
+    # squared gradient statistics of a loss scaled by GradScaler carry scale**2
+    return [v / scale**2 for v in values[id(t)]]
+
+
+def _pooled(parts: list[list[float] | None], width: int) -> list[float]:
+    """Element-wise sum over calls; NaN when any call lacks the statistic."""
+    if not parts or any(p is None for p in parts):
+        return [math.nan] * width
+    return [sum(col) for col in zip(*parts)]  # type: ignore[misc]
 
 
 @dataclass
@@ -152,7 +189,7 @@ class _Call:
 @dataclass
 class _StepBuffer:
     calls: list[_Call] = field(default_factory=list)
-    params: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # squared [|theta|, |grad|, |delta|]
     snapshot: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     scalars: dict[str, Any] = field(default_factory=dict)
     jacobian: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -221,6 +258,7 @@ class Probe:
             name: [p for p in module.parameters() if p.requires_grad] for name, module in selected
         }
         self._prev_params: dict[str, list[torch.Tensor]] = {}
+        self._spare: dict[str, list[torch.Tensor]] = {}  # old snapshots, reused as buffers
         self._index: dict[str, int] = {}
         self._stack: dict[str, list[_Call]] = {name: [] for name in self._modules}
         self._shortcut_out: dict[str, torch.Tensor] = {}
@@ -538,7 +576,7 @@ class Probe:
 
     def _record_forward(self, call: _Call, y: torch.Tensor, shortcut_out: torch.Tensor | None) -> None:
         x = call.x
-        with torch.no_grad(), torch.autocast(y.device.type, enabled=False):
+        with torch.no_grad(), _no_autocast(y.device.type):
             if x is not None:
                 call.same_shape = x.shape == y.shape
                 ref = x if call.same_shape else shortcut_out
@@ -565,7 +603,7 @@ class Probe:
             return
         self._queue_backward_end()
         try:
-            with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
+            with torch.no_grad(), _no_autocast(grad.device.type):
                 stats = metrics.grad_out_stats(grad)
                 call.gyy = stats if call.gyy is None else call.gyy + stats
                 if call.same_shape:
@@ -578,7 +616,7 @@ class Probe:
             return
         self._queue_backward_end()
         try:
-            with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
+            with torch.no_grad(), _no_autocast(grad.device.type):
                 stats = metrics.grad_in_stats(grad, call.g_y if call.same_shape else None)
                 call.bwd_x = stats if call.bwd_x is None else call.bwd_x + stats
         except Exception as exc:
@@ -614,12 +652,20 @@ class Probe:
     def _record_params(self) -> None:
         # Taken at the end of every backward pass of a recorded step, before the optimizer
         # moves the weights; with gradient accumulation the last pass (full .grad) wins.
-        seen = {c.block for c in self._buf.calls}
+        names = sorted({c.block for c in self._buf.calls}, key=lambda n: self._index.get(n, -1))
+        if not names:
+            return
+        groups = [self._params[n] for n in names]
         with torch.no_grad():
-            for name in seen:
-                params = self._params[name]
-                self._buf.params[name] = metrics.param_stats(params, self._prev_params.get(name))
-                self._buf.snapshot[name] = [p.detach().clone() for p in params]
+            stats = metrics.block_param_stats(groups, [self._prev_params.get(n) for n in names])
+            self._buf.params = {n: stats[i] for i, n in enumerate(names)}
+            for n, params in zip(names, groups):
+                old = self._buf.snapshot.get(n) or self._spare.pop(n, None)
+                if old is None or len(old) != len(params):
+                    old = [torch.empty_like(p) for p in params]
+                if params:
+                    torch._foreach_copy_(old, [p.detach() for p in params])
+                self._buf.snapshot[n] = old
 
     # ------------------------------------------------------------------ Jacobian
     def _jacobian_due(self) -> bool:
@@ -677,7 +723,11 @@ class Probe:
         except Exception as exc:
             self._fail("closing a step", exc)
         # Parameters as of this recorded step, for the next recorded step's update_ratio.
-        self._prev_params.update(buf.snapshot)
+        for name, snap in buf.snapshot.items():
+            old = self._prev_params.get(name)
+            if old is not None:
+                self._spare[name] = old
+            self._prev_params[name] = snap
 
     def _flag_non_finite(self, step: int, rows: list[dict[str, Any]]) -> None:
         """Warn once when nan/inf reaches the records: recorded as is, but never silently."""
@@ -702,46 +752,33 @@ class Probe:
             by_block.setdefault(call.block, []).append(call)
         if not by_block:
             return []
-        # One device->host transfer for everything: keeps the GPU pipeline intact.
-        tensors: list[torch.Tensor] = []
-        layout: list[tuple[str, int, int, int, int]] = []
-        nan = torch.full((), math.nan, dtype=torch.float64)
+        # Every statistic of the step leaves the device in one transfer per device:
+        # one sync instead of one per block keeps a GPU pipeline intact.
+        stacked = buf.params
+        host = _to_host(
+            [t for c in buf.calls for t in (c.fwd, c.gyy, c.bwd_x) if t is not None] + list(stacked.values())
+        )
+        values: dict[int, list[float]] = {id(t): v for t, v in host}
+        rows = []
         for name, calls in by_block.items():
             complete = [c for c in calls if c.gyy is not None] or calls
-            fwd = [c.fwd.double().cpu() for c in complete if c.fwd is not None]
-            gyy = [c.gyy.double().cpu() / c.scale**2 for c in complete if c.gyy is not None]
-            bwd = [c.bwd_x.double().cpu() / (c.scale**2) for c in complete if c.bwd_x is not None]
-            start = len(tensors)
-            tensors.append(
-                torch.stack(fwd).sum(0) if fwd else torch.full((4,), math.nan, dtype=torch.float64)
-            )
-            tensors.append(torch.stack(gyy).sum(0) if len(gyy) == len(complete) else nan.reshape(1))
-            tensors.append(
-                torch.stack(bwd).sum(0) if bwd and len(bwd) == len(complete) else torch.full((3,), math.nan)
-            )
-            params = buf.params.get(name)
-            if params is not None:
-                tensors.append(torch.stack([p.double().cpu() for p in params]))
-            else:
-                tensors.append(torch.full((3,), math.nan, dtype=torch.float64))
-            numel_x = sum(c.numel_x for c in complete)
-            numel_y = sum(c.numel_y for c in complete)
-            layout.append((name, start, len(complete), numel_x, numel_y))
-        values = [t.double().tolist() for t in tensors]
-        rows = []
-        for name, start, n_calls, numel_x, numel_y in layout:
-            fwd_v, gyy_v, bwd_v, par_v = values[start : start + 4]
+            fwd = _pooled([values[id(c.fwd)] if c.fwd is not None else None for c in complete], 4)
+            gyy = _pooled([_scaled(values, c.gyy, c.scale) for c in complete], 1)
+            bwd = _pooled([_scaled(values, c.bwd_x, c.scale) for c in complete], 3)
             row: dict[str, Any] = {
                 "step": step,
                 "block": name,
                 "index": self._index.get(name, -1),
-                "calls": n_calls,
+                "calls": len(complete),
             }
-            row.update(metrics.finalize(fwd_v, numel_x, numel_y, gyy_v[0], bwd_v))
-            psq, gsq, dsq = par_v
-            row["param_norm"] = math.sqrt(psq) if psq >= 0 else math.nan
-            row["param_grad_norm"] = math.sqrt(gsq) if gsq >= 0 else math.nan
-            row["update_ratio"] = metrics._div(math.sqrt(dsq) if dsq >= 0 else math.nan, row["param_norm"])
+            numel_x = sum(c.numel_x for c in complete)
+            numel_y = sum(c.numel_y for c in complete)
+            row.update(metrics.finalize(fwd, numel_x, numel_y, gyy[0], bwd))
+            params = stacked.get(name)
+            psq, gsq, dsq = values[id(params)] if params is not None else (math.nan,) * 3
+            row["param_norm"] = metrics._sqrt(psq)
+            row["param_grad_norm"] = metrics._sqrt(gsq)
+            row["update_ratio"] = metrics._div(metrics._sqrt(dsq), row["param_norm"])
             row.update(buf.jacobian.get(name, {}))
             rows.append(row)
         rows.sort(key=lambda r: r["index"])
