@@ -63,7 +63,9 @@ def run(steps: int, blocks: int, sink: Path | None, report_every: int) -> dict[s
                 gc.collect()
                 start_rss = rss_mb()
             if report_every and step and step % report_every == 0:
-                print(f"  step {step:>7}: rss {rss_mb():8.1f} MB, {time.perf_counter() - t0:6.0f} s", flush=True)
+                print(
+                    f"  step {step:>7}: rss {rss_mb():8.1f} MB, {time.perf_counter() - t0:6.0f} s", flush=True
+                )
     finally:
         probe.detach()
     gc.collect()
@@ -78,10 +80,14 @@ def run(steps: int, blocks: int, sink: Path | None, report_every: int) -> dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--blocks", type=int, default=50)
-    parser.add_argument("--no-sink-steps", type=int, default=10_000, help="steps of the in-memory measurement")
+    parser.add_argument(
+        "--no-sink-steps", type=int, default=10_000, help="steps of the in-memory measurement"
+    )
     parser.add_argument("--report-every", type=int, default=20_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

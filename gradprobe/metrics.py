@@ -181,7 +181,7 @@ def param_stats(
         dsq = torch.tensor(NAN, device=device, dtype=acc)
     else:
         diffs = torch._foreach_sub(
-            [p.detach() for p in params], [q.to(p.device) for p, q in zip(params, previous)]
+            [p.detach() for p in params], [q.to(p.device) for p, q in zip(params, previous, strict=False)]
         )
         dsq = _sum_sq(diffs, acc, device)
     return sq, gsq, dsq
@@ -198,10 +198,13 @@ def block_param_stats(
     flat = [p for g in groups for p in g]
     devices = {p.device for p in flat}
     if len(devices) != 1 or any(
-        g and prev is not None and len(prev) != len(g) for g, prev in zip(groups, previous)
+        g and prev is not None and len(prev) != len(g) for g, prev in zip(groups, previous, strict=False)
     ):
         return torch.stack(
-            [torch.stack(param_stats(g, prev)).cpu().double() for g, prev in zip(groups, previous)]
+            [
+                torch.stack(param_stats(g, prev)).cpu().double()
+                for g, prev in zip(groups, previous, strict=False)
+            ]
         )
     (device,) = devices
     acc = accumulation_dtype(flat[0].dtype)
@@ -226,7 +229,7 @@ def block_param_stats(
         cur = [p.detach() for i in known for p in groups[i]]
         old = [q for i in known for q in previous[i]]  # type: ignore[union-attr]
         idx = torch.tensor([i for i in known for _ in groups[i]], device=device, dtype=torch.long)
-        dsq = per_block(torch._foreach_sub(cur, old), idx)
+        dsq = per_block(list(torch._foreach_sub(cur, old)), idx)
         has_prev = torch.zeros(n, device=device, dtype=torch.bool)
         has_prev[known] = True
         dsq = torch.where(has_prev, dsq, torch.full_like(dsq, NAN))

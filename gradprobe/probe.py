@@ -164,7 +164,7 @@ def _pooled(parts: list[list[float] | None], width: int) -> list[float]:
     """Element-wise sum over calls; NaN when any call lacks the statistic."""
     if not parts or any(p is None for p in parts):
         return [math.nan] * width
-    return [sum(col) for col in zip(*parts)]  # type: ignore[misc]
+    return [sum(col) for col in zip(*parts, strict=True)]
 
 
 @dataclass
@@ -659,7 +659,7 @@ class Probe:
         with torch.no_grad():
             stats = metrics.block_param_stats(groups, [self._prev_params.get(n) for n in names])
             self._buf.params = {n: stats[i] for i, n in enumerate(names)}
-            for n, params in zip(names, groups):
+            for n, params in zip(names, groups, strict=False):
                 old = self._buf.snapshot.get(n) or self._spare.pop(n, None)
                 if old is None or len(old) != len(params):
                     old = [torch.empty_like(p) for p in params]
