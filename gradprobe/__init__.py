@@ -1,5 +1,8 @@
 """gradprobe: measure gradient propagation and identity behaviour of the blocks of deep PyTorch nets.
 
+Names are imported on first use, so ``import gradprobe`` (and the pytest plugin it
+registers) does not pay for importing torch, pandas or matplotlib until needed.
+
 >>> import torch, torch.nn as nn, gradprobe
 >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)])
 >>> with gradprobe.attach(net) as probe:
@@ -8,10 +11,56 @@
 ['0', '1', '2']
 """
 
-from ._version import __version__
-from .analysis import analyze
-from .blocks import select_blocks
-from .probe import Probe, attach, every_n
-from .records import Run, load
+from __future__ import annotations
 
-__all__ = ["Probe", "Run", "__version__", "analyze", "attach", "every_n", "load", "select_blocks"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+if TYPE_CHECKING:  # the names as the type checker and IDEs see them
+    from . import data, metrics, models, plot, testing
+    from .analysis import analyze
+    from .blocks import select_blocks
+    from .experiment import compare
+    from .jacobian import spectrum
+    from .probe import Probe, attach, every_n
+    from .records import Run, load
+    from .report import report
+
+# public name -> (submodule, attribute); None as attribute means the submodule itself
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "attach": ("probe", "attach"),
+    "Probe": ("probe", "Probe"),
+    "every_n": ("probe", "every_n"),
+    "analyze": ("analysis", "analyze"),
+    "spectrum": ("jacobian", "spectrum"),
+    "compare": ("experiment", "compare"),
+    "report": ("report", "report"),
+    "load": ("records", "load"),
+    "Run": ("records", "Run"),
+    "select_blocks": ("blocks", "select_blocks"),
+    "models": ("models", None),
+    "data": ("data", None),
+    "testing": ("testing", None),
+    "plot": ("plot", None),
+    "metrics": ("metrics", None),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gradprobe' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(f".{module_name}", __name__)
+    value = module if attr is None else getattr(module, attr)
+    # Importing a submodule binds it on the package under its own name; for
+    # ``report`` that would shadow the function of the same name, so bind ours last.
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,1137 @@
+"""Assertions on gradient flow and identity behaviour, for test suites and CI.
+
+Each ``assert_*`` function runs one forward and backward pass through
+:func:`gradprobe.analyze` (the model is left exactly as it was: parameters, their
+``.grad``, buffers, train/eval mode and the global RNG), or checks a frame you
+pass instead of a model (``Probe.frame()``, a saved :class:`gradprobe.Run`, every
+recorded step of it). A passing assertion returns the frame it checked, so a
+test can go on inspecting it; a failing one raises
+:class:`GradientAssertionError` (an ``AssertionError``) whose message names the
+rule, the threshold, every offending block with its value and index (a table of
+at most 10 rows, then a summary of the rest) and ends with one line of advice.
+The exception carries ``.violations`` and ``.frame``.
+
+>>> import torch, torch.nn as nn
+>>> from gradprobe.testing import assert_gradient_flow
+>>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+>>> frame = assert_gradient_flow(net, torch.randn(16, 8))
+>>> len(frame)
+3
+
+:func:`check` applies the same rules to any frame and returns the violations
+instead of raising, e.g. on every step of a recorded training run.
+
+This module imports neither pytest nor (at import time) pandas or torch; the
+pytest plugin (:mod:`gradprobe.pytest_plugin`) learns which frames a test
+looked at through :func:`add_frame_listener`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from .blocks import BlockSpec
+
+__all__ = [
+    "FINITE_COLUMNS",
+    "GradientAssertionError",
+    "Violation",
+    "add_frame_listener",
+    "assert_finite_gradients",
+    "assert_gradient_flow",
+    "assert_jacobian_bounded",
+    "assert_near_identity",
+    "check",
+    "format_violations",
+]
+
+#: Rows shown in the table of a failure message; the rest are summarised in one line.
+MAX_TABLE_ROWS = 10
+
+#: Columns that ``finite=True`` checks: activations and gradients of every block.
+FINITE_COLUMNS: tuple[str, ...] = ("in_rms", "out_rms", "grad_out", "grad_in", "param_grad_norm")
+
+#: Short band names accepted by :func:`check` besides the column names (``max_spec`` = ``max_jac_spec``).
+BAND_ALIASES: dict[str, str] = {"spec": "jac_spec"}
+
+# Columns where NaN is a broken value (a nan gradient or activation, a 0/0 gain of a dead block), so a
+# band on them reports it. Elsewhere NaN means "not applicable" (res_ratio and jac_id of a block that
+# changes shape, Jacobian columns on steps where they were not computed, ...) and is skipped.
+_NAN_IS_VIOLATION = frozenset({"grad_out", "grad_in", "gain", "cum_gain", "in_rms", "out_rms"})
+
+_KEY_COLUMNS = ("step", "block", "index")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One value outside its band: which rule, where (block, index, step) and by how much.
+
+    ``rule`` is the band's name (``"min_cum_gain"``, ``"max_res_ratio"``, ...) or
+    ``"finite"``; ``column`` is the metric it reads. For ``finite`` violations of
+    :func:`assert_finite_gradients`, ``column`` can also be ``"param_grad"`` (then
+    ``block`` is the parameter's qualified name and ``index`` the index of the block
+    holding it, or -1 outside every probed block) or ``"loss"`` (``block`` is ``"<loss>"``).
+    ``model`` is set for frames of a multi-model :class:`gradprobe.Run`.
+
+    >>> print(Violation("min_cum_gain", "layer1.0", 0, 0, 2e-05, 0.001, "cum_gain"))
+    step 0, block 'layer1.0' (index 0): cum_gain = 2.00e-05 is below min_cum_gain = 0.001
+    """
+
+    rule: str
+    block: str
+    index: int
+    step: int
+    value: float
+    threshold: float
+    column: str
+    model: str | None = None
+
+    def where(self) -> str:
+        """Where the value was seen, in words."""
+        model = f"model {self.model!r}, " if self.model is not None else ""
+        if self.column == "loss":
+            return f"{model}step {self.step}, the loss"
+        if self.column == "param_grad":
+            inside = f"in the block at index {self.index}" if self.index >= 0 else "outside the probed blocks"
+            return f"{model}step {self.step}, parameter {self.block!r} ({inside})"
+        return f"{model}step {self.step}, block {self.block!r} (index {self.index})"
+
+    def relation(self) -> str:
+        """What is wrong with the value, e.g. ``is below min_cum_gain = 0.001``."""
+        if self.rule == "finite":
+            return "is not finite"
+        if math.isnan(self.value):
+            return f"so {self.rule} = {_fmt(self.threshold)} cannot hold"
+        word = "below" if self.rule.startswith("min_") else "above"
+        return f"is {word} {self.rule} = {_fmt(self.threshold)}"
+
+    def __str__(self) -> str:
+        metric = (
+            "gradient" if self.column == "param_grad" else "value" if self.column == "loss" else self.column
+        )
+        if math.isnan(self.value) and self.rule != "finite":
+            return f"{self.where()}: {metric} is nan, {self.relation()}"
+        return f"{self.where()}: {metric} = {_fmt(self.value)} {self.relation()}"
+
+
+class GradientAssertionError(AssertionError):
+    """Raised by the ``assert_*`` functions of :mod:`gradprobe.testing`.
+
+    ``violations`` lists every :class:`Violation`; ``frame`` is the frame that was checked.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        violations: Sequence[Violation] = (),
+        frame: pd.DataFrame | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.violations: list[Violation] = list(violations)
+        self.frame = frame
+
+
+# ----------------------------------------------------------------------------- the plugin's hook point
+
+FrameListener = Callable[[str, Any], None]
+_FRAME_LISTENERS: list[FrameListener] = []
+
+
+def add_frame_listener(listener: FrameListener) -> Callable[[], None]:
+    """Call ``listener(source, frame)`` each time an assertion or :func:`check` has its frame.
+
+    ``source`` is the function's name (``"assert_gradient_flow"``, ``"check"``, ...)
+    and ``frame`` the block frame it checked, passed or failed. This is how the
+    pytest plugin learns which frames a failing test looked at, without this
+    module importing pytest; any tool can use it the same way. A listener that
+    raises only triggers a warning. Returns a function that removes the listener.
+
+    >>> seen = []
+    >>> remove = add_frame_listener(lambda source, frame: seen.append(source))
+    >>> import pandas as pd
+    >>> check(pd.DataFrame({"step": [0], "block": ["b"], "index": [0], "gain": [1.0]}), max_gain=2.0)
+    []
+    >>> remove(); seen
+    ['check']
+    """
+    if not callable(listener):
+        raise TypeError(
+            f"add_frame_listener needs a callable (source, frame) -> None, got {type(listener).__name__}"
+        )
+    _FRAME_LISTENERS.append(listener)
+
+    def remove() -> None:
+        if listener in _FRAME_LISTENERS:
+            _FRAME_LISTENERS.remove(listener)
+
+    return remove
+
+
+def _notify(source: str, frame: pd.DataFrame) -> None:
+    for listener in list(_FRAME_LISTENERS):
+        try:
+            listener(source, frame)
+        except Exception as exc:  # a reporting tool must never change the outcome of an assertion
+            warnings.warn(
+                f"gradprobe frame listener {listener!r} failed: {exc!r}", RuntimeWarning, stacklevel=3
+            )
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _fmt(value: float) -> str:
+    """Compact number: 4 significant digits in [1e-3, 1e4), scientific notation outside."""
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e4:
+        return f"{value:.4g}"
+    return f"{value:.2e}"
+
+
+def _severity(v: Violation) -> float:
+    """How far outside its band a value is (a ratio >= 1; inf for nan/inf), to pick the rows to show."""
+    if not math.isfinite(v.value) or v.rule == "finite":
+        return math.inf
+    low, high = (v.value, v.threshold) if v.rule.startswith("min_") else (v.threshold, v.value)
+    if low > 0 and high > 0:
+        return high / low
+    return 1.0 + abs(v.value - v.threshold)
+
+
+def _order(v: Violation) -> tuple[Any, ...]:
+    # Blocks in forward order, a block's columns in frame order; parameters outside every block and
+    # the loss after them.
+    from .records import FRAME_COLUMNS
+
+    rank = FRAME_COLUMNS.index(v.column) if v.column in FRAME_COLUMNS else len(FRAME_COLUMNS)
+    return (v.model or "", v.step, v.index if v.index >= 0 else math.inf, v.column == "loss", v.block, rank)
+
+
+def _render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)]
+        return ("  " + "  ".join(parts)).rstrip()
+
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def _name_list(names: Sequence[str], limit: int = 6) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join([*names[:3], "...", *names[-2:]])
+
+
+def format_violations(violations: Sequence[Violation], *, limit: int = MAX_TABLE_ROWS) -> str:
+    """The aligned table of failure messages: at most ``limit`` rows, then one line for the rest.
+
+    The rows shown are the ``limit`` worst violations (furthest outside their band),
+    in forward order. Use it for :func:`check` results:
+    ``assert not violations, format_violations(violations)``.
+
+    >>> v = [Violation("max_gain", f"b{i}", i, 0, 2.0 + i, 1.5, "gain") for i in range(12)]
+    >>> print(format_violations(v, limit=2))
+      index  block  gain  violates
+         10  b10      12  max_gain = 1.5
+         11  b11      13  max_gain = 1.5
+      ... and 10 more: b0, b1, b2, ..., b8, b9 (index 0 to 9); gain from 2 to 11
+    """
+    if not violations:
+        return "  (no violations)"
+    ordered = sorted(violations, key=_order)
+    shown = sorted(sorted(ordered, key=_severity, reverse=True)[:limit], key=_order)
+    shown_ids = {id(v) for v in shown}
+    rest = [v for v in ordered if id(v) not in shown_ids]
+    columns = list(dict.fromkeys(v.column for v in ordered))
+    with_model = any(v.model is not None for v in ordered)
+    with_step = len({v.step for v in ordered}) > 1
+    one_metric = len(columns) == 1 and columns[0] not in ("param_grad", "loss")
+    headers = ["index"] + (["model"] if with_model else []) + ["block"] + (["step"] if with_step else [])
+    headers += [columns[0]] if one_metric else ["metric", "value"]
+    headers += ["violates"]
+    right = [True] + ([False] if with_model else []) + [False] + ([True] if with_step else [])
+    right += [True] if one_metric else [False, True]
+    right += [False]
+    rows = []
+    for v in shown:
+        row = [str(v.index) if v.index >= 0 else "-"] + ([v.model or ""] if with_model else []) + [v.block]
+        row += [str(v.step)] if with_step else []
+        if not one_metric:
+            row.append({"param_grad": "param gradient", "loss": "loss"}.get(v.column, v.column))
+        row.append(_fmt(v.value))
+        row.append("finite" if v.rule == "finite" else f"{v.rule} = {_fmt(v.threshold)}")
+        rows.append(row)
+    lines = _render_table(headers, rows, right)
+    if rest:
+        names = list(dict.fromkeys(v.block for v in rest))
+        indices = [v.index for v in rest if v.index >= 0]
+        where = []
+        if indices:
+            lo, hi = min(indices), max(indices)
+            where.append(f"index {lo}" if lo == hi else f"index {lo} to {hi}")
+        steps = sorted({v.step for v in rest})
+        if with_step:
+            where.append(f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]} to {steps[-1]}")
+        ranges = []
+        for column in dict.fromkeys(v.column for v in rest):
+            values = [v.value for v in rest if v.column == column]
+            finite = [x for x in values if not math.isnan(x)]
+            label = {"param_grad": "parameter gradients", "loss": "loss"}.get(column, column)
+            if not finite:
+                ranges.append(f"{label} nan")
+            elif min(finite) == max(finite) and len(finite) == len(values):
+                ranges.append(f"{label} {_fmt(finite[0])}")
+            else:
+                nan_note = f" ({len(values) - len(finite)} nan)" if len(finite) < len(values) else ""
+                ranges.append(f"{label} from {_fmt(min(finite))} to {_fmt(max(finite))}{nan_note}")
+        where_text = f" ({', '.join(where)})" if where else ""
+        lines.append(f"  ... and {len(rest)} more: {_name_list(names)}{where_text}; {'; '.join(ranges)}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- check()
+
+
+def _as_frame(data: Any, who: str) -> pd.DataFrame:
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        return data
+    frame_fn = getattr(data, "frame", None)
+    if callable(frame_fn):  # a gradprobe.Run or a Probe
+        frame = frame_fn()
+        if isinstance(frame, pd.DataFrame):
+            return frame
+    raise TypeError(
+        f"{who} needs a block frame (a pandas DataFrame from Probe.frame() or gradprobe.analyze) "
+        f"or a gradprobe.Run, got {type(data).__name__}"
+    )
+
+
+def _parse_bands(frame: pd.DataFrame, bands: dict[str, Any], who: str) -> tuple[dict[str, list[Any]], bool]:
+    """``{column: [min, max]}`` from ``min_<col>=`` / ``max_<col>=`` keywords, and the ``finite`` flag."""
+    import pandas as pd
+
+    numeric = [
+        str(c) for c in frame.columns if c not in _KEY_COLUMNS and pd.api.types.is_numeric_dtype(frame[c])
+    ]
+    limits: dict[str, list[Any]] = {}
+    finite = False
+    for key, value in bands.items():
+        if key == "finite":
+            if not isinstance(value, bool):
+                raise TypeError(f"{who}: finite= must be True or False, got {value!r}")
+            finite = value
+            continue
+        side, _, name = key.partition("_")
+        if side not in ("min", "max") or not name:
+            raise TypeError(
+                f"{who} got an unknown band {key}=; bands are min_<column>= and max_<column>= for a numeric "
+                f"column of the frame ({', '.join(numeric)}), max_spec= (= max_jac_spec) or finite=True"
+            )
+        if value is None:
+            continue
+        column = BAND_ALIASES.get(name, name)
+        if column not in frame.columns:
+            raise ValueError(
+                f"{who}: {key}= checks the column {column!r}, which this frame does not have; its numeric "
+                f"columns are: {', '.join(numeric)}"
+            )
+        if column not in numeric:
+            raise ValueError(f"{who}: {key}= needs a numeric column, but {column!r} is {frame[column].dtype}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{who}: {key}= must be a number (or None to skip the band), got {value!r}")
+        limits.setdefault(column, [None, None])[0 if side == "min" else 1] = float(value)
+    for column, (low, high) in limits.items():
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"{who}: min_{column}={low!r} is larger than max_{column}={high!r}; no value can pass"
+            )
+    return limits, finite
+
+
+def _rows(frame: pd.DataFrame, mask: Any, column: str) -> Iterable[tuple[str, int, int, float, str | None]]:
+    sub = frame.loc[mask]
+    models = sub["model"].astype(str).tolist() if "model" in sub.columns else [None] * len(sub)
+    yield from zip(
+        sub["block"].astype(str).tolist(),
+        sub["index"].astype(int).tolist(),
+        sub["step"].astype(int).tolist() if "step" in sub.columns else [0] * len(sub),
+        sub[column].astype(float).tolist(),
+        models,
+        strict=True,
+    )
+
+
+def _finite_violations(frame: pd.DataFrame) -> list[Violation]:
+    import numpy as np
+
+    out: list[Violation] = []
+    for column in FINITE_COLUMNS:
+        if column not in frame.columns:
+            continue
+        values = frame[column].astype(float).to_numpy()
+        bad = ~np.isfinite(values)
+        if column == "param_grad_norm" and "param_norm" in frame.columns:
+            # NaN here also means "no trainable parameters" (param_norm NaN too): not a violation.
+            bad &= ~(np.isnan(values) & frame["param_norm"].isna().to_numpy())
+        for block, index, step, value, model in _rows(frame, bad, column):
+            out.append(Violation("finite", block, index, step, value, math.inf, column, model))
+    return out
+
+
+def _check(frame: pd.DataFrame, bands: dict[str, Any], who: str) -> list[Violation]:
+    import numpy as np
+
+    missing = [c for c in ("block", "index") if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{who}: the frame has no column(s) {missing}; pass a block frame (Probe.frame(), analyze)"
+        )
+    if frame.empty:
+        raise ValueError(
+            f"{who}: the frame is empty, there is nothing to check (no recorded step reached a block)"
+        )
+    limits, finite = _parse_bands(frame, bands, who)
+    if not limits and not finite:
+        raise ValueError(
+            f"{who}: no band given; pass at least one of min_<column>=, max_<column>= or finite=True"
+        )
+    out: list[Violation] = []
+    for column, (low, high) in limits.items():
+        values = frame[column].astype(float).to_numpy()
+        nan = np.isnan(values)
+        if nan.all():
+            raise ValueError(
+                f"{who}: column {column!r} has no values in this frame (all NaN), so it cannot be checked. "
+                "Jacobian columns are NaN unless the frame was recorded with jacobian=True (or the Jacobian "
+                "computation failed: look for a RuntimeWarning); res_ratio and jac_id are NaN for blocks "
+                "whose output shape differs from their input shape."
+            )
+        flag_nan = nan & (column in _NAN_IS_VIOLATION)
+        for rule, limit, bad in (
+            (f"min_{column}", low, values < low if low is not None else None),
+            (f"max_{column}", high, values > high if high is not None else None),
+        ):
+            if limit is None or bad is None:
+                continue
+            if flag_nan.any():  # report a nan once, under the first band of the column
+                bad = bad | flag_nan
+                flag_nan = np.zeros_like(flag_nan)
+            for block, index, step, value, model in _rows(frame, bad, column):
+                out.append(Violation(rule, block, index, step, value, limit, column, model))
+    if finite:
+        out.extend(_finite_violations(frame))
+    return sorted(out, key=_order)
+
+
+def check(frame: Any, **bands: Any) -> list[Violation]:
+    """Check every row (every step and block) of a frame against bands; return the violations.
+
+    Bands are ``min_<column>=`` and ``max_<column>=`` for any numeric column of the
+    frame (``min_cum_gain=1e-3``, ``max_res_ratio=0.05``, ``max_update_ratio=0.1``;
+    ``max_spec=`` is short for ``max_jac_spec=``; ``None`` skips a band), and
+    ``finite=True`` for nan/inf in activations and gradients (:data:`FINITE_COLUMNS`).
+    NaN in ``grad_out``, ``grad_in``, ``gain``, ``cum_gain``, ``in_rms`` or ``out_rms``
+    is a violation of a band on that column; in other columns NaN means "not
+    applicable" (``res_ratio`` of a shape-changing block, Jacobian columns on steps
+    without them) and is skipped. A column with no value at all raises ``ValueError``
+    rather than passing silently. ``frame`` is a block frame or a :class:`gradprobe.Run`.
+
+    >>> import pandas as pd
+    >>> run = pd.DataFrame({"step": [0, 0, 100, 100], "block": ["a", "b"] * 2, "index": [0, 1] * 2,
+    ...                     "cum_gain": [0.5, 1.0, 2e-4, 1.0]})
+    >>> [str(v) for v in check(run, min_cum_gain=1e-3, max_cum_gain=1e3)]
+    ["step 100, block 'a' (index 0): cum_gain = 2.00e-04 is below min_cum_gain = 0.001"]
+    """
+    data = _as_frame(frame, "check()")
+    _notify("check", data)
+    return _check(data, bands, "check()")
+
+
+# ----------------------------------------------------------------------------- assertions: helpers
+
+
+def _is_module(obj: Any) -> bool:
+    from torch import nn
+
+    return isinstance(obj, nn.Module)
+
+
+def _filter_blocks(frame: pd.DataFrame, blocks: Any, who: str) -> pd.DataFrame:
+    if isinstance(blocks, str) and blocks == "auto":
+        return frame
+    if isinstance(blocks, str):
+        blocks = [blocks]
+    if not (isinstance(blocks, Sequence) and all(isinstance(b, str) for b in blocks)):
+        raise TypeError(
+            f"{who}: with a frame, blocks= must be 'auto' or block names / glob patterns; module classes "
+            "and predicates select modules of a model, so pass the model instead"
+        )
+    from .blocks import _glob_to_regex
+
+    names = frame["block"].astype(str)
+    keep = names.isin(list(blocks))
+    for pattern in blocks:
+        keep |= names.str.match(_glob_to_regex(pattern))
+    if not keep.any():
+        available = ", ".join(dict.fromkeys(names.tolist()))
+        raise ValueError(
+            f"{who}: blocks={blocks!r} matches no block of the frame; its blocks are: {available}"
+        )
+    return frame.loc[keep]
+
+
+def _obtain(
+    who: str,
+    model: Any,
+    inputs: Any,
+    *,
+    loss_fn: Any,
+    blocks: Any,
+    jacobian: bool,
+    seed: int,
+    options: dict[str, Any],
+) -> tuple[pd.DataFrame, str]:
+    """The frame to check and how to call it in messages: analyze(model, inputs), or the given frame."""
+    if not _is_module(model):
+        if inputs is not None or loss_fn is not None or options:
+            raise TypeError(
+                f"{who}: inputs=, loss_fn= and analysis options apply to a model; with a frame or a run, "
+                "pass only the frame (and blocks=)"
+            )
+        frame = _filter_blocks(_as_frame(model, f"{who}()"), blocks, who)
+        return frame, "the given frame"
+    if inputs is None:
+        raise TypeError(
+            f"{who}(model, inputs) needs the inputs of the model: a batch tensor, or a tuple of the "
+            "positional arguments of model(...)"
+        )
+    from .analysis import analyze
+
+    frame = analyze(model, inputs, loss_fn=loss_fn, blocks=blocks, jacobian=jacobian, seed=seed, **options)
+    return frame, type(model).__name__
+
+
+def _band_text(bands: dict[str, Any]) -> str:
+    """``0.001 <= cum_gain <= 1000; gain >= 0.1`` from keyword bands."""
+    limits: dict[str, list[str | None]] = {}
+    for key, value in bands.items():
+        if value is None or key == "finite":
+            continue
+        side, _, name = key.partition("_")
+        column = BAND_ALIASES.get(name, name)
+        limits.setdefault(column, [None, None])[0 if side == "min" else 1] = _fmt(value)
+    parts = []
+    for column, (low, high) in limits.items():
+        if low is not None and high is not None:
+            parts.append(f"{low} <= {column} <= {high}")
+        elif low is not None:
+            parts.append(f"{column} >= {low}")
+        else:
+            parts.append(f"{column} <= {high}")
+    return "; ".join(parts)
+
+
+# Definitions that the glossary gives relative to its previous line, spelled out for a message.
+_DEFINITIONS = {
+    "prod_spec": "largest singular value of the product of block Jacobians from this block's input to the "
+    "last block's output",
+}
+
+
+def _glossary_lines(columns: Iterable[str]) -> list[str]:
+    from .records import GLOSSARY
+
+    definitions = {**GLOSSARY, **_DEFINITIONS}
+    return [f"  {c} = {definitions[c]}" for c in dict.fromkeys(columns) if c in definitions]
+
+
+_ADVICE: dict[str, str] = {
+    "min_cum_gain": "the gradient vanishes on its way to the input: plain nets of this depth "
+    "({blocks} blocks) usually need residual connections or a normalised initialisation (Kaiming/He init, "
+    "BatchNorm or LayerNorm).",
+    "max_cum_gain": "the gradient explodes on its way to the input: scale the residual branches down at "
+    "initialisation (zero-init their last layer, or 1/sqrt(depth)), normalise activations, or lower the "
+    "initial weight scale.",
+    "min_gain": "these blocks shrink the gradient they pass back: check their initial weight scale "
+    "(Kaiming/He init keeps a Linear/Conv + ReLU layer's gain near 1) and look for saturating activations "
+    "(tanh, sigmoid).",
+    "max_gain": "these blocks amplify the gradient they pass back: lower their initial weight scale or "
+    "normalise their output.",
+    "max_res_ratio": "the residual branches are far from zero at initialisation: zero-initialise the last "
+    "layer of each branch (e.g. zero_init_residual=True: the last BatchNorm weight = 0) or scale each branch "
+    "by a learnable scalar initialised to 0 (ReZero, SkipInit, Fixup).",
+    "max_jac_id": "the blocks' Jacobians are far from the identity at initialisation: zero-initialise the "
+    "last layer of each residual branch or scale each branch by a learnable scalar initialised to 0 "
+    "(ReZero, SkipInit, Fixup).",
+    "max_jac_spec": "these blocks stretch some input direction by more than the bound: constrain their "
+    "layers with spectral normalisation (torch.nn.utils.parametrizations.spectral_norm) or scale their "
+    "residual branch down.",
+    "max_prod_spec": "the network stretches some direction by more than the bound between these blocks and "
+    "the output: bound each block (spectral normalisation) or normalise activations.",
+    "min_prod_spec": "every direction shrinks between these blocks and the output (the product of block "
+    "Jacobians collapses, as in deep plain nets): residual connections keep the product's spectrum near 1.",
+}
+
+
+def _advice(violations: Sequence[Violation], frame: pd.DataFrame) -> str:
+    counts: dict[str, int] = {}
+    for v in violations:
+        counts[v.rule] = counts.get(v.rule, 0) + 1
+    rule = max(counts, key=counts.__getitem__)  # the most frequent rule (first on ties)
+    text = _ADVICE.get(rule)
+    if text is None:
+        return (
+            f"look at the named blocks first; the exception's .frame has every metric of every block "
+            f"(see the glossary line of {violations[0].column} above)."
+        )
+    return text.format(blocks=frame["block"].nunique())
+
+
+def _fail(
+    who: str,
+    title: str,
+    rule: str,
+    violations: Sequence[Violation],
+    frame: pd.DataFrame,
+    *,
+    advice: str,
+    notes: Sequence[str] = (),
+) -> GradientAssertionError:
+    lines = [
+        f"{who} failed for {title}",
+        f"rule: {rule}",
+        *notes,
+        "",
+        format_violations(violations),
+        "",
+        f"advice: {advice}",
+    ]
+    return GradientAssertionError("\n".join(lines), violations, frame)
+
+
+def _assert_bands(
+    who: str,
+    frame: pd.DataFrame,
+    label: str,
+    bands: dict[str, Any],
+    notes: Sequence[str] = (),
+    scope: str = "block",
+) -> None:
+    __tracebackhide__ = True
+    violations = _check(frame, bands, who)
+    if not violations:
+        return
+    blocks = sorted({(v.model, v.block) for v in violations})
+    n_blocks = frame.groupby(["model", "block"] if "model" in frame.columns else ["block"]).ngroups
+    steps = frame["step"].nunique() if "step" in frame.columns else 1
+    at_steps = f" (over {steps} recorded steps)" if steps > 1 else ""
+    title = f"{label}: {len(blocks)} of {n_blocks} blocks are outside the band{at_steps}"
+    every = f"at every {scope} and step" if steps > 1 else f"at every {scope}"
+    columns = [v.column for v in violations]
+    rule = f"{_band_text(bands)} {every}"
+    raise _fail(
+        who,
+        title,
+        rule,
+        violations,
+        frame,
+        advice=_advice(violations, frame),
+        notes=[*_glossary_lines(columns), *notes],
+    )
+
+
+# ----------------------------------------------------------------------------- assertions
+
+
+def assert_gradient_flow(
+    model: nn.Module | pd.DataFrame | Any,
+    inputs: Any = None,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    blocks: BlockSpec = "auto",
+    min_cum_gain: float | None = 1e-3,
+    max_cum_gain: float | None = 1e3,
+    min_gain: float | None = None,
+    max_gain: float | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> pd.DataFrame:
+    """Assert that no block's gradient vanishes or explodes: ``cum_gain`` (and ``gain``) stay in a band.
+
+    ``cum_gain`` of a block is the norm of the loss gradient at its input over
+    the norm at the last block's output: ``min_cum_gain`` catches a gradient that
+    vanishes on its way back to the input, ``max_cum_gain`` one that explodes.
+    ``min_gain``/``max_gain`` bound each block's own gain. One forward/backward
+    pass of :func:`gradprobe.analyze` (``loss_fn``, ``seed`` and ``**options`` go
+    there; without ``loss_fn`` the loss is a fixed random projection of the output);
+    or pass a frame / :class:`gradprobe.Run` as ``model`` to check every recorded
+    step. Returns the frame; raises :class:`GradientAssertionError`.
+
+    >>> import torch, torch.nn as nn
+    >>> deep = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(40)])
+    >>> assert_gradient_flow(deep, torch.randn(32, 16))  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    gradprobe.testing.GradientAssertionError: ...
+    """
+    __tracebackhide__ = True  # pytest shows the test's line, not gradprobe's internals
+    bands = {
+        "min_cum_gain": min_cum_gain,
+        "max_cum_gain": max_cum_gain,
+        "min_gain": min_gain,
+        "max_gain": max_gain,
+    }
+    who = "assert_gradient_flow"
+    frame, label = _obtain(
+        who, model, inputs, loss_fn=loss_fn, blocks=blocks, jacobian=False, seed=seed, options=options
+    )
+    _notify(who, frame)
+    _assert_bands(who, frame, label, bands)
+    return frame
+
+
+def _identity_shaped(frame: pd.DataFrame) -> Any:
+    """Rows of blocks whose output has their input's shape (those that can be the identity).
+
+    The frame says so indirectly: ``skip_grad`` (and ``jac_id``) are NaN exactly for
+    blocks that change shape. Without gradient information (a nan gradient) the
+    block is kept, so that nothing is skipped by mistake.
+    """
+    import numpy as np
+    import pandas as pd
+
+    def col(name: str) -> pd.Series:
+        return frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)
+
+    if "skip_grad" not in frame.columns and "jac_id" not in frame.columns:
+        return pd.Series(True, index=frame.index)
+    unknown = ~np.isfinite(col("grad_out").astype(float))
+    return col("skip_grad").notna() | col("jac_id").notna() | unknown
+
+
+def assert_near_identity(
+    model: nn.Module | pd.DataFrame | Any,
+    inputs: Any = None,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    blocks: BlockSpec = "auto",
+    max_res_ratio: float | None = 0.05,
+    max_jac_id: float | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> pd.DataFrame:
+    """Assert that every identity-shaped block starts near the identity map.
+
+    Checks ``res_ratio = |y - x| / |x| <= max_res_ratio`` (forward: the block's
+    output is close to its input) and, with ``max_jac_id``, ``jac_id = |J - I|_F /
+    sqrt(n) <= max_jac_id`` (the block is close to the identity as a linear map;
+    computes the Jacobian columns). Blocks whose output shape differs from their
+    input shape cannot be the identity and are skipped (the message names them);
+    if every block changes shape, ``ValueError``. Meant for models at
+    initialisation built to start at the identity: zero-initialised residual
+    branches, ReZero, SkipInit, Fixup. Returns the whole frame; raises
+    :class:`GradientAssertionError`.
+
+    >>> import torch, torch.nn as nn
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(8, 8)
+    ...         self.alpha = nn.Parameter(torch.zeros(()))  # ReZero: y = x + alpha * F(x)
+    ...     def forward(self, x):
+    ...         return x + self.alpha * torch.relu(self.fc(x))
+    >>> frame = assert_near_identity(nn.Sequential(*[Block() for _ in range(6)]), torch.randn(4, 8))
+    >>> float(frame["res_ratio"].max())
+    0.0
+    """
+    __tracebackhide__ = True  # pytest shows the test's line, not gradprobe's internals
+    if max_res_ratio is None and max_jac_id is None:
+        raise ValueError("assert_near_identity: pass max_res_ratio= and/or max_jac_id=; both are None")
+    who = "assert_near_identity"
+    frame, label = _obtain(
+        who,
+        model,
+        inputs,
+        loss_fn=loss_fn,
+        blocks=blocks,
+        jacobian=max_jac_id is not None,
+        seed=seed,
+        options=options,
+    )
+    _notify(who, frame)
+    same = _identity_shaped(frame)
+    skipped = list(dict.fromkeys(frame.loc[~same, "block"].astype(str)))
+    if not same.any():
+        raise ValueError(
+            f"{who}: every selected block of {label} changes the shape of its input ({_name_list(skipped)}), "
+            "so none of them can be the identity; pass blocks= naming the residual blocks"
+        )
+    notes = []
+    if skipped:
+        notes.append(f"skipped (output shape differs from input shape): {_name_list(skipped)}")
+    bands = {"max_res_ratio": max_res_ratio, "max_jac_id": max_jac_id}
+    scope = "block whose output has its input's shape"
+    _assert_bands(who, frame.loc[same], label, bands, notes, scope=scope)
+    return frame
+
+
+def assert_jacobian_bounded(
+    model: nn.Module | pd.DataFrame | Any,
+    inputs: Any = None,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    blocks: BlockSpec = "auto",
+    max_spec: float | None = None,
+    max_prod_spec: float | None = None,
+    min_prod_spec: float | None = None,
+    probes: int = 8,
+    seed: int = 0,
+    **options: Any,
+) -> pd.DataFrame:
+    """Assert spectral bounds: each block's Jacobian, and the product from each block to the output.
+
+    ``max_spec`` bounds ``jac_spec``, the largest singular value of each block's
+    Jacobian (a Lipschitz constant of the block at this batch); ``max_prod_spec``
+    and ``min_prod_spec`` bound ``prod_spec``, the largest singular value of the
+    product of block Jacobians from each block's input to the last block's output.
+    The singular values are Lanczos estimates: each is a lower bound of the true
+    value that converges to it, so a failed ``max_`` bound is certain while a pass
+    is accurate to the estimator's tolerance (``power_iters=``, ``tol=`` go to
+    :func:`gradprobe.jacobian.jacobian_columns`). Returns the frame; raises
+    :class:`GradientAssertionError`.
+
+    >>> import torch, torch.nn as nn
+    >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+    >>> with torch.no_grad():
+    ...     for block in net:
+    ...         _ = block[0].weight.copy_(0.5 * torch.eye(8))
+    >>> frame = assert_jacobian_bounded(net, torch.randn(4, 8), max_spec=0.6)
+    >>> bool(frame["jac_spec"].max() <= 0.5 + 1e-6)  # tanh' <= 1 times 0.5 I
+    True
+    """
+    __tracebackhide__ = True  # pytest shows the test's line, not gradprobe's internals
+    bands = {"max_jac_spec": max_spec, "max_prod_spec": max_prod_spec, "min_prod_spec": min_prod_spec}
+    if all(v is None for v in bands.values()):
+        raise ValueError(
+            "assert_jacobian_bounded: pass at least one of max_spec=, max_prod_spec=, min_prod_spec="
+        )
+    who = "assert_jacobian_bounded"
+    if _is_module(model):
+        options = {"probes": probes, **options}
+    frame, label = _obtain(
+        who, model, inputs, loss_fn=loss_fn, blocks=blocks, jacobian=True, seed=seed, options=options
+    )
+    _notify(who, frame)
+    _assert_bands(who, frame, label, bands)
+    return frame
+
+
+# ----------------------------------------------------------------------------- finite gradients
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    return next((t for t in values if isinstance(t, torch.Tensor)), None)
+
+
+def _projection_loss(output: Any, seed: int) -> torch.Tensor:
+    """The default loss of :func:`gradprobe.analyze`: ``<output, u>``, u standard normal from ``seed``."""
+    import torch
+
+    out = _first_tensor(output)
+    if out is None:
+        raise TypeError(
+            f"the model returned {type(output).__name__} with no tensor in it; pass loss_fn= to turn its "
+            "output into a scalar loss"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    return (out * u).sum()
+
+
+def _nonfinite_value(t: torch.Tensor) -> float | None:
+    """nan if ``t`` holds a nan, inf if it holds an inf (and no nan), None when all finite."""
+    import torch
+
+    if t.is_sparse:
+        t = t.coalesce().values()
+    if torch.isnan(t).any():
+        return math.nan
+    if torch.isinf(t).any():
+        return math.inf
+    return None
+
+
+def _finite_story(
+    frame: pd.DataFrame,
+    violations: Sequence[Violation],
+    inputs_bad: bool,
+) -> tuple[str, str]:
+    """Where the first nan/inf comes from, and its advice (assert_finite_gradients' reporting rule)."""
+    # The story of one step (of one model): the first one with a violation.
+    first = violations[0]
+    violations = [v for v in violations if v.step == first.step and v.model == first.model]
+    rows = frame
+    if "step" in rows.columns:
+        rows = rows.loc[rows["step"] == first.step]
+    if first.model is not None and "model" in rows.columns:
+        rows = rows.loc[rows["model"].astype(str) == first.model]
+    rows = rows.sort_values("index")
+    by_block: dict[str, dict[str, float]] = {}
+    for v in violations:
+        if v.column in FINITE_COLUMNS:
+            by_block.setdefault(v.block, {})[v.column] = v.value
+    at = f"at step {first.step}, " if "step" in frame.columns and frame["step"].nunique() > 1 else ""
+    if first.model is not None:
+        at = f"in model {first.model!r}, {at}"
+    story, advice = _finite_origin(rows, by_block, violations, inputs_bad)
+    return at + story, advice
+
+
+def _finite_origin(
+    rows: pd.DataFrame,
+    by_block: dict[str, dict[str, float]],
+    violations: Sequence[Violation],
+    inputs_bad: bool,
+) -> tuple[str, str]:
+    names = rows["block"].astype(str).tolist()
+    forward_advice = (
+        "log, sqrt, pow or division of a value that can be zero or negative (clamp it first, e.g. "
+        "x.clamp_min(1e-6)), or an overflow in low precision (float16)."
+    )
+    # 1. Forward pass, in forward order: the first block whose output is non-finite made it
+    #    (or, when its input is non-finite already, something before it did).
+    for i, name in enumerate(names):
+        bad = by_block.get(name, {})
+        index = int(rows["index"].iloc[i])
+        if "in_rms" in bad:
+            if inputs_bad:
+                return (
+                    f"the model's input already holds {_fmt(bad['in_rms'])}",
+                    "the data contains nan/inf: check the data pipeline (missing values, normalisation "
+                    "by a zero standard deviation).",
+                )
+            before = f"between block {names[i - 1]!r} and block {name!r}" if i else f"before block {name!r}"
+            return (
+                f"non-finite values first appear in the forward pass {before} (index {index}): the input of "
+                f"{name!r} is {_fmt(bad['in_rms'])}",
+                f"look at the layers {before} (a stem, an embedding, code between blocks) for "
+                f"{forward_advice}",
+            )
+        if "out_rms" in bad:
+            return (
+                f"non-finite values first appear in the forward pass of block {name!r} (index {index}): its "
+                f"input is finite, its output is {_fmt(bad['out_rms'])}",
+                f"look at the forward pass of {name!r} for {forward_advice}",
+            )
+    loss = [v for v in violations if v.column == "loss"]
+    if loss:
+        return (
+            f"every block's output is finite but the loss is {_fmt(loss[0].value)}: it comes from the layers "
+            "after the last block (the head) or from loss_fn",
+            "look at the head and the loss: log of a probability that can be 0 (use log_softmax / "
+            "cross_entropy on logits), division by zero, " + forward_advice.split(", or ")[0] + ".",
+        )
+    backward_advice = (
+        "its forward pass is finite but its derivative is not: sqrt, norm or pow with exponent < 1 at 0, log "
+        "at 0, or torch.where / masking that hides a nan or inf in the branch not taken (the gradient of "
+        "that branch is still computed); add an eps or mask the input before the operation."
+    )
+    # 2. Backward pass, from the output towards the input: the first place where the gradient turns
+    #    non-finite made it; everything nearer the input only inherits it.
+    for i in reversed(range(len(names))):
+        name, bad = names[i], by_block.get(names[i], {})
+        index = int(rows["index"].iloc[i])
+        if "grad_out" in bad:
+            after = (
+                f"between block {name!r} and block {names[i + 1]!r}"
+                if i + 1 < len(names)
+                else "after the last block"
+            )
+            return (
+                "the forward pass is finite; in the backward pass the gradient is already "
+                f"{_fmt(bad['grad_out'])} "
+                f"at the output of block {name!r} (index {index}), so it turns non-finite {after}",
+                f"look at the layers {after} (the head, the loss): "
+                + backward_advice.replace("its forward", "their forward").replace(
+                    "its derivative", "their derivative"
+                ),
+            )
+        if "grad_in" in bad:
+            return (
+                "the forward pass is finite; in the backward pass the gradient first turns non-finite in "
+                f"block {name!r} (index {index}): its output gradient is finite, its input gradient is "
+                f"{_fmt(bad['grad_in'])}",
+                f"look at block {name!r}: {backward_advice}",
+            )
+    # 3. Only parameter gradients: each is computed from finite activations and finite gradients,
+    #    so the parameter's own use in the forward pass is to blame.
+    params = [v for v in violations if v.column == "param_grad"]
+    if not params:
+        for v in violations:
+            if v.column == "param_grad_norm":  # a recorded frame: per block, not per parameter
+                return (
+                    "activations and the gradients flowing through the blocks are finite, but the parameter "
+                    f"gradients of block {v.block!r} (index {v.index}) are {_fmt(v.value)}",
+                    f"look at how the parameters of {v.block!r} enter its forward pass: a derivative that is "
+                    "infinite at their current value (sqrt, pow with exponent < 1, log or division at 0).",
+                )
+    if params:
+        p = params[0]
+        where = f"in the block at index {p.index}" if p.index >= 0 else "outside the probed blocks"
+        return (
+            f"activations and the gradients flowing through the blocks are finite, but the gradient of "
+            f"parameter {p.block!r} ({where}) is {_fmt(p.value)}",
+            f"look at how {p.block!r} enters the forward pass: its derivative is infinite at its current "
+            "value (sqrt, pow with exponent < 1, log or division at 0).",
+        )
+    first = violations[0]
+    return (
+        f"{first}",
+        "look at the named blocks first; the exception's .frame has every metric of every block.",
+    )
+
+
+def assert_finite_gradients(
+    model: nn.Module | pd.DataFrame | Any,
+    inputs: Any = None,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    blocks: BlockSpec = "auto",
+    seed: int = 0,
+    **options: Any,
+) -> pd.DataFrame:
+    """Assert that no nan or inf appears in activations, gradients, parameter gradients or the loss.
+
+    Checks every block's input and output (``in_rms``, ``out_rms``), its output and
+    input gradients (``grad_out``, ``grad_in``), the gradient of every parameter
+    (inside or outside the blocks, named in the message), and the loss. The message
+    names where the first nan/inf comes from, by this rule: a value that turns
+    non-finite in the forward pass shows in every later activation, so the origin
+    is the first block in forward order whose output is non-finite (or the layers
+    before it, or the model input, if its input already is); if the forward pass
+    and the loss are finite, a non-finite gradient shows in every block between
+    its origin and the input, so the origin is the first block in *backward*
+    order whose input gradient is non-finite while its output gradient is finite;
+    if only parameter gradients are non-finite, the first such parameter in
+    forward order. Norms are accumulated in float32 (or wider), so a float32
+    tensor with entries above about 1e19 also reads as inf. Pass a frame instead
+    of a model to check the block columns of every recorded step. Returns the
+    frame; raises :class:`GradientAssertionError`.
+
+    >>> import torch, torch.nn as nn
+    >>> class Log(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         return torch.log(self.fc(x))  # nan where fc(x) < 0
+    >>> net = nn.Sequential(Log(), Log())
+    >>> try:
+    ...     assert_finite_gradients(net, torch.randn(8, 4))
+    ... except AssertionError as exc:
+    ...     print(str(exc).splitlines()[0])  # doctest: +NORMALIZE_WHITESPACE
+    assert_finite_gradients failed for Sequential: non-finite values first appear in the forward pass
+    of block '0' (index 0): its input is finite, its output is nan
+    """
+    __tracebackhide__ = True  # pytest shows the test's line, not gradprobe's internals
+    who = "assert_finite_gradients"
+    rule = (
+        "every block activation (in_rms, out_rms), block gradient (grad_out, grad_in), parameter gradient "
+        "and the loss must be finite"
+    )
+    if not _is_module(model):
+        frame, label = _obtain(
+            who, model, inputs, loss_fn=loss_fn, blocks=blocks, jacobian=False, seed=seed, options=options
+        )
+        _notify(who, frame)
+        violations = _check(frame, {"finite": True}, who)
+        if violations:
+            story, advice = _finite_story(frame, violations, inputs_bad=False)
+            raise _fail(who, f"{label}: {story}", rule, violations, frame, advice=advice)
+        return frame
+    import torch
+
+    from .analysis import analyze
+
+    if inputs is None:
+        raise TypeError(
+            f"{who}(model, inputs) needs the inputs of the model: a batch tensor or a tuple of arguments"
+        )
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    inputs_bad = any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        for t in args
+    )
+    module = cast("nn.Module", model)
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    seen: dict[str, Any] = {"loss": None, "grads": []}
+
+    def read_grads() -> None:
+        # Runs when the backward pass ends: every .grad holds this pass's gradient only,
+        # because analyze() clears them before (and restores the user's afterwards).
+        seen["grads"] = [(n, _nonfinite_value(p.grad)) for n, p in params if p.grad is not None]
+
+    def on_loss_grad(grad: torch.Tensor) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(read_grads)
+
+    def wrapped_loss(output: Any) -> Any:
+        loss = loss_fn(output) if loss_fn is not None else _projection_loss(output, seed)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            seen["loss"] = float(loss.detach())
+            if loss.requires_grad:
+                loss.register_hook(on_loss_grad)  # a hook on this pass's loss tensor: nothing of the model
+        return loss
+
+    with warnings.catch_warnings():
+        # the probe warns about the first non-finite value it records; this assertion says more
+        warnings.filterwarnings("ignore", message="gradprobe: non-finite", category=RuntimeWarning)
+        frame = analyze(
+            module, inputs, loss_fn=wrapped_loss, blocks=blocks, jacobian=False, seed=seed, **options
+        )
+    label = type(module).__name__
+    _notify(who, frame)
+    violations = [v for v in _finite_violations(frame) if v.column != "param_grad_norm"]
+    spans = sorted(
+        ((str(b), int(i)) for b, i in zip(frame["block"], frame["index"], strict=True)),
+        key=lambda bi: len(bi[0]),
+        reverse=True,
+    )
+    for name, value in seen["grads"]:
+        if value is None:
+            continue
+        # the innermost block holding the parameter (blocks can nest when chosen by hand)
+        index = next((i for b, i in spans if name.startswith(b + ".")), -1)
+        violations.append(Violation("finite", name, index, 0, value, math.inf, "param_grad"))
+    loss = seen["loss"]
+    if loss is not None and not math.isfinite(loss):
+        violations.append(Violation("finite", "<loss>", -1, 0, loss, math.inf, "loss"))
+    if not violations:
+        return frame
+    violations.sort(key=_order)
+    story, advice = _finite_story(frame, violations, inputs_bad)
+    raise _fail(who, f"{label}: {story}", rule, violations, frame, advice=advice)
