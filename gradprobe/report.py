@@ -1,0 +1,568 @@
+"""The self-contained HTML report of a run: summary table, figures with captions, glossary.
+
+:func:`report` reads only tables (a :class:`~gradprobe.records.Run`, a saved
+run folder, a frame, or any object with ``frame()``/``scalars()`` such as a
+probe) and writes into one folder::
+
+    out/
+      index.html        one file that opens offline: figures embedded as PNG data URIs,
+                        inline CSS, no scripts, fonts or stylesheets from elsewhere
+      highway.png ...   each figure as a PNG
+      frame.parquet     the tables (CSV without pyarrow) and meta.json, so that
+      scalars.parquet   ``gradprobe.load(out)`` reads the run back
+      meta.json
+
+The page is rendered by Jinja2 with autoescaping, so model and block names are
+shown literally (never interpreted as HTML).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import json
+import math
+import os
+import sys
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import plot, records
+from ._version import __version__
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+__all__ = ["FIGURES", "FigureSpec", "report", "summary_table"]
+
+#: Largest change of a colour channel (0..255) that PNG palette quantisation may make.
+_MAX_QUANTIZE_ERROR = 24
+
+#: Default band for the block gain: blocks whose gain leaves it at some step are listed.
+GAIN_BAND: tuple[float, float] = (0.5, 2.0)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    frame: pd.DataFrame
+    scalars: pd.DataFrame
+    palette: dict[str, Any]
+    spectra: Any
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure of the report: file stem, heading, caption, and how to draw it (None: no data)."""
+
+    name: str
+    title: str
+    caption: str
+    draw: Callable[[_Inputs], Figure | None]
+
+
+def _finite(frame: pd.DataFrame, *columns: str) -> bool:
+    return any(c in frame.columns and bool(np.isfinite(np.asarray(frame[c], float)).any()) for c in columns)
+
+
+def _draw_highway(d: _Inputs) -> Figure | None:
+    return plot.highway_figure(d.frame, palette=d.palette) if _finite(d.frame, "cum_gain") else None
+
+
+def _draw_gain(d: _Inputs) -> Figure | None:
+    return plot.gain_heatmaps(d.frame, palette=d.palette) if _finite(d.frame, "gain") else None
+
+
+def _draw_identity(d: _Inputs) -> Figure | None:
+    ok = _finite(d.frame, "res_ratio", "jac_id")
+    return plot.identity_figure(d.frame, palette=d.palette) if ok else None
+
+
+def _draw_skip_branch(d: _Inputs) -> Figure | None:
+    ok = _finite(d.frame, "skip_grad", "branch_grad")
+    return plot.skip_branch_figure(d.frame, palette=d.palette) if ok else None
+
+
+def _draw_training(d: _Inputs) -> Figure | None:
+    s = d.scalars
+    if "step" not in s.columns or (plot.loss_column(s) is None and plot.accuracy_column(s) is None):
+        return None
+    return plot.training_figure(s, palette=d.palette)
+
+
+def _draw_responses(d: _Inputs) -> Figure | None:
+    return plot.responses_figure(d.frame, palette=d.palette) if _finite(d.frame, "out_rms") else None
+
+
+def _draw_jacobian(d: _Inputs) -> Figure | None:
+    if not plot.has_jacobian(d.frame) and d.spectra is None:
+        return None
+    return plot.jacobian_figure(d.frame, spectrum=d.spectra, palette=d.palette)
+
+
+#: The report's figures, in page order. A figure whose columns hold no values is left out.
+FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec(
+        "training",
+        "Training curves",
+        "Training loss (log axis; faint: every step, solid: rolling mean) and accuracy per model. "
+        "The degradation problem shows when a deeper plain net ends with a higher training loss than a "
+        "shallower one (on the training set itself, so it is not overfitting) while the residual net of "
+        "the same depth does not.",
+        _draw_training,
+    ),
+    FigureSpec(
+        "highway",
+        "Gradient highway",
+        "Cumulative gain from each block to the output, cum_gain = |dL/dx| at the block / |dL/dy| at "
+        "the last block, on a log axis, at the first and at the last recorded step. A flat line near 1 "
+        "(dotted) is a working gradient highway: the first blocks get as much gradient as the last. A "
+        "line that falls towards the input (left) means vanishing gradients, one that rises means "
+        "exploding gradients. Compare plain and residual nets of the same depth.",
+        _draw_highway,
+    ),
+    FigureSpec(
+        "gain",
+        "Block gain over training",
+        "Block gain |dL/dx| / |dL/dy| for every block (rows, input at the top) and recorded step "
+        "(columns), on a log colour scale centred on 1 (white). Red blocks amplify the gradient on its "
+        "way back to the input, blue ones shrink it; grey is not measured. Gains compound: a long run of "
+        "pale-blue blocks in a deep plain net is how gradients vanish. Residual blocks should stay pale.",
+        _draw_gain,
+    ),
+    FigureSpec(
+        "identity",
+        "Distance from identity",
+        "How far each block is from the identity map during training, one line per block coloured from "
+        "the input (dark) to the output (light). res_ratio = |y - x| / |x| is the forward distance (0: the "
+        "block passes its input through unchanged); jac_id, when Jacobians were recorded, measures the "
+        "same for the block as a linear map. Residual blocks start close to 0 (exactly 0 with "
+        "zero-initialised branches) and move away as they learn; plain blocks are far from it.",
+        _draw_identity,
+    ),
+    FigureSpec(
+        "skip_branch",
+        "Skip versus branch",
+        "Gradient reaching each block's input through the identity skip (|g_y|, solid) and through the "
+        "learned branch (|g_x - g_y|, dashed), at the last recorded step. Where the solid line lies above "
+        "the dashed one most of the gradient takes the highway. A plain block has no skip: its solid line "
+        "only shows the gradient arriving at the block, for reference. Gaps are blocks that change shape "
+        "(projections), where the split is undefined.",
+        _draw_skip_branch,
+    ),
+    FigureSpec(
+        "responses",
+        "Layer responses",
+        "RMS of each block's output at the last recorded step, in forward order (left) and sorted from "
+        "the largest to the smallest (right), after He et al. (2016), Fig. 7. In a residual net the "
+        "output of a block includes its input, so responses accumulate with depth when branches add "
+        "little; sudden jumps point at blocks that amplify or shrink the signal.",
+        _draw_responses,
+    ),
+    FigureSpec(
+        "jacobian",
+        "Jacobian singular values",
+        "Singular values of each block's Jacobian J = dy/dx (RMS singular value solid, largest dashed) "
+        "and of the product of the Jacobians from each block to the output, at the last step where they "
+        "were computed; and, when given, a histogram of singular values from gradprobe.spectrum. Near 1 "
+        "(dotted) a map is an isometry: signals and gradients keep their size. Products far from 1 at "
+        "the input end are the Jacobian view of vanishing or exploding gradients.",
+        _draw_jacobian,
+    ),
+)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _as_run(run: Any) -> records.Run:
+    import pandas as pd
+
+    if isinstance(run, records.Run):
+        return run
+    if isinstance(run, (str, os.PathLike)):
+        return records.load(run)
+    if isinstance(run, pd.DataFrame):
+        return records.Run(run, pd.DataFrame({"step": pd.Series(dtype="int64")}), {})
+    if callable(getattr(run, "frame", None)) and callable(getattr(run, "scalars", None)):
+        meta = getattr(run, "meta", None)
+        if callable(meta):  # Probe.meta() is a method; Run.meta a dict
+            meta = meta()
+        return records.Run(run.frame(), run.scalars(), meta if isinstance(meta, Mapping) else {})
+    raise TypeError(
+        "report() takes a gradprobe Run, a probe (anything with .frame() and .scalars()), the folder "
+        f"of a saved run, or a block frame (pandas DataFrame); got {type(run).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _last_finite(values: Any) -> float:
+    arr = np.asarray(values, dtype="float64")
+    arr = arr[~np.isnan(arr)]
+    return float(arr[-1]) if arr.size else math.nan
+
+
+def _final_loss(logged: pd.DataFrame, column: str) -> float:
+    """Mean loss over the last epoch (as ``gradprobe compare`` prints it); the last value without epochs.
+
+    One batch's loss is noisy; the epoch mean is what the degradation comparison needs.
+    """
+    if "epoch" in logged.columns and logged["epoch"].notna().any():
+        last = logged[logged["epoch"] == logged["epoch"].max()][column].to_numpy(dtype="float64")
+        last = last[~np.isnan(last)]
+        if last.size:
+            return float(last.mean())
+    return _last_finite(logged[column])
+
+
+def _at_step(rows: pd.DataFrame, which: str) -> pd.DataFrame:
+    recorded = rows[~rows["cum_gain"].isna()] if "cum_gain" in rows.columns else rows
+    if recorded.empty:
+        return recorded
+    step = recorded["step"].min() if which == "first" else recorded["step"].max()
+    return recorded[recorded["step"] == step]
+
+
+def _min_max(values: Any) -> tuple[float, float]:
+    arr = np.asarray(values, dtype="float64")
+    arr = arr[~np.isnan(arr)]
+    return (float(arr.min()), float(arr.max())) if arr.size else (math.nan, math.nan)
+
+
+def summary_table(
+    frame: pd.DataFrame,
+    scalars: pd.DataFrame | None = None,
+    *,
+    band: tuple[float, float] = GAIN_BAND,
+) -> pd.DataFrame:
+    """One row per model: final loss and accuracy, cum_gain range, blocks out of the gain band, max res_ratio.
+
+    Columns: model (plus depth and residual when present), blocks, steps,
+    final_train_loss (mean over the last epoch when ``scalars`` has an
+    ``epoch`` column, else the last value logged) and test_acc (the last
+    value logged),
+    cum_gain_min/max_init and _end (over blocks at the first and last
+    recorded step), gain_outside (how many blocks had a gain outside ``band``
+    at some recorded step) and gain_outside_blocks (their names),
+    max_res_ratio and max_res_ratio_block.
+
+    >>> import pandas as pd
+    >>> f = pd.DataFrame({"step": [0, 0], "block": ["a", "b"], "index": [0, 1],
+    ...                   "gain": [0.1, 1.0], "cum_gain": [0.1, 1.0], "res_ratio": [0.3, 0.2]})
+    >>> row = summary_table(f).iloc[0]
+    >>> int(row["gain_outside"]), row["gain_outside_blocks"], float(row["max_res_ratio"])
+    (1, 'a', 0.3)
+    """
+    import pandas as pd
+
+    lo, hi = band
+    if not 0 < lo < hi:
+        raise ValueError(f"band must be (low, high) with 0 < low < high, got {band}")
+    frame = frame.copy()
+    if "model" not in frame.columns:
+        frame["model"] = plot.SINGLE_MODEL
+    scalars = scalars if scalars is not None else pd.DataFrame()
+    if "model" not in scalars.columns:
+        scalars = scalars.assign(model=plot.SINGLE_MODEL)
+    loss_col = plot.loss_column(scalars) if len(scalars) else None
+    acc_col = plot.accuracy_column(scalars) if len(scalars) else None
+    models = list(dict.fromkeys(frame["model"].astype(str).tolist()))
+    models += [m for m in dict.fromkeys(scalars["model"].astype(str).tolist()) if m not in models]
+    rows = []
+    for model in models:
+        part = frame[frame["model"].astype(str) == model].sort_values(["step", "index"], kind="stable")
+        logged = scalars[scalars["model"].astype(str) == model]
+        if "step" in logged.columns:
+            logged = logged.sort_values("step", kind="stable")
+        row: dict[str, Any] = {"model": model}
+        for extra in ("depth", "residual"):
+            if extra in frame.columns and len(part):
+                row[extra] = part[extra].iloc[0]
+        row["blocks"] = int(part["block"].nunique()) if "block" in part.columns else 0
+        row["steps"] = int(part["step"].nunique()) if "step" in part.columns else 0
+        row["final_train_loss"] = _final_loss(logged, loss_col) if loss_col else math.nan
+        row["test_acc"] = _last_finite(logged[acc_col]) if acc_col else math.nan
+        for which, tag in (("first", "init"), ("last", "end")):
+            at = _at_step(part, which)
+            low, high = _min_max(at["cum_gain"]) if "cum_gain" in at.columns else (math.nan, math.nan)
+            row[f"cum_gain_min_{tag}"], row[f"cum_gain_max_{tag}"] = low, high
+        if "gain" in part.columns:
+            gain = part["gain"].to_numpy(dtype="float64")
+            outside = part[(gain < lo) | (gain > hi)]  # NaN compares False: unmeasured is not "outside"
+            names = list(dict.fromkeys(outside["block"].astype(str).tolist()))
+        else:
+            names = []
+        row["gain_outside"] = len(names)
+        row["gain_outside_blocks"] = ", ".join(names)
+        ratio = part["res_ratio"].to_numpy(dtype="float64") if "res_ratio" in part.columns else np.array([])
+        if ratio.size and not np.isnan(ratio).all():
+            at_max = int(np.nanargmax(np.where(np.isinf(ratio), np.inf, ratio)))
+            row["max_res_ratio"] = float(ratio[at_max])
+            row["max_res_ratio_block"] = str(part["block"].iloc[at_max])
+        else:
+            row["max_res_ratio"], row["max_res_ratio_block"] = math.nan, ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _num(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):
+        return "–"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.3g}"
+
+
+def _pct(value: Any) -> str:
+    v = float(value)
+    return "–" if math.isnan(v) else f"{100 * v:.1f}%"
+
+
+def _hex(colour: Any) -> str:
+    return "#" + "".join(f"{round(255 * float(c)):02x}" for c in tuple(colour)[:3])
+
+
+def _summary_rows(table: pd.DataFrame, band: tuple[float, float]) -> tuple[list[str], list[list[str]]]:
+    has = set(table.columns)
+    header = ["model"] + [c for c in ("depth", "residual") if c in has]
+    header += [
+        "final train loss",
+        "test accuracy",
+        "cum_gain at init (min – max)",
+        "cum_gain at end (min – max)",
+        f"blocks with gain outside [{band[0]:g}, {band[1]:g}]",
+        "max res_ratio (block)",
+    ]
+    body = []
+    for _, r in table.iterrows():
+        cells = [str(r["model"])]
+        if "depth" in has:
+            cells.append(_num(r["depth"]))
+        if "residual" in has:
+            cells.append("yes" if bool(r["residual"]) else "no")
+        outside = str(r["gain_outside_blocks"])
+        if len(outside) > 120:
+            outside = outside[:117] + "..."
+        cells += [
+            _num(r["final_train_loss"]),
+            _pct(r["test_acc"]),
+            f"{_num(r['cum_gain_min_init'])} – {_num(r['cum_gain_max_init'])}",
+            f"{_num(r['cum_gain_min_end'])} – {_num(r['cum_gain_max_end'])}",
+            f"{int(r['gain_outside'])}" + (f": {outside}" if outside else ""),
+            _num(r["max_res_ratio"]) + (f" ({r['max_res_ratio_block']})" if r["max_res_ratio_block"] else ""),
+        ]
+        body.append(cells)
+    return header, body
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+_HIDDEN_META = {"dtypes", "format_version", "table_format", "models", "created", "seed", "command"}
+
+
+def _meta_rows(run: records.Run, generated: str) -> list[tuple[str, str]]:
+    meta = run.meta
+    torch_version = meta.get("torch_version")
+    if torch_version is None and "torch" in sys.modules:  # only if already imported: never pay for it here
+        torch_version = f"{sys.modules['torch'].__version__} (at report time; not recorded in the run)"
+    command = meta.get("command")
+    if isinstance(command, (list, tuple)):
+        command = " ".join(map(str, command))
+    rows = [
+        ("run created", str(meta.get("created", "not recorded"))),
+        ("report generated", generated),
+        ("gradprobe version", str(meta.get("gradprobe_version", f"{__version__} (at report time)"))),
+        ("torch version", str(torch_version or "not recorded")),
+        ("models", ", ".join(run.models) or plot.SINGLE_MODEL),
+        ("seed", str(meta.get("seed", "not recorded"))),
+        ("command line", str(command or "not recorded")),
+    ]
+    for key in sorted(meta):
+        if key in _HIDDEN_META or key in ("gradprobe_version", "torch_version"):
+            continue
+        value = meta[key]
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if len(text) > 300:
+            text = text[:297] + "..."
+        rows.append((str(key), text))
+    return rows
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _png(fig: Figure, dpi: int, quantize: bool) -> bytes:
+    """The figure as PNG bytes; ``quantize`` maps it to a 256-colour palette (about 3x smaller).
+
+    Line plots and heatmaps use few distinct colours apart from anti-aliasing,
+    so the palette image looks the same; the committed reference report has to
+    stay small. "Max coverage" quantisation keeps every pixel within a few
+    levels of the original; should an image lose more, the full-colour PNG is kept.
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+    full = buffer.getvalue()
+    if not quantize:
+        return full
+    from PIL import Image  # a dependency of matplotlib
+
+    image = Image.open(io.BytesIO(full)).convert("RGB")
+    small = image.quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
+    error = np.abs(np.asarray(small.convert("RGB"), dtype=np.int16) - np.asarray(image, dtype=np.int16))
+    if int(error.max()) > _MAX_QUANTIZE_ERROR:
+        return full
+    packed = io.BytesIO()
+    small.save(packed, format="PNG", optimize=True)
+    return packed.getvalue() if len(packed.getvalue()) < len(full) else full
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    # the IHDR chunk: width and height are the big-endian ints at bytes 16..24
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _template() -> Any:
+    from importlib import resources
+
+    import jinja2
+
+    env = jinja2.Environment(
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
+    )
+    text = resources.files("gradprobe").joinpath("templates", "report.html").read_text(encoding="utf-8")
+    return env.from_string(text)
+
+
+def report(
+    run: Any,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    title: str | None = None,
+    band: tuple[float, float] = GAIN_BAND,
+    spectra: Any = None,
+    tables: bool = True,
+    dpi: int = 100,
+    quantize: bool = True,
+    progress: bool = True,
+    figures: Sequence[str] | None = None,
+) -> Path:
+    """Write the HTML report of ``run`` into the folder ``out``; return the path of ``out/index.html``.
+
+    ``run`` is a :class:`~gradprobe.records.Run`, a probe (anything with
+    ``frame()`` and ``scalars()``), the folder of a saved run (``out``
+    defaults to that folder), or a block frame. ``band`` is the gain band of
+    the summary table; ``spectra`` (an array of singular values, or a mapping
+    name -> array, e.g. from ``gradprobe.spectrum``) adds a histogram;
+    ``tables=False`` skips writing the tables; ``figures`` picks figures by
+    name (see :data:`FIGURES`); ``dpi`` and ``quantize`` (256-colour PNGs,
+    about 3x smaller) set the image size; ``progress=False`` hides the
+    progress bar.
+
+    >>> import tempfile, pandas as pd
+    >>> f = pd.DataFrame({"step": [0, 0], "block": ["a", "b"], "index": [0, 1], "gain": [0.5, 1.0],
+    ...                   "cum_gain": [0.5, 1.0], "res_ratio": [0.1, 0.2], "out_rms": [1.0, 1.1]})
+    >>> report(f, tempfile.mkdtemp(), progress=False).name
+    'index.html'
+    """
+    from tqdm.auto import tqdm
+
+    if out is None:
+        if not isinstance(run, (str, os.PathLike)):
+            raise TypeError("report() needs out= (the folder to write into) unless run is a saved run folder")
+        out = run
+    the_run = _as_run(run)
+    frame, scalars = the_run.frame(), the_run.scalars()
+    missing = [c for c in ("step", "block", "index") if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"report(): the block frame lacks {missing}; it has {list(map(str, frame.columns))}. "
+            "Pass probe.frame() or a Run (gradprobe.compare / gradprobe.load)."
+        )
+    specs = list(FIGURES)
+    if figures is not None:
+        known = {s.name for s in FIGURES}
+        unknown = [f for f in figures if f not in known]
+        if unknown:
+            raise ValueError(f"unknown figure(s) {unknown}; choose from {sorted(known)}")
+        specs = [s for s in specs if s.name in figures]
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder; report() writes a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if tables:
+        records.save_run(folder, frame, scalars, the_run.meta)
+
+    models = list(dict.fromkeys(map(str, frame["model"]))) if "model" in frame.columns else []
+    if "model" in scalars.columns:
+        models += [m for m in dict.fromkeys(map(str, scalars["model"])) if m not in models]
+    inputs = _Inputs(frame, scalars, plot.model_palette(models or [plot.SINGLE_MODEL]), spectra)
+
+    drawn = []
+    with plot.offscreen():
+        for spec in tqdm(specs, desc="report figures", unit="figure", disable=not progress, leave=False):
+            png = folder / f"{spec.name}.png"
+            fig = spec.draw(inputs)
+            if fig is None:
+                png.unlink(missing_ok=True)  # a figure of an earlier report of this folder would mislead
+                continue
+            data = _png(fig, dpi, quantize)
+            png.write_bytes(data)
+            width, height = _png_size(data)
+            drawn.append(
+                {
+                    "name": spec.name,
+                    "title": spec.title,
+                    "caption": spec.caption,
+                    "file": png.name,
+                    "data": base64.b64encode(data).decode("ascii"),
+                    "width": width,
+                    "height": height,
+                }
+            )
+
+    generated = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    header, body = _summary_rows(summary_table(frame, scalars, band=band), band)
+    swatches = [_hex(inputs.palette.get(row[0], (0.5, 0.5, 0.5))) for row in body]
+    html = _template().render(
+        title=title or ("gradprobe report: " + ", ".join(models) if models else "gradprobe report"),
+        meta=_meta_rows(the_run, generated),
+        summary_header=header,
+        summary_rows=body,
+        swatches=swatches,
+        band=band,
+        figures=drawn,
+        glossary=list(records.GLOSSARY.items()),
+        version=__version__,
+        generated=generated,
+        tables_written=tables,
+        table_format="Parquet" if records.has_parquet() else "CSV",
+    )
+    index = folder / "index.html"
+    index.write_text(html, encoding="utf-8")
+    return index
+
+
+class _CallableModule(types.ModuleType):
+    """``gradprobe.report`` is both this module and the function ``report``: whichever the
+    import system binds on the package (the submodule, once anything imports it), a call
+    ``gradprobe.report(run, out)`` reaches the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
