@@ -195,7 +195,6 @@ class _StepBuffer:
     jacobian: dict[str, dict[str, float]] = field(default_factory=dict)
     backward_done: bool = False
     blocks: set[str] = field(default_factory=set)  # blocks called with grad in this step
-    recorded: bool = False
 
 
 class Probe:
@@ -235,7 +234,6 @@ class Probe:
         self._every = every if isinstance(every, int) else getattr(every, "__name__", repr(every))
         self._strict = strict
         self._auto = auto_step is not False
-        self._explicit_from_start = auto_step is False
         self._scaler = scaler
         self._record_eval = record_eval
         if isinstance(jacobian, bool):
@@ -268,13 +266,14 @@ class Probe:
         self._buf = _StepBuffer()
         self._store = RowStore()
         self._scalar_rows: list[dict[str, Any]] = []
-        self._sink = Sink(sink, **dict(sink_options or {})) if sink is not None else None
         self._callback_queued = False
         self._warned: set[str] = set()
         self._handles: list[RemovableHandle] = []
         self._attached = False
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._shortcut_modules = self._resolve_shortcuts(shortcuts or {})
+        # Last of the checks, so a bad argument never leaves an empty run folder behind.
+        self._sink = Sink(sink, **dict(sink_options or {})) if sink is not None else None
         self._attach()
 
     # ------------------------------------------------------------------ lifecycle

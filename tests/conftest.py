@@ -44,6 +44,16 @@ def no_leaks():
         assert hook_snapshot(model) == before, "hooks or attributes were left on the model"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The suite's nets are tiny: a second torch thread only adds spin-waiting, and with
+    # subprocess tests (pytester, DDP) running beside it, oversubscribes the 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield

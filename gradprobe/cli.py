@@ -1,0 +1,561 @@
+"""The ``gradprobe`` command: ``compare``, ``report``, ``inspect`` and ``blocks``.
+
+``gradprobe compare`` with no arguments is the main job: it trains plain and
+residual CNNs of depths 20 and 56 on the bundled digits data with a probe
+attached, writes the run (and the HTML report) into ``reports/compare/`` and
+prints a summary table. ``gradprobe inspect`` and ``gradprobe blocks`` work on
+any importable model factory, e.g. ``torchvision.models:resnet18``.
+
+Exit codes: 0 success, 1 the job itself failed, 2 bad usage (unknown option,
+bad target, missing file). Errors are one line on stderr, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch import nn
+
+__all__ = ["build_parser", "load_factory", "main"]
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _csv(kind: type, name: str) -> Any:
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(v) for v in text.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a comma-separated list, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name} is empty")
+        return values
+
+    return parse
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().replace("x", ",").replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must look like 8,3,32,32, got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"input shape must be positive sizes like 8,3,32,32, got {text!r}")
+    return shape
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string: --arg shortcut=A
+
+
+def _factory_args(items: Sequence[str]) -> tuple[list[Any], dict[str, Any]]:
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep and key.isidentifier():
+            kwargs[key] = _literal(value)
+        else:
+            args.append(_literal(item))
+    return args, kwargs
+
+
+def load_factory(target: str) -> Any:
+    """Resolve ``MODULE:ATTR`` (``torchvision.models:resnet18``) or ``path/to/file.py:ATTR``.
+
+    Raises :class:`UsageError` with a one-line explanation when it cannot.
+
+    >>> load_factory("gradprobe.models:resnet_cifar").__name__
+    'resnet_cifar'
+    """
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"target {target!r} must look like MODULE:FACTORY, e.g. torchvision.models:resnet18")
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise UsageError(f"target {target!r}: no such file {path}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise UsageError(f"target {target!r}: cannot import {path} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise UsageError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise UsageError(f"cannot import module {module_name!r} of target {target!r}: {exc}") from exc
+        except Exception as exc:
+            raise UsageError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"module {module_name!r} has no attribute {attr!r} (target {target!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build_target(target: str, arg_items: Sequence[str]) -> nn.Module:
+    from torch import nn
+
+    factory = load_factory(target)
+    args, kwargs = _factory_args(arg_items)
+    if isinstance(factory, nn.Module):
+        if args or kwargs:
+            raise UsageError(f"{target} is a module instance, not a factory; it takes no --arg")
+        return factory
+    if not callable(factory):
+        raise UsageError(
+            f"{target} is a {type(factory).__name__}, neither a model factory nor a torch.nn.Module"
+        )
+    try:
+        model = factory(*args, **kwargs)
+    except Exception as exc:
+        hint = " (pass the factory's arguments with --arg, e.g. --arg 20 --arg residual=False)"
+        raise UsageError(f"calling {target}(...) failed: {type(exc).__name__}: {exc}{hint}") from exc
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{target}(...) returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _default_input(model: nn.Module, batch: int, gen: Any) -> Any:
+    """A random input for ``model``, guessed from its first layer with parameters."""
+    import torch
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return torch.randint(0, module.num_embeddings, (batch, 16), generator=gen)
+        if isinstance(module, nn.Conv2d):
+            return torch.randn(batch, module.in_channels, 32, 32, generator=gen)
+        if isinstance(module, nn.Conv1d):
+            return torch.randn(batch, module.in_channels, 64, generator=gen)
+        if isinstance(module, nn.Conv3d):
+            return torch.randn(batch, module.in_channels, 8, 16, 16, generator=gen)
+        if isinstance(module, nn.Linear):
+            return torch.randn(batch, module.in_features, generator=gen)
+    raise UsageError(
+        "cannot guess the input of this model; pass --input-shape (e.g. --input-shape 8,3,32,32)"
+    )
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, (bool,)):
+        return "yes" if value else "no"
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        return str(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):
+        return "-"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}"
+
+
+def format_table(frame: pd.DataFrame, columns: Sequence[str], *, digits: int = 3) -> str:
+    """Plain-text table of ``columns`` of ``frame`` (numbers to ``digits`` significant digits, NaN as '-')."""
+    cols = [c for c in columns if c in frame.columns]
+    cells = [
+        [_fmt(v, digits) if c not in ("model", "block") else str(v) for c, v in zip(cols, row, strict=True)]
+        for row in frame[cols].itertuples(index=False, name=None)
+    ]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    left = {"model", "block", "class"}
+
+    def line(values: Sequence[str]) -> str:
+        pairs = zip(values, cols, widths, strict=True)
+        return "  ".join(v.ljust(w) if c in left else v.rjust(w) for v, c, w in pairs).rstrip()
+
+    lines = [line(cols)] + [line(r) for r in cells]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    import torch
+
+    from . import experiment
+
+    if ns.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {ns.threads}")
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    quick = ns.quick
+    depths = ns.depths or ([8, 14] if quick else [20, 56])
+    families = ns.families or ["cnn"]
+    for fam in families:
+        if fam not in ("cnn", "mlp"):
+            raise UsageError(f"--families takes cnn and/or mlp, got {fam!r}")
+    models = list(ns.models or [])
+    if not models:
+        for fam in families:
+            for kind in ("plain", "resnet"):
+                for depth in depths:
+                    models.append(f"{kind}-{depth}" if fam == "cnn" else f"{kind}-mlp-{depth}")
+    specs = []
+    for m in models:
+        try:
+            specs.append(experiment.parse_spec(m).name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    epochs = ns.epochs if ns.epochs is not None else (2 if quick else experiment.DEFAULTS["epochs"])
+    out = Path(ns.out if ns.out is not None else ("reports/compare-quick" if quick else "reports/compare"))
+    command = "gradprobe " + " ".join(ns.argv)
+    print(
+        f"gradprobe compare: {', '.join(specs)} on {ns.data}, {epochs} epochs, lr {ns.lr}, seed {ns.seed}",
+        file=sys.stderr,
+    )
+    started = time.perf_counter()
+    try:
+        run = experiment.compare(
+            specs,
+            ns.data,
+            epochs=epochs,
+            batch_size=ns.batch_size,
+            lr=ns.lr,
+            seed=ns.seed,
+            every=ns.every,
+            jacobian=ns.jacobian,
+            out=out,
+            warmup=ns.warmup,
+            zero_init_residual=ns.zero_init,
+            width=ns.width,
+            data_root=ns.data_root,
+            progress=not ns.no_progress,
+            command=command,
+        )
+    except (FileNotFoundError, ImportError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    seconds = time.perf_counter() - started
+    wrote = [f"run tables in {out}/ (read with gradprobe.load)"]
+    if not ns.no_report:
+        try:
+            report_module = importlib.import_module("gradprobe.report")
+        except ImportError:
+            print(
+                "gradprobe report is not available in this installation; wrote the tables only",
+                file=sys.stderr,
+            )
+        else:
+            index = report_module.report(run, out, progress=not ns.no_progress)
+            wrote.insert(0, f"report {index}")
+    table = experiment.summary(run)
+    print(f"\nTrained {len(specs)} models in {seconds:.0f} s ({torch.get_num_threads()} threads). Wrote:")
+    for line in wrote:
+        print(f"  {line}")
+    print()
+    print(format_table(table, SUMMARY_COLUMNS))
+    print(SUMMARY_LEGEND)
+    return 0
+
+
+#: Columns of the summary ``gradprobe compare`` prints (see :func:`gradprobe.experiment.summary`).
+SUMMARY_COLUMNS = (
+    "model",
+    "train_loss",
+    "test_acc",
+    "cum_gain_init",
+    "cum_gain_end",
+    "res_ratio_init",
+    "res_ratio_end",
+)
+
+SUMMARY_LEGEND = """
+train_loss      mean training loss over the last epoch (degradation: deeper plain nets end higher)
+test_acc        accuracy on the held-out test split after the last epoch
+cum_gain_init   |dL/dx| at the first block / |dL/dy| at the last block, at step 0: the product of the
+                block gains. ~1: the gradient highway; >>1 explodes, <<1 vanishes on its way back
+cum_gain_end    the same after the last step
+res_ratio_*     largest |y - x| / |x| over the shape-preserving blocks (0: every block is the identity)"""
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    path = Path(ns.path)
+    if not path.exists():
+        raise UsageError(
+            f"no saved run at {path}; pass the folder written by gradprobe compare or Probe.save"
+        )
+    try:
+        report_module = importlib.import_module("gradprobe.report")
+    except ImportError as exc:
+        print(f"error: gradprobe's report module is not available ({exc})", file=sys.stderr)
+        return 1
+    from .records import load
+
+    try:
+        run = load(path)
+    except (FileNotFoundError, ImportError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    index = report_module.report(run, ns.out if ns.out is not None else path, progress=not ns.no_progress)
+    print(f"wrote {index}")
+    return 0
+
+
+def _blocks_arg(ns: argparse.Namespace) -> Any:
+    if not ns.blocks:
+        return "auto"
+    return ns.blocks if len(ns.blocks) > 1 or ns.blocks[0] != "auto" else "auto"
+
+
+def _cmd_blocks(ns: argparse.Namespace) -> int:
+    from .blocks import select_blocks
+
+    model = _build_target(ns.target, ns.arg)
+    try:
+        selected = select_blocks(model, _blocks_arg(ns))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "index": range(len(selected)),
+            "block": [name for name, _ in selected],
+            "class": [type(m).__name__ for _, m in selected],
+            "params": [sum(p.numel() for p in m.parameters()) for _, m in selected],
+        }
+    )
+    print(f"{type(model).__name__}: {len(selected)} blocks selected by blocks={_blocks_arg(ns)!r}")
+    print(format_table(frame, ["index", "block", "class", "params"]))
+    return 0
+
+
+def _cmd_inspect(ns: argparse.Namespace) -> int:
+    import torch
+
+    model = _build_target(ns.target, ns.arg)
+    gen = torch.Generator().manual_seed(ns.seed)
+    if ns.input_shape:
+        if ns.input_dtype == "long":
+            if not ns.vocab_size:
+                raise UsageError(
+                    "--input-dtype long needs --vocab-size (random token ids are drawn below it)"
+                )
+            inputs = torch.randint(0, ns.vocab_size, ns.input_shape, generator=gen)
+        else:
+            inputs = torch.randn(ns.input_shape, generator=gen)
+    else:
+        inputs = _default_input(model, ns.batch, gen)
+    param = next(iter(model.parameters()), None)
+    if param is not None and inputs.is_floating_point():
+        inputs = inputs.to(param.dtype)
+    try:
+        analyze = importlib.import_module("gradprobe.analysis").analyze
+    except (ImportError, AttributeError) as exc:
+        print(f"error: gradprobe.analyze is not available in this installation ({exc})", file=sys.stderr)
+        return 1
+    from .blocks import select_blocks
+
+    blocks = _blocks_arg(ns)
+    try:
+        select_blocks(model, blocks)  # a clear error before running anything
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        frame = analyze(
+            model, inputs, blocks=blocks, jacobian=not ns.no_jacobian, probes=ns.probes, seed=ns.seed
+        )
+    except Exception as exc:
+        raise UsageError(
+            f"running {ns.target} on an input of shape {tuple(inputs.shape)} failed: "
+            f"{type(exc).__name__}: {exc}. "
+            "Pass --input-shape (and --input-dtype long --vocab-size N for token ids)."
+        ) from None
+    print(
+        f"{type(model).__name__} on a random input of shape {tuple(inputs.shape)}, one forward/backward "
+        f"({'train' if model.training else 'eval'} mode, loss = <output, random direction>, seed {ns.seed}):"
+    )
+    columns = ["index", "block", "gain", "cum_gain", "skip_grad", "branch_grad", "res_ratio", "out_rms"]
+    if not ns.no_jacobian:
+        columns += ["jac_fro", "jac_spec", "jac_id"]
+    print(format_table(frame, columns))
+    if ns.csv:
+        frame.to_csv(ns.csv, index=False)
+        print(f"wrote {ns.csv}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``gradprobe`` command."""
+    from ._version import __version__
+    from .experiment import DEFAULTS
+
+    parser = argparse.ArgumentParser(
+        prog="gradprobe",
+        description="Measure gradient propagation and identity behaviour of the blocks of deep PyTorch nets.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradprobe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "compare",
+        help="train plain and residual nets side by side with probes (the main job)",
+        description="Train plain and residual nets on the same data with a probe attached, save the run and "
+        "its report, and print a summary. Without options: plain and residual CNNs of depths 20 and 56 on "
+        "scikit-learn's digits, into reports/compare/.",
+    )
+    p.add_argument("--models", type=_csv(str, "--models"), help="explicit specs, e.g. plain-56,resnet-mlp-30")
+    p.add_argument(
+        "--depths", type=_csv(int, "--depths"), help="depths to build (default 20,56; 8,14 with --quick)"
+    )
+    p.add_argument("--families", type=_csv(str, "--families"), help="cnn and/or mlp (default cnn)")
+    p.add_argument(
+        "--epochs", type=int, help=f"training epochs (default {DEFAULTS['epochs']}; 2 with --quick)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default %(default)s)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=DEFAULTS["warmup"], help="warm-up steps (default %(default)s)"
+    )
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
+    p.add_argument("--data", default="digits", help="digits (default), synthetic, cifar10 or cifar10:FOLDER")
+    p.add_argument("--data-root", help="folder that holds CIFAR-10 (never downloaded)")
+    p.add_argument(
+        "--width", type=int, help="channels of the first stage (CNN, default 16) or units (MLP, 128)"
+    )
+    p.add_argument("--every", type=int, default=1, help="record every N-th step (default 1)")
+    p.add_argument(
+        "--jacobian",
+        action="store_true",
+        help="also record the Jacobian columns at the first and last step (slower)",
+    )
+    p.add_argument(
+        "--no-zero-init",
+        dest="zero_init",
+        action="store_false",
+        default=DEFAULTS["zero_init_residual"],
+        help="plain He init for residual nets (default: zero-init the last BN of every residual branch)",
+    )
+    p.add_argument(
+        "--out", help="output folder (default reports/compare, reports/compare-quick with --quick)"
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny run (depths 8,14, 2 epochs) for smoke tests")
+    p.add_argument("--no-report", action="store_true", help="write the tables only, not the HTML report")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1; 0: torch's choice). The reference nets are too small to gain "
+        "from more, and with other work on the machine extra threads made the default run 6x slower",
+    )
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
+        "report",
+        help="write the HTML report of a saved run",
+        description="Regenerate the HTML report (figures, summary, tables) of a saved run folder.",
+    )
+    p.add_argument("path", help="folder of a saved run (gradprobe compare --out, Probe.save)")
+    p.add_argument("--out", help="report folder (default: the run folder)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_report)
+
+    target_help = "MODULE:FACTORY (e.g. torchvision.models:resnet18) or path/to/file.py:FACTORY"
+    arg_help = "argument of the factory, positional (20) or KEY=VALUE (residual=False); repeatable"
+    blocks_help = "blocks= of gradprobe.attach: auto (default), or names/glob patterns"
+
+    p = sub.add_parser(
+        "inspect",
+        help="one-shot per-block analysis of any model factory",
+        description="Build a model from an importable factory, run one forward/backward pass on a random "
+        "input with a probe attached, and print the per-block table.",
+    )
+    p.add_argument("target", help=target_help)
+    p.add_argument("--arg", action="append", default=[], help=arg_help)
+    p.add_argument(
+        "--input-shape", type=_shape, help="input shape with batch, e.g. 8,3,32,32 (default: guessed)"
+    )
+    p.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
+    p.add_argument("--vocab-size", type=int, help="token ids are drawn below this (with --input-dtype long)")
+    p.add_argument("--batch", type=int, default=8, help="batch of the guessed input (default 8)")
+    p.add_argument("--blocks", nargs="+", help=blocks_help)
+    p.add_argument("--no-jacobian", action="store_true", help="skip the Jacobian columns (faster)")
+    p.add_argument("--probes", type=int, default=8, help="random vectors per Jacobian estimate (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the input and the probes (default 0)")
+    p.add_argument("--csv", help="also write the full table to this CSV file")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "blocks",
+        help="show which blocks blocks='auto' selects in a model",
+        description="Build a model from an importable factory and list the blocks a probe would attach to.",
+    )
+    p.add_argument("target", help=target_help)
+    p.add_argument("--arg", action="append", default=[], help=arg_help)
+    p.add_argument("--blocks", nargs="+", help=blocks_help)
+    p.set_defaults(func=_cmd_blocks)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradprobe`` console script; returns the exit code.
+
+    >>> main(["blocks", "gradprobe.models:mlp", "--arg", "4", "--arg", "in_features=3",
+    ...       "--arg", "num_classes=2"])
+    MLP: 2 blocks selected by blocks='auto'
+    index  block     class     params
+        0  blocks.0  MLPBlock   16768
+        1  blocks.1  MLPBlock   16768
+    0
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:  # argparse exits 2 on bad usage and 0 on --help
+        return int(exc.code or 0)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    ns.argv = args
+    try:
+        return int(ns.func(ns))
+    except UsageError as exc:
+        message = " ".join(str(exc).split())  # one line, however the underlying error was laid out
+        print(f"gradprobe {ns.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gradprobe {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # python -m gradprobe.cli
+    sys.exit(main())
