@@ -84,7 +84,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="measured step pairs per configuration")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"ResNet-{args.depth}, batch {args.batch}, 32x32, CPU threads {torch.get_num_threads()}, "
         f"torch {torch.__version__}, {args.steps} step pairs"

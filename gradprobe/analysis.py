@@ -76,6 +76,7 @@ def analyze(
     attach_kwargs = {k: v for k, v in options.items() if k in attach_keys}
     jac_options = {k: v for k, v in options.items() if k not in attach_keys}
     jac_options.setdefault("seed", seed)
+    jac_options.setdefault("spec", True)  # one-shot: every Jacobian column, spectral ones included
     with preserved(model, args):
         probe = attach(
             model,

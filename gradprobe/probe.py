@@ -107,6 +107,34 @@ def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compiler.disable(fn, recursive=True)
 
 
+def _capture(call: _Call, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """A :class:`gradprobe.jacobian.BlockCapture` of this call, with gradient edges pinned now.
+
+    Pinning matters with in-place ops: the output edge taken here stays right when y is
+    later modified in place (a ReLU(inplace=True) after the block); if the block modified
+    its input in place, the alias's own node left the graph, and the edge of the tensor
+    it was made from (taken before the block ran) stands in for it.
+    """
+    from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+    from .jacobian import BlockCapture
+
+    if x._version == call.x_version:
+        x_edge = get_gradient_edge(x)
+    elif call.x_node is not None:
+        x_edge = GradientEdge(call.x_node, call.x_output_nr)
+    else:
+        x_edge = None
+    return BlockCapture(
+        name=call.block,
+        x=x,
+        y=y,
+        same_shape=x.shape == y.shape,
+        x_edge=x_edge,
+        y_edge=get_gradient_edge(y) if y.requires_grad else None,
+    )
+
+
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """Statistics in full precision even inside ``torch.autocast`` (which would run dot in bf16)."""
     if torch.is_autocast_enabled(device_type):
@@ -247,7 +275,10 @@ class Probe:
         if not isinstance(probes, int) or probes < 1:
             raise ValueError(f"probes= must be a positive int, got {probes!r}")
         self._probes = probes
-        self._jacobian_options = dict(jacobian_options or {})
+        # During training the spectral columns are off unless asked for: each Lanczos step
+        # costs about two training steps (BatchNorm's double backward is slow), while the
+        # Frobenius columns cost about one step per probe vector (README, Performance).
+        self._jacobian_options = {"spec": False, **dict(jacobian_options or {})}
         self._jacobian_generator: torch.Generator | None = None
         self._recorded_steps = 0
 
@@ -260,7 +291,7 @@ class Probe:
         self._index: dict[str, int] = {}
         self._stack: dict[str, list[_Call]] = {name: [] for name in self._modules}
         self._shortcut_out: dict[str, torch.Tensor] = {}
-        self._captures: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._captures: list[Any] = []  # jacobian.BlockCapture of this forward pass
 
         self._step = 0
         self._buf = _StepBuffer()
@@ -575,6 +606,8 @@ class Probe:
 
     def _record_forward(self, call: _Call, y: torch.Tensor, shortcut_out: torch.Tensor | None) -> None:
         x = call.x
+        if self._jacobian_due() and x is not None:
+            self._captures.append(_capture(call, x, y))
         with torch.no_grad(), _no_autocast(y.device.type):
             if x is not None:
                 call.same_shape = x.shape == y.shape
@@ -590,8 +623,6 @@ class Probe:
             call.numel_y = y.numel()
         self._buf.calls.append(call)
         y.register_hook(partial(self._grad_y_hook, call))
-        if self._jacobian_due() and x is not None:
-            self._captures.append((call.block, x, y))
 
     def _count_hook(self, grad: torch.Tensor) -> None:
         if not _MUTED[0]:
@@ -682,12 +713,11 @@ class Probe:
                     int(self._jacobian_options.get("seed", 0))
                 )
             seen: set[str] = set()
-            caps = []
-            for name, x, y in sorted(captures, key=lambda c: self._index[c[0]]):
-                if name in seen:  # weight sharing: the first call of each block
-                    continue
-                seen.add(name)
-                caps.append(BlockCapture(name=name, x=x, y=y, same_shape=x.shape == y.shape))
+            caps: list[BlockCapture] = []
+            for cap in sorted(captures, key=lambda c: self._index[c.name]):
+                if cap.name not in seen:  # weight sharing: the first call of each block
+                    seen.add(cap.name)
+                    caps.append(cap)
             options = {k: v for k, v in self._jacobian_options.items() if k != "seed"}
             with self._mute():
                 cols = jacobian_columns(
@@ -819,7 +849,9 @@ def attach(
         record_eval: also record forward/backward passes of blocks in eval mode.
         jacobian: add the Jacobian columns on every recorded step (``True``) or every N-th.
         probes: random vectors per Hutchinson estimate of the Jacobian columns.
-        jacobian_options: extra keyword arguments of :func:`gradprobe.jacobian.jacobian_columns`.
+        jacobian_options: extra keyword arguments of :func:`gradprobe.jacobian.jacobian_columns`;
+            ``spec`` defaults to False here (``jac_spec``/``prod_spec`` NaN during training):
+            pass ``{"spec": True, "power_iters": 4, "prod_spec": "shared"}`` to get them.
         sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
             (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
         sink_options: ``chunk_rows`` (rows per chunk, default 50,000) and ``fmt``.
