@@ -47,7 +47,24 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "metrics": ("metrics", None),
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "Probe",
+    "Run",
+    "__version__",
+    "analyze",
+    "attach",
+    "compare",
+    "data",
+    "every_n",
+    "load",
+    "metrics",
+    "models",
+    "plot",
+    "report",
+    "select_blocks",
+    "spectrum",
+    "testing",
+]
 
 
 def __getattr__(name: str) -> Any:

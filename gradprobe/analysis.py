@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._tensors import first_tensor
 from .blocks import BlockSpec
-from .probe import _first_tensor, attach
+from .probe import attach
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,6 +42,24 @@ def preserved(model: nn.Module, tensors: tuple[Any, ...] = ()) -> Iterator[None]
                 p.grad = g
             for t, g in zip(inputs, input_grads, strict=False):
                 t.grad = g
+
+
+def projection_loss(output: Any, seed: int) -> torch.Tensor:
+    """The default loss of :func:`analyze`: ``<output, u>`` with u standard normal from ``seed``.
+
+    >>> out = torch.ones(2, 3)
+    >>> bool(projection_loss(out, 0) == projection_loss(out, 0))
+    True
+    """
+    out = first_tensor(output)
+    if out is None:
+        raise TypeError(
+            f"the model returned {type(output).__name__} with no tensor in it; pass loss_fn= "
+            "to turn its output into a scalar loss"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    return (out * u).sum()
 
 
 def analyze(
@@ -89,18 +108,7 @@ def analyze(
         )
         try:
             output = model(*args)
-            if loss_fn is not None:
-                loss = loss_fn(output)
-            else:
-                out = _first_tensor(output)
-                if out is None:
-                    raise TypeError(
-                        f"the model returned {type(output).__name__} with no tensor in it; pass loss_fn= "
-                        "to turn its output into a scalar loss"
-                    )
-                gen = torch.Generator().manual_seed(seed)
-                u = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-                loss = (out * u).sum()
+            loss = loss_fn(output) if loss_fn is not None else projection_loss(output, seed)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
             loss.backward()

@@ -84,6 +84,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._tensors import first_tensor
+
 __all__ = [
     "MAX_DENSE_ENTRIES",
     "BlockCapture",
@@ -777,13 +779,6 @@ class _StopForward(BaseException):
     """
 
 
-def _first_tensor(obj: Any) -> Tensor | None:
-    if isinstance(obj, Tensor):
-        return obj
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
-    return next((v for v in values if isinstance(v, Tensor)), None)
-
-
 def _edge(t: Tensor) -> Any:
     from torch.autograd.graph import get_gradient_edge
 
@@ -855,7 +850,7 @@ def _run_capturing(
         if name not in pending:
             return
         got = pending.pop(name)
-        y = _first_tensor(output)
+        y = first_tensor(output)
         if y is None:
             return
         caps[name] = BlockCapture(

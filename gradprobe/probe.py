@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import metrics
+from ._tensors import first_tensor
 from ._version import __version__
 from .blocks import BlockSpec, select_blocks
 from .records import FRAME_COLUMNS, RowStore, Run, Sink
@@ -67,22 +68,6 @@ def every_n(n: int) -> Schedule:
 
     schedule.__name__ = f"every_{n}"
     return schedule
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    """The first tensor of a block output (a tensor, a tuple/list, or a dict-like output)."""
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        for item in obj:
-            if isinstance(item, torch.Tensor):
-                return item
-        return None
-    if isinstance(obj, Mapping):
-        for item in obj.values():
-            if isinstance(item, torch.Tensor):
-                return item
-    return None
 
 
 # Muting is process-wide, not per probe: while one probe runs its own Jacobian
@@ -580,7 +565,7 @@ class Probe:
 
     def _shortcut_hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._stack[name] and self._stack[name][-1].x is not None:
-            out = _first_tensor(output)
+            out = first_tensor(output)
             if out is not None:
                 self._shortcut_out[name] = out
 
@@ -590,7 +575,7 @@ class Probe:
             return
         call = stack.pop()
         shortcut_out = self._shortcut_out.pop(name, None)
-        y = _first_tensor(output)
+        y = first_tensor(output)
         if y is None or not y.requires_grad:
             return
         try:

@@ -849,30 +849,6 @@ def assert_jacobian_bounded(
 # ----------------------------------------------------------------------------- finite gradients
 
 
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
-    return next((t for t in values if isinstance(t, torch.Tensor)), None)
-
-
-def _projection_loss(output: Any, seed: int) -> torch.Tensor:
-    """The default loss of :func:`gradprobe.analyze`: ``<output, u>``, u standard normal from ``seed``."""
-    import torch
-
-    out = _first_tensor(output)
-    if out is None:
-        raise TypeError(
-            f"the model returned {type(output).__name__} with no tensor in it; pass loss_fn= to turn its "
-            "output into a scalar loss"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-    return (out * u).sum()
-
-
 def _nonfinite_value(t: torch.Tensor) -> float | None:
     """nan if ``t`` holds a nan, inf if it holds an inf (and no nan), None when all finite."""
     import torch
@@ -1076,7 +1052,7 @@ def assert_finite_gradients(
         return frame
     import torch
 
-    from .analysis import analyze
+    from .analysis import analyze, projection_loss
 
     if inputs is None:
         raise TypeError(
@@ -1100,7 +1076,7 @@ def assert_finite_gradients(
         torch.autograd.Variable._execution_engine.queue_callback(read_grads)
 
     def wrapped_loss(output: Any) -> Any:
-        loss = loss_fn(output) if loss_fn is not None else _projection_loss(output, seed)
+        loss = loss_fn(output) if loss_fn is not None else projection_loss(output, seed)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             seen["loss"] = float(loss.detach())
             if loss.requires_grad:

@@ -160,7 +160,7 @@ def test_gpt2_key_value_cache_is_left_unchanged_by_the_probe():
 
     bare, probed = run(False), run(True)
     assert len(bare) == 6 and len(bare) == len(probed)
-    for a, b in zip(bare, probed):
+    for a, b in zip(bare, probed, strict=True):
         assert torch.equal(a, b)
 
 

@@ -1,0 +1,25 @@
+"""Small tensor helpers shared by the probe, the Jacobian estimators and the assertions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor of a module output: a tensor, a tuple/list, or a dict-like output (``ModelOutput``).
+
+    >>> first_tensor((None, torch.ones(1), torch.zeros(1))).tolist()
+    [1.0]
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        values: Any = obj.values()
+    elif isinstance(obj, (tuple, list)):
+        values = obj
+    else:
+        return None
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
