@@ -9,7 +9,10 @@ probed/bare. Each configuration gets its own probed copy.
     python benchmarks/overhead.py --depth 20 --steps 10 --configs every1 every10 jac10
 
 Configurations: ``every1`` (every metric on every step), ``every10``
-(``every=10``), ``jac10`` (Jacobian columns on every 10th step, default knobs).
+(``every=10``), ``jac10`` (Jacobian columns on every 10th step, default knobs:
+4 probes, no spectral columns), ``jac10p2`` / ``jac10p1`` (the same with 2 or 1
+probe vectors). For Jacobian configurations read the total ratio: the cost sits
+in one step of ten, which a median of pairs would hide.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ CONFIGS = {
     "every1": {"every": 1},
     "every10": {"every": 10},
     "jac10": {"every": 1, "jacobian": 10},
+    "jac10p2": {"every": 1, "jacobian": 10, "probes": 2},
+    "jac10p1": {"every": 1, "jacobian": 10, "probes": 1},
 }
 
 
