@@ -10,20 +10,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import gradprobe
 from gradprobe.cli import load_factory, main
 from gradprobe.experiment import summary
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny nets: extra OpenMP threads only cost synchronisation on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

@@ -17,17 +17,6 @@ from gradprobe.analysis import analyze
 from gradprobe.experiment import DEFAULT_MODELS, ModelSpec, build_model, compare, parse_spec, summary
 from gradprobe.records import FRAME_COLUMNS, MODEL_COLUMNS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These nets are tiny: with several OpenMP threads on a shared 2-core machine, thread
-    # synchronisation costs more than the arithmetic. Results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = data.synthetic(n_train=40, n_test=12, shape=(1, 6, 6), num_classes=3, seed=1)
 
 

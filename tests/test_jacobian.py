@@ -25,16 +25,6 @@ from gradprobe.jacobian import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These nets are tiny: each autograd call is a few hundred microseconds of work, and with
-    # several intra-op threads on a busy 2-core machine the thread barriers cost 100x that.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------- small nets
 class ResMLP(nn.Module):
     """y = x + W2 act(W1 x)."""

@@ -20,15 +20,6 @@ from gradprobe.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small tensors: on a shared 2-core machine extra OpenMP threads only add synchronisation
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
