@@ -44,7 +44,7 @@ from . import metrics
 from ._tensors import first_tensor
 from ._version import __version__
 from .blocks import BlockSpec, select_blocks
-from .records import FRAME_COLUMNS, RowStore, Run, Sink
+from .records import FRAME_COLUMNS, RowStore, Run, Sink, load
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -408,26 +408,17 @@ class Probe:
         every rank's rows on rank 0 (a collective: call it on every rank; other ranks
         get their own rows).
         """
-        self._flush()
-        if self._sink is not None:
-            self._sink.flush()
-            from .records import load
-
-            frame = load(self._sink.path).frame()
-        else:
-            frame = self._store.frame()
+        streamed = self._streamed()
+        frame = streamed.frame() if streamed is not None else self._store.frame()
         return self._distributed(frame, gather)
 
     def scalars(self, gather: bool = False) -> pd.DataFrame:
         """One row per step with the logged scalars (every step, recorded or not)."""
         import pandas as pd
 
-        self._flush()
-        if self._sink is not None:
-            self._sink.flush()
-            from .records import load
-
-            frame = load(self._sink.path).scalars()
+        streamed = self._streamed()
+        if streamed is not None:
+            frame = streamed.scalars()
         else:
             frame = (
                 pd.DataFrame.from_records(self._scalar_rows)
@@ -436,6 +427,14 @@ class Probe:
             )
             frame = frame.astype({"step": "int64"})
         return self._distributed(frame, gather)
+
+    def _streamed(self) -> Run | None:
+        """Close a finished step; with a sink, write what is buffered and read the run back."""
+        self._flush()
+        if self._sink is None:
+            return None
+        self._sink.flush()
+        return load(self._sink.path)
 
     @staticmethod
     def _distributed(frame: pd.DataFrame, gather: bool) -> pd.DataFrame:
