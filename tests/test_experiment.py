@@ -83,18 +83,17 @@ def test_batches_never_leave_a_batch_of_one():
 # ----------------------------------------------------------------------------- compare
 
 
+# One configuration for the shared tiny run and for the determinism test that repeats it.
+TINY_RUN_ARGS = (["plain-mlp-5", "resnet-mlp-5", "resnet-8"], TINY)
+TINY_RUN_OPTIONS = {"epochs": 3, "batch_size": 16, "lr": 0.05, "warmup": 2, "width": 8, "progress": False}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     run = compare(
-        ["plain-mlp-5", "resnet-mlp-5", "resnet-8"],
-        TINY,
-        epochs=3,
-        batch_size=16,
-        lr=0.05,
-        warmup=2,
-        width=8,
-        progress=False,
+        *TINY_RUN_ARGS,
+        **TINY_RUN_OPTIONS,
         out=out,
         command="test",
     )
@@ -158,14 +157,8 @@ def test_compare_is_deterministic_and_leaves_the_global_rng_alone(tiny_run):
     run, _ = tiny_run
     state = torch.random.get_rng_state()
     again = compare(
-        ["plain-mlp-5", "resnet-mlp-5", "resnet-8"],
-        TINY,
-        epochs=3,
-        batch_size=16,
-        lr=0.05,
-        warmup=2,
-        width=8,
-        progress=False,
+        *TINY_RUN_ARGS,
+        **TINY_RUN_OPTIONS,
     )
     assert torch.equal(state, torch.random.get_rng_state())
     pd.testing.assert_frame_equal(run.frame(), again.frame())
