@@ -14,6 +14,7 @@ Jacobian columns every 10th step the per-step overhead is ratio / 10.
     python benchmarks/jacobian_accuracy.py                    # both parts
     python benchmarks/jacobian_accuracy.py --part cost --batch 128 32 --depth 56
     python benchmarks/jacobian_accuracy.py --part accuracy
+    python benchmarks/jacobian_accuracy.py --part subbatch      # sub-batch against whole batch
 """
 
 from __future__ import annotations
@@ -196,11 +197,56 @@ def noise(depth: int, batch: int, seeds: int = 5) -> None:
         print(f"  {col:9s} median {np.median(spread):.5f}  max {np.max(spread):.5f}  ({len(spread)} blocks)")
 
 
+def sub_batch(depth: int, batch: int, sizes: tuple[int, ...] = (8, 16, 32, 64), probes: int = 4) -> None:
+    """How far the sub-batch columns (the probe's default route) sit from the whole batch's.
+
+    The same ResNet in training mode, at initialisation and after 30 SGD steps on a fixed
+    random batch: the Frobenius columns of the whole batch (training graph) against those
+    of a second forward pass on its first k samples (``sub_batch_captures``, what
+    ``attach(jacobian=...)`` does by default). The difference is sampling (fewer samples)
+    plus BatchNorm statistics of k samples instead of ``batch``.
+    """
+    from gradprobe.blocks import select_blocks
+    from gradprobe.jacobian import sub_batch_captures
+
+    model = resnet_cifar(depth, generator=torch.Generator().manual_seed(0)).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    print(
+        f"\nsub-batch against whole batch (ResNet-{depth}, batch {batch}, probes={probes}): relative "
+        "difference |sub/full - 1| over blocks, median / max"
+    )
+    for label, train_steps in (("init", 0), ("after 30 steps", 30)):
+        for _ in range(train_steps):
+            _train_step(model, opt, x, y)
+        named = select_blocks(model, "auto")
+        _, caps = capture_blocks(model, x, blocks=[n for n, _ in named])
+        t = _clock()
+        full = jacobian_columns(caps, probes=probes, spec=False, generator=torch.Generator().manual_seed(0))
+        t_full = _clock() - t
+        del caps
+        print(f"  {label}: whole batch {t_full:.2f} s")
+        for k in sizes:
+            t = _clock()
+            sub_caps = sub_batch_captures(model, named, (x,), {}, k, seed=0)
+            assert sub_caps is not None
+            gen = torch.Generator().manual_seed(0)
+            sub = jacobian_columns(sub_caps, probes=probes, spec=False, generator=gen)
+            took = _clock() - t
+            cells = []
+            for col in ("jac_fro", "jac_id", "prod_fro"):
+                d = [abs(sub[n][col] / full[n][col] - 1) for n in full if np.isfinite(full[n][col])]
+                cells.append(f"{col} {np.median(d):.4f} / {np.max(d):.4f}")
+            print(f"    k={k:<4d} {took:6.2f} s   " + "   ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=["accuracy", "cost", "both"], default="both")
+    parser.add_argument("--part", choices=["accuracy", "cost", "subbatch", "both"], default="both")
     parser.add_argument("--depth", type=int, default=56)
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 32])
     parser.add_argument("--reps", type=int, default=3)
@@ -220,6 +266,8 @@ def main() -> None:
         accuracy(args.seeds)
     if args.part in ("cost", "both"):
         cost(args.depth, args.batch, args.reps, args.slow, args.only)
+    if args.part in ("subbatch", "both"):
+        sub_batch(args.depth, max(args.batch))
 
 
 if __name__ == "__main__":

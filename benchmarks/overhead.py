@@ -9,10 +9,14 @@ probed/bare. Each configuration gets its own probed copy.
     python benchmarks/overhead.py --depth 20 --steps 10 --configs every1 every10 jac10
 
 Configurations: ``every1`` (every metric on every step), ``every10``
-(``every=10``), ``jac10`` (Jacobian columns on every 10th step, default knobs:
-4 probes, no spectral columns), ``jac10p2`` / ``jac10p1`` (the same with 2 or 1
-probe vectors). For Jacobian configurations read the total ratio: the cost sits
-in one step of ten, which a median of pairs would hide.
+(``every=10``), ``jac10`` (Jacobian columns on every 10th step at the default
+knobs: 4 probes, a sub-batch of 32 samples, spectral columns on every 20th
+Jacobian step, i.e. every 200th step -- run ``--steps 200`` to cover a whole
+cycle), ``jac10fro`` (the Frobenius columns alone), ``jac10p2`` / ``jac10p1``
+(the same with 2 or 1 probe vectors), ``jac10sb64`` (a sub-batch of 64),
+``jac10full`` (the whole batch, through the training graph), ``jac10spec``
+(spectral columns on every Jacobian step). For Jacobian configurations read the
+total ratio: the cost sits in one step of ten, which a median of pairs would hide.
 """
 
 from __future__ import annotations
@@ -32,8 +36,12 @@ CONFIGS = {
     "every1": {"every": 1},
     "every10": {"every": 10},
     "jac10": {"every": 1, "jacobian": 10},
-    "jac10p2": {"every": 1, "jacobian": 10, "probes": 2},
-    "jac10p1": {"every": 1, "jacobian": 10, "probes": 1},
+    "jac10fro": {"every": 1, "jacobian": 10, "jacobian_options": {"spec": False}},
+    "jac10p2": {"every": 1, "jacobian": 10, "probes": 2, "jacobian_options": {"spec": False}},
+    "jac10p1": {"every": 1, "jacobian": 10, "probes": 1, "jacobian_options": {"spec": False}},
+    "jac10sb64": {"every": 1, "jacobian": 10, "jacobian_options": {"sub_batch": 64, "spec": False}},
+    "jac10full": {"every": 1, "jacobian": 10, "jacobian_options": {"sub_batch": None, "spec": False}},
+    "jac10spec": {"every": 1, "jacobian": 10, "jacobian_options": {"spec": True}},
 }
 
 

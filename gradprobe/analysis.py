@@ -95,7 +95,10 @@ def analyze(
     attach_kwargs = {k: v for k, v in options.items() if k in attach_keys}
     jac_options = {k: v for k, v in options.items() if k not in attach_keys}
     jac_options.setdefault("seed", seed)
-    jac_options.setdefault("spec", True)  # one-shot: every Jacobian column, spectral ones included
+    # One-shot: every Jacobian column, spectral ones included, on the whole batch given, at the
+    # accuracy of jacobian_columns' own defaults rather than the probe's cheaper training ones.
+    full = {"spec": True, "sub_batch": None, "power_iters": 20, "tol": 1e-3, "prod_spec": "each"}
+    jac_options = {**full, **jac_options}
     with preserved(model, args):
         probe = attach(
             model,

@@ -28,11 +28,26 @@ n = number of output elements:
   n = number of elements of y_last. For the last block they equal ``jac_fro``
   and ``jac_spec`` (the estimator shares its vectors so they are equal exactly).
 
+Which batch
+-----------
+During training the probe takes the columns on a **sub-batch** by default
+(``jacobian_options={"sub_batch": 32}``): :func:`sub_batch_captures` runs the
+model a second time on the first k samples, with BatchNorm buffers swapped for
+clones (``torch.func.functional_call``) and the global RNG forked, so nothing the
+training run sees changes; J is then the Jacobian of that k-sample forward pass
+(its own batch statistics, fresh dropout masks), and ``jac_batch`` = k. A batch
+of at most k samples, or a call that cannot be re-run safely (an argument that is
+not a tensor, a plain value or a container of those, such as a key/value cache
+object; a second pass that fails or runs other blocks), uses the training graph
+itself, the whole batch: ``jac_batch`` = batch. ``analyze`` always does. Where
+that graph cannot be differentiated again (a ``torch.compile``d backward frees
+its buffers), the whole batch runs a second time instead, eagerly.
+
 How it is computed
 ------------------
 :func:`jacobian_columns` never runs a block again (re-running has side effects:
 BatchNorm running statistics, new dropout masks, key/value caches). It only
-uses the graph that the training forward pass already built:
+uses the graph it is given -- the training forward pass's, or the sub-batch pass's:
 
 * vector-Jacobian products J^T u: ``torch.autograd.grad(y, x, u, retain_graph=True)``;
 * Jacobian-vector products J v by the double-backward trick: g(w) = J^T w is built
@@ -65,13 +80,14 @@ costs about 2 steps (a Jacobian-vector product by double backward costs ~3
 vector-Jacobian products; PyTorch's BatchNorm double backward is slow), and the
 same again for ``prod_spec="shared"``; ``prod_spec="each"`` costs about depth/2
 times that. At scale one probe is already precise (relative spread over seeds
-0.1-0.3% for ``jac_fro``, ~1% for ``prod_fro`` at batch 32), so during training
-``probes=1`` or ``2`` with ``spec=False`` fits a budget of 1-2 steps, while the
-spectral columns belong to one-shot analyses or small batches.
+0.1-0.3% for ``jac_fro``, ~1% for ``prod_fro`` at batch 32). Hence the probe's
+training defaults (``probe.TRAINING_JACOBIAN_OPTIONS``): a sub-batch of 32
+samples, and the spectral columns on every 20th Jacobian step only.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -89,11 +105,13 @@ from ._tensors import first_tensor
 __all__ = [
     "MAX_DENSE_ENTRIES",
     "BlockCapture",
+    "batch_size",
     "capture_blocks",
     "dense_jacobian",
     "exact_columns",
     "jacobian_columns",
     "spectrum",
+    "sub_batch_captures",
 ]
 
 #: Largest n_in * n_out for which ``spectrum(k=None)`` builds the dense Jacobian
@@ -812,13 +830,14 @@ def _run_capturing(
     *,
     start: str | None = None,
     stop_after: str | None = None,
+    forward: Callable[[], Any] | None = None,
 ) -> tuple[Any, list[BlockCapture]]:
     """Run ``model(*inputs)`` once; capture (input alias, output) of each named block's first call.
 
     With ``start``, only that block's input is replaced (the first block called if
     ``start`` is ``"*first*"``), later blocks keep their graph inputs (their captured
     x is then the plain input). With ``stop_after``, the forward is aborted once that
-    block has returned (output ``None``).
+    block has returned (output ``None``). ``forward`` replaces the call ``model(*inputs)``.
     """
     caps: dict[str, BlockCapture] = {}
     pending: dict[str, _Pending] = {}
@@ -871,7 +890,7 @@ def _run_capturing(
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     output = None
     try:
-        output = model(*args)
+        output = forward() if forward is not None else model(*args)
     except _StopForward:
         pass
     finally:
@@ -901,6 +920,140 @@ def capture_blocks(model: nn.Module, inputs: Any, blocks: Any = "auto") -> tuple
         return _run_capturing(model, inputs, select_blocks(model, blocks))
 
 
+@contextmanager
+def _seeded_rng(cuda: Sequence[int], seed: int) -> Iterator[None]:
+    """Seed the global CPU RNG and these CUDA devices' RNGs inside; restore every one of them after."""
+    with torch.random.fork_rng(devices=list(cuda)):
+        # Not torch.manual_seed: it would also reseed CUDA devices that fork_rng does not restore.
+        torch.random.default_generator.manual_seed(seed)
+        for d in cuda:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        yield
+
+
+def _cuda_devices(tensors: Iterator[Tensor] | Sequence[Tensor]) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+# ---------------------------------------------------------------------- sub-batch pass
+# Values that a forward call's arguments may hold besides tensors and plain containers of
+# them. Anything else (a key/value cache object, a user's stateful helper) may be mutated by
+# the forward pass, so a call that carries one is never re-run.
+_PLAIN_VALUES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
+
+
+class _Unsliceable(Exception):
+    pass
+
+
+def batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The leading dimension of the first tensor argument (positional first), or None.
+
+    >>> batch_size((None, torch.zeros(8, 3)), {"mask": torch.ones(8)})
+    8
+    """
+    return _leading_size((args, kwargs))
+
+
+def _leading_size(obj: Any) -> int | None:
+    """The leading dimension of the first tensor with one, searching args/kwargs depth-first."""
+    if isinstance(obj, Tensor):
+        return int(obj.shape[0]) if obj.dim() >= 1 else None
+    if isinstance(obj, (tuple, list)):
+        items: Any = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    else:
+        return None
+    for item in items:
+        size = _leading_size(item)
+        if size is not None:
+            return size
+    return None
+
+
+def _slice_batch(obj: Any, batch: int, k: int) -> Any:
+    """``obj`` with every tensor whose leading dimension is ``batch`` cut to its first ``k`` rows.
+
+    Sliced tensors are detached copies, so that a forward pass that modifies its input in place
+    cannot reach the caller's tensor. Raises ``_Unsliceable`` on a value that is neither a
+    tensor, a plain value nor a tuple/list/dict of them.
+    """
+    if isinstance(obj, Tensor):
+        if obj.dim() >= 1 and obj.shape[0] == batch:
+            return obj[:k].detach().clone()
+        return obj
+    if isinstance(obj, _PLAIN_VALUES):
+        return obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_slice_batch(o, batch, k) for o in obj))
+    if type(obj) in (tuple, list):
+        return type(obj)(_slice_batch(o, batch, k) for o in obj)
+    if type(obj) is dict:
+        return {key: _slice_batch(v, batch, k) for key, v in obj.items()}
+    raise _Unsliceable(f"an argument of type {type(obj).__name__}")
+
+
+def sub_batch_captures(
+    model: nn.Module,
+    named: Sequence[tuple[str, nn.Module]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    k: int,
+    seed: int,
+) -> list[BlockCapture] | None:
+    """Re-run ``model(*args, **kwargs)`` on the first ``k`` samples and capture the named blocks.
+
+    The sub-batch route of the probe's Jacobian columns: a second forward pass on a slice
+    of the batch, so that the Jacobian passes cost about k/batch of the full-batch graph
+    route. It changes nothing the training run can see: BatchNorm running statistics are
+    updated on clones (``torch.func.functional_call``), dropout draws from the global RNG
+    inside ``fork_rng`` seeded with ``seed`` (fresh masks, not the training ones), and
+    no ``.grad`` is written. Returns the captures in forward order, or ``None`` when the
+    call cannot be re-run safely: no tensor argument, or an argument that is neither a
+    tensor, a plain value nor a tuple/list/dict of those (a key/value cache object, say,
+    which a second forward pass would extend). The caller then uses the training graph
+    itself. The batch size is the leading dimension of the first tensor argument; with
+    ``k`` at least that, the whole batch runs again (for a training graph that cannot be
+    differentiated twice, such as a compiled one).
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
+    >>> caps = sub_batch_captures(net, [("0", net[0]), ("2", net[2])], (torch.randn(8, 3),), {}, 2, 0)
+    >>> [(c.name, tuple(c.x.shape)) for c in caps]
+    [('0', (2, 3)), ('2', (2, 3))]
+    """
+    from torch.func import functional_call
+
+    batch = batch_size(args, kwargs)
+    if batch is None:
+        return None
+    try:
+        s_args, s_kwargs = _slice_batch(args, batch, k), _slice_batch(kwargs, batch, k)
+    except _Unsliceable:
+        return None
+    # Never re-enter a (Distributed)DataParallel wrapper: its forward drives the gradient
+    # reducer and collectives. Nor torch.compile's wrapper: a compiled graph's backward frees
+    # ("donates") its buffers, so it cannot be differentiated with retain_graph. The wrapped
+    # module computes the same function, eagerly.
+    target = model
+    while True:
+        inner = getattr(target, "_orig_mod", None)  # torch.compile(module)
+        if isinstance(target, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = target.module
+        if not isinstance(inner, nn.Module):
+            break
+        target = inner
+    buffers = {name: b.detach().clone() for name, b in target.named_buffers()}
+    cuda = _cuda_devices([*target.parameters(), *target.buffers()])
+
+    def forward() -> Any:
+        return functional_call(target, buffers, s_args, s_kwargs, tie_weights=True, strict=False)
+
+    with _seeded_rng(cuda, seed), torch.enable_grad():
+        _, caps = _run_capturing(model, (), named, forward=forward)
+    return caps
+
+
 # ---------------------------------------------------------------------- spectrum
 @contextmanager
 def _untouched(model: nn.Module, inputs: Any, seed: int) -> Iterator[None]:
@@ -913,13 +1066,10 @@ def _untouched(model: nn.Module, inputs: Any, seed: int) -> Iterator[None]:
     ]
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [t for t in (inputs if isinstance(inputs, tuple) else (inputs,)) if isinstance(t, Tensor)]
-    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    cuda = _cuda_devices(tensors)
     try:
-        with torch.random.fork_rng(devices=cuda):
-            # dropout masks (train mode) come from the seed, so the spectrum is reproducible
-            torch.random.default_generator.manual_seed(seed)
-            for d in cuda:
-                torch.cuda.default_generators[d].manual_seed(seed)
+        # dropout masks (train mode) come from the seed, so the spectrum is reproducible
+        with _seeded_rng(cuda, seed):
             yield
     finally:
         with torch.no_grad():

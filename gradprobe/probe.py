@@ -53,6 +53,25 @@ Schedule = Callable[[int], bool]
 
 _SHORTCUT_NAMES = ("shortcut", "downsample")
 
+#: Default ``jacobian_options["sub_batch"]``: the Jacobian columns of a training step are
+#: taken on a second forward pass over the first 32 samples of the batch (``None``: on the
+#: whole batch, through the training graph itself). See ``jacobian.sub_batch_captures``.
+SUB_BATCH = 32
+
+#: Default ``jacobian_options`` of a probe (the rest are those of ``jacobian_columns``).
+#: Chosen so that Jacobian columns every 10th step stay within 1.25x of bare training on a
+#: CIFAR ResNet-56 at batch 128 (README, Performance): the Frobenius columns cost about 1.5
+#: training steps per Jacobian step on a sub-batch of 32, the spectral ones (8 Lanczos
+#: steps, one shared subspace for the products) about 9.5 more, so they come on every 20th
+#: Jacobian step only -- the first one included, so the initial state always has them.
+TRAINING_JACOBIAN_OPTIONS: dict[str, Any] = {
+    "sub_batch": SUB_BATCH,
+    "spec": 20,
+    "power_iters": 8,
+    "tol": 1e-2,
+    "prod_spec": "shared",
+}
+
 
 def every_n(n: int) -> Schedule:
     """Schedule that records steps where ``step % n == 0``.
@@ -260,12 +279,26 @@ class Probe:
         if not isinstance(probes, int) or probes < 1:
             raise ValueError(f"probes= must be a positive int, got {probes!r}")
         self._probes = probes
-        # During training the spectral columns are off unless asked for: each Lanczos step
-        # costs about two training steps (BatchNorm's double backward is slow), while the
-        # Frobenius columns cost about one step per probe vector (README, Performance).
-        self._jacobian_options = {"spec": False, **dict(jacobian_options or {})}
+        # Training defaults (TRAINING_JACOBIAN_OPTIONS): a sub-batch, and the spectral columns
+        # on every 20th Jacobian step only, since each Lanczos step costs about as much as all
+        # the Frobenius columns together (BatchNorm's double backward is slow).
+        options = {**TRAINING_JACOBIAN_OPTIONS, **dict(jacobian_options or {})}
+        spec = options["spec"]
+        if not isinstance(spec, bool) and not (isinstance(spec, int) and spec >= 1):
+            raise ValueError(
+                f"jacobian_options['spec'] must be True, False or a positive int N (the spectral columns on "
+                f"every N-th step that has Jacobian columns), got {spec!r}"
+            )
+        sub = options["sub_batch"]
+        if sub is not None and (not isinstance(sub, int) or isinstance(sub, bool) or sub < 1):
+            raise ValueError(
+                f"jacobian_options['sub_batch'] must be a positive int (samples of the Jacobian pass) or "
+                f"None (the whole batch, through the training graph), got {sub!r}"
+            )
+        self._jacobian_options = options
         self._jacobian_generator: torch.Generator | None = None
         self._recorded_steps = 0
+        self._jacobian_calls = 0  # steps that got Jacobian columns so far (the spectral schedule)
 
         self._modules: dict[str, nn.Module] = dict(selected)
         self._params: dict[str, list[nn.Parameter]] = {
@@ -333,7 +366,9 @@ class Probe:
                     shortcut.register_forward_hook(_eager(partial(self._shortcut_hook, name)))
                 )
             if self._jacobian_every:
-                self._handles.append(self._model.register_forward_hook(_eager(self._root_post_hook)))
+                self._handles.append(
+                    self._model.register_forward_hook(_eager(self._root_post_hook), with_kwargs=True)
+                )
         except BaseException:
             self._remove_handles()
             raise
@@ -466,6 +501,7 @@ class Probe:
             "steps": self._step,
             "jacobian": self._jacobian_every,
             "probes": self._probes,
+            "jacobian_options": dict(self._jacobian_options) if self._jacobian_every else {},
         }
 
     def run(self) -> Run:
@@ -685,7 +721,7 @@ class Probe:
     def _jacobian_due(self) -> bool:
         return bool(self._jacobian_every) and self._recorded_steps % self._jacobian_every == 0
 
-    def _root_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _root_post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         captures, self._captures = self._captures, []
         if not captures or _MUTED[0] or _in_backward():
             return
@@ -702,14 +738,76 @@ class Probe:
                 if cap.name not in seen:  # weight sharing: the first call of each block
                     seen.add(cap.name)
                     caps.append(cap)
-            options = {k: v for k, v in self._jacobian_options.items() if k != "seed"}
+            options = {k: v for k, v in self._jacobian_options.items() if k not in ("seed", "sub_batch")}
+            spec = options["spec"]
+            options["spec"] = spec if isinstance(spec, bool) else self._jacobian_calls % spec == 0
+            self._jacobian_calls += 1
             with self._mute():
-                cols = jacobian_columns(
-                    caps, probes=self._probes, generator=self._jacobian_generator, **options
-                )
+                rerun = self._sub_batch(caps, args, kwargs)
+                try:
+                    cols = jacobian_columns(
+                        rerun or caps, probes=self._probes, generator=self._jacobian_generator, **options
+                    )
+                except RuntimeError:
+                    # The training graph may refuse a second differentiation (a compiled backward
+                    # frees its "donated" buffers): run the whole batch again, eagerly, instead.
+                    if rerun is not None:
+                        raise
+                    rerun = self._sub_batch(caps, args, kwargs, whole=True)
+                    if rerun is None:
+                        raise
+                    cols = jacobian_columns(
+                        rerun, probes=self._probes, generator=self._jacobian_generator, **options
+                    )
+            for cap in rerun or caps:
+                cols[cap.name]["jac_batch"] = float(cap.x.shape[0]) if cap.x.dim() else 1.0
             self._buf.jacobian.update(cols)
         except Exception as exc:
             self._fail("Jacobian columns", exc)
+
+    def _sub_batch(
+        self, caps: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any], whole: bool = False
+    ) -> list[Any] | None:
+        """Captures of a second pass over the first ``sub_batch`` samples (``whole``: all of them).
+
+        None: use the training graph (no sub-batch asked for, a batch no larger than it, or a
+        call that cannot be re-run safely).
+        """
+        from .jacobian import batch_size, sub_batch_captures
+
+        k = self._jacobian_options["sub_batch"]
+        batch = batch_size(args, kwargs)
+        if batch is None or self._jacobian_generator is None:
+            return None
+        if whole:
+            k = batch
+        elif k is None or batch <= k:
+            return None  # the training graph already is the batch asked for, at no extra forward
+        seed = int(torch.randint(0, 2**62, (1,), generator=self._jacobian_generator))
+        named = [(c.name, self._modules[c.name]) for c in caps]
+        try:
+            rerun = sub_batch_captures(self._model, named, args, kwargs, k, seed)
+            if rerun is None:
+                return None
+            got = [c.name for c in rerun if c.y_edge is not None]
+            if got != [c.name for c in caps]:
+                raise RuntimeError(
+                    f"it ran the blocks {got} with a graph, the training pass {[c.name for c in caps]}"
+                )
+            return rerun
+        except Exception as exc:
+            if self._strict:
+                raise
+            if "sub_batch" not in self._warned:
+                self._warned.add("sub_batch")
+                warnings.warn(
+                    f"gradprobe: the sub-batch forward pass for the Jacobian columns failed "
+                    f"({type(exc).__name__}: {exc}); using the training graph (the whole batch) instead. "
+                    "Pass jacobian_options={'sub_batch': None} to always use it.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return None
 
     # ------------------------------------------------------------------ step closing
     def _flush(self) -> None:
@@ -833,9 +931,17 @@ def attach(
         record_eval: also record forward/backward passes of blocks in eval mode.
         jacobian: add the Jacobian columns on every recorded step (``True``) or every N-th.
         probes: random vectors per Hutchinson estimate of the Jacobian columns.
-        jacobian_options: extra keyword arguments of :func:`gradprobe.jacobian.jacobian_columns`;
-            ``spec`` defaults to False here (``jac_spec``/``prod_spec`` NaN during training):
-            pass ``{"spec": True, "power_iters": 4, "prod_spec": "shared"}`` to get them.
+        jacobian_options: keyword arguments of :func:`gradprobe.jacobian.jacobian_columns`
+            (``power_iters``, ``tol``, ``prod``, ``prod_spec``), with the training defaults of
+            :data:`TRAINING_JACOBIAN_OPTIONS`. ``spec``: ``True``/``False`` for the spectral
+            columns (``jac_spec``, ``prod_spec``) on every/no step with Jacobian columns, or
+            N for every N-th of those steps (default 20; NaN on the others).
+            ``sub_batch`` (default :data:`SUB_BATCH` = 32): the columns are taken on a
+            second forward pass over the first ``sub_batch`` samples (cloned BatchNorm buffers,
+            forked RNG: training is unchanged), ``None`` for the whole batch through the
+            training graph. Calls whose arguments hold anything but tensors and plain values
+            (a key/value cache object) always use the training graph. ``seed`` seeds the
+            probe vectors. The ``jac_batch`` column says which batch size was used.
         sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
             (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
         sink_options: ``chunk_rows`` (rows per chunk, default 50,000) and ``fmt``.

@@ -48,7 +48,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
 )
 
 #: Jacobian columns (see ``jacobian.py``); NaN on steps where they were not computed.
-JACOBIAN_COLUMNS: tuple[str, ...] = ("jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec")
+JACOBIAN_COLUMNS: tuple[str, ...] = ("jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec", "jac_batch")
 
 #: Book-keeping columns: how many calls of the block were pooled into the row.
 EXTRA_COLUMNS: tuple[str, ...] = ("calls",)
@@ -91,6 +91,8 @@ GLOSSARY: dict[str, str] = {
     "prod_fro": "RMS singular value of the product of block Jacobians from this block's input to the last "
     "block's output",
     "prod_spec": "largest singular value of that product",
+    "jac_batch": "samples (leading dimension of the block input) the Jacobian columns were taken on: "
+    "the sub-batch during training, the whole batch otherwise",
 }
 
 
@@ -298,8 +300,8 @@ VALUE_COLUMNS: tuple[str, ...] = METRIC_COLUMNS + JACOBIAN_COLUMNS
 class RowStore:
     """Recorded rows kept compactly in memory: one float64 array per step.
 
-    A (step, block) row costs its 19 float64 values plus three int32 keys,
-    about 180 bytes, instead of ~2 kB as a dict of Python floats.
+    A (step, block) row costs its 20 float64 values plus four int32 keys,
+    176 bytes, instead of ~2 kB as a dict of Python floats.
     """
 
     def __init__(self) -> None:

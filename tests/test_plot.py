@@ -79,6 +79,7 @@ def make_frame(
                     "jac_id": (math.nan if proj else 0.1 * (step + 1)) if jac_step else math.nan,
                     "prod_fro": cum if jac_step else math.nan,
                     "prod_spec": 2 * cum if jac_step else math.nan,
+                    "jac_batch": 32.0 if jac_step else math.nan,
                 }
                 if model_column:
                     row = {"model": name, "depth": depth, "residual": residual, **row}

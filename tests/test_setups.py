@@ -80,20 +80,25 @@ def test_gradient_checkpointing_records_each_block_once_with_the_same_values(ree
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sub_batch", [2, None])
 @pytest.mark.parametrize("order", ["attach_then_compile", "compile_then_attach"])
-def test_torch_compile_records_the_eager_values(order):
+def test_torch_compile_records_the_eager_values(order, sub_batch):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         base = nn.Sequential(*[ResMLPBlock(6) for _ in range(3)])
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
     ref = _frame(copy.deepcopy(base), x)
     net = copy.deepcopy(base)
+    # Jacobian columns: a second pass runs the original module eagerly, on a sub-batch of 2, and
+    # on the whole batch too when no sub-batch is asked for, because a compiled graph frees its
+    # buffers in backward and cannot be differentiated twice.
+    jac = {"jacobian": True, "jacobian_options": {"sub_batch": sub_batch}}
     if order == "attach_then_compile":
-        probe = gradprobe.attach(net)
+        probe = gradprobe.attach(net, **jac)
         compiled = torch.compile(net)
     else:
         compiled = torch.compile(net)
-        probe = gradprobe.attach(compiled)
+        probe = gradprobe.attach(compiled, **jac)
     try:
         for _ in range(2):
             (compiled(x) ** 2).sum().backward()
@@ -105,6 +110,7 @@ def test_torch_compile_records_the_eager_values(order):
     first = f[f["step"] == 0].reset_index(drop=True)
     for col in ["grad_out", "grad_in", "res_ratio", "branch_grad"]:
         np.testing.assert_allclose(first[col], ref[col], rtol=1e-5)
+    assert (f["jac_batch"] == (sub_batch or 4)).all() and (f["jac_fro"] > 0).all()
     torch._dynamo.reset()
 
 
@@ -126,7 +132,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             net = nn.Sequential(*[ResMLPBlock(6) for _ in range(3)])
         ddp = nn.parallel.DistributedDataParallel(net)
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 + rank))  # each rank its own shard
-        with gradprobe.attach(ddp) as probe:
+        # Jacobian columns on a sub-batch re-run the wrapped module, never the DDP wrapper
+        # (whose forward would drive the gradient reducer a second time).
+        with gradprobe.attach(ddp, jacobian=True, jacobian_options={"sub_batch": 2}) as probe:
             for _ in range(2):
                 ddp.zero_grad()
                 (ddp(x) ** 2).sum().backward()
@@ -162,6 +170,7 @@ def test_distributed_data_parallel_each_rank_records_its_rows_and_gather_collect
     # activation gradients are local to each shard; parameter gradients are all-reduced (equal)
     assert not np.allclose(local0["grad_out"], local1["grad_out"])
     np.testing.assert_allclose(local0["param_grad_norm"], local1["param_grad_norm"], rtol=1e-6)
+    assert (local0["jac_batch"] == 2).all() and (local0["jac_fro"] > 0).all()
 
 
 def test_sink_streams_chunks_and_load_reads_the_whole_run(tmp_path):

@@ -3,6 +3,7 @@ torchvision and timm when they import."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -162,6 +163,48 @@ def test_gpt2_key_value_cache_is_left_unchanged_by_the_probe():
     assert len(bare) == 6 and len(bare) == len(probed)
     for a, b in zip(bare, probed, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pass_cache", [True, False], ids=["user_cache", "internal_cache"])
+def test_gpt2_dropout_and_key_value_cache_are_untouched_by_jacobian_columns(pass_cache):
+    # Dropout on (the GPT-2 default, 0.1), training mode, use_cache=True. A cache object the user
+    # passes in makes the call unsafe to re-run: the Jacobian columns then come from the
+    # training graph (jac_batch 4). Without one, the model makes its own cache and the columns
+    # come from a second forward pass on a sub-batch of 2, which must leave no trace either.
+    cfg = transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    cfg.bos_token_id = cfg.eos_token_id = 0
+    model = _build(lambda: transformers.GPT2LMHeadModel(cfg)).train()
+    ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+
+    def run(probed):
+        net = copy.deepcopy(model)
+        cache = None
+        torch.manual_seed(1)  # dropout masks: the same global RNG stream for both runs
+        if pass_cache:
+            cache = transformers.DynamicCache()
+            with torch.no_grad():
+                net(ids[:, :6], use_cache=True, past_key_values=cache)
+        opts = {"sub_batch": 2}
+        probe = gradprobe.attach(net, jacobian=True, jacobian_options=opts) if probed else None
+        try:
+            out = net(ids[:, 6:] if pass_cache else ids, use_cache=True, past_key_values=cache)
+            loss = out.logits.pow(2).mean()
+            loss.backward()
+        finally:
+            if probe is not None:
+                probe.detach()
+        grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+        return loss.item(), _cache_tensors(out.past_key_values), grads, torch.get_rng_state(), probe
+
+    with torch.random.fork_rng():
+        bare, probed = run(False), run(True)
+    assert bare[0] == probed[0]
+    assert len(bare[1]) == 6 and all(torch.equal(a, b) for a, b in zip(bare[1], probed[1], strict=True))
+    assert len(bare[2]) > 0 and all(torch.equal(a, b) for a, b in zip(bare[2], probed[2], strict=True))
+    assert torch.equal(bare[3], probed[3])
+    f = probed[4].frame()
+    assert len(f) == 3 and np.isfinite(f[["jac_fro", "jac_id", "prod_fro"]].to_numpy(dtype=float)).all()
+    assert (f["jac_batch"] == (4 if pass_cache else 2)).all()
 
 
 def test_torchvision_resnets():
