@@ -249,9 +249,9 @@ def compare(
         seed: seeds the weights of spec models and the data order (the same for every model).
         every: record every ``every``-th step (see :func:`gradprobe.attach`).
         jacobian: add the Jacobian columns. ``True``: at the first and the last recorded
-            step of each model (initialisation and end of training); an int N: every N-th
-            recorded step, as in :func:`gradprobe.attach` (each costs tens of training
-            steps on a 56-layer net, so every step is rarely affordable).
+            step of each model (initialisation and end of training), spectral columns
+            included; an int N: every N-th recorded step, with the defaults of
+            :func:`gradprobe.attach` (spectral columns on every 20th of those steps).
         jacobian_options: passed to :func:`gradprobe.attach` (``probes``, ``prod_spec``, ...).
         out: save the run into this folder (read it back with :func:`gradprobe.load`).
         zero_init_residual: zero the last BN scale of each residual branch of spec
@@ -341,6 +341,10 @@ def compare(
         )
         try:
             options = dict(jacobian_options or {})
+            if jacobian is True:
+                # Two Jacobian steps only (initialisation, end): both get the spectral columns,
+                # not just the first as under the probe's every-20th-Jacobian-step default.
+                options.setdefault("spec", True)
             probes = options.pop("probes", 4)
             with attach(
                 model, blocks, every=every, jacobian=jac, probes=probes, jacobian_options=options or None

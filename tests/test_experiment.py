@@ -232,7 +232,8 @@ def test_compare_jacobian_true_records_the_first_and_last_step():
     frame = run.frame()
     with_jac = sorted(frame[frame["jac_fro"].notna()]["step"].unique())
     assert with_jac == [0, 5]  # 2 epochs of 3 steps: initialisation and end of training
-    assert frame[frame["step"].isin([0, 5])]["prod_fro"].notna().all()
+    ends = frame[frame["step"].isin([0, 5])]
+    assert ends[["prod_fro", "jac_spec", "prod_spec"]].notna().all().all()  # spectral at both ends
     every_2nd = compare(["resnet-mlp-4"], TINY, epochs=2, batch_size=16, width=8, jacobian=2, progress=False)
     assert sorted(every_2nd.frame().dropna(subset=["jac_fro"])["step"].unique()) == [0, 2, 4]
 
