@@ -823,21 +823,25 @@ def _alias(x: Tensor) -> _Pending:
     return _Pending(alias, leaf, leaf, alias._version)
 
 
+def _call(model: nn.Module, inputs: Any) -> Callable[[], Any]:
+    """The forward call ``model(*inputs)`` (``inputs``: a tuple of arguments or one tensor)."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    return lambda: model(*args)
+
+
 def _run_capturing(
-    model: nn.Module,
-    inputs: Any,
+    forward: Callable[[], Any],
     named: Sequence[tuple[str, nn.Module]],
     *,
     start: str | None = None,
     stop_after: str | None = None,
-    forward: Callable[[], Any] | None = None,
 ) -> tuple[Any, list[BlockCapture]]:
-    """Run ``model(*inputs)`` once; capture (input alias, output) of each named block's first call.
+    """Run ``forward()`` once; capture (input alias, output) of each named block's first call.
 
     With ``start``, only that block's input is replaced (the first block called if
     ``start`` is ``"*first*"``), later blocks keep their graph inputs (their captured
     x is then the plain input). With ``stop_after``, the forward is aborted once that
-    block has returned (output ``None``). ``forward`` replaces the call ``model(*inputs)``.
+    block has returned (output ``None``).
     """
     caps: dict[str, BlockCapture] = {}
     pending: dict[str, _Pending] = {}
@@ -887,10 +891,9 @@ def _run_capturing(
     for name, module in named:
         handles.append(module.register_forward_pre_hook(partial(pre, name), with_kwargs=True))
         handles.append(module.register_forward_hook(partial(post, name), with_kwargs=True))
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
     output = None
     try:
-        output = forward() if forward is not None else model(*args)
+        output = forward()
     except _StopForward:
         pass
     finally:
@@ -917,7 +920,7 @@ def capture_blocks(model: nn.Module, inputs: Any, blocks: Any = "auto") -> tuple
     from .blocks import select_blocks
 
     with torch.enable_grad():
-        return _run_capturing(model, inputs, select_blocks(model, blocks))
+        return _run_capturing(_call(model, inputs), select_blocks(model, blocks))
 
 
 @contextmanager
@@ -1050,7 +1053,7 @@ def sub_batch_captures(
         return functional_call(target, buffers, s_args, s_kwargs, tie_weights=True, strict=False)
 
     with _seeded_rng(cuda, seed), torch.enable_grad():
-        _, caps = _run_capturing(model, (), named, forward=forward)
+        _, caps = _run_capturing(forward, named)
     return caps
 
 
@@ -1129,7 +1132,7 @@ def spectrum(
         if value is not None and value not in names:
             raise ValueError(f"{label}={value!r} is not one of the selected blocks: {names}")
     with _untouched(model, inputs, seed), torch.enable_grad():
-        _, caps = _run_capturing(model, inputs, named, start=start or "*first*", stop_after=end)
+        _, caps = _run_capturing(_call(model, inputs), named, start=start or "*first*", stop_after=end)
         if not caps:
             raise ValueError(
                 f"start={start or names[0]!r} was not called with a floating-point tensor input during the "

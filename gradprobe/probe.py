@@ -742,24 +742,23 @@ class Probe:
             spec = options["spec"]
             options["spec"] = spec if isinstance(spec, bool) else self._jacobian_calls % spec == 0
             self._jacobian_calls += 1
+            generator = self._jacobian_generator
+
+            def columns(captured: list[BlockCapture]) -> dict[str, dict[str, float]]:
+                return jacobian_columns(captured, probes=self._probes, generator=generator, **options)
+
             with self._mute():
-                rerun = self._sub_batch(caps, args, kwargs)
+                used = self._sub_batch(caps, args, kwargs) or caps
                 try:
-                    cols = jacobian_columns(
-                        rerun or caps, probes=self._probes, generator=self._jacobian_generator, **options
-                    )
+                    cols = columns(used)
                 except RuntimeError:
                     # The training graph may refuse a second differentiation (a compiled backward
                     # frees its "donated" buffers): run the whole batch again, eagerly, instead.
-                    if rerun is not None:
-                        raise
-                    rerun = self._sub_batch(caps, args, kwargs, whole=True)
+                    rerun = self._sub_batch(caps, args, kwargs, whole=True) if used is caps else None
                     if rerun is None:
                         raise
-                    cols = jacobian_columns(
-                        rerun, probes=self._probes, generator=self._jacobian_generator, **options
-                    )
-            for cap in rerun or caps:
+                    used, cols = rerun, columns(rerun)
+            for cap in used:
                 cols[cap.name]["jac_batch"] = float(cap.x.shape[0]) if cap.x.dim() else 1.0
             self._buf.jacobian.update(cols)
         except Exception as exc:
