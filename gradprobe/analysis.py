@@ -11,6 +11,7 @@ from torch import nn
 
 from ._tensors import first_tensor
 from .blocks import BlockSpec
+from .jacobian import differentiable_twice
 from .probe import attach
 
 if TYPE_CHECKING:
@@ -110,7 +111,11 @@ def analyze(
             **attach_kwargs,
         )
         try:
-            output = model(*args)
+            # This forward pass is ours, not a training one: attention may run through the
+            # kernel that can be differentiated twice, as the spectral columns need.
+            kernels = differentiable_twice() if jacobian and jac_options["spec"] else contextlib.nullcontext()
+            with kernels:
+                output = model(*args)
             loss = loss_fn(output) if loss_fn is not None else projection_loss(output, seed)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")

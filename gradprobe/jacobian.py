@@ -91,7 +91,7 @@ import enum
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -108,6 +108,7 @@ __all__ = [
     "batch_size",
     "capture_blocks",
     "dense_jacobian",
+    "differentiable_twice",
     "exact_columns",
     "jacobian_columns",
     "spectrum",
@@ -934,6 +935,28 @@ def _seeded_rng(cuda: Sequence[int], seed: int) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def differentiable_twice() -> Iterator[None]:
+    """Scaled-dot-product attention through its plain math kernel inside this block.
+
+    The fused kernels (flash, memory-efficient, and the CPU flash kernel) have no double
+    backward, which the Jacobian-vector products of the spectral columns need; the math
+    kernel is made of ordinary differentiable ops. Use it around forward passes that this
+    module runs itself (never around the user's training forward).
+
+    >>> with differentiable_twice():
+    ...     q = torch.randn(1, 1, 3, 4, requires_grad=True)
+    ...     out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    >>> (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    >>> torch.autograd.grad(g.pow(2).sum(), q)[0].shape
+    torch.Size([1, 1, 3, 4])
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def _cuda_devices(tensors: Iterator[Tensor] | Sequence[Tensor]) -> list[int]:
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
@@ -1004,6 +1027,7 @@ def sub_batch_captures(
     kwargs: dict[str, Any],
     k: int,
     seed: int,
+    twice: bool = False,
 ) -> list[BlockCapture] | None:
     """Re-run ``model(*args, **kwargs)`` on the first ``k`` samples and capture the named blocks.
 
@@ -1018,7 +1042,8 @@ def sub_batch_captures(
     which a second forward pass would extend). The caller then uses the training graph
     itself. The batch size is the leading dimension of the first tensor argument; with
     ``k`` at least that, the whole batch runs again (for a training graph that cannot be
-    differentiated twice, such as a compiled one).
+    differentiated twice, such as a compiled one). ``twice``: the graph will be differentiated
+    twice (spectral columns), so attention runs through :func:`differentiable_twice`.
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
     >>> caps = sub_batch_captures(net, [("0", net[0]), ("2", net[2])], (torch.randn(8, 3),), {}, 2, 0)
@@ -1052,7 +1077,8 @@ def sub_batch_captures(
     def forward() -> Any:
         return functional_call(target, buffers, s_args, s_kwargs, tie_weights=True, strict=False)
 
-    with _seeded_rng(cuda, seed), torch.enable_grad():
+    kernels = differentiable_twice() if twice else nullcontext()
+    with _seeded_rng(cuda, seed), torch.enable_grad(), kernels:
         _, caps = _run_capturing(forward, named)
     return caps
 
@@ -1131,7 +1157,7 @@ def spectrum(
     for label, value in (("start", start), ("end", end)):
         if value is not None and value not in names:
             raise ValueError(f"{label}={value!r} is not one of the selected blocks: {names}")
-    with _untouched(model, inputs, seed), torch.enable_grad():
+    with _untouched(model, inputs, seed), torch.enable_grad(), differentiable_twice():
         _, caps = _run_capturing(_call(model, inputs), named, start=start or "*first*", stop_after=end)
         if not caps:
             raise ValueError(

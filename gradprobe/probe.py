@@ -748,13 +748,16 @@ class Probe:
                 return jacobian_columns(captured, probes=self._probes, generator=generator, **options)
 
             with self._mute():
-                used = self._sub_batch(caps, args, kwargs) or caps
+                twice = bool(options["spec"])  # Jacobian-vector products by double backward
+                used = self._sub_batch(caps, args, kwargs, twice=twice) or caps
                 try:
                     cols = columns(used)
                 except RuntimeError:
                     # The training graph may refuse a second differentiation (a compiled backward
                     # frees its "donated" buffers): run the whole batch again, eagerly, instead.
-                    rerun = self._sub_batch(caps, args, kwargs, whole=True) if used is caps else None
+                    if used is not caps:
+                        raise
+                    rerun = self._sub_batch(caps, args, kwargs, twice=twice, whole=True)
                     if rerun is None:
                         raise
                     used, cols = rerun, columns(rerun)
@@ -765,7 +768,13 @@ class Probe:
             self._fail("Jacobian columns", exc)
 
     def _sub_batch(
-        self, caps: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any], whole: bool = False
+        self,
+        caps: list[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        twice: bool,
+        whole: bool = False,
     ) -> list[Any] | None:
         """Captures of a second pass over the first ``sub_batch`` samples (``whole``: all of them).
 
@@ -785,7 +794,7 @@ class Probe:
         seed = int(torch.randint(0, 2**62, (1,), generator=self._jacobian_generator))
         named = [(c.name, self._modules[c.name]) for c in caps]
         try:
-            rerun = sub_batch_captures(self._model, named, args, kwargs, k, seed)
+            rerun = sub_batch_captures(self._model, named, args, kwargs, k, seed, twice=twice)
             if rerun is None:
                 return None
             got = [c.name for c in rerun if c.y_edge is not None]

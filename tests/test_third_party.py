@@ -105,9 +105,13 @@ def test_hugging_face_models_blocks_metrics_and_reference(name, no_leaks):
     factory, make_input, loss_fn, expected = CASES[name]
     model = no_leaks(_build(factory))
     x = make_input()
-    with gradprobe.attach(model) as probe:
+    # Jacobian columns from a second pass on one of the two samples: it must not disturb the
+    # gradients compared with autograd below.
+    with gradprobe.attach(model, jacobian=True, jacobian_options={"sub_batch": 1}) as probe:
         loss_fn(model(x)).backward()
     f = probe.frame()
+    assert (f["jac_batch"] == 1).all()
+    assert np.isfinite(f[["jac_fro", "prod_fro", "jac_spec", "prod_spec"]].to_numpy(dtype=float)).all()
     if expected is not None:
         assert probe.blocks == expected
     assert len(probe.blocks) >= 2
@@ -163,6 +167,19 @@ def test_gpt2_key_value_cache_is_left_unchanged_by_the_probe():
     assert len(bare) == 6 and len(bare) == len(probed)
     for a, b in zip(bare, probed, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_spectral_columns_through_fused_attention_in_analyze_and_spectrum():
+    # The CPU flash-attention kernel has no double backward; the passes gradprobe runs itself
+    # (analyze, spectrum, the sub-batch pass) route attention through the math kernel instead.
+    model = _build(gpt2)
+    f = gradprobe.analyze(model, _ids(), probes=2, power_iters=4)
+    assert np.isfinite(f[["jac_spec", "prod_spec"]].to_numpy(dtype=float)).all()
+    emb = model.transformer.wte(_ids()).detach()
+    blocks = model.transformer.h
+    top = gradprobe.spectrum(torch.nn.Sequential(*blocks), (emb,), blocks=["0", "1"], k=2)
+    assert np.isfinite(top).all() and top[0] >= top[1] > 0
 
 
 @pytest.mark.parametrize("pass_cache", [True, False], ids=["user_cache", "internal_cache"])
