@@ -254,6 +254,7 @@ class Probe:
         shortcuts: Mapping[str, str | nn.Module] | None = None,
         scaler: Any = None,
         record_eval: bool = False,
+        update_ratio: bool = True,
         jacobian: bool | int = False,
         probes: int = 4,
         jacobian_options: Mapping[str, Any] | None = None,
@@ -268,6 +269,9 @@ class Probe:
         self._auto = auto_step is not False
         self._scaler = scaler
         self._record_eval = record_eval
+        # update_ratio needs a copy of the probed parameters from the previous recorded step
+        # (and one of this step's while it closes): up to twice the parameter memory.
+        self._update_ratio = update_ratio
         if isinstance(jacobian, bool):
             self._jacobian_every = 1 if jacobian else 0
         elif isinstance(jacobian, int) and jacobian >= 1:
@@ -499,6 +503,7 @@ class Probe:
             "every": self._every,
             "created": self._created,
             "steps": self._step,
+            "update_ratio": self._update_ratio,
             "jacobian": self._jacobian_every,
             "probes": self._probes,
             "jacobian_options": dict(self._jacobian_options) if self._jacobian_every else {},
@@ -709,6 +714,8 @@ class Probe:
         with torch.no_grad():
             stats = metrics.block_param_stats(groups, [self._prev_params.get(n) for n in names])
             self._buf.params = {n: stats[i] for i, n in enumerate(names)}
+            if not self._update_ratio:
+                return
             for n, params in zip(names, groups, strict=False):
                 old = self._buf.snapshot.get(n) or self._spare.pop(n, None)
                 if old is None or len(old) != len(params):
@@ -917,6 +924,7 @@ def attach(
     shortcuts: Mapping[str, str | nn.Module] | None = None,
     scaler: Any = None,
     record_eval: bool = False,
+    update_ratio: bool = True,
     jacobian: bool | int = False,
     probes: int = 4,
     jacobian_options: Mapping[str, Any] | None = None,
@@ -937,6 +945,9 @@ def attach(
             is compared with (default: a child named ``shortcut`` or ``downsample``).
         scaler: a ``torch.amp.GradScaler``; recorded gradient norms are divided by its scale.
         record_eval: also record forward/backward passes of blocks in eval mode.
+        update_ratio: record ``update_ratio``, which keeps a copy of the probed parameters
+            between recorded steps (up to twice their memory at a step's end); ``False``
+            records NaN there and keeps no copy, for models whose weights barely fit.
         jacobian: add the Jacobian columns on every recorded step (``True``) or every N-th.
         probes: random vectors per Hutchinson estimate of the Jacobian columns.
         jacobian_options: keyword arguments of :func:`gradprobe.jacobian.jacobian_columns`
@@ -970,6 +981,7 @@ def attach(
         shortcuts=shortcuts,
         scaler=scaler,
         record_eval=record_eval,
+        update_ratio=update_ratio,
         jacobian=jacobian,
         probes=probes,
         jacobian_options=jacobian_options,

@@ -596,3 +596,25 @@ def test_probe_save_uses_parquet_and_load_gives_equal_frames(tmp_path):
 def test_load_gives_a_clear_error_for_a_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved gradprobe run"):
         gradprobe.load(tmp_path / "nothing")
+
+
+def test_update_ratio_off_keeps_no_parameter_copies_and_changes_nothing_else():
+    base = make("res_cnn")
+    frames = {}
+    for flag in (True, False):
+        net = copy.deepcopy(base)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with gradprobe.attach(net, update_ratio=flag) as probe:
+            for _ in range(3):
+                opt.zero_grad()
+                net(make_input("res_cnn")).pow(2).mean().backward()
+                opt.step()
+            if not flag:
+                assert not probe._prev_params and not probe._spare  # no copy of the weights held
+        frames[flag] = probe.frame()
+        assert probe.run().meta["update_ratio"] is flag
+    on, off = frames[True], frames[False]
+    assert on.loc[on["step"] > 0, "update_ratio"].gt(0).all()
+    assert off["update_ratio"].isna().all()
+    cols = [c for c in on.columns if c != "update_ratio"]
+    pd.testing.assert_frame_equal(on[cols], off[cols])
