@@ -86,8 +86,14 @@ def _is_ancestor(parent: str, child: str) -> bool:
     return child.startswith(parent + ".")
 
 
-def _glob_to_regex(pattern: str) -> re.Pattern[str]:
-    # ``*`` and ``?`` stay inside one dotted segment, ``**`` crosses dots.
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """The regular expression of a block-name glob: ``*`` and ``?`` stay inside one dotted
+    segment, ``**`` crosses dots. Shared by block selection on models and on frames.
+
+    >>> rx = glob_to_regex("layer*.*")
+    >>> bool(rx.match("layer1.0")), bool(rx.match("layer1.0.conv1"))
+    (True, False)
+    """
     out = ""
     i = 0
     while i < len(pattern):
@@ -168,7 +174,7 @@ def select_blocks(model: nn.Module, blocks: BlockSpec = "auto") -> list[tuple[st
             if pattern in named and pattern:
                 hits = [pattern]
             else:
-                rx = _glob_to_regex(pattern)
+                rx = glob_to_regex(pattern)
                 hits = [n for n in named if n and rx.match(n)]
             if not hits:
                 raise _nothing_matched(model, pattern)

@@ -116,7 +116,7 @@ def empty_frame() -> pd.DataFrame:
 def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Build a block frame from row dicts, filling absent metrics with NaN.
 
-    >>> rows_to_frame([{"step": 0, "block": "b", "index": 0, "calls": 1, "gain": 0.5}])["gain"].iloc[0]
+    >>> float(rows_to_frame([{"step": 0, "block": "b", "index": 0, "calls": 1, "gain": 0.5}])["gain"].iloc[0])
     0.5
     """
     import pandas as pd

@@ -487,12 +487,12 @@ def _filter_blocks(frame: pd.DataFrame, blocks: Any, who: str) -> pd.DataFrame:
             f"{who}: with a frame, blocks= must be 'auto' or block names / glob patterns; module classes "
             "and predicates select modules of a model, so pass the model instead"
         )
-    from .blocks import _glob_to_regex
+    from .blocks import glob_to_regex
 
     names = frame["block"].astype(str)
     keep = names.isin(list(blocks))
     for pattern in blocks:
-        keep |= names.str.match(_glob_to_regex(pattern))
+        keep |= names.str.match(glob_to_regex(pattern))
     if not keep.any():
         available = ", ".join(dict.fromkeys(names.tolist()))
         raise ValueError(
