@@ -559,8 +559,6 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if _MUTED[0]:
-            return None
         if _in_backward():
             # A forward call inside a backward pass is activation checkpointing recomputing
             # the block. Non-reentrant checkpointing ran the block normally first: that call
@@ -569,8 +567,13 @@ class Probe:
             if not torch.is_grad_enabled():
                 return None
             if name in self._buf.blocks:
-                # Same graph as the first run (checkpointing compares saved tensors), no hooks.
+                # Same graph as the first run (checkpointing compares saved tensors), no hooks;
+                # also inside the probe's own Jacobian passes, which recompute it as well.
                 return _swap_input(args, kwargs, _alias)
+            if _MUTED[0]:
+                return None
+        elif _MUTED[0]:
+            return None
         elif self._auto and self._buf.backward_done:
             self._close_step()
         if name not in self._index:  # forward order, also from no_grad passes

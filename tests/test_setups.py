@@ -79,6 +79,25 @@ def test_gradient_checkpointing_records_each_block_once_with_the_same_values(ree
         np.testing.assert_allclose(f[col], ref[col], rtol=1e-9)
 
 
+@pytest.mark.parametrize("sub_batch", [2, None])
+def test_jacobian_columns_through_non_reentrant_checkpointing_equal_those_without(sub_batch):
+    # Regression: the probe's own Jacobian passes recompute checkpointed blocks too; with the
+    # probe muted there, the recomputation lacked the input alias of the first run and
+    # torch.utils.checkpoint refused it (a different number of saved tensors): all NaN.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = Checkpointed(None).double()
+    x = make_input("res_mlp", batch=6)
+    jac = {"jacobian": True, "jacobian_options": {"sub_batch": sub_batch, "spec": True, "power_iters": 4}}
+    ref = _frame(copy.deepcopy(base), x, **jac)
+    net = copy.deepcopy(base)
+    net.mode = False
+    f = _frame(net, x, **jac)
+    cols = ["jac_fro", "jac_id", "prod_fro", "jac_spec", "prod_spec", "jac_batch"]
+    assert np.isfinite(f[cols].to_numpy(dtype=float)).all()
+    np.testing.assert_allclose(f[cols], ref[cols], rtol=1e-9)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sub_batch", [2, None])
 @pytest.mark.parametrize("order", ["attach_then_compile", "compile_then_attach"])
