@@ -11,7 +11,7 @@ from torch import nn
 
 from ._tensors import first_tensor
 from .blocks import BlockSpec
-from .jacobian import differentiable_twice
+from .jacobian import ACCURATE_SPECTRA, differentiable_twice
 from .probe import attach
 
 if TYPE_CHECKING:
@@ -98,8 +98,7 @@ def analyze(
     jac_options.setdefault("seed", seed)
     # One-shot: every Jacobian column, spectral ones included, on the whole batch given, at the
     # accuracy of jacobian_columns' own defaults rather than the probe's cheaper training ones.
-    full = {"spec": True, "sub_batch": None, "power_iters": 20, "tol": 1e-3, "prod_spec": "each"}
-    jac_options = {**full, **jac_options}
+    jac_options = {"spec": True, "sub_batch": None, **ACCURATE_SPECTRA, **jac_options}
     with preserved(model, args):
         probe = attach(
             model,
