@@ -72,6 +72,9 @@ TRAINING_JACOBIAN_OPTIONS: dict[str, Any] = {
     "prod_spec": "shared",
 }
 
+# What jacobian_options may hold: jacobian_columns' knobs, plus the probe's own.
+_JACOBIAN_OPTION_NAMES = {"seed", "sub_batch", "spec", "power_iters", "tol", "prod", "prod_spec"}
+
 
 def every_n(n: int) -> Schedule:
     """Schedule that records steps where ``step % n == 0``.
@@ -287,6 +290,11 @@ class Probe:
         # on every 20th Jacobian step only, since each Lanczos step costs about as much as all
         # the Frobenius columns together (BatchNorm's double backward is slow).
         options = {**TRAINING_JACOBIAN_OPTIONS, **dict(jacobian_options or {})}
+        unknown = sorted(set(options) - _JACOBIAN_OPTION_NAMES)
+        if unknown:
+            raise ValueError(
+                f"unknown jacobian_options {unknown}; the options are {sorted(_JACOBIAN_OPTION_NAMES)}"
+            )
         spec = options["spec"]
         if not isinstance(spec, bool) and not (isinstance(spec, int) and spec >= 1):
             raise ValueError(

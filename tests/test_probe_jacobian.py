@@ -250,6 +250,15 @@ def test_bad_sub_batch_or_spec_schedule_is_rejected_at_attach(key, bad, no_leaks
         gradprobe.attach(net, jacobian=True, jacobian_options={key: bad})
 
 
+def test_misspelt_jacobian_option_is_rejected_at_attach(no_leaks):
+    net = no_leaks(make("res_mlp"))
+    message = r"unknown jacobian_options \['sub_bacth'\]; the options are .*sub_batch"
+    with pytest.raises(ValueError, match=message):
+        gradprobe.attach(net, jacobian=True, jacobian_options={"sub_bacth": 8})
+    with pytest.raises(ValueError, match="unknown jacobian_options"):
+        gradprobe.analyze(net, make_input("res_mlp"), power_iter=3)
+
+
 def test_jac_batch_is_nan_on_steps_without_jacobian_columns():
     net = make("res_mlp")
     with gradprobe.attach(net, jacobian=2) as probe:
