@@ -1,4 +1,4 @@
-"""Small tensor helpers shared by the probe, the Jacobian estimators and the assertions."""
+"""Small tensor and autograd helpers shared by the probe, the Jacobian estimators and the assertions."""
 
 from __future__ import annotations
 
@@ -23,3 +23,15 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
     else:
         return None
     return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread.
+
+    A module's forward call then is a recomputation (activation checkpointing), not a
+    new forward pass.
+
+    >>> in_backward()
+    False
+    """
+    return bool(torch._C._current_graph_task_id() != -1)

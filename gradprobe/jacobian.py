@@ -100,7 +100,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._tensors import first_tensor
+from ._tensors import first_tensor, in_backward
 
 __all__ = [
     "ACCURATE_SPECTRA",
@@ -845,15 +845,35 @@ def _run_capturing(
 ) -> tuple[Any, list[BlockCapture]]:
     """Run ``forward()`` once; capture (input alias, output) of each named block's first call.
 
+    Every hook is gone on return, so a checkpointed block cannot be recomputed from these
+    captures; :func:`_capturing` keeps the recomputation alike while it is open.
+    """
+    with _capturing(forward, named, start=start, stop_after=stop_after) as got:
+        return got
+
+
+@contextmanager
+def _capturing(
+    forward: Callable[[], Any],
+    named: Sequence[tuple[str, nn.Module]],
+    *,
+    start: str | None = None,
+    stop_after: str | None = None,
+) -> Iterator[tuple[Any, list[BlockCapture]]]:
+    """Run ``forward()`` once; yield (output, captures of each named block's first call).
+
     With ``start``, only that block's input is replaced (the first block called if
     ``start`` is ``"*first*"``), later blocks keep their graph inputs (their captured
     x is then the plain input). With ``stop_after``, the forward is aborted once that
-    block has returned (output ``None``).
+    block has returned (output ``None``). Until the block closes, a block that
+    activation checkpointing recomputes during a backward pass gets its input replaced
+    the same way again: ``torch.utils.checkpoint`` insists on the same graph.
     """
     caps: dict[str, BlockCapture] = {}
     pending: dict[str, _Pending] = {}
     order: list[str] = []
     handles = []
+    replaced: set[str] = set()  # blocks whose input this pass replaced by an alias
     state = {"started": start is None}
 
     def pre(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -874,6 +894,7 @@ def _run_capturing(
             pending[name] = _Pending(x, edge, edge, x._version)
             return None
         pending[name] = got = _alias(x)
+        replaced.add(name)
         return (args, {**kwargs, "hidden_states": got.x}) if in_kw else ((got.x, *args[1:]), kwargs)
 
     def post(name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -906,7 +927,24 @@ def _run_capturing(
     finally:
         for h in handles:
             h.remove()
-    return output, [caps[n] for n in order]
+    handles.clear()
+
+    def again(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if name not in replaced or not in_backward() or not torch.is_grad_enabled():
+            return None
+        x = args[0] if args else None
+        if isinstance(x, Tensor):
+            return (_alias(x).x, *args[1:]), kwargs
+        hidden = kwargs.get("hidden_states")
+        return (args, {**kwargs, "hidden_states": _alias(hidden).x}) if isinstance(hidden, Tensor) else None
+
+    try:
+        for name, module in named:
+            handles.append(module.register_forward_pre_hook(partial(again, name), with_kwargs=True))
+        yield output, [caps[n] for n in order]
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def capture_blocks(model: nn.Module, inputs: Any, blocks: Any = "auto") -> tuple[Any, list[BlockCapture]]:
@@ -1163,40 +1201,47 @@ def spectrum(
     for label, value in (("start", start), ("end", end)):
         if value is not None and value not in names:
             raise ValueError(f"{label}={value!r} is not one of the selected blocks: {names}")
-    with _untouched(model, inputs, seed), torch.enable_grad(), differentiable_twice():
-        _, caps = _run_capturing(_call(model, inputs), named, start=start or "*first*", stop_after=end)
-        if not caps:
+    # _capturing stays open while the Jacobian passes run: checkpointed blocks recompute alike.
+    capturing = _capturing(_call(model, inputs), named, start=start or "*first*", stop_after=end)
+    with _untouched(model, inputs, seed), torch.enable_grad(), differentiable_twice(), capturing as (_, caps):
+        return _spectrum_of(caps, names, start, end, k, seed)
+
+
+def _spectrum_of(
+    caps: list[BlockCapture], names: list[str], start: str | None, end: str | None, k: int | None, seed: int
+) -> np.ndarray:
+    if not caps:
+        raise ValueError(
+            f"start={start or names[0]!r} was not called with a floating-point tensor input during the "
+            "forward pass"
+        )
+    first = caps[0]
+    if end is not None and caps[-1].name != end:
+        raise ValueError(
+            f"end={end!r} did not run after start={first.name!r} in the forward pass (forward order: "
+            f"{[c.name for c in caps]}); pick an end block that runs after start"
+        )
+    last = caps[-1]
+    if last.y_edge is None:
+        raise ValueError(f"the output of {last.name!r} does not depend on the input of {first.name!r}")
+    x, y = first.x, last.y
+    n_in, n_out = x.numel(), y.numel()
+    if k is None:
+        if n_in * n_out > MAX_DENSE_ENTRIES:
             raise ValueError(
-                f"start={start or names[0]!r} was not called with a floating-point tensor input during the "
-                "forward pass"
+                f"the Jacobian from the input of {first.name!r} ({n_in} elements) to the output of "
+                f"{last.name!r} ({n_out} elements) has {n_in * n_out:,} entries, more than the dense "
+                f"limit MAX_DENSE_ENTRIES = {MAX_DENSE_ENTRIES:,}; pass k=10 (or any k < "
+                f"{min(n_in, n_out)}) for the top k singular values matrix-free, or a smaller batch"
             )
-        first = caps[0]
-        if end is not None and caps[-1].name != end:
-            raise ValueError(
-                f"end={end!r} did not run after start={first.name!r} in the forward pass (forward order: "
-                f"{[c.name for c in caps]}); pick an end block that runs after start"
-            )
-        last = caps[-1]
-        if last.y_edge is None:
-            raise ValueError(f"the output of {last.name!r} does not depend on the input of {first.name!r}")
-        x, y = first.x, last.y
-        n_in, n_out = x.numel(), y.numel()
-        if k is None:
-            if n_in * n_out > MAX_DENSE_ENTRIES:
-                raise ValueError(
-                    f"the Jacobian from the input of {first.name!r} ({n_in} elements) to the output of "
-                    f"{last.name!r} ({n_out} elements) has {n_in * n_out:,} entries, more than the dense "
-                    f"limit MAX_DENSE_ENTRIES = {MAX_DENSE_ENTRIES:,}; pass k=10 (or any k < "
-                    f"{min(n_in, n_out)}) for the top k singular values matrix-free, or a smaller batch"
-                )
-            j = dense_jacobian(last.output, first.input, y_like=y, x_like=x)
-            return torch.linalg.svdvals(j.double()).cpu().numpy()
-        if k >= min(n_in, n_out):
-            raise ValueError(
-                f"k={k} must be less than min(n_in, n_out) = {min(n_in, n_out)} for the matrix-free solver; "
-                "pass k=None for all singular values"
-            )
-        return _top_k(last, first, k, seed)
+        j = dense_jacobian(last.output, first.input, y_like=y, x_like=x)
+        return torch.linalg.svdvals(j.double()).cpu().numpy()
+    if k >= min(n_in, n_out):
+        raise ValueError(
+            f"k={k} must be less than min(n_in, n_out) = {min(n_in, n_out)} for the matrix-free solver; "
+            "pass k=None for all singular values"
+        )
+    return _top_k(last, first, k, seed)
 
 
 def _top_k(last: BlockCapture, first: BlockCapture, k: int, seed: int) -> np.ndarray:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import metrics
-from ._tensors import first_tensor
+from ._tensors import first_tensor, in_backward
 from ._version import __version__
 from .blocks import BlockSpec, select_blocks
 from .records import FRAME_COLUMNS, RowStore, Run, Sink, load
@@ -96,12 +96,6 @@ def every_n(n: int) -> Schedule:
 # passes through the graph, no probe (a second one on the same model included)
 # may record those passes as training gradients.
 _MUTED = [0]
-
-
-def _in_backward() -> bool:
-    # True while the autograd engine runs a backward pass on this thread: a forward
-    # call then is a recomputation (activation checkpointing), not a new forward.
-    return bool(torch._C._current_graph_task_id() != -1)
 
 
 def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -567,7 +561,7 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if _in_backward():
+        if in_backward():
             # A forward call inside a backward pass is activation checkpointing recomputing
             # the block. Non-reentrant checkpointing ran the block normally first: that call
             # is recorded, the recomputation is not. Reentrant checkpointing ran it under
@@ -741,7 +735,7 @@ class Probe:
 
     def _root_post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         captures, self._captures = self._captures, []
-        if not captures or _MUTED[0] or _in_backward():
+        if not captures or _MUTED[0] or in_backward():
             return
         try:
             from .jacobian import BlockCapture, jacobian_columns

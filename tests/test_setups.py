@@ -98,6 +98,22 @@ def test_jacobian_columns_through_non_reentrant_checkpointing_equal_those_withou
     np.testing.assert_allclose(f[cols], ref[cols], rtol=1e-9)
 
 
+def test_spectrum_through_non_reentrant_checkpointing_equals_the_one_without():
+    # Regression: spectrum's capture hooks were gone when the Jacobian passes recomputed the
+    # checkpointed blocks, and torch.utils.checkpoint refused the different graph.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = Checkpointed(None).double()
+    x = make_input("res_mlp", batch=4)
+    net = copy.deepcopy(base)
+    net.mode = False
+    ref = gradprobe.spectrum(base, x)
+    np.testing.assert_allclose(gradprobe.spectrum(net, x), ref, rtol=1e-9)
+    np.testing.assert_allclose(gradprobe.spectrum(net, x, k=3), ref[:3], rtol=1e-6)
+    later = gradprobe.spectrum(net, x, start="blocks.1", k=2)
+    np.testing.assert_allclose(later, gradprobe.spectrum(base, x, start="blocks.1", k=2), rtol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sub_batch", [2, None])
 @pytest.mark.parametrize("order", ["attach_then_compile", "compile_then_attach"])
