@@ -100,7 +100,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._tensors import first_tensor, in_backward
+from ._tensors import first_tensor, in_backward, swap_input
 
 __all__ = [
     "ACCURATE_SPECTRA",
@@ -932,11 +932,7 @@ def _capturing(
     def again(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name not in replaced or not in_backward() or not torch.is_grad_enabled():
             return None
-        x = args[0] if args else None
-        if isinstance(x, Tensor):
-            return (_alias(x).x, *args[1:]), kwargs
-        hidden = kwargs.get("hidden_states")
-        return (args, {**kwargs, "hidden_states": _alias(hidden).x}) if isinstance(hidden, Tensor) else None
+        return swap_input(args, kwargs, lambda x: _alias(x).x)
 
     try:
         for name, module in named:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import metrics
-from ._tensors import first_tensor, in_backward
+from ._tensors import first_tensor, in_backward, swap_input
 from ._version import __version__
 from .blocks import BlockSpec, select_blocks
 from .records import FRAME_COLUMNS, RowStore, Run, Sink, load
@@ -151,19 +151,6 @@ def _alias(x: torch.Tensor) -> torch.Tensor:
     the first block's input gradient exists; the caller's tensor is untouched.
     """
     return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-
-
-def _swap_input(
-    args: tuple[Any, ...], kwargs: dict[str, Any], swap: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """Replace the block input (first positional tensor, or ``hidden_states=``) by ``swap(x)``."""
-    x: Any = args[0] if args else None
-    if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
-        return (swap(x), *args[1:]), kwargs
-    hidden = kwargs.get("hidden_states")
-    if x is None and isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
-        return args, {**kwargs, "hidden_states": swap(hidden)}
-    return None
 
 
 def _to_host(tensors: list[Any]) -> list[tuple[Any, list[float]]]:
@@ -571,7 +558,7 @@ class Probe:
             if name in self._buf.blocks:
                 # Same graph as the first run (checkpointing compares saved tensors), no hooks;
                 # also inside the probe's own Jacobian passes, which recompute it as well.
-                return _swap_input(args, kwargs, _alias)
+                return swap_input(args, kwargs, _alias)
             if _MUTED[0]:
                 return None
         elif _MUTED[0]:
@@ -606,7 +593,7 @@ class Probe:
             call.x_version = alias._version
             return alias
 
-        return _swap_input(args, kwargs, capture)
+        return swap_input(args, kwargs, capture)
 
     def _shortcut_hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._stack[name] and self._stack[name][-1].x is not None:
