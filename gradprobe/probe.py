@@ -72,8 +72,16 @@ TRAINING_JACOBIAN_OPTIONS: dict[str, Any] = {
     "prod_spec": "shared",
 }
 
-# What jacobian_options may hold: jacobian_columns' knobs, plus the probe's own.
-_JACOBIAN_OPTION_NAMES = {"seed", "sub_batch", "spec", "power_iters", "tol", "prod", "prod_spec"}
+
+def _jacobian_option_names() -> set[str]:
+    """What jacobian_options may hold: jacobian_columns' knobs (read off its signature, so the
+    two never drift apart), plus the probe's own ``seed`` and ``sub_batch``."""
+    import inspect
+
+    from .jacobian import jacobian_columns
+
+    knobs = set(inspect.signature(jacobian_columns).parameters) - {"captures", "probes", "generator"}
+    return knobs | {"seed", "sub_batch"}
 
 
 def every_n(n: int) -> Schedule:
@@ -271,11 +279,10 @@ class Probe:
         # on every 20th Jacobian step only, since each Lanczos step costs about as much as all
         # the Frobenius columns together (BatchNorm's double backward is slow).
         options = {**TRAINING_JACOBIAN_OPTIONS, **dict(jacobian_options or {})}
-        unknown = sorted(set(options) - _JACOBIAN_OPTION_NAMES)
+        known = _jacobian_option_names()
+        unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(
-                f"unknown jacobian_options {unknown}; the options are {sorted(_JACOBIAN_OPTION_NAMES)}"
-            )
+            raise ValueError(f"unknown jacobian_options {unknown}; the options are {sorted(known)}")
         spec = options["spec"]
         if not isinstance(spec, bool) and not (isinstance(spec, int) and spec >= 1):
             raise ValueError(
