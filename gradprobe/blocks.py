@@ -12,28 +12,50 @@ gradprobe measures. ``select_blocks`` accepts:
 
 The ``"auto"`` rule
 -------------------
-1. A *group* is an ``nn.Sequential`` or ``nn.ModuleList`` whose children all have
-   the same class and at least one parameter between them (GPT-2's
-   ``transformer.h``, BERT's ``encoder.layer``, torchvision's ``layer1`` ...).
-2. Each child of a group is a candidate block, except a child that is itself a
-   group (a stage that is a ``Sequential`` of blocks) or a *wrapper* whose only
-   child module is a group (Hugging Face's ``ResNetStage``): those are looked
-   through, so their own children become candidates instead.
-3. Only the outermost candidates are kept: a candidate inside another selected
-   block is dropped (the conv layers inside a Hugging Face bottleneck layer,
-   the experts inside a transformer layer).
+A *container* is an ``nn.Sequential``, ``nn.ModuleList`` or ``nn.ModuleDict``.
+
+1. **Runs.** A *run* is a maximal sequence of at least 2 consecutive children of
+   one container (in insertion order) that share a class and each hold
+   parameters. Every member of a run is a candidate block, so
+   ``nn.Sequential(conv, bn, relu, Block(), Block(), Block(), pool, flatten, head)``
+   gives its ``Block`` modules and an ``nn.ModuleDict`` of blocks gives its values.
+2. **Stages are looked through.** A *stage* is a module whose job is to hold a
+   list of layers plus a few extra modules (a downsampling layer, a norm). Its
+   *layer list* is the stage itself when it is a container, otherwise its child
+   container that holds more than half of its parameters. A module is a stage
+   when its layer list holds a run, or when it is not itself a container and
+   its layer list is *pure* (every child has the same class and holds
+   parameters: ``SwinStage.blocks``, ``ConvNextStage.layers``, Hugging Face
+   ``ResNetStage.layers``, ``AlbertLayerGroup.albert_layers``).
+   When any member of a run is a stage, the whole run is a run of stages: no
+   member of it is a candidate, each contributes its own layers instead, so
+   the granularity is the same in every stage (Swin gives
+   ``swin.encoder.layers.S.blocks.N`` for every ``S``, never a stage beside
+   another stage's layers; a stem or a downsampling ``Sequential`` that sits in
+   a run of stages contributes only the runs inside it).
+3. **A stage with a single layer contributes that layer**: its layer list is
+   pure with one child (a Swin, ConvNeXt or ResNet stage of depth 1; ALBERT's
+   one shared layer, which sits alone in a one-element layer group).
+4. **Outermost.** A candidate inside another candidate is dropped (the convs of
+   a bottleneck, the experts of a mixture-of-experts layer).
+
+Each selected block comes from one *run*: the container and the range of its
+members, e.g. ``model.layers[0..31]``, or a stage's one-layer list such as
+``encoder.albert_layer_groups.0.albert_layers[0]``. :func:`auto_blocks` returns
+the selection with its runs; ``gradprobe blocks MODULE:FACTORY`` prints them.
 
 So torchvision ResNets give ``layer1.0 ... layer4.1`` (not their convs, not the
-stages), GPT-2 gives ``transformer.h.N``, BERT ``encoder.layer.N``, Hugging
-Face ResNet its basic/bottleneck layers, and ``nn.Sequential(Block(), Block(),
-...)`` its blocks.
+stages), GPT-2 gives ``transformer.h.N``, Llama ``model.layers.N``, T5
+``encoder.block.N`` then ``decoder.block.N``, BERT ``encoder.layer.N``,
+ConvNeXt its ConvNeXt layers, and ``nn.Sequential(Block(), Block(), ...)`` its
+blocks.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 from torch import nn
 
@@ -45,41 +67,118 @@ BlockSpec = Union[  # noqa: UP007 (a runtime alias: ``X | Y`` of these typing ob
     Callable[[str, nn.Module], bool],
 ]
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _MAX_CANDIDATES = 20
 
 
-def _is_group(module: nn.Module) -> bool:
-    if not isinstance(module, _CONTAINERS):
-        return False
-    children = list(module.children())
-    if not children:
-        return False
-    first = type(children[0])
-    if any(type(c) is not first for c in children):
-        return False
+class AutoBlock(NamedTuple):
+    """A block chosen by ``blocks="auto"`` and the run it came from (see the module docstring)."""
+
+    name: str
+    module: nn.Module
+    run: str
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def _looked_through(module: nn.Module) -> bool:
-    if _is_group(module):
-        return True
-    children = list(module.children())
-    return len(children) == 1 and _is_group(children[0])
-
-
-def _auto(model: nn.Module) -> list[str]:
-    candidates: list[str] = []
-    for name, module in model.named_modules():
-        if not _is_group(module):
+def _runs(container: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+    """Maximal sequences of >= 2 consecutive children sharing a class, each holding parameters."""
+    runs: list[list[tuple[str, nn.Module]]] = []
+    current: list[tuple[str, nn.Module]] = []
+    for name, child in container.named_children():
+        if current and type(child) is type(current[-1][1]) and _has_params(child):
+            current.append((name, child))
             continue
-        for child_name, child in module.named_children():
-            if _looked_through(child):
-                continue
-            candidates.append(f"{name}.{child_name}" if name else child_name)
-    # Keep the outermost: drop a candidate nested inside another candidate.
-    chosen = set(candidates)
-    return [c for c in candidates if not any(_is_ancestor(other, c) for other in chosen if other != c)]
+        if len(current) >= 2:
+            runs.append(current)
+        current = [(name, child)] if _has_params(child) else []
+    if len(current) >= 2:
+        runs.append(current)
+    return runs
+
+
+def _layer_list(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The module itself if it is a container, else its child container holding most of its weights."""
+    if isinstance(module, _CONTAINERS):
+        return "", module
+    total = _n_params(module)
+    for name, child in module.named_children():
+        # More than half: a stage's job is to hold its layers; a block that merely
+        # contains a list (parallel heads beside a larger MLP) is not a stage.
+        if isinstance(child, _CONTAINERS) and 2 * _n_params(child) > total:
+            return name, child
+    return None
+
+
+def _is_pure(container: nn.Module) -> bool:
+    children = list(container.children())
+    return bool(children) and all(type(c) is type(children[0]) and _has_params(c) for c in children)
+
+
+def _is_stage(module: nn.Module) -> bool:
+    found = _layer_list(module)
+    if found is None:
+        return False
+    list_name, layers = found
+    if isinstance(module, _CONTAINERS):
+        return bool(_runs(layers))
+    # A stage only routes: beside its layer list it holds weighted extras (a downsampling
+    # layer, a norm) or containers. A weight-free operation of its own (an activation, an
+    # identity shortcut, dropout) means it computes: a residual block, not a stage.
+    for name, child in module.named_children():
+        if name != list_name and not isinstance(child, _CONTAINERS) and not _has_params(child):
+            return False
+    return bool(_runs(layers)) or _is_pure(layers)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _run_label(container: str, members: list[str]) -> str:
+    where = container or "<root>"
+    return f"{where}[{members[0]}]" if len(members) == 1 else f"{where}[{members[0]}..{members[-1]}]"
+
+
+def _auto(model: nn.Module) -> list[AutoBlock]:
+    candidates: dict[str, str] = {}  # name -> run label
+    stages: list[tuple[str, nn.Module]] = []  # modules that are looked through
+    for name, module in model.named_modules():
+        if isinstance(module, _CONTAINERS):
+            for run in _runs(module):
+                members = [_join(name, child_name) for child_name, _ in run]
+                if any(_is_stage(child) for _, child in run):
+                    # A run of stages: same granularity in every stage, none selected itself.
+                    stages += [(m, child) for m, (_, child) in zip(members, run, strict=True)]
+                    continue
+                label = _run_label(name, [child_name for child_name, _ in run])
+                for member in members:
+                    candidates.setdefault(member, label)
+        elif _is_stage(module):
+            stages.append((name, module))
+    for name, stage in stages:
+        found = _layer_list(stage)
+        if found is not None and _is_pure(found[1]) and len(list(found[1].children())) == 1:
+            list_name = _join(name, found[0])
+            ((child_name, _),) = list(found[1].named_children())
+            candidates.setdefault(_join(list_name, child_name), _run_label(list_name, [child_name]))
+    # A stage is looked through even where it is a stage's single layer (ALBERT's layer
+    # group inside its encoder); then keep the outermost of what is left.
+    stage_names = {name for name, _ in stages}
+    kept = [c for c in candidates if c not in stage_names]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    named = dict(model.named_modules())
+    return [
+        AutoBlock(c, named[c], candidates[c])
+        for c in sorted(kept, key=order.__getitem__)
+        if not any(_is_ancestor(other, c) for other in kept if other != c)
+    ]
 
 
 def _is_ancestor(parent: str, child: str) -> bool:
@@ -160,7 +259,7 @@ def select_blocks(model: nn.Module, blocks: BlockSpec = "auto") -> list[tuple[st
     named = dict(model.named_modules())
     selected: list[str]
     if isinstance(blocks, str) and blocks == "auto":
-        selected = _auto(model)
+        selected = [block.name for block in _auto(model)]
     elif isinstance(blocks, str) or (
         isinstance(blocks, Sequence)
         and not isinstance(blocks, str)
