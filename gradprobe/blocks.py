@@ -237,6 +237,38 @@ def _nothing_matched(model: nn.Module, asked: object) -> ValueError:
     )
 
 
+def auto_blocks(model: nn.Module) -> list[AutoBlock]:
+    """The blocks ``blocks="auto"`` selects, each with the run it came from, in module order.
+
+    ``select_blocks(model)`` returns the same blocks without their runs.
+
+    >>> import torch.nn as nn
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(4, 4)
+    >>> net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), Block(), Block(), Block(), nn.Linear(4, 2))
+    >>> [(b.name, b.run) for b in auto_blocks(net)]
+    [('2', '<root>[2..4]'), ('3', '<root>[2..4]'), ('4', '<root>[2..4]')]
+    """
+    model = _unwrap(model)
+    found = _auto(model)
+    if not found:
+        raise _nothing_matched(model, "auto")
+    return found
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"gradprobe needs a torch.nn.Module, got {type(model).__name__}; pass the model itself "
+            "(for a wrapper such as a Lightning module or a pipeline, pass its inner nn.Module)"
+        )
+    # A torch.compile'd model wraps the original as ``_orig_mod``: name blocks as in the original.
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def select_blocks(model: nn.Module, blocks: BlockSpec = "auto") -> list[tuple[str, nn.Module]]:
     """Resolve ``blocks=`` into ``(qualified name, module)`` pairs in module order.
 
@@ -247,15 +279,7 @@ def select_blocks(model: nn.Module, blocks: BlockSpec = "auto") -> list[tuple[st
     >>> [name for name, _ in select_blocks(net, "*.0")]
     ['0.0', '1.0', '2.0']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"gradprobe needs a torch.nn.Module, got {type(model).__name__}; pass the model itself "
-            "(for a wrapper such as a Lightning module or a pipeline, pass its inner nn.Module)"
-        )
-    # A torch.compile'd model wraps the original as ``_orig_mod``: name blocks as in the original.
-    inner = getattr(model, "_orig_mod", None)
-    if isinstance(inner, nn.Module):
-        model = inner
+    model = _unwrap(model)
     named = dict(model.named_modules())
     selected: list[str]
     if isinstance(blocks, str) and blocks == "auto":

@@ -330,11 +330,13 @@ def _blocks_arg(ns: argparse.Namespace) -> Any:
 
 
 def _cmd_blocks(ns: argparse.Namespace) -> int:
-    from .blocks import select_blocks
+    from .blocks import auto_blocks, select_blocks
 
     model = _build_target(ns.target, ns.arg)
     try:
         selected = select_blocks(model, _blocks_arg(ns))
+        # The run each block came from (see gradprobe.blocks); '-' for blocks named by hand.
+        runs = {b.name: b.run for b in auto_blocks(model)} if _blocks_arg(ns) == "auto" else {}
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     import pandas as pd
@@ -345,10 +347,11 @@ def _cmd_blocks(ns: argparse.Namespace) -> int:
             "block": [name for name, _ in selected],
             "class": [type(m).__name__ for _, m in selected],
             "params": [sum(p.numel() for p in m.parameters()) for _, m in selected],
+            "run": [runs.get(name, "-") for name, _ in selected],
         }
     )
     print(f"{type(model).__name__}: {len(selected)} blocks selected by blocks={_blocks_arg(ns)!r}")
-    print(format_table(frame, ["index", "block", "class", "params"]))
+    print(format_table(frame, ["index", "block", "class", "params", "run"]))
     return 0
 
 
@@ -516,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "blocks",
         help="show which blocks blocks='auto' selects in a model",
-        description="Build a model from an importable factory and list the blocks a probe would attach to.",
+        description="Build a model from an importable factory and list the blocks a probe would attach to, "
+        "with the run (container and member range) that blocks='auto' took each one from.",
     )
     p.add_argument("target", help=target_help)
     p.add_argument("--arg", action="append", default=[], help=arg_help)
@@ -531,9 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["blocks", "gradprobe.models:mlp", "--arg", "4", "--arg", "in_features=3",
     ...       "--arg", "num_classes=2"])
     MLP: 2 blocks selected by blocks='auto'
-    index  block     class     params
-        0  blocks.0  MLPBlock   16768
-        1  blocks.1  MLPBlock   16768
+    index  block     class     params           run
+        0  blocks.0  MLPBlock   16768  blocks[0..1]
+        1  blocks.1  MLPBlock   16768  blocks[0..1]
     0
     """
     args = list(sys.argv[1:] if argv is None else argv)

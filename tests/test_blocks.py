@@ -7,7 +7,7 @@ import torch
 from conftest import BasicBlock, ResCNN, ResMLPBlock, make
 from torch import nn
 
-from gradprobe.blocks import select_blocks
+from gradprobe.blocks import auto_blocks, select_blocks
 
 
 def names(model, blocks="auto"):
@@ -43,6 +43,147 @@ def test_auto_looks_through_stages_that_are_sequentials_of_blocks():
         nn.Sequential(ResMLPBlock(4), ResMLPBlock(4)),
     )
     assert names(net) == ["0.0", "0.1", "1.0", "1.1"]
+
+
+def test_auto_picks_the_run_of_blocks_in_a_flat_sequential_with_stem_and_head():
+    net = nn.Sequential(
+        nn.Linear(6, 4),
+        nn.LayerNorm(4),
+        nn.ReLU(),
+        ResMLPBlock(4),
+        ResMLPBlock(4),
+        ResMLPBlock(4),
+        nn.Identity(),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
+    assert names(net) == ["3", "4", "5"]
+    assert {b.run for b in auto_blocks(net)} == {"<root>[3..5]"}
+
+
+def test_auto_picks_the_values_of_a_module_dict_of_blocks():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 4)
+            self.blocks = nn.ModuleDict({k: ResMLPBlock(4) for k in ("first", "second", "third")})
+            self.head = nn.Linear(4, 2)
+
+    assert names(Net()) == ["blocks.first", "blocks.second", "blocks.third"]
+    assert auto_blocks(Net())[0].run == "blocks[first..third]"
+
+
+def test_runs_need_two_consecutive_members_with_parameters():
+    # Linear, Tanh, Linear: no two consecutive children of one class -> no run.
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh())
+    with pytest.raises(ValueError, match="selected no module"):
+        select_blocks(net)
+    # two parameter-free children of one class are not a run either
+    net = nn.Sequential(nn.ReLU(), nn.ReLU(), ResMLPBlock(4))
+    with pytest.raises(ValueError, match="selected no module"):
+        select_blocks(net)
+
+
+class Stage(nn.Module):
+    """A stage in the Hugging Face layout: a list of layers plus a downsampling layer."""
+
+    def __init__(self, depth, downsample=True):
+        super().__init__()
+        self.blocks = nn.ModuleList([ResMLPBlock(8) for _ in range(depth)])
+        if downsample:
+            self.downsample = nn.Linear(8, 8)
+
+
+class StagedNet(nn.Module):
+    def __init__(self, depths):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.stages = nn.ModuleList([Stage(d, i < len(depths) - 1) for i, d in enumerate(depths)])
+        self.head = nn.Linear(8, 2)
+
+
+def test_stages_are_looked_through_with_one_granularity():
+    # Swin's layout: a stage is selected neither beside another stage's layers nor instead of them,
+    # and a stage of depth 1 contributes its one layer.
+    assert names(StagedNet([2, 1, 3])) == [
+        "stages.0.blocks.0",
+        "stages.0.blocks.1",
+        "stages.1.blocks.0",
+        "stages.2.blocks.0",
+        "stages.2.blocks.1",
+        "stages.2.blocks.2",
+    ]
+    runs = {b.name: b.run for b in auto_blocks(StagedNet([2, 1, 3]))}
+    assert runs["stages.1.blocks.0"] == "stages.1.blocks[0]"
+    assert runs["stages.2.blocks.2"] == "stages.2.blocks[0..2]"
+
+
+def test_a_residual_block_holding_a_run_of_conv_layers_is_a_block_not_a_stage():
+    # Hugging Face ResNet's basic layer: shortcut, a Sequential of two conv layers, an activation.
+    class ConvLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Linear(4, 4)
+            self.act = nn.ReLU()
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shortcut = nn.Identity()
+            self.layer = nn.Sequential(ConvLayer(), ConvLayer())
+            self.activation = nn.ReLU()
+
+    assert names(nn.Sequential(Residual(), Residual())) == ["0", "1"]
+
+
+def test_a_list_of_parallel_heads_inside_a_layer_does_not_make_the_layer_a_stage():
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(8, 2) for _ in range(4)])  # 72 weights
+            self.mlp = MLP()  # 552 weights: the heads hold less than half of the layer
+
+    assert names(nn.ModuleList([Layer(), Layer()])) == ["0", "1"]
+
+
+def test_a_shared_layer_alone_in_a_layer_group_is_selected():
+    # ALBERT's layout: one layer group holding one layer, called once per depth.
+    class Group(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([ResMLPBlock(4)])
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(2, 4)
+            self.groups = nn.ModuleList([Group()])
+
+    assert [(b.name, b.run) for b in auto_blocks(Encoder())] == [("groups.0.layers.0", "groups.0.layers[0]")]
+
+
+def test_a_one_layer_head_is_not_a_block():
+    # torchvision's ViT: heads = Sequential(head=Linear) beside the encoder's layers.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(ResMLPBlock(4), ResMLPBlock(4))
+            self.heads = nn.Sequential(nn.Linear(4, 2))
+
+    assert names(Net()) == ["layers.0", "layers.1"]
+
+
+def test_auto_blocks_agrees_with_select_blocks():
+    for net in (TorchvisionLikeResNet(), ResCNN(), make("plain_mlp"), StagedNet([1, 2])):
+        assert [b.name for b in auto_blocks(net)] == names(net)
+        assert all(b.module is dict(net.named_modules())[b.name] for b in auto_blocks(net))
+    with pytest.raises(ValueError, match="selected no module"):
+        auto_blocks(nn.Linear(2, 2))
 
 
 def test_auto_finds_nothing_in_a_flat_sequential_and_lists_candidates():
