@@ -137,6 +137,22 @@ def _is_stage(module: nn.Module) -> bool:
     return bool(_runs(layers)) or _is_pure(layers)
 
 
+def _single_block(container: nn.Module) -> str | None:
+    """The child of a one-module list that is a block: composite, not a stage, no run inside it.
+
+    ``Sequential(BasicBlock())`` (a ResNet stage of depth 1) is a run of one; a
+    ``Sequential(Linear)`` head, or a whole model wrapped in a ``Sequential``, is not.
+    """
+    if not _is_pure(container) or len(container) != 1:  # type: ignore[arg-type]
+        return None
+    ((name, child),) = list(container.named_children())
+    if not any(True for _ in child.children()) or _is_stage(child):
+        return None
+    if any(_runs(m) for m in child.modules() if isinstance(m, _CONTAINERS)):
+        return None
+    return name
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
@@ -151,6 +167,10 @@ def _auto(model: nn.Module) -> list[AutoBlock]:
     stages: list[tuple[str, nn.Module]] = []  # modules that are looked through
     for name, module in model.named_modules():
         if isinstance(module, _CONTAINERS):
+            single = _single_block(module)
+            if single is not None:
+                label = _run_label(name, [single])
+                candidates.setdefault(_join(name, single), label)
             for run in _runs(module):
                 members = [_join(name, child_name) for child_name, _ in run]
                 if any(_is_stage(child) for _, child in run):
