@@ -97,3 +97,49 @@ def reference_rows(model: nn.Module, names: list[str], x: torch.Tensor, loss_fn,
         rows[n]["cum_gain"] = rows[n]["grad_in"] / rows[last]["grad_out"]
         rows[n]["index"] = order.index(n)
     return rows
+
+
+def _first_float(values) -> torch.Tensor | None:
+    for v in values:
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+            return v
+    return None
+
+
+def block_gradients(model: nn.Module, block: str, run) -> dict:
+    """``grad_out`` and ``grad_in`` of one block for the loss ``run()`` returns, from plain hooks and
+    ``torch.autograd.grad``, pooled over the block's calls (norm of all calls' gradients together).
+
+    The input is the first floating-point positional argument, else the ``hidden_states`` keyword;
+    the output the first floating-point tensor of the output. grad_in is the gradient through this
+    block only: the vector-Jacobian product ``autograd.grad(y, x, g_y)``.
+    """
+    module = dict(model.named_modules())[block]
+    xs, ys = [], []
+
+    def pre(mod, args, kwargs):
+        x = _first_float(args)
+        xs.append(x if x is not None else kwargs["hidden_states"])
+
+    def post(mod, args, out):
+        y = (
+            out
+            if isinstance(out, torch.Tensor)
+            else _first_float(out.values() if isinstance(out, dict) else out)
+        )
+        assert y is not None, f"no tensor in the output of {block}"
+        ys.append(y)
+
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
+    try:
+        loss = run()
+    finally:
+        for h in handles:
+            h.remove()
+    g_ys = torch.autograd.grad(loss, ys, retain_graph=True)
+    g_xs = [torch.autograd.grad(y, x, g, retain_graph=True)[0] for x, y, g in zip(xs, ys, g_ys, strict=True)]
+    return {
+        "grad_out": math.sqrt(sum(g.abs().pow(2).sum().item() for g in g_ys)),
+        "grad_in": math.sqrt(sum(g.abs().pow(2).sum().item() for g in g_xs)),
+        "calls": len(xs),
+    }

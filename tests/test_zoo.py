@@ -9,7 +9,6 @@ code); every column finite where it is defined.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from reference import block_gradients
 from torch import nn
 
 import gradprobe
@@ -392,50 +392,16 @@ def _train(model: nn.Module, case: Case, steps: int = 2) -> list[torch.Tensor]:
     return losses
 
 
-def _first_float(values: Any) -> torch.Tensor | None:
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v
-    return None
-
-
 def _reference(model: nn.Module, case: Case) -> dict[str, float]:
-    """grad_out and grad_in of ``case.check`` with plain hooks and autograd, pooled over its calls.
+    """The reference on the forward pass of step 0: the first seed of ``_train``, the same inputs."""
 
-    The first seed of ``_train`` and the same inputs: the reference sees the forward pass of step 0.
-    """
-    block = dict(model.named_modules())[case.check]
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-
-    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = _first_float(args)
-        xs.append(x if x is not None else kwargs["hidden_states"])
-
-    def post(module: nn.Module, args: tuple, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
-            ys.append(out)
-        else:
-            y = _first_float(out.values() if isinstance(out, dict) else out)
-            assert y is not None
-            ys.append(y)
-
-    model.train()
-    handles = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post)]
-    try:
+    def run() -> torch.Tensor:
+        model.train()
         with torch.random.fork_rng():
             torch.manual_seed(1234)
-            loss = case.loss(_call(model, case.inputs()))
-    finally:
-        for h in handles:
-            h.remove()
-    g_ys = torch.autograd.grad(loss, ys, retain_graph=True)
-    g_xs = [torch.autograd.grad(y, x, g, retain_graph=True)[0] for x, y, g in zip(xs, ys, g_ys, strict=True)]
-    return {
-        "grad_out": math.sqrt(sum(g.pow(2).sum().item() for g in g_ys)),
-        "grad_in": math.sqrt(sum(g.pow(2).sum().item() for g in g_xs)),
-        "calls": len(xs),
-    }
+            return case.loss(_call(model, case.inputs()))
+
+    return block_gradients(model, case.check, run)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
