@@ -19,6 +19,10 @@ A *container* is an ``nn.Sequential``, ``nn.ModuleList`` or ``nn.ModuleDict``.
    parameters. Every member of a run is a candidate block, so
    ``nn.Sequential(conv, bn, relu, Block(), Block(), Block(), pool, flatten, head)``
    gives its ``Block`` modules and an ``nn.ModuleDict`` of blocks gives its values.
+   A container holding a single module that has submodules, is not a stage and
+   holds no run (``Sequential(BasicBlock())``, a ResNet stage of depth 1) is a
+   run of one; a ``Sequential(Linear)`` head, or a whole model wrapped in a
+   ``Sequential``, is not.
 2. **Stages are looked through.** A *stage* is a module whose job is to hold a
    list of layers plus a few extra modules (a downsampling layer, a norm). Its
    *layer list* is the stage itself when it is a container, otherwise its child
@@ -26,7 +30,11 @@ A *container* is an ``nn.Sequential``, ``nn.ModuleList`` or ``nn.ModuleDict``.
    when its layer list holds a run, or when it is not itself a container and
    its layer list is *pure* (every child has the same class and holds
    parameters: ``SwinStage.blocks``, ``ConvNextStage.layers``, Hugging Face
-   ``ResNetStage.layers``, ``AlbertLayerGroup.albert_layers``).
+   ``ResNetStage.layers``, ``AlbertLayerGroup.albert_layers``). A module with a
+   weight-free child of its own beside its layer list (an activation, an
+   identity shortcut, dropout; containers aside) computes rather than routes:
+   it is a block, not a stage (Hugging Face ResNet's basic layer holds a
+   ``Sequential`` of two conv layers next to its ``activation``).
    When any member of a run is a stage, the whole run is a run of stages: no
    member of it is a candidate, each contributes its own layers instead, so
    the granularity is the same in every stage (Swin gives
@@ -38,6 +46,9 @@ A *container* is an ``nn.Sequential``, ``nn.ModuleList`` or ``nn.ModuleDict``.
    one shared layer, which sits alone in a one-element layer group).
 4. **Outermost.** A candidate inside another candidate is dropped (the convs of
    a bottleneck, the experts of a mixture-of-experts layer).
+
+A weight's parametrizations (``torch.nn.utils.parametrize``: weight norm, spectral
+norm) are bookkeeping of one layer and never blocks or stages.
 
 Each selected block comes from one *run*: the container and the range of its
 members, e.g. ``model.layers[0..31]``, or a stage's one-layer list such as
@@ -58,6 +69,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, Union
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 BlockSpec = Union[  # noqa: UP007 (a runtime alias: ``X | Y`` of these typing objects needs 3.10+ anyway)
     str,
@@ -109,6 +121,8 @@ def _layer_list(module: nn.Module) -> tuple[str, nn.Module] | None:
         return "", module
     total = _n_params(module)
     for name, child in module.named_children():
+        if name == "parametrizations" and parametrize.is_parametrized(module):
+            continue  # a weight's parametrizations (weight norm ...), not a list of layers
         # More than half: a stage's job is to hold its layers; a block that merely
         # contains a list (parallel heads beside a larger MLP) is not a stage.
         if isinstance(child, _CONTAINERS) and 2 * _n_params(child) > total:
@@ -165,7 +179,16 @@ def _run_label(container: str, members: list[str]) -> str:
 def _auto(model: nn.Module) -> list[AutoBlock]:
     candidates: dict[str, str] = {}  # name -> run label
     stages: list[tuple[str, nn.Module]] = []  # modules that are looked through
+    # torch.nn.utils.parametrize keeps a weight's parametrizations in a ModuleDict
+    # (``conv.parametrizations.weight``): bookkeeping of one layer, never blocks.
+    hidden = tuple(
+        f"{_join(name, 'parametrizations')}."
+        for name, module in model.named_modules()
+        if parametrize.is_parametrized(module)
+    )
     for name, module in model.named_modules():
+        if hidden and f"{name}.".startswith(hidden):
+            continue
         if isinstance(module, _CONTAINERS):
             single = _single_block(module)
             if single is not None:

@@ -178,6 +178,18 @@ def test_a_one_layer_head_is_not_a_block():
     assert names(Net()) == ["layers.0", "layers.1"]
 
 
+def test_weight_parametrizations_are_not_blocks():
+    # wav2vec2's positional conv is weight-normed: conv.parametrizations.weight is a one-entry
+    # ModuleDict holding a composite module with parameters, which must not pass for a block.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3, padding=1))
+            self.layers = nn.ModuleList([ResMLPBlock(4), ResMLPBlock(4)])
+
+    assert names(Net()) == ["layers.0", "layers.1"]
+
+
 def test_auto_blocks_agrees_with_select_blocks():
     for net in (TorchvisionLikeResNet(), ResCNN(), make("plain_mlp"), StagedNet([1, 2])):
         assert [b.name for b in auto_blocks(net)] == names(net)
