@@ -229,6 +229,8 @@ def test_blocks_on_a_user_model(factory_file):
     rows = [line.split() for line in stdout.splitlines()[2:]]
     assert [r[1] for r in rows] == ["body.0", "body.1", "body.2"]
     assert all(r[2] == "Residual" and r[3] == "72" for r in rows)
+    assert stdout.splitlines()[1].split()[-1] == "run"
+    assert all(r[4] == "body[0..2]" for r in rows)  # the run each block came from
 
 
 def test_blocks_with_patterns_and_module_targets(capsys):
@@ -238,6 +240,7 @@ def test_blocks_with_patterns_and_module_targets(capsys):
     assert code == 0
     names = [line.split()[1] for line in stdout.splitlines()[2:]]
     assert names == ["layer2.0", "layer2.1", "layer2.2", "layer3.0"]
+    assert all(line.split()[-1] == "-" for line in stdout.splitlines()[2:])  # no run: named by hand
 
 
 def test_inspect_prints_the_per_block_table_of_a_user_model(factory_file, tmp_path):
