@@ -136,6 +136,7 @@ Tensor = torch.Tensor
 GradNode = Tensor | Any
 
 _NAN = float("nan")
+_COLUMNS = ("jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec")
 
 
 def _breakdown(dtype: torch.dtype) -> float:
@@ -726,6 +727,22 @@ def jacobian_columns(
     stacks: dict[str, list[BlockCapture]] = {}
     for c in caps:
         stacks.setdefault(c.stack, []).append(c)
+    for label, members in list(stacks.items()):
+        complex_ = [c.name for c in members if c.x.is_complex() or c.y.is_complex()]
+        if complex_:
+            # J of a complex block is a real-linear map of C^n = R^2n that autograd's complex
+            # vector-Jacobian products (conjugate Wirtinger derivatives) do not give directly;
+            # a wrong number is worse than none.
+            warnings.warn(
+                f"gradprobe: blocks {complex_} have complex inputs or outputs; the Jacobian columns of "
+                f"their stack {[c.name for c in members]} are not defined for complex blocks here and are "
+                "NaN",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            del stacks[label]
+            for c in members:
+                result[c.name] = dict.fromkeys(_COLUMNS, _NAN)
     with torch.enable_grad():
         pcols: dict[str, dict[str, float]] = {}
         lasts: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
@@ -734,7 +751,7 @@ def jacobian_columns(
                 got, lasts[label] = _prod_columns(members, probes, iters, tol, generator, prod_spec)
                 pcols.update(got)
         ends = {members[-1].name for members in stacks.values()}
-        for c in caps:
+        for c in (c for members in stacks.values() for c in members):
             # A stack's last block's product is the block itself: it reuses the product's probes and VJPs.
             given = lasts.get(c.stack) if c.name in ends else None
             cols = _block_columns(c, probes, iters, tol, generator, given)
@@ -1244,6 +1261,11 @@ def _spectrum_of(
     last = caps[-1]
     if last.y_edge is None:
         raise ValueError(f"the output of {last.name!r} does not depend on the input of {first.name!r}")
+    if first.x.is_complex() or last.y.is_complex():
+        raise ValueError(
+            f"the input of {first.name!r} or the output of {last.name!r} is complex: spectrum computes "
+            "singular values of real Jacobians only"
+        )
     x, y = first.x, last.y
     n_in, n_out = x.numel(), y.numel()
     if k is None:
