@@ -880,7 +880,7 @@ class Probe:
         if not captures or _MUTED[0] or in_backward():
             return
         try:
-            from .jacobian import BlockCapture, jacobian_columns
+            from .jacobian import BlockCapture, differentiable_twice, jacobian_columns
 
             if self._jacobian_generator is None:
                 self._jacobian_generator = torch.Generator().manual_seed(
@@ -900,12 +900,19 @@ class Probe:
             options["spec"] = spec if isinstance(spec, bool) else self._jacobian_calls % spec == 0
             self._jacobian_calls += 1
             generator = self._jacobian_generator
+            twice = bool(options["spec"])  # Jacobian-vector products by double backward
 
             def columns(captured: list[BlockCapture]) -> dict[str, dict[str, float]]:
-                return jacobian_columns(captured, probes=self._probes, generator=generator, **options)
+                # A pass of our own (sub-batch, whole-batch rerun) ran attention through the math
+                # kernel when twice; activation checkpointing recomputes its blocks while the
+                # Jacobian passes run, and must pick the same kernel, or the recomputed tensors
+                # differ from the saved ones (CheckpointError). The training graph's recomputation
+                # keeps the training kernel.
+                own = twice and captured is not caps
+                with differentiable_twice() if own else contextlib.nullcontext():
+                    return jacobian_columns(captured, probes=self._probes, generator=generator, **options)
 
             with self._mute():
-                twice = bool(options["spec"])  # Jacobian-vector products by double backward
                 used = self._sub_batch(caps, args, kwargs, twice=twice) or caps
                 try:
                     cols = columns(used)
