@@ -389,3 +389,31 @@ def test_seq2seq_encoder_cum_gain_is_the_product_of_the_encoders_own_gains(facto
         last_out = ref[part[-1]][0]
         for n in part:
             assert rows.loc[n, "cum_gain"] == pytest.approx(ref[n][1] / last_out, rel=1e-8), n
+
+
+def test_figures_draw_each_stack_as_its_own_line_and_old_frames_as_one():
+    import pandas as pd
+
+    from gradprobe import plot
+
+    frame = pd.DataFrame(
+        {
+            "step": 0,
+            "block": ["e.0", "e.1", "d.0", "d.1"],
+            "index": [0, 1, 2, 3],
+            "stack": ["e", "e", "d", "d"],
+            "cum_gain": [0.5, 1.0, 0.8, 1.0],
+            "prod_fro": [1.2, 1.0, 1.1, 1.0],
+            "prod_spec": [2.0, 1.5, 1.8, 1.4],
+        }
+    )
+
+    def data_lines(ax):  # the drawn series, not the reference line at 1
+        return [tuple(float(v) for v in ln.get_xdata()) for ln in ax.get_lines() if ln.get_marker() != "None"]
+
+    drawn = data_lines(plot.plot_highway(frame))
+    assert sorted(drawn) == [(0.0, 1.0), (2.0, 3.0)]
+    drawn = data_lines(plot.plot_jacobian(frame, columns=("prod_fro", "prod_spec")))
+    assert sorted(drawn) == [(0.0, 1.0), (0.0, 1.0), (2.0, 3.0), (2.0, 3.0)]
+    old = frame.drop(columns="stack")  # a run saved before the stack column: one chain
+    assert data_lines(plot.plot_highway(old)) == [(0.0, 1.0, 2.0, 3.0)]
