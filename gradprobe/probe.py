@@ -995,10 +995,13 @@ class Probe:
         self._captures.clear()
         self._out_node.clear()
         if self._no_shortcut:
-            shapeless = sorted(self._no_shortcut - self._warned, key=lambda n: self._index.get(n, -1))
+            shapeless = sorted(
+                (n for n in self._no_shortcut if f"shape:{n}" not in self._warned),
+                key=lambda n: self._index.get(n, -1),
+            )
             self._no_shortcut.clear()
             if shapeless:
-                self._warned.update(shapeless)
+                self._warned.update(f"shape:{n}" for n in shapeless)
                 warnings.warn(
                     f"gradprobe: block(s) {shapeless} change the shape of their input and have no shortcut "
                     "applied to that input (a child named shortcut/downsample counts only when the block "

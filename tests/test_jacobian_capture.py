@@ -93,6 +93,7 @@ def test_llama_checkpointing_gives_finite_jacobian_columns_on_every_jacobian_ste
     assert losses == bare  # bit-identical training
     frame = probe.frame()
     assert len(frame) == 6
+    assert set(frame["stack"]) == {"model.layers"}  # checkpointed layers are still one chain
     assert frame["jac_fro"].map(math.isfinite).all(), frame[["step", "block", "jac_fro"]]
     assert frame["prod_fro"].map(math.isfinite).all()
     spectral = frame[frame["step"].isin([0, 2])]
