@@ -429,3 +429,66 @@ def reaches(start: Any, target: Any, limit: int = MAX_WALK) -> bool | None:
                 seen.add(child)
                 queue.append(child)
     return False
+
+
+def common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix shared by these names (a single name: itself).
+
+    >>> common_prefix(["encoder.block.0", "encoder.block.1"]), common_prefix(["a.0", "b.0"])
+    ('encoder.block', '')
+    """
+    if len(names) == 1:
+        return names[0]
+    parts = [n.split(".") for n in names]
+    common: list[str] = []
+    for segs in zip(*parts, strict=False):
+        if any(s != segs[0] for s in segs):
+            break
+        common.append(segs[0])
+    return ".".join(common)
+
+
+def stack_labels(names: list[str], linked: Mapping[str, bool]) -> dict[str, str]:
+    """``{block: stack name}``: consecutive blocks (forward order) form a stack while each is
+    ``linked`` to the one before it (undecided counts as linked).
+
+    A stack is named by its blocks' longest common dotted prefix, by the block's own name
+    for a stack of one, or by its position (``"0"``, ``"1"``, ...) when the names share no
+    prefix; a repeated name gets ``#k`` appended.
+
+    >>> stack_labels(["enc.0", "enc.1", "dec.0", "dec.1"], {"dec.0": False})
+    {'enc.0': 'enc', 'enc.1': 'enc', 'dec.0': 'dec', 'dec.1': 'dec'}
+    >>> stack_labels(["layer1.0", "layer2.0"], {})
+    {'layer1.0': '0', 'layer2.0': '0'}
+    """
+    groups: list[list[str]] = []
+    for n in names:
+        if not groups or linked.get(n, True) is False:
+            groups.append([])
+        groups[-1].append(n)
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for k, group in enumerate(groups):
+        label = common_prefix(group) or str(k)
+        if label in used:
+            label = f"{label}#{k}"
+        used.add(label)
+        out.update(dict.fromkeys(group, label))
+    return out
+
+
+def continues(x: Tensor, previous_output: Any) -> bool:
+    """Whether a block input ``x`` continues the stack of the block whose output's autograd node
+    is ``previous_output``: ``x`` is computed from it (a bounded walk back through ``x``'s graph).
+
+    An ``x`` without a graph while the previous output has one is not computed from it
+    differentiably (False); where the walk cannot tell (too large a graph), True: the
+    chain goes on.
+
+    >>> a = torch.ones(2, requires_grad=True); y = a * 2
+    >>> continues(y + 1, y.grad_fn), continues(a.detach(), y.grad_fn)
+    (True, False)
+    """
+    if x.grad_fn is None:
+        return previous_output is None
+    return reaches(x.grad_fn, previous_output) is not False

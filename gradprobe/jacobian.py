@@ -106,10 +106,12 @@ from .capture import (
     Pending,
     Rule,
     alias_pinned,
+    continues,
     find_output,
     gradient_edge,
     locate_input,
     replace_input,
+    stack_labels,
     swap_input,
 )
 
@@ -892,6 +894,7 @@ def _capturing(
     replaced: set[str] = set()  # blocks whose input this pass replaced by an alias
     state = {"started": start is None}
     rule = dict(rules or {})
+    linked: dict[str, bool] = {}  # stacks, as the probe detects them (capture.continues)
 
     def pre(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in caps or name in pending:
@@ -900,6 +903,8 @@ def _capturing(
         if found is None:
             return None
         x, where = found
+        if order and caps[order[-1]].y_edge is not None:
+            linked[name] = continues(x, caps[order[-1]].y_edge.node)
         if start is not None and not state["started"]:
             if start not in ("*first*", name):
                 return None
@@ -943,6 +948,8 @@ def _capturing(
         for h in handles:
             h.remove()
     handles.clear()
+    for name, label in stack_labels(order, linked).items():
+        caps[name].stack = label
 
     def again(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name not in replaced or not in_backward() or not torch.is_grad_enabled():

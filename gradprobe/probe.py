@@ -87,23 +87,6 @@ def _jacobian_option_names() -> set[str]:
     return knobs | {"seed", "sub_batch"}
 
 
-def _common_prefix(names: list[str]) -> str:
-    """The longest dotted prefix shared by these names (a single name: itself).
-
-    >>> _common_prefix(["encoder.block.0", "encoder.block.1"]), _common_prefix(["a.0", "b.0"])
-    ('encoder.block', '')
-    """
-    if len(names) == 1:
-        return names[0]
-    parts = [n.split(".") for n in names]
-    common: list[str] = []
-    for segs in zip(*parts, strict=False):
-        if any(s != segs[0] for s in segs):
-            break
-        common.append(segs[0])
-    return ".".join(common)
-
-
 def _resolve_stacks(names: list[str], stacks: Any) -> dict[str, str] | None:
     """``{block: stack name}`` from ``attach(..., stacks=...)``; None: detect them.
 
@@ -135,7 +118,7 @@ def _resolve_stacks(names: list[str], stacks: Any) -> dict[str, str] | None:
         twice = [n for n in members if n in out]
         if twice:
             raise ValueError(f"stacks=: blocks {twice} are in two stacks")
-        label = label or _common_prefix(members) or str(k)
+        label = label or _capture_rule.common_prefix(members) or str(k)
         out.update(dict.fromkeys(members, label))
     missing = [n for n in names if n not in out]
     if missing:
@@ -691,11 +674,7 @@ class Probe:
         if index <= 0 or prev is None:
             self._linked[name] = False  # the first block starts the first stack
         elif prev in self._out_node:
-            node = self._out_node[prev]
-            if x.grad_fn is None:
-                self._linked[name] = node is None
-            else:
-                self._linked[name] = _capture_rule.reaches(x.grad_fn, node) is not False
+            self._linked[name] = _capture_rule.continues(x, self._out_node[prev])
         else:
             return  # the previous block has not run in this pass yet: decide on a later call
         if len(self._linked) == len(self._modules):
@@ -711,20 +690,7 @@ class Probe:
         """
         if self._stacks_given is not None:
             return {n: self._stacks_given[n] for n in names}
-        groups: list[list[str]] = []
-        for n in names:
-            if not groups or self._linked.get(n, True) is False:
-                groups.append([])
-            groups[-1].append(n)
-        out: dict[str, str] = {}
-        used: set[str] = set()
-        for k, group in enumerate(groups):
-            label = _common_prefix(group) or str(k)
-            if label in used:
-                label = f"{label}#{k}"
-            used.add(label)
-            out.update(dict.fromkeys(group, label))
-        return out
+        return _capture_rule.stack_labels(names, self._linked)
 
     def _shortcut_hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         stack = self._stack[name]
