@@ -31,11 +31,19 @@ Overrides (``attach(..., input=..., output=...)``, also ``analyze`` and ``spectr
 Where no tensor is found the probe warns once per block, naming the types the block
 received and how to pass ``input=``/``output=``, and records NaN in the columns that
 need the missing tensor.
+
+Also here: the input aliases that make ``g_x`` the gradient through one block
+(:func:`alias_view` for the probe's hooks, :func:`alias_pinned` with pinned gradient
+edges for the Jacobian passes), and the stack rule (:func:`continues`,
+:func:`stack_labels`): a block continues the stack of the block before it when its
+input is computed from that block's output, found by a bounded walk back through the
+input's autograd graph (:func:`reaches`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -128,19 +136,25 @@ def describe(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     return f"args ({a}), kwargs {{{k}}}"
 
 
+@functools.lru_cache(maxsize=256)
+def _positional_names(forward: Any) -> tuple[str, ...]:
+    """Names of the parameters of a bound ``forward`` that can be passed by position."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
 def _positional_index(module: Any, name: str) -> int | None:
     """Position of parameter ``name`` in ``module.forward``'s signature (None if not positional)."""
     if module is None:
         return None
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    for i, p in enumerate(params):
-        if p.name == name and p.kind in kinds:
-            return i
-    return None
+    # Keyed by the class's function, not the bound method: no reference to the module is kept.
+    forward = getattr(type(module), "forward", None)
+    names = _positional_names(forward)[1:] if forward is not None else ()  # without self
+    return names.index(name) if name in names else None
 
 
 # Where an input was found: ("arg", i), ("kw", name), or ("path", [keys]) for a callable's pick.
