@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ._tensors import first_tensor
 from .blocks import BlockSpec
+from .capture import find_output
 from .jacobian import ACCURATE_SPECTRA, differentiable_twice
 from .probe import attach
 
@@ -52,7 +52,7 @@ def projection_loss(output: Any, seed: int) -> torch.Tensor:
     >>> bool(projection_loss(out, 0) == projection_loss(out, 0))
     True
     """
-    out = first_tensor(output)
+    out = find_output(output)
     if out is None:
         raise TypeError(
             f"the model returned {type(output).__name__} with no tensor in it; pass loss_fn= "
@@ -92,7 +92,7 @@ def analyze(
     ([0], 3)
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    attach_keys = {"shortcuts", "record_eval", "strict", "scaler"}
+    attach_keys = {"shortcuts", "record_eval", "strict", "scaler", "input", "output", "stacks"}
     attach_kwargs = {k: v for k, v in options.items() if k in attach_keys}
     jac_options = {k: v for k, v in options.items() if k not in attach_keys}
     jac_options.setdefault("seed", seed)

@@ -90,7 +90,7 @@ from __future__ import annotations
 import enum
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -100,7 +100,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._tensors import first_tensor, in_backward, swap_input
+from ._tensors import in_backward
+from .capture import (
+    DEFAULT,
+    Pending,
+    Rule,
+    alias_pinned,
+    continues,
+    find_output,
+    gradient_edge,
+    locate_input,
+    replace_input,
+    stack_labels,
+    swap_input,
+)
 
 __all__ = [
     "ACCURATE_SPECTRA",
@@ -125,6 +138,7 @@ Tensor = torch.Tensor
 GradNode = Tensor | Any
 
 _NAN = float("nan")
+_COLUMNS = ("jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec")
 
 
 def _breakdown(dtype: torch.dtype) -> float:
@@ -164,6 +178,7 @@ class BlockCapture:
     same_shape: bool
     x_edge: Any = None
     y_edge: Any = None
+    stack: str = ""  # the chain the block belongs to: products run to the last capture of its stack
 
     @property
     def input(self) -> GradNode:
@@ -641,7 +656,8 @@ def jacobian_columns(
 
     Call it after the forward pass and before the user's backward pass: it needs
     the graph and leaves it alive. ``captures`` are in forward order; the last
-    one's output is the end of every product. Returns, for each capture name,
+    one of each ``stack`` (all captures in one stack by default) is the end of the
+    products of that stack's blocks. Returns, for each capture name,
     ``jac_fro``, ``jac_spec``, ``jac_id`` (NaN if the shapes differ), ``prod_fro``,
     ``prod_spec`` (NaN where not computed). See the module docstring for the
     definitions.
@@ -710,25 +726,48 @@ def jacobian_columns(
             )
     iters = power_iters if spec else 0
     result: dict[str, dict[str, float]] = {}
+    stacks: dict[str, list[BlockCapture]] = {}
+    for c in caps:
+        stacks.setdefault(c.stack, []).append(c)
+    for label, members in list(stacks.items()):
+        complex_ = [c.name for c in members if c.x.is_complex() or c.y.is_complex()]
+        if complex_:
+            # J of a complex block is a real-linear map of C^n = R^2n that autograd's complex
+            # vector-Jacobian products (conjugate Wirtinger derivatives) do not give directly;
+            # a wrong number is worse than none.
+            warnings.warn(
+                f"gradprobe: blocks {complex_} have complex inputs or outputs; the Jacobian columns of "
+                f"their stack {[c.name for c in members]} are not defined for complex blocks here and are "
+                "NaN",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            del stacks[label]
+            for c in members:
+                result[c.name] = dict.fromkeys(_COLUMNS, _NAN)
     with torch.enable_grad():
         pcols: dict[str, dict[str, float]] = {}
-        last: tuple[list[Tensor], list[Tensor]] | None = None
+        lasts: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         if prod:
-            pcols, last = _prod_columns(caps, probes, iters, tol, generator, prod_spec)
-        for i, c in enumerate(caps):
-            # The last block's product is the block itself: it reuses the product's probes and VJPs.
-            given = last if i == len(caps) - 1 else None
+            for label, members in stacks.items():
+                got, lasts[label] = _prod_columns(members, probes, iters, tol, generator, prod_spec)
+                pcols.update(got)
+        ends = {members[-1].name for members in stacks.values()}
+        for c in (c for members in stacks.values() for c in members):
+            # A stack's last block's product is the block itself: it reuses the product's probes and VJPs.
+            given = lasts.get(c.stack) if c.name in ends else None
             cols = _block_columns(c, probes, iters, tol, generator, given)
             cols.update(pcols.get(c.name, {"prod_fro": _NAN, "prod_spec": _NAN}))
             result[c.name] = cols
         if prod:
-            end = result[caps[-1].name]
-            # One matrix, two lower bounds of its largest singular value: keep the better one for both.
-            both = [v for v in (end["jac_spec"], end["prod_spec"]) if math.isfinite(v)]
-            if both:
-                end["jac_spec"] = max(both)
-                if prod_spec != "none":
-                    end["prod_spec"] = max(both)
+            for name in ends:
+                end = result[name]
+                # One matrix, two lower bounds of its largest singular value: keep the better one for both.
+                both = [v for v in (end["jac_spec"], end["prod_spec"]) if math.isfinite(v)]
+                if both:
+                    end["jac_spec"] = max(both)
+                    if prod_spec != "none":
+                        end["prod_spec"] = max(both)
     return result
 
 
@@ -780,8 +819,9 @@ def exact_columns(captures: Sequence[BlockCapture]) -> dict[str, dict[str, float
     out: dict[str, dict[str, float]] = {}
     if not caps:
         return out
-    last = caps[-1]
+    last_of = {c.stack: c for c in caps}  # products end at the last capture of each stack
     for c in caps:
+        last = last_of[c.stack]
         j = dense_jacobian(c.output, c.input, y_like=c.y, x_like=c.x).double()
         jp = dense_jacobian(last.output, c.input, y_like=last.y, x_like=c.x).double()
         n, n_last = j.shape[0], jp.shape[0]
@@ -804,32 +844,6 @@ class _StopForward(BaseException):
     """
 
 
-def _edge(t: Tensor) -> Any:
-    from torch.autograd.graph import get_gradient_edge
-
-    return get_gradient_edge(t)
-
-
-@dataclass
-class _Pending:
-    x: Tensor  # what the block sees
-    edge: Any  # what to differentiate with respect to
-    fallback: Any  # ... if the block modified x in place (the alias' own node is then bypassed)
-    version: int
-
-
-def _alias(x: Tensor) -> _Pending:
-    if x.requires_grad:
-        alias = x.view_as(x)  # gradients w.r.t. the alias flow through this block only
-        # An in-place op on the alias (relu_ as the block's first op) rebases the graph around
-        # the alias' view node; the gradient then arrives at the node that produced x.
-        return _Pending(alias, _edge(alias), _edge(x), alias._version)
-    leaf = x.detach().requires_grad_(True)
-    # a clone, not the leaf itself, so that a block may modify its input in place
-    alias = leaf.clone()
-    return _Pending(alias, leaf, leaf, alias._version)
-
-
 def _call(model: nn.Module, inputs: Any) -> Callable[[], Any]:
     """The forward call ``model(*inputs)`` (``inputs``: a tuple of arguments or one tensor)."""
     args = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -842,13 +856,14 @@ def _run_capturing(
     *,
     start: str | None = None,
     stop_after: str | None = None,
+    rules: Mapping[str, Rule] | None = None,
 ) -> tuple[Any, list[BlockCapture]]:
     """Run ``forward()`` once; capture (input alias, output) of each named block's first call.
 
     Every hook is gone on return, so a checkpointed block cannot be recomputed from these
     captures; :func:`_capturing` keeps the recomputation alike while it is open.
     """
-    with _capturing(forward, named, start=start, stop_after=stop_after) as got:
+    with _capturing(forward, named, start=start, stop_after=stop_after, rules=rules) as got:
         return got
 
 
@@ -859,49 +874,54 @@ def _capturing(
     *,
     start: str | None = None,
     stop_after: str | None = None,
+    rules: Mapping[str, Rule] | None = None,
 ) -> Iterator[tuple[Any, list[BlockCapture]]]:
     """Run ``forward()`` once; yield (output, captures of each named block's first call).
 
-    With ``start``, only that block's input is replaced (the first block called if
-    ``start`` is ``"*first*"``), later blocks keep their graph inputs (their captured
-    x is then the plain input). With ``stop_after``, the forward is aborted once that
-    block has returned (output ``None``). Until the block closes, a block that
-    activation checkpointing recomputes during a backward pass gets its input replaced
-    the same way again: ``torch.utils.checkpoint`` insists on the same graph.
+    Inputs and outputs are found by :mod:`gradprobe.capture` (``rules``: per-block
+    overrides, as the probe's ``input=``/``output=``). With ``start``, only that block's
+    input is replaced (the first block called if ``start`` is ``"*first*"``), later
+    blocks keep their graph inputs (their captured x is then the plain input). With
+    ``stop_after``, the forward is aborted once that block has returned (output
+    ``None``). Until the block closes, a block that activation checkpointing recomputes
+    during a backward pass gets its input replaced the same way again:
+    ``torch.utils.checkpoint`` insists on the same graph.
     """
     caps: dict[str, BlockCapture] = {}
-    pending: dict[str, _Pending] = {}
+    pending: dict[str, Pending] = {}
     order: list[str] = []
     handles = []
     replaced: set[str] = set()  # blocks whose input this pass replaced by an alias
     state = {"started": start is None}
+    rule = dict(rules or {})
+    linked: dict[str, bool] = {}  # stacks, as the probe detects them (capture.continues)
 
     def pre(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in caps or name in pending:
             return None  # weight sharing: the first call only
-        x = args[0] if args else None
-        in_kw = False
-        if not isinstance(x, Tensor) and isinstance(kwargs.get("hidden_states"), Tensor):
-            x, in_kw = kwargs["hidden_states"], True
-        if not isinstance(x, Tensor) or not x.is_floating_point():
+        found = locate_input(args, kwargs, rule.get(name, DEFAULT).input, module)
+        if found is None:
             return None
+        x, where = found
+        if order and caps[order[-1]].y_edge is not None:
+            linked[name] = continues(x, caps[order[-1]].y_edge.node)
         if start is not None and not state["started"]:
             if start not in ("*first*", name):
                 return None
             state["started"] = True
         elif start is not None:
-            edge = _edge(x) if x.requires_grad else x
-            pending[name] = _Pending(x, edge, edge, x._version)
+            edge = gradient_edge(x) if x.requires_grad else x
+            pending[name] = Pending(x, edge, edge, x._version)
             return None
-        pending[name] = got = _alias(x)
+        pending[name] = got = alias_pinned(x)
         replaced.add(name)
-        return (args, {**kwargs, "hidden_states": got.x}) if in_kw else ((got.x, *args[1:]), kwargs)
+        return replace_input(args, kwargs, where, got.x)
 
     def post(name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if name not in pending:
             return
         got = pending.pop(name)
-        y = first_tensor(output)
+        y = find_output(output, rule.get(name, DEFAULT).output)
         if y is None:
             return
         caps[name] = BlockCapture(
@@ -909,8 +929,8 @@ def _capturing(
             got.x,
             y,
             same_shape=got.x.shape == y.shape,
-            x_edge=got.edge if got.x._version == got.version else got.fallback,
-            y_edge=_edge(y) if y.requires_grad else None,
+            x_edge=got.input_edge(),
+            y_edge=gradient_edge(y) if y.requires_grad else None,
         )
         order.append(name)
         if name == stop_after:
@@ -928,11 +948,13 @@ def _capturing(
         for h in handles:
             h.remove()
     handles.clear()
+    for name, label in stack_labels(order, linked).items():
+        caps[name].stack = label
 
     def again(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name not in replaced or not in_backward() or not torch.is_grad_enabled():
             return None
-        return swap_input(args, kwargs, lambda x: _alias(x).x)
+        return swap_input(args, kwargs, lambda x: alias_pinned(x).x, rule.get(name, DEFAULT).input, module)
 
     try:
         for name, module in named:
@@ -943,7 +965,9 @@ def _capturing(
             h.remove()
 
 
-def capture_blocks(model: nn.Module, inputs: Any, blocks: Any = "auto") -> tuple[Any, list[BlockCapture]]:
+def capture_blocks(
+    model: nn.Module, inputs: Any, blocks: Any = "auto", *, input: Any = None, output: Any = None
+) -> tuple[Any, list[BlockCapture]]:
     """Run ``model(*inputs)`` once and capture every selected block's input alias and output.
 
     This is what the probe does during training: each block's input is replaced by
@@ -951,7 +975,8 @@ def capture_blocks(model: nn.Module, inputs: Any, blocks: Any = "auto") -> tuple
     captures are ready for :func:`jacobian_columns`. The forward pass is an ordinary
     one (BatchNorm running statistics update, dropout draws from the global RNG);
     hooks are removed before returning. Returns (model output, captures in forward
-    order); a block called twice is captured at its first call.
+    order); a block called twice is captured at its first call. ``input=``/``output=``
+    override the capture rule as in :func:`gradprobe.attach` (:mod:`gradprobe.capture`).
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
     >>> out, caps = capture_blocks(net, torch.randn(2, 3), blocks=["0", "2"])
@@ -959,9 +984,12 @@ def capture_blocks(model: nn.Module, inputs: Any, blocks: Any = "auto") -> tuple
     (['0', '2'], True)
     """
     from .blocks import select_blocks
+    from .capture import rules
 
+    named = select_blocks(model, blocks)
+    given = rules([n for n, _ in named], input, output)
     with torch.enable_grad():
-        return _run_capturing(_call(model, inputs), select_blocks(model, blocks))
+        return _run_capturing(_call(model, inputs), named, rules=given)
 
 
 @contextmanager
@@ -1068,6 +1096,7 @@ def sub_batch_captures(
     k: int,
     seed: int,
     twice: bool = False,
+    rules: Mapping[str, Rule] | None = None,
 ) -> list[BlockCapture] | None:
     """Re-run ``model(*args, **kwargs)`` on the first ``k`` samples and capture the named blocks.
 
@@ -1119,7 +1148,7 @@ def sub_batch_captures(
 
     kernels = differentiable_twice() if twice else nullcontext()
     with _seeded_rng(cuda, seed), torch.enable_grad(), kernels:
-        _, caps = _run_capturing(forward, named)
+        _, caps = _run_capturing(forward, named, rules=rules)
     return caps
 
 
@@ -1157,14 +1186,19 @@ def spectrum(
     k: int | None = None,
     seed: int = 0,
     blocks: Any = "auto",
+    input: Any = None,
+    output: Any = None,
 ) -> np.ndarray:
     """Singular values (descending) of the Jacobian of block ``end``'s output w.r.t. block ``start``'s input.
 
     That is the product of the block Jacobians from ``start`` to ``end`` (the blocks
     and everything between them), on the batch ``inputs`` (a tensor or a tuple of
     positional arguments), with the whole batch as one vector: J has shape
-    (numel of end's output) x (numel of start's input). ``start``/``end`` are block
-    names as selected by ``blocks=`` (default: the first and the last block called).
+    (numel of end's output) x (numel of start's input). ``start``/``end`` are names of
+    any modules of ``model`` (as in ``model.named_modules()``); ``blocks=`` only sets the
+    defaults: the first and the last selected block called. Their input and output tensors
+    are found by the capture rule of :mod:`gradprobe.capture`; ``input=``/``output=``
+    override it as in :func:`gradprobe.attach`.
 
     The model runs as it is: in training mode BatchNorm uses batch statistics, so J
     includes the coupling between samples, and dropout masks are drawn from the
@@ -1192,13 +1226,27 @@ def spectrum(
 
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
         raise ValueError(f"k must be None (all singular values) or a positive int, got {k!r}")
-    named = select_blocks(model, blocks)
-    names = [n for n, _ in named]
+    modules = dict(model.named_modules())
     for label, value in (("start", start), ("end", end)):
-        if value is not None and value not in names:
-            raise ValueError(f"{label}={value!r} is not one of the selected blocks: {names}")
+        if value is not None and value not in modules:
+            close = (
+                [n for n in modules if n and (value in n or n in value)][:8] if isinstance(value, str) else []
+            )
+            raise ValueError(
+                f"{label}={value!r} is not a module of the model (names as in model.named_modules()"
+                + (f"; similar: {close}" if close else "")
+                + ")"
+            )
+    named = [] if start is not None and end is not None else select_blocks(model, blocks)
+    for value in (start, end):
+        if value is not None and all(n != value for n, _ in named):
+            named.append((value, modules[value]))
+    names = [n for n, _ in named]
+    from .capture import rules as capture_rules
+
+    given = capture_rules(names, input, output)
     # _capturing stays open while the Jacobian passes run: checkpointed blocks recompute alike.
-    capturing = _capturing(_call(model, inputs), named, start=start or "*first*", stop_after=end)
+    capturing = _capturing(_call(model, inputs), named, start=start or "*first*", stop_after=end, rules=given)
     with _untouched(model, inputs, seed), torch.enable_grad(), differentiable_twice(), capturing as (_, caps):
         return _spectrum_of(caps, names, start, end, k, seed)
 
@@ -1220,6 +1268,11 @@ def _spectrum_of(
     last = caps[-1]
     if last.y_edge is None:
         raise ValueError(f"the output of {last.name!r} does not depend on the input of {first.name!r}")
+    if first.x.is_complex() or last.y.is_complex():
+        raise ValueError(
+            f"the input of {first.name!r} or the output of {last.name!r} is complex: spectrum computes "
+            "singular values of real Jacobians only"
+        )
     x, y = first.x, last.y
     n_in, n_out = x.numel(), y.numel()
     if k is None:

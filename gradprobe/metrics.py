@@ -22,6 +22,10 @@ equals the metric of the concatenated tensors.
 
 Norms are Euclidean over the whole batch tensor. Non-finite values propagate
 as nan/inf; nothing here raises on them.
+
+Complex tensors (complex-valued blocks) are vectors of C^n = R^2n: norms are
+``sqrt(sum |z|^2)`` and dot products ``Re <a, b>``, so cosines are
+``Re <a, b> / (|a| |b|)``; every statistic is real.
 """
 
 from __future__ import annotations
@@ -40,8 +44,18 @@ BWD_X_FIELDS = ("gxx", "bb", "bg")  # |g_x|^2, |g_x - g_y|^2, <g_x - g_y, g_y>
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types, the tensor's own dtype when it is float32 or wider."""
+    """float32 for half types, the tensor's own dtype when it is float32 or wider (complex stays complex)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of statistics of a tensor of this dtype: float32 or wider, never complex.
+
+    >>> real_dtype(torch.complex128), real_dtype(torch.float16)
+    (torch.float64, torch.float32)
+    """
+    acc = accumulation_dtype(dtype)
+    return acc.to_real() if acc.is_complex else acc
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -51,8 +65,18 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sq(a: torch.Tensor) -> torch.Tensor:
+    if a.is_complex():
+        return torch.vdot(a, a).real  # sum |z|^2
     # torch.dot is a single BLAS reduction: about twice as fast as vector_norm on CPU.
     return torch.dot(a, a)
+
+
+def _re_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Re <a, b>``: the real inner product, also of complex vectors (C^n as R^2n)."""
+    if a.is_complex() or b.is_complex():
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return torch.vdot(a.to(dtype), b.to(dtype)).real
+    return torch.dot(a, b)
 
 
 def forward_stats(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
@@ -67,15 +91,18 @@ def forward_stats(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) ->
     fx, fy = _flat(x), _flat(y)
     xx, yy = _sq(fx), _sq(fy)
     if ref is None or ref.shape != y.shape:
-        nan = torch.full((), NAN, dtype=xx.dtype, device=xx.device)
-        return torch.stack([xx, yy, nan, nan])
+        common = torch.promote_types(xx.dtype, yy.dtype)
+        nan = torch.full((), NAN, dtype=common, device=xx.device)
+        return torch.stack([xx.to(common), yy.to(common), nan, nan])
     fr = fx if ref is x else _flat(ref)
     rr = xx if ref is x else _sq(fr)
     # The difference is formed explicitly, not as |y|^2 + |r|^2 - 2<y, r>: near the
     # identity that expansion cancels catastrophically (res_ratio would read 1e-4
     # for a block that is exactly the identity).
     d = fy.to(torch.promote_types(fy.dtype, fr.dtype)) - fr
-    return torch.stack([xx, yy, _sq(d), rr.to(xx.dtype)])
+    dd = _sq(d)
+    common = torch.promote_types(xx.dtype, yy.dtype)
+    return torch.stack([xx.to(common), yy.to(common), dd.to(common), rr.to(common)])
 
 
 def grad_out_stats(g_y: torch.Tensor) -> torch.Tensor:
@@ -91,8 +118,9 @@ def grad_in_stats(g_x: torch.Tensor, g_y: torch.Tensor | None) -> torch.Tensor:
         nan = torch.full((), NAN, dtype=gxx.dtype, device=gxx.device)
         return torch.stack([gxx, nan, nan])
     fy = _flat(g_y)
-    b = fx - fy.to(fx.dtype)
-    return torch.stack([gxx, _sq(b), torch.dot(b, fy.to(fx.dtype))])
+    dtype = torch.promote_types(fx.dtype, fy.dtype)
+    b = fx.to(dtype) - fy.to(dtype)
+    return torch.stack([gxx.to(b.real.dtype), _sq(b), _re_dot(b, fy.to(dtype))])
 
 
 def _div(a: float, b: float) -> float:
@@ -152,12 +180,17 @@ def cum_gain(grad_in: float, grad_out_last: float) -> float:
     return _div(grad_in, grad_out_last)
 
 
+def _as_real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as the real tensor of its (re, im) pairs, which has the same norm."""
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
+
+
 def _sum_sq(tensors: Sequence[torch.Tensor], acc: torch.dtype, device: torch.device) -> torch.Tensor:
     if not tensors:
         return torch.tensor(NAN, device=device, dtype=acc)
     if all(t.device == device for t in tensors):
         # One fused kernel launch for all tensors instead of one reduction each.
-        norms = torch._foreach_norm([t.detach() for t in tensors], 2, dtype=acc)
+        norms = torch._foreach_norm([_as_real(t.detach()) for t in tensors], 2, dtype=acc)
         return torch.stack(norms).square().sum()
     return torch.stack([_sq(_flat(t)).to(device=device, dtype=acc) for t in tensors]).sum()
 
@@ -174,7 +207,7 @@ def param_stats(
         nan = torch.tensor(NAN)
         return nan, nan, nan
     device = params[0].device
-    acc = accumulation_dtype(params[0].dtype)
+    acc = real_dtype(params[0].dtype)
     sq = _sum_sq(params, acc, device)
     gsq = _sum_sq([p.grad for p in params if p.grad is not None], acc, device)
     if previous is None:
@@ -207,14 +240,14 @@ def block_param_stats(
             ]
         )
     (device,) = devices
-    acc = accumulation_dtype(flat[0].dtype)
+    acc = real_dtype(flat[0].dtype)
     owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=device, dtype=torch.long)
     n = len(groups)
 
     def per_block(tensors: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(n, device=device, dtype=acc)
         if tensors:
-            sq = torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).square()
+            sq = torch.stack(torch._foreach_norm([_as_real(t) for t in tensors], 2, dtype=acc)).square()
             out.index_add_(0, idx, sq)
         return out
 

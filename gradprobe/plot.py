@@ -78,7 +78,7 @@ LABELS: dict[str, str] = {
     "index": "block index (0 = nearest the input)",
     "step": "training step",
     "gain": "block gain |dL/dx| / |dL/dy|",
-    "cum_gain": "cumulative gain to the output\n|dL/dx| / |dL/dy_last|",
+    "cum_gain": "cumulative gain to the stack output\n|dL/dx| / |dL/dy_last|",
     "grad_out": "|dL/dy| (gradient norm)",
     "grad_in": "|dL/dx| (gradient norm)",
     "skip_grad": "skip |g_y| (gradient norm)",
@@ -459,20 +459,24 @@ def _lines_per_model(
 ) -> Counter[str]:
     dropped: Counter[str] = Counter()
     for model, rows in frame.groupby("model", sort=False):
-        rows = rows.sort_values(x, kind="stable")
-        values = _floats(rows[y])
-        values, n = _drawable(values, log)
-        dropped += n
-        ax.plot(
-            _floats(rows[x]),
-            values,
-            linestyle=linestyle,
-            marker=marker,
-            markersize=3,
-            linewidth=1.4,
-            color=palette[str(model)],
-            label=_text(model) + label_suffix,
-        )
+        # Each stack (encoder, decoder, ...) is its own chain: one line each, not joined across.
+        # Frames without a stack column (older runs) are one chain.
+        parts = rows.groupby("stack", sort=False) if "stack" in rows.columns else [(None, rows)]
+        for k, (_, part) in enumerate(parts):
+            part = part.sort_values(x, kind="stable")
+            values = _floats(part[y])
+            values, n = _drawable(values, log)
+            dropped += n
+            ax.plot(
+                _floats(part[x]),
+                values,
+                linestyle=linestyle,
+                marker=marker,
+                markersize=3,
+                linewidth=1.4,
+                color=palette[str(model)],
+                label=_text(model) + label_suffix if k == 0 else "_nolegend_",
+            )
     return dropped
 
 
@@ -489,9 +493,10 @@ def plot_highway(
     legend: bool = True,
     ax: Axes | None = None,
 ) -> Axes:
-    """The gradient highway: ``cum_gain`` (log axis) against block index, one line per model.
+    """The gradient highway: ``cum_gain`` (log axis) against block index, one line per model
+    and stack (an encoder and a decoder are drawn as two lines, each ending at its own last block).
 
-    ``cum_gain`` is the product of block gains from a block to the output, so a
+    ``cum_gain`` is the product of block gains from a block to its stack's output, so a
     flat line at 1 is a perfect highway; a line falling towards the input
     means vanishing gradients, rising means exploding. ``step`` is "first",
     "last" or a step number (per model).
@@ -1222,8 +1227,8 @@ def plot_jacobian(
     """Jacobian singular values per block against block index: first column solid, second dashed.
 
     Use ``columns=("prod_fro", "prod_spec")`` for the product of block
-    Jacobians from each block to the output. The step is chosen among the
-    steps where the Jacobian was computed. A dotted line marks 1 (an isometry).
+    Jacobians from each block to the last block of its stack (one line per stack).
+    The step is chosen among the steps where the Jacobian was computed. A dotted line marks 1 (an isometry).
 
     >>> import pandas as pd
     >>> f = pd.DataFrame({"step": 0, "block": list("ab"), "index": [0, 1],

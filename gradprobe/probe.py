@@ -40,10 +40,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import capture as _capture_rule
 from . import metrics
-from ._tensors import first_tensor, in_backward, swap_input
+from ._tensors import in_backward
 from ._version import __version__
 from .blocks import BlockSpec, select_blocks
+from .capture import alias_view as _alias
+from .capture import find_output, swap_input
 from .records import FRAME_COLUMNS, RowStore, Run, Sink, load
 
 if TYPE_CHECKING:
@@ -82,6 +85,45 @@ def _jacobian_option_names() -> set[str]:
 
     knobs = set(inspect.signature(jacobian_columns).parameters) - {"captures", "probes", "generator"}
     return knobs | {"seed", "sub_batch"}
+
+
+def _resolve_stacks(names: list[str], stacks: Any) -> dict[str, str] | None:
+    """``{block: stack name}`` from ``attach(..., stacks=...)``; None: detect them.
+
+    Accepted: a mapping ``{stack name: pattern or list of patterns}``, or a list whose
+    items (a pattern or a list of patterns) are the stacks in order, named by their
+    blocks' common dotted prefix (or their position). Patterns are block names or globs
+    as in ``blocks=``; every probed block must be in exactly one stack.
+    """
+    if stacks is None:
+        return None
+    from .blocks import glob_to_regex
+
+    if isinstance(stacks, Mapping):
+        items = [(str(k), v) for k, v in stacks.items()]
+    elif isinstance(stacks, (list, tuple)):
+        items = [("", v) for v in stacks]
+    else:
+        raise TypeError(
+            "stacks= must be a mapping {stack name: block names/patterns} or a list of such lists, got "
+            f"{type(stacks).__name__}"
+        )
+    out: dict[str, str] = {}
+    for k, (label, spec) in enumerate(items):
+        patterns = [spec] if isinstance(spec, str) else list(spec)
+        regexes = [glob_to_regex(p) for p in patterns]
+        members = [n for n in names if any(r.match(n) for r in regexes)]
+        if not members:
+            raise ValueError(f"stacks=: {spec!r} matches none of the probed blocks {names}")
+        twice = [n for n in members if n in out]
+        if twice:
+            raise ValueError(f"stacks=: blocks {twice} are in two stacks")
+        label = label or _capture_rule.common_prefix(members) or str(k)
+        out.update(dict.fromkeys(members, label))
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise ValueError(f"stacks=: blocks {missing} are in no stack; every probed block must be in one")
+    return out
 
 
 def every_n(n: int) -> Schedule:
@@ -149,16 +191,6 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _alias(x: torch.Tensor) -> torch.Tensor:
-    """A stand-in for the block input whose gradient is the gradient through this block only.
-
-    A view keeps in-place semantics (an in-place op on it still writes the caller's
-    tensor). An input that does not require grad gets a fresh leaf that does, so
-    the first block's input gradient exists; the caller's tensor is untouched.
-    """
-    return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
 
 
 def _to_host(tensors: list[Any]) -> list[tuple[Any, list[float]]]:
@@ -252,8 +284,14 @@ class Probe:
         jacobian_options: Mapping[str, Any] | None = None,
         sink: str | os.PathLike[str] | None = None,
         sink_options: Mapping[str, Any] | None = None,
+        input: Any = None,
+        output: Any = None,
+        stacks: Any = None,
     ) -> None:
         selected = select_blocks(model, blocks)
+        names = [n for n, _ in selected]
+        self._rules = _capture_rule.rules(names, input, output)
+        self._stacks_given = _resolve_stacks(names, stacks)
         self._model = model
         self._schedule: Schedule = every if callable(every) else every_n(every)
         self._every = every if isinstance(every, int) else getattr(every, "__name__", repr(every))
@@ -309,6 +347,12 @@ class Probe:
         self._index: dict[str, int] = {}
         self._stack: dict[str, list[_Call]] = {name: [] for name in self._modules}
         self._shortcut_out: dict[str, torch.Tensor] = {}
+        # Stack detection (see _link): whether each block's input was computed from the output
+        # of the block before it in forward order, decided once per block; the previous
+        # blocks' output nodes are held only until every block is decided (and never across steps).
+        self._linked: dict[str, bool] = {}
+        self._out_node: dict[str, Any] = {}
+        self._no_shortcut: set[str] = set()  # shape-changing blocks without a shortcut, not yet warned
         self._captures: list[Any] = []  # jacobian.BlockCapture of this forward pass
 
         self._step = 0
@@ -392,6 +436,7 @@ class Probe:
             self._attached = False
             self._captures.clear()
             self._shortcut_out.clear()
+            self._out_node.clear()
             for stack in self._stack.values():
                 stack.clear()
 
@@ -565,7 +610,7 @@ class Probe:
             if name in self._buf.blocks:
                 # Same graph as the first run (checkpointing compares saved tensors), no hooks;
                 # also inside the probe's own Jacobian passes, which recompute it as well.
-                return swap_input(args, kwargs, _alias)
+                return swap_input(args, kwargs, _alias, self._rules[name].input, module)
             if _MUTED[0]:
                 return None
         elif _MUTED[0]:
@@ -582,17 +627,21 @@ class Probe:
             self._stack[name].append(_Call(block=name))  # placeholder keeps pre/post hooks paired
             return None
         try:
-            return self._replace_input(name, args, kwargs)
+            return self._replace_input(name, module, args, kwargs)
         except Exception as exc:  # never break the user's forward pass
             self._fail(f"input capture of block {name}", exc)
             self._stack[name].append(_Call(block=name))
             return None
 
-    def _replace_input(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _replace_input(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         call = _Call(block=name)
         self._stack[name].append(call)
 
         def capture(x: torch.Tensor) -> torch.Tensor:
+            if name not in self._linked:
+                self._link(name, x)
             alias = _alias(x)
             alias.register_hook(partial(self._grad_x_hook, call))
             call.x_node, call.x_output_nr = x.grad_fn, x.output_nr
@@ -600,13 +649,60 @@ class Probe:
             call.x_version = alias._version
             return alias
 
-        return swap_input(args, kwargs, capture)
+        swapped = swap_input(args, kwargs, capture, self._rules[name].input, module)
+        if swapped is None:
+            self._warn_once(f"input:{name}", _capture_rule.no_input_message(name, args, kwargs))
+        return swapped
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _link(self, name: str, x: torch.Tensor) -> None:
+        """Decide once whether block ``name`` continues the stack of the block before it.
+
+        It does when its input ``x`` is computed, in this forward pass, from the output of
+        the previous block in forward order (a walk back through ``x``'s autograd graph
+        reaches that output's node). An input without a graph while the previous output
+        has one is not computed from it differentiably: a new stack. Where the walk cannot
+        tell (no graph at all, a graph too large to search), the chain goes on, as with
+        a single stack.
+        """
+        index = self._index.get(name, -1)
+        prev = next((n for n, i in self._index.items() if i == index - 1), None)
+        if index <= 0 or prev is None:
+            self._linked[name] = False  # the first block starts the first stack
+        elif prev in self._out_node:
+            self._linked[name] = _capture_rule.continues(x, self._out_node[prev])
+        else:
+            return  # the previous block has not run in this pass yet: decide on a later call
+        if len(self._linked) == len(self._modules):
+            self._out_node.clear()
+
+    def _stack_names(self, names: list[str]) -> dict[str, str]:
+        """``{block: stack name}`` for these blocks (in forward order).
+
+        Given ``stacks=``: as given. Detected: consecutive blocks linked by :meth:`_link`
+        form a stack, named by the longest dotted prefix its blocks' names share
+        (``encoder.block``), the block's own name for a stack of one, or its position
+        (``"0"``, ``"1"``, ...) when they share no prefix; a single stack is named that way too.
+        """
+        if self._stacks_given is not None:
+            return {n: self._stacks_given[n] for n in names}
+        return _capture_rule.stack_labels(names, self._linked)
 
     def _shortcut_hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
-        if self._stack[name] and self._stack[name][-1].x is not None:
-            out = first_tensor(output)
-            if out is not None:
-                self._shortcut_out[name] = out
+        stack = self._stack[name]
+        if not stack or stack[-1].x is None:
+            return
+        # A shortcut only if this call applied it to the block's own input (the alias the
+        # block received): a "downsample" applied to the block's result is not one.
+        if not any(a is stack[-1].x for a in args):
+            return
+        out = find_output(output)
+        if out is not None:
+            self._shortcut_out[name] = out
 
     def _post_hook(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         stack = self._stack.get(name)
@@ -614,14 +710,30 @@ class Probe:
             return
         call = stack.pop()
         shortcut_out = self._shortcut_out.pop(name, None)
-        y = first_tensor(output)
-        if y is None or not y.requires_grad:
+        y = find_output(output, self._rules[name].output)
+        if y is None:
+            if self._recording() and torch.is_grad_enabled():
+                self._warn_once(f"output:{name}", _capture_rule.no_output_message(name, output))
+                if call.x is not None:
+                    # A row of NaN (its input gradient still arrives): never zero rows in silence.
+                    call.x = None
+                    self._buf.calls.append(call)
+            call.x = None
             return
+        if not y.requires_grad:
+            call.x = None
+            return
+        if shortcut_out is not None and (
+            shortcut_out is y or (shortcut_out.data_ptr() == y.data_ptr() and shortcut_out.shape == y.shape)
+        ):
+            shortcut_out = None  # the "shortcut" computed the block's output: it is its last layer
         try:
             if not self._recording():
                 # Unrecorded step: a bare hook whose only job is to notice the backward pass.
                 y.register_hook(self._count_hook)
                 return
+            if len(self._linked) < len(self._modules):
+                self._out_node[name] = y.grad_fn  # for _link of the next block in this pass
             self._record_forward(call, y, shortcut_out)
         except Exception as exc:
             self._fail(f"forward metrics of block {name}", exc)
@@ -636,6 +748,8 @@ class Probe:
             if x is not None:
                 call.same_shape = x.shape == y.shape
                 ref = x if call.same_shape else shortcut_out
+                if ref is None or ref.shape != y.shape:
+                    self._no_shortcut.add(call.block)
                 call.fwd = metrics.forward_stats(x, y, ref)
                 call.numel_x = x.numel()
                 if x._version != call.x_version and call.x_node is not None:
@@ -732,7 +846,7 @@ class Probe:
         if not captures or _MUTED[0] or in_backward():
             return
         try:
-            from .jacobian import BlockCapture, jacobian_columns
+            from .jacobian import BlockCapture, differentiable_twice, jacobian_columns
 
             if self._jacobian_generator is None:
                 self._jacobian_generator = torch.Generator().manual_seed(
@@ -744,17 +858,27 @@ class Probe:
                 if cap.name not in seen:  # weight sharing: the first call of each block
                     seen.add(cap.name)
                     caps.append(cap)
+            stacks = self._stack_names([c.name for c in caps])
+            for cap in caps:
+                cap.stack = stacks[cap.name]
             options = {k: v for k, v in self._jacobian_options.items() if k not in ("seed", "sub_batch")}
             spec = options["spec"]
             options["spec"] = spec if isinstance(spec, bool) else self._jacobian_calls % spec == 0
             self._jacobian_calls += 1
             generator = self._jacobian_generator
+            twice = bool(options["spec"])  # Jacobian-vector products by double backward
 
             def columns(captured: list[BlockCapture]) -> dict[str, dict[str, float]]:
-                return jacobian_columns(captured, probes=self._probes, generator=generator, **options)
+                # A pass of our own (sub-batch, whole-batch rerun) ran attention through the math
+                # kernel when twice; activation checkpointing recomputes its blocks while the
+                # Jacobian passes run, and must pick the same kernel, or the recomputed tensors
+                # differ from the saved ones (CheckpointError). The training graph's recomputation
+                # keeps the training kernel.
+                own = twice and captured is not caps
+                with differentiable_twice() if own else contextlib.nullcontext():
+                    return jacobian_columns(captured, probes=self._probes, generator=generator, **options)
 
             with self._mute():
-                twice = bool(options["spec"])  # Jacobian-vector products by double backward
                 used = self._sub_batch(caps, args, kwargs, twice=twice) or caps
                 try:
                     cols = columns(used)
@@ -800,7 +924,9 @@ class Probe:
         seed = int(torch.randint(0, 2**62, (1,), generator=self._jacobian_generator))
         named = [(c.name, self._modules[c.name]) for c in caps]
         try:
-            rerun = sub_batch_captures(self._model, named, args, kwargs, k, seed, twice=twice)
+            rerun = sub_batch_captures(
+                self._model, named, args, kwargs, k, seed, twice=twice, rules=self._rules
+            )
             if rerun is None:
                 return None
             got = [c.name for c in rerun if c.y_edge is not None]
@@ -808,6 +934,8 @@ class Probe:
                 raise RuntimeError(
                     f"it ran the blocks {got} with a graph, the training pass {[c.name for c in caps]}"
                 )
+            for cap, mine in zip(rerun, caps, strict=True):
+                cap.stack = mine.stack
             return rerun
         except Exception as exc:
             if self._strict:
@@ -831,6 +959,23 @@ class Probe:
     def _close_step(self) -> None:
         buf, self._buf = self._buf, _StepBuffer()
         self._captures.clear()
+        self._out_node.clear()
+        if self._no_shortcut:
+            shapeless = sorted(
+                (n for n in self._no_shortcut if f"shape:{n}" not in self._warned),
+                key=lambda n: self._index.get(n, -1),
+            )
+            self._no_shortcut.clear()
+            if shapeless:
+                self._warned.update(f"shape:{n}" for n in shapeless)
+                warnings.warn(
+                    f"gradprobe: block(s) {shapeless} change the shape of their input and have no shortcut "
+                    "applied to that input (a child named shortcut/downsample counts only when the block "
+                    "applies it to its own input and its output is not the block's output): res_ratio and "
+                    "cos_xy are NaN there. Name the shortcut with attach(..., shortcuts={block: child}).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         step = self._step
         self._step += 1
         if buf.scalars:  # scalars are cheap: kept for every step, recorded or not
@@ -859,6 +1004,8 @@ class Probe:
         if "non-finite" in self._warned:
             return
         for row in rows:
+            if f"input:{row['block']}" in self._warned or f"output:{row['block']}" in self._warned:
+                continue  # NaN by design: the capture warning said why
             bad = [c for c in ("in_rms", "out_rms", "grad_out", "grad_in") if not math.isfinite(row[c])]
             if bad:
                 self._warned.add("non-finite")
@@ -907,9 +1054,13 @@ class Probe:
             row.update(buf.jacobian.get(name, {}))
             rows.append(row)
         rows.sort(key=lambda r: r["index"])
-        last_out = rows[-1]["grad_out"]
+        stacks = self._stack_names([r["block"] for r in rows])
+        last_out: dict[str, float] = {}
+        for row in rows:  # in forward order: the last row of a stack wins
+            row["stack"] = stacks[row["block"]]
+            last_out[row["stack"]] = row["grad_out"]
         for row in rows:
-            row["cum_gain"] = metrics.cum_gain(row["grad_in"], last_out)
+            row["cum_gain"] = metrics.cum_gain(row["grad_in"], last_out[row["stack"]])
         return [{c: r.get(c, math.nan) for c in FRAME_COLUMNS} for r in rows]
 
 
@@ -929,6 +1080,9 @@ def attach(
     jacobian_options: Mapping[str, Any] | None = None,
     sink: str | os.PathLike[str] | None = None,
     sink_options: Mapping[str, Any] | None = None,
+    input: Any = None,
+    output: Any = None,
+    stacks: Any = None,
 ) -> Probe:
     """Register gradprobe's hooks on the blocks of ``model`` and return the :class:`Probe`.
 
@@ -963,6 +1117,20 @@ def attach(
         sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
             (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
         sink_options: ``chunk_rows`` (rows per chunk, default 50,000) and ``fmt``.
+        input: which argument of a block call is its input ``x`` (default: the first
+            floating-point or complex positional tensor, else ``hidden_states=``, ``x=`` or
+            ``input=``): a position, a keyword name, a callable ``(args, kwargs) -> tensor``,
+            or ``{block name: one of those}``. See :mod:`gradprobe.capture`.
+        output: which tensor of a block's output is ``y`` (default: the first
+            floating-point or complex tensor of a tensor, tuple/list, dict/``ModelOutput`` or
+            dataclass): a position, a key or field name, a callable ``output -> tensor``, or
+            ``{block name: one of those}``.
+        stacks: the chains of blocks that ``cum_gain``, ``prod_fro`` and ``prod_spec`` run
+            along (the ``stack`` column). Default: detected at the first recorded step, a
+            block joining the stack of the block before it when its input is computed from
+            that block's output (an encoder and a decoder are two stacks). Override with
+            ``{stack name: block names/globs}`` or a list of such lists (named by their
+            common dotted prefix).
 
     >>> import torch, torch.nn as nn, gradprobe
     >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])
@@ -986,4 +1154,7 @@ def attach(
         jacobian_options=jacobian_options,
         sink=sink,
         sink_options=sink_options,
+        input=input,
+        output=output,
+        stacks=stacks,
     )

@@ -50,8 +50,9 @@ METRIC_COLUMNS: tuple[str, ...] = (
 #: Jacobian columns (see ``jacobian.py``); NaN on steps where they were not computed.
 JACOBIAN_COLUMNS: tuple[str, ...] = ("jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec", "jac_batch")
 
-#: Book-keeping columns: how many calls of the block were pooled into the row.
-EXTRA_COLUMNS: tuple[str, ...] = ("calls",)
+#: Book-keeping columns: how many calls of the block were pooled into the row, and the
+#: chain of blocks (``stack``) that ``cum_gain``, ``prod_fro`` and ``prod_spec`` run along.
+EXTRA_COLUMNS: tuple[str, ...] = ("calls", "stack")
 
 #: Every column of ``Probe.frame()``, in order.
 FRAME_COLUMNS: tuple[str, ...] = KEY_COLUMNS + EXTRA_COLUMNS + METRIC_COLUMNS + JACOBIAN_COLUMNS
@@ -69,11 +70,13 @@ GLOSSARY: dict[str, str] = {
     "block": "qualified module name of the block, as in model.named_modules()",
     "index": "forward order of the block, 0 = nearest the input",
     "calls": "calls of the block pooled into the row (weight sharing, gradient accumulation)",
+    "stack": "the chain of blocks this block belongs to (each block's input computed from the previous "
+    "one's output; an encoder and a decoder are two stacks); products run to the stack's last block",
     "grad_out": "|dL/dy|: Euclidean norm of the loss gradient at the block output, over the whole batch",
     "grad_in": "|dL/dx|: norm of the loss gradient at the block input, through this block only",
     "gain": "grad_in / grad_out: how much the block amplifies (>1) or shrinks (<1) the gradient",
-    "cum_gain": "grad_in of this block / grad_out of the last block: the product of gains from here to the "
-    "output, i.e. prod(1 + dF/dx) along the gradient training uses",
+    "cum_gain": "grad_in of this block / grad_out of the last block of its stack: the product of gains "
+    "from here to the stack's output, i.e. prod(1 + dF/dx) along the gradient training uses",
     "skip_grad": "|g_y|: gradient carried by the identity path (the gradient highway); NaN if shapes change",
     "branch_grad": "|g_x - g_y| = |(dF/dx)^T g_y|: gradient carried by the learned branch F; "
     "NaN if shapes change",
@@ -88,8 +91,8 @@ GLOSSARY: dict[str, str] = {
     "jac_fro": "|J|_F / sqrt(n): RMS singular value of the block Jacobian J = dy/dx (Hutchinson estimate)",
     "jac_spec": "largest singular value of the block Jacobian",
     "jac_id": "|J - I|_F / sqrt(n): RMS of dF/dx, the block's distance from identity as a linear map",
-    "prod_fro": "RMS singular value of the product of block Jacobians from this block's input to the last "
-    "block's output",
+    "prod_fro": "RMS singular value of the product of block Jacobians from this block's input to the "
+    "output of the last block of its stack",
     "prod_spec": "largest singular value of that product",
     "jac_batch": "samples (leading dimension of the block input) the Jacobian columns were taken on: "
     "the sub-batch during training, the whole batch otherwise",
@@ -110,7 +113,9 @@ def empty_frame() -> pd.DataFrame:
     import pandas as pd
 
     frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in FRAME_COLUMNS})
-    return frame.astype({"step": "int64", "block": "object", "index": "int64", "calls": "int64"})
+    return frame.astype(
+        {"step": "int64", "block": "object", "index": "int64", "calls": "int64", "stack": "object"}
+    )
 
 
 def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -128,7 +133,8 @@ def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     extra = [c for c in frame.columns if c not in FRAME_COLUMNS]
     for c in FRAME_COLUMNS:
         if c not in frame.columns:
-            frame[c] = math.nan
+            # rows without a stack (older runs, hand-made frames) are one chain
+            frame[c] = "" if c == "stack" else math.nan
     frame = frame[list(FRAME_COLUMNS) + extra]
     return frame.astype({"step": "int64", "index": "int64", "calls": "int64"})
 
@@ -300,12 +306,12 @@ VALUE_COLUMNS: tuple[str, ...] = METRIC_COLUMNS + JACOBIAN_COLUMNS
 class RowStore:
     """Recorded rows kept compactly in memory: one float64 array per step.
 
-    A (step, block) row costs its 20 float64 values plus four int32 keys,
-    176 bytes, instead of ~2 kB as a dict of Python floats.
+    A (step, block) row costs its 20 float64 values plus five int32 keys,
+    180 bytes, instead of ~2 kB as a dict of Python floats.
     """
 
     def __init__(self) -> None:
-        self._chunks: list[tuple[Any, Any]] = []  # (keys int32 (n, 4), values float64 (n, k)) per step
+        self._chunks: list[tuple[Any, Any]] = []  # (keys int32 (n, 5), values float64 (n, k)) per step
         self._names: list[str] = []
         self._ids: dict[str, int] = {}
 
@@ -322,7 +328,8 @@ class RowStore:
         if not rows:
             return
         keys = np.array(
-            [(r["step"], self._id(r["block"]), r["index"], r["calls"]) for r in rows], dtype=np.int32
+            [(r["step"], self._id(r["block"]), r["index"], r["calls"], self._id(r["stack"])) for r in rows],
+            dtype=np.int32,
         )
         values = np.array([[r[c] for c in VALUE_COLUMNS] for r in rows], dtype=np.float64)
         self._chunks.append((keys, values))
@@ -350,6 +357,7 @@ class RowStore:
             "block": names[keys[:, 1]],
             "index": keys[:, 2],
             "calls": keys[:, 3],
+            "stack": names[keys[:, 4]],
         }
         data.update({c: values[:, i] for i, c in enumerate(VALUE_COLUMNS)})
         return pd.DataFrame(data, columns=list(FRAME_COLUMNS))

@@ -120,8 +120,9 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "highway",
         "Gradient highway",
-        "Cumulative gain from each block to the output, cum_gain = |dL/dx| at the block / |dL/dy| at "
-        "the last block, on a log axis, at the first and at the last recorded step. A flat line near 1 "
+        "Cumulative gain from each block to the output of its stack, cum_gain = |dL/dx| at the block / "
+        "|dL/dy| at the stack's last block (an encoder and a decoder are two stacks, two lines), on a log "
+        "axis, at the first and at the last recorded step. A flat line near 1 "
         "(dotted) is a working gradient highway: the first blocks get as much gradient as the last. A "
         "line that falls towards the input (left) means vanishing gradients, one that rises means "
         "exploding gradients. Compare plain and residual nets of the same depth.",

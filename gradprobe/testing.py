@@ -680,7 +680,8 @@ def assert_gradient_flow(
     """Assert that no block's gradient vanishes or explodes: ``cum_gain`` (and ``gain``) stay in a band.
 
     ``cum_gain`` of a block is the norm of the loss gradient at its input over
-    the norm at the last block's output: ``min_cum_gain`` catches a gradient that
+    the norm at the output of the last block of its stack (an encoder and a decoder
+    are checked as two chains): ``min_cum_gain`` catches a gradient that
     vanishes on its way back to the input, ``max_cum_gain`` one that explodes.
     ``min_gain``/``max_gain`` bound each block's own gain. One forward/backward
     pass of :func:`gradprobe.analyze` (``loss_fn``, ``seed`` and ``**options`` go

@@ -417,7 +417,7 @@ def test_spectrum_changes_nothing(no_leaks):
 def test_spectrum_errors():
     net = res_mlp()
     x = inputs_for(net)
-    with pytest.raises(ValueError, match="not one of the selected blocks"):
+    with pytest.raises(ValueError, match="not a module of the model"):
         spectrum(net, x, start="nope")
     with pytest.raises(ValueError, match="did not run after"):
         spectrum(net, x, start="3", end="1")

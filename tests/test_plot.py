@@ -60,6 +60,7 @@ def make_frame(
                     "block": f"layer{i // 3}.{i % 3}",
                     "index": i,
                     "calls": 1,
+                    "stack": "0",
                     "grad_out": cum / gain,
                     "grad_in": cum,
                     "gain": gain * (1 + 0.01 * step),

@@ -1,0 +1,508 @@
+"""The one rule that finds a block's input and output tensors, and the aliases that capture them.
+
+Used by the probe's hooks, the Jacobian passes (``jacobian._capturing``: sub-batch
+recomputation, ``capture_blocks``, ``spectrum``) and so by ``analyze``: all of them
+see the same ``x`` and ``y`` of a block.
+
+The default rule
+----------------
+* **Input** ``x``: the first floating-point or complex tensor among the positional
+  arguments of the call, else the ``hidden_states``, ``x`` or ``input`` keyword
+  argument (first one present). ``None``, integer and bool tensors (masks, ids,
+  positions) and other values are skipped, so ``block(mask, hidden)`` and
+  ``block(None, hidden_states=h)`` both give ``hidden``.
+* **Output** ``y``: the first floating-point or complex tensor of the output,
+  searched depth-first: a tensor; a tuple or list (in order); a dict or a Hugging
+  Face ``ModelOutput`` (in key order); a ``@dataclass`` (fields in order).
+
+Overrides (``attach(..., input=..., output=...)``, also ``analyze`` and ``spectrum``):
+
+* ``input``: an ``int`` (that positional argument), a ``str`` (that keyword argument,
+  or the positional argument of that name in the block's ``forward`` signature), or a
+  callable ``(args, kwargs) -> Tensor`` returning one of the call's arguments (found
+  by identity among the arguments, also inside tuples, lists and dicts, so that it
+  can be replaced by the alias that measures its gradient).
+* ``output``: an ``int`` (that item of a tuple/list, or field of a dataclass), a
+  ``str`` (that key of a dict/``ModelOutput`` or attribute), or a callable
+  ``(output) -> Tensor``.
+* either one may also be a mapping ``{block name: spec}``: blocks it does not name use
+  the default rule.
+
+Where no tensor is found the probe warns once per block, naming the types the block
+received and how to pass ``input=``/``output=``, and records NaN in the columns that
+need the missing tensor.
+
+Also here: the input aliases that make ``g_x`` the gradient through one block
+(:func:`alias_view` for the probe's hooks, :func:`alias_pinned` with pinned gradient
+edges for the Jacobian passes), and the stack rule (:func:`continues`,
+:func:`stack_labels`): a block continues the stack of the block before it when its
+input is computed from that block's output, found by a bounded walk back through the
+input's autograd graph (:func:`reaches`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeGuard, Union
+
+import torch
+
+Tensor = torch.Tensor
+
+InputSpec = Union[int, str, Callable[[tuple[Any, ...], dict[str, Any]], Any], None]  # noqa: UP007
+OutputSpec = Union[int, str, Callable[[Any], Any], None]  # noqa: UP007
+
+#: Keyword arguments that hold a block's input when no positional argument does, in order.
+INPUT_KEYWORDS = ("hidden_states", "x", "input")
+
+# How deep the default output rule looks into nested containers.
+_MAX_DEPTH = 4
+
+
+def is_signal(t: Any) -> TypeGuard[Tensor]:
+    """Whether ``t`` can be a block's input or output: a floating-point or complex tensor.
+
+    >>> is_signal(torch.ones(2)), is_signal(torch.ones(2, dtype=torch.bool)), is_signal(None)
+    (True, False, False)
+    """
+    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to find one block's input and output (``None``: the default rule)."""
+
+    input: InputSpec = None
+    output: OutputSpec = None
+
+
+DEFAULT = Rule()
+
+
+def _check_spec(value: Any, what: str) -> None:
+    if value is None or callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(
+            f"{what}= must be None, an int (position), a str (keyword or field name), a callable, or a "
+            f"mapping {{block name: one of those}}; got {type(value).__name__}"
+        )
+    if isinstance(value, int) and value < 0 and what == "input":
+        raise ValueError(f"input={value}: positions count from 0")
+
+
+def rules(names: list[str], input: Any = None, output: Any = None) -> dict[str, Rule]:
+    """One :class:`Rule` per block from ``attach``'s ``input=``/``output=``.
+
+    A mapping names blocks (others get the default); anything else applies to every block.
+
+    >>> rules(["a", "b"], input={"b": 1})["b"].input, rules(["a", "b"], input={"b": 1})["a"].input
+    (1, None)
+    """
+    per: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for what, spec in (("input", input), ("output", output)):
+        if isinstance(spec, Mapping):
+            unknown = sorted(set(spec) - set(names))
+            if unknown:
+                raise ValueError(f"{what}= names blocks that are not probed: {unknown}; probed: {names}")
+            for name, value in spec.items():
+                _check_spec(value, what)
+                per[name][what] = value
+        else:
+            _check_spec(spec, what)
+            for name in names:
+                per[name][what] = spec
+    return {n: Rule(**kw) if kw else DEFAULT for n, kw in per.items()}
+
+
+def describe(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """The types a call received, for messages.
+
+    >>> describe((None, torch.ones(2, dtype=torch.long)), {"mask": 1})
+    'args (NoneType, Tensor[int64]), kwargs {mask: int}'
+    """
+
+    def one(v: Any) -> str:
+        if isinstance(v, Tensor):
+            return f"Tensor[{str(v.dtype).removeprefix('torch.')}]"
+        return type(v).__name__
+
+    a = ", ".join(one(v) for v in args)
+    k = ", ".join(f"{key}: {one(v)}" for key, v in kwargs.items())
+    return f"args ({a}), kwargs {{{k}}}"
+
+
+@functools.lru_cache(maxsize=256)
+def _positional_names(forward: Any) -> tuple[str, ...]:
+    """Names of the parameters of a bound ``forward`` that can be passed by position."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
+def _positional_index(module: Any, name: str) -> int | None:
+    """Position of parameter ``name`` in ``module.forward``'s signature (None if not positional)."""
+    if module is None:
+        return None
+    # Keyed by the class's function, not the bound method: no reference to the module is kept.
+    forward = getattr(type(module), "forward", None)
+    names = _positional_names(forward)[1:] if forward is not None else ()  # without self
+    return names.index(name) if name in names else None
+
+
+# Where an input was found: ("arg", i), ("kw", name), or ("path", [keys]) for a callable's pick.
+Where = tuple[str, Any]
+
+
+def _find_in(obj: Any, target: Tensor, depth: int = 0) -> list[Any] | None:
+    if obj is target:
+        return []
+    if depth >= _MAX_DEPTH:
+        return None
+    items: Any
+    if isinstance(obj, (tuple, list)):
+        items = enumerate(obj)
+    elif isinstance(obj, dict):
+        items = obj.items()
+    else:
+        return None
+    for key, value in items:
+        sub = _find_in(value, target, depth + 1)
+        if sub is not None:
+            return [key, *sub]
+    return None
+
+
+def locate_input(
+    args: tuple[Any, ...], kwargs: dict[str, Any], spec: InputSpec = None, module: Any = None
+) -> tuple[Tensor, Where] | None:
+    """The block input and where it sits in the call, or None when the rule finds none.
+
+    >>> x, where = locate_input((None, torch.ones(2, dtype=torch.bool), torch.ones(3)), {})
+    >>> where, x.shape
+    (('arg', 2), torch.Size([3]))
+    """
+    if spec is None:
+        for i, a in enumerate(args):
+            if is_signal(a):
+                return a, ("arg", i)
+        for key in INPUT_KEYWORDS:
+            v = kwargs.get(key)
+            if is_signal(v):
+                return v, ("kw", key)
+        return None
+    if isinstance(spec, int):
+        v = args[spec] if spec < len(args) else None
+        return (v, ("arg", spec)) if is_signal(v) else None
+    if isinstance(spec, str):
+        if spec in kwargs:
+            v = kwargs[spec]
+            return (v, ("kw", spec)) if is_signal(v) else None
+        pos = _positional_index(module, spec)
+        if pos is not None and pos < len(args) and is_signal(args[pos]):
+            return args[pos], ("arg", pos)
+        return None
+    picked = spec(args, kwargs)
+    if not is_signal(picked):
+        return None
+    path = _find_in([list(args), kwargs], picked)
+    if path is None:
+        raise ValueError(
+            "input= returned a tensor that is not one of the call's arguments (nor inside a tuple, list "
+            "or dict of them): the probe must replace it to measure its gradient; return an argument"
+        )
+    return picked, ("path", path)
+
+
+def _replaced(obj: Any, path: list[Any], new: Any) -> Any:
+    if not path:
+        return new
+    key, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        return {**obj, key: _replaced(obj[key], rest, new)}
+    items = list(obj)
+    items[key] = _replaced(items[key], rest, new)
+    return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
+
+
+def replace_input(
+    args: tuple[Any, ...], kwargs: dict[str, Any], where: Where, new: Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's ``(args, kwargs)`` with the input at ``where`` replaced by ``new``.
+
+    >>> replace_input((1, 2), {}, ("arg", 1), torch.zeros(1))[0][1].tolist()
+    [0.0]
+    """
+    kind, at = where
+    if kind == "arg":
+        return (*args[:at], new, *args[at + 1 :]), kwargs
+    if kind == "kw":
+        return args, {**kwargs, at: new}
+    both = _replaced([list(args), kwargs], at, new)
+    return tuple(both[0]), both[1]
+
+
+def swap_input(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    swap: Callable[[Tensor], Tensor],
+    spec: InputSpec = None,
+    module: Any = None,
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The call's arguments with its input replaced by ``swap(x)``, as a forward pre-hook returns
+    them; None if the rule finds no input.
+
+    >>> swap_input((None, torch.ones(1), 2), {}, lambda x: 2 * x)[0][1].tolist()
+    [2.0]
+    """
+    found = locate_input(args, kwargs, spec, module)
+    if found is None:
+        return None
+    x, where = found
+    return replace_input(args, kwargs, where, swap(x))
+
+
+def _first(obj: Any, depth: int = 0) -> Tensor | None:
+    if isinstance(obj, Tensor):
+        return obj if is_signal(obj) else None
+    if depth >= _MAX_DEPTH:
+        return None
+    if isinstance(obj, Mapping):
+        values: Any = obj.values()
+    elif isinstance(obj, (tuple, list)):
+        values = obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        values = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    else:
+        return None
+    for v in values:
+        t = _first(v, depth + 1)
+        if t is not None:
+            return t
+    return None
+
+
+def find_output(output: Any, spec: OutputSpec = None) -> Tensor | None:
+    """The block output: the first floating-point or complex tensor of ``output`` (default rule).
+
+    >>> find_output((torch.ones(2, dtype=torch.long), {"h": torch.zeros(1)})).tolist()
+    [0.0]
+    """
+    if spec is None:
+        return _first(output)
+    if callable(spec):
+        got = spec(output)
+    elif isinstance(spec, int):
+        if dataclasses.is_dataclass(output) and not isinstance(output, type):
+            fields = dataclasses.fields(output)
+            got = getattr(output, fields[spec].name) if -len(fields) <= spec < len(fields) else None
+        elif isinstance(output, (tuple, list)) and -len(output) <= spec < len(output):
+            got = output[spec]
+        else:
+            got = None
+    elif isinstance(output, Mapping) and spec in output:
+        got = output[spec]
+    else:
+        got = getattr(output, spec, None)
+    return got if is_signal(got) else None
+
+
+def describe_output(output: Any) -> str:
+    """The type of an output, with the types inside a container, for messages.
+
+    >>> describe_output((None, 3))
+    'tuple (NoneType, int)'
+    """
+    if isinstance(output, Tensor):
+        return f"Tensor[{str(output.dtype).removeprefix('torch.')}]"
+    if isinstance(output, Mapping):
+        inner = ", ".join(f"{k}: {type(v).__name__}" for k, v in output.items())
+        return f"{type(output).__name__} {{{inner}}}"
+    if isinstance(output, (tuple, list)):
+        return f"{type(output).__name__} ({', '.join(type(v).__name__ for v in output)})"
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        inner = ", ".join(
+            f"{f.name}: {type(getattr(output, f.name)).__name__}" for f in dataclasses.fields(output)
+        )
+        return f"{type(output).__name__} {{{inner}}}"
+    return type(output).__name__
+
+
+def no_input_message(block: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """The one warning for a block whose input the rule cannot find."""
+    return (
+        f"gradprobe: block {block!r} was called without a floating-point or complex tensor where the "
+        f"capture rule looks for its input (the first such positional argument, else hidden_states=, x= "
+        f"or input=); it received {describe(args, kwargs)}. Its input columns (grad_in, gain, cum_gain, "
+        f"res_ratio, cos_xy, in_rms, Jacobian) are NaN. Pass input= to attach(): a position, a keyword "
+        f"name, or a callable (args, kwargs) -> tensor, e.g. input={{{block!r}: 1}}."
+    )
+
+
+def no_output_message(block: str, output: Any) -> str:
+    """The one warning for a block whose output the rule cannot find."""
+    return (
+        f"gradprobe: block {block!r} returned no floating-point or complex tensor where the capture rule "
+        f"looks (a tensor, tuple/list, dict/ModelOutput or dataclass); it returned "
+        f"{describe_output(output)}. "
+        f"Its columns are NaN. Pass output= to attach(): a position, a key or field name, or a callable "
+        f"output -> tensor, e.g. output={{{block!r}: 'hidden'}}."
+    )
+
+
+# ---------------------------------------------------------------------- aliases
+def alias_view(x: Tensor) -> Tensor:
+    """The probe's stand-in for a block input: its gradient is the gradient through this block only.
+
+    A view keeps in-place semantics (an in-place op on it still writes the caller's
+    tensor). An input that does not require grad gets a fresh leaf that does, so
+    the first block's input gradient exists; the caller's tensor is untouched.
+
+    >>> alias_view(torch.ones(2)).requires_grad
+    True
+    """
+    return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def gradient_edge(t: Tensor) -> Any:
+    """``torch.autograd.graph.get_gradient_edge(t)``: what autograd differentiates, pinned now."""
+    from torch.autograd.graph import get_gradient_edge
+
+    return get_gradient_edge(t)
+
+
+@dataclass
+class Pending:
+    """An input alias made by :func:`alias_pinned`, between a block's pre-hook and its forward hook."""
+
+    x: Tensor  # what the block sees
+    edge: Any  # what to differentiate with respect to
+    fallback: Any  # ... if the block modified x in place (the alias' own node is then bypassed)
+    version: int
+
+    def input_edge(self) -> Any:
+        """The edge to differentiate with respect to, once the block has run."""
+        return self.edge if self.x._version == self.version else self.fallback
+
+
+def alias_pinned(x: Tensor) -> Pending:
+    """The Jacobian passes' stand-in for a block input, with its gradient edges pinned.
+
+    An in-place op on the alias (``relu_`` as the block's first op) rebases the graph
+    around the alias' view node; the gradient then arrives at the node that produced x,
+    whose edge is kept as the fallback. An input without grad becomes a fresh leaf,
+    and the block sees a clone of it, so that it may modify its input in place.
+
+    >>> p = alias_pinned(torch.ones(2)); p.x.requires_grad, p.x is p.edge
+    (True, False)
+    """
+    if x.requires_grad:
+        alias = x.view_as(x)
+        return Pending(alias, gradient_edge(alias), gradient_edge(x), alias._version)
+    leaf = x.detach().requires_grad_(True)
+    alias = leaf.clone()
+    return Pending(alias, leaf, leaf, alias._version)
+
+
+# ---------------------------------------------------------------------- graph reachability
+#: Autograd nodes a reachability walk visits at most (between consecutive blocks it is a few).
+MAX_WALK = 20_000
+
+
+def reaches(start: Any, target: Any, limit: int = MAX_WALK) -> bool | None:
+    """Whether the autograd node ``target`` is reachable from node ``start`` (``grad_fn``s).
+
+    Breadth-first through ``next_functions``; None when more than ``limit`` nodes were
+    visited without an answer, or when ``start`` is None (no graph: cannot tell).
+
+    >>> a = torch.ones(2, requires_grad=True); b = a * 2; c = (b + 1).sum()
+    >>> reaches(c.grad_fn, b.grad_fn), reaches(b.grad_fn, c.grad_fn)
+    (True, False)
+    """
+    if start is None or target is None:
+        return None
+    from collections import deque
+
+    seen = {start}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        if node is target:
+            return True
+        if len(seen) > limit:
+            return None
+        for child, _ in getattr(node, "next_functions", ()):
+            if child is not None and child not in seen:
+                seen.add(child)
+                queue.append(child)
+    return False
+
+
+def common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix shared by these names (a single name: itself).
+
+    >>> common_prefix(["encoder.block.0", "encoder.block.1"]), common_prefix(["a.0", "b.0"])
+    ('encoder.block', '')
+    """
+    if len(names) == 1:
+        return names[0]
+    parts = [n.split(".") for n in names]
+    common: list[str] = []
+    for segs in zip(*parts, strict=False):
+        if any(s != segs[0] for s in segs):
+            break
+        common.append(segs[0])
+    return ".".join(common)
+
+
+def stack_labels(names: list[str], linked: Mapping[str, bool]) -> dict[str, str]:
+    """``{block: stack name}``: consecutive blocks (forward order) form a stack while each is
+    ``linked`` to the one before it (undecided counts as linked).
+
+    A stack is named by its blocks' longest common dotted prefix, by the block's own name
+    for a stack of one, or by its position (``"0"``, ``"1"``, ...) when the names share no
+    prefix; a repeated name gets ``#k`` appended.
+
+    >>> stack_labels(["enc.0", "enc.1", "dec.0", "dec.1"], {"dec.0": False})
+    {'enc.0': 'enc', 'enc.1': 'enc', 'dec.0': 'dec', 'dec.1': 'dec'}
+    >>> stack_labels(["layer1.0", "layer2.0"], {})
+    {'layer1.0': '0', 'layer2.0': '0'}
+    """
+    groups: list[list[str]] = []
+    for n in names:
+        if not groups or linked.get(n, True) is False:
+            groups.append([])
+        groups[-1].append(n)
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for k, group in enumerate(groups):
+        label = common_prefix(group) or str(k)
+        if label in used:
+            label = f"{label}#{k}"
+        used.add(label)
+        out.update(dict.fromkeys(group, label))
+    return out
+
+
+def continues(x: Tensor, previous_output: Any) -> bool:
+    """Whether a block input ``x`` continues the stack of the block whose output's autograd node
+    is ``previous_output``: ``x`` is computed from it (a bounded walk back through ``x``'s graph).
+
+    An ``x`` without a graph while the previous output has one is not computed from it
+    differentiably (False); where the walk cannot tell (too large a graph), True: the
+    chain goes on.
+
+    >>> a = torch.ones(2, requires_grad=True); y = a * 2
+    >>> continues(y + 1, y.grad_fn), continues(a.detach(), y.grad_fn)
+    (True, False)
+    """
+    if x.grad_fn is None:
+        return previous_output is None
+    return reaches(x.grad_fn, previous_output) is not False
