@@ -106,7 +106,10 @@ class Recorder:
         rows = probe.last_rows()
         if not rows or rows[0]["step"] + self.offset != trainer_step:
             return None  # this step was not recorded (every=)
-        if self._last_logged is not None and trainer_step // every <= self._last_logged // every:
+        # The trainers' own cadence: their step-N logs come after optimizer steps N-1, 2N-1, ...
+        # (Lightning: (batches stepped + 1) % N == 0; Hugging Face: global_step % N == 0 after the
+        # update), plus the first recorded step, the state at initialisation.
+        if self._last_logged is not None and (trainer_step + 1) // every <= (self._last_logged + 1) // every:
             return None
         self._last_logged = trainer_step
         return step_scalars(rows, self.log_columns)
