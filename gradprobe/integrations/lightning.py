@@ -53,8 +53,9 @@ class _GradprobeLightning:
       pooled into it (``calls`` = ``accumulate_grad_batches``), and its ``step`` column is
       ``trainer.global_step`` at that moment (the optimizer steps taken before it: 0, 1, ...;
       a resumed run goes on from its checkpoint's step).
-    * Every ``log_every`` steps (default: the trainer's ``log_every_n_steps``) the latest
-      recorded step goes to every logger of the trainer: ``gradprobe/<column>/<block>`` for
+    * At the first step and every ``log_every`` steps (default: the trainer's
+      ``log_every_n_steps``, at its cadence: after steps N-1, 2N-1, ...) the latest recorded
+      step goes to every logger of the trainer: ``gradprobe/<column>/<block>`` for
       each of ``log_columns`` and the summaries ``gradprobe/summary/min_gain``, ``max_gain``,
       ``first_cum_gain`` and ``max_res_ratio``.
     * At fit end the run and its HTML report are written into ``report_dir`` (default

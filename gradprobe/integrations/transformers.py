@@ -67,8 +67,9 @@ class GradprobeCallback(TrainerCallback):
       ``gradient_accumulation_steps`` are pooled into it (``calls``), and its ``step`` column is
       ``state.global_step`` while the step's micro-batches ran (0, 1, ...: the optimizer steps
       taken before it).
-    * Every ``log_every`` steps (default ``args.logging_steps``; none with
-      ``logging_strategy="no"``) the latest recorded step is sent as a log event to the
+    * At the first step and every ``log_every`` steps (default ``args.logging_steps``, at the
+      Trainer's cadence; none unless ``logging_strategy="steps"``) the latest recorded step
+      is sent as a log event to the
       integrations of ``report_to`` (TensorBoard, W&B, MLflow, ...):
       ``gradprobe/<column>/<block>`` for each of ``log_columns`` and the summaries
       ``gradprobe/summary/min_gain``, ``max_gain``, ``first_cum_gain`` and ``max_res_ratio``.
