@@ -17,6 +17,8 @@ import textwrap
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -200,6 +202,32 @@ def test_lightning_bad_options_say_what_to_do(tmp_path):
     module = DigitsNet()
     with pytest.raises(ValueError, match=r"module='nett'.*children are \['net'\]"):
         trainer.fit(module, digits_loader(64, 16))
+
+
+@pytest.mark.slow
+def test_lightning_ddp_rank_zero_writes_every_ranks_rows(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    from gradprobe.integrations.lightning import GradprobeCallback
+
+    callback = GradprobeCallback(module="net", log_every=1)
+    trainer = lightning_trainer(
+        tmp_path, callback, max_steps=4, devices=2, strategy="ddp_spawn", logger=CSVLogger(str(tmp_path))
+    )
+    trainer.fit(DigitsNet(), digits_loader(256, 16))
+    (folder,) = tmp_path.rglob("gradprobe")
+    frame = gradprobe.load(folder).frame()
+    assert (folder / "index.html").exists()
+    for rank in (0, 1):
+        mine = frame[frame["rank"] == rank]
+        assert sorted(mine["step"].unique()) == [0, 1, 2, 3] and (mine["calls"] == 2).all()
+        assert list(mine["block"].unique()) == ["blocks.0", "blocks.1", "blocks.2"]
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    logged = pd.read_csv(metrics)
+    rank0 = frame[(frame["rank"] == 0) & (frame["block"] == "blocks.1")]["gain"].to_numpy()
+    got = logged.dropna(subset=["gradprobe/gain/blocks.1"])
+    assert got["step"].tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(got["gradprobe/gain/blocks.1"], rank0, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- Hugging Face
