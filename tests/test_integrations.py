@@ -177,6 +177,20 @@ def test_lightning_every_and_log_every_and_the_default_report_dir(tmp_path):
     assert [s for s, _ in logged["gradprobe/gain/net.blocks.1"]] == [0, 4]
 
 
+def test_lightning_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    from gradprobe.integrations.lightning import GradprobeCallback
+
+    weights = []
+    for callbacks in ([], [GradprobeCallback(module="net", report_dir=tmp_path / "report")]):
+        module = DigitsNet()
+        trainer = lightning_trainer(tmp_path, None, callbacks=callbacks, logger=False)
+        trainer.fit(module, digits_loader(256, 16))
+        weights.append({k: v.clone() for k, v in module.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key  # BatchNorm buffers included
+
+
 def test_lightning_exception_detaches_and_keeps_the_closed_steps(tmp_path, no_leaks):
     from gradprobe.integrations.lightning import GradprobeCallback
 
@@ -240,10 +254,8 @@ def digit_tokens(n: int) -> torch.Tensor:
     return torch.tensor(load_digits().data[:n, :32], dtype=torch.long)
 
 
-def test_hf_trainer_steps_pooled_reported_and_in_tensorboard(tmp_path, no_leaks):
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
-
-    from gradprobe.integrations.transformers import GradprobeCallback
+def tiny_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=17,
@@ -254,13 +266,14 @@ def test_hf_trainer_steps_pooled_reported_and_in_tensorboard(tmp_path, no_leaks)
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    no_leaks(model.model)  # (the Trainer itself sets attributes on the top-level model)
-    blocks = ["model.layers.0", "model.layers.1"]
-    ref = GradOuts(model, blocks)
-    tokens = digit_tokens(64)
-    data = [{"input_ids": row, "labels": row} for row in tokens]
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def hf_trainer(tmp_path: Path, model: nn.Module, callbacks: list) -> transformers.Trainer:
+    from transformers import Trainer, TrainingArguments
+
+    data = [{"input_ids": row, "labels": row} for row in digit_tokens(64)]
     args = TrainingArguments(
         output_dir=str(tmp_path / "hf"),
         per_device_train_batch_size=4,
@@ -275,10 +288,18 @@ def test_hf_trainer_steps_pooled_reported_and_in_tensorboard(tmp_path, no_leaks)
         use_cpu=True,
         disable_tqdm=True,
     )
+    return Trainer(model, args, train_dataset=data, eval_dataset=data[:16], callbacks=callbacks)
+
+
+def test_hf_trainer_steps_pooled_reported_and_in_tensorboard(tmp_path, no_leaks):
+    from gradprobe.integrations.transformers import GradprobeCallback
+
+    model = tiny_llama()
+    no_leaks(model.model)  # (the Trainer itself sets attributes on the top-level model)
+    blocks = ["model.layers.0", "model.layers.1"]
+    ref = GradOuts(model, blocks)
     callback = GradprobeCallback()
-    trainer = Trainer(
-        model=model, args=args, train_dataset=data, eval_dataset=data[:16], callbacks=[callback]
-    )
+    trainer = hf_trainer(tmp_path, model, [callback])
     trainer.train()
     ref.remove()
 
@@ -300,6 +321,18 @@ def test_hf_trainer_steps_pooled_reported_and_in_tensorboard(tmp_path, no_leaks)
             assert [v for _, v in points] == pytest.approx(rows[column].tolist(), rel=1e-6)
     assert [s for s, _ in logged["train/loss"]] == [1, 2, 3, 4]
     assert "train/gradprobe/summary/first_cum_gain" in logged
+
+
+def test_hf_training_is_bit_identical_with_and_without_the_callback(tmp_path, fresh_accelerate):
+    from gradprobe.integrations.transformers import GradprobeCallback
+
+    weights = []
+    for callbacks in ([], [GradprobeCallback(report_dir=tmp_path / "report")]):
+        model = tiny_llama()
+        hf_trainer(tmp_path, model, callbacks).train()
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
 
 
 # ----------------------------------------------------------------------------- README, accelerate
