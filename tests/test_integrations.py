@@ -191,6 +191,23 @@ def test_lightning_training_is_bit_identical_with_and_without_the_callback(tmp_p
         assert torch.equal(weights[0][key], weights[1][key]), key  # BatchNorm buffers included
 
 
+def test_lightning_resumed_run_numbers_steps_as_the_trainer(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from gradprobe.integrations.lightning import GradprobeCallback
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = lightning_trainer(tmp_path, None, callbacks=[saver], max_steps=2, enable_checkpointing=True)
+    first.fit(DigitsNet(), digits_loader(256, 16))
+    callback = GradprobeCallback(module="net", report_dir=tmp_path / "resumed")
+    second = lightning_trainer(tmp_path, callback, max_steps=5)
+    second.fit(DigitsNet(), digits_loader(256, 16), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    run = gradprobe.load(tmp_path / "resumed")
+    assert sorted(run.frame()["step"].unique()) == [2, 3, 4] and run.meta["step_offset"] == 2
+    logged = scalars_of(Path(second.log_dir))
+    assert [s for s, _ in logged["gradprobe/gain/blocks.0"]] == [2, 3, 4]
+
+
 def test_lightning_exception_detaches_and_keeps_the_closed_steps(tmp_path, no_leaks):
     from gradprobe.integrations.lightning import GradprobeCallback
 
