@@ -208,6 +208,20 @@ def test_lightning_resumed_run_numbers_steps_as_the_trainer(tmp_path):
     assert [s for s, _ in logged["gradprobe/gain/blocks.0"]] == [2, 3, 4]
 
 
+def test_lightning_jacobian_columns_come_from_the_module_the_step_calls(tmp_path):
+    from gradprobe.integrations.lightning import GradprobeCallback
+
+    loader = digits_loader(64, 16)
+    callback = GradprobeCallback(module="net", jacobian=True, report_dir=tmp_path / "net")
+    lightning_trainer(tmp_path, callback, max_steps=2, logger=False).fit(DigitsNet(), loader)
+    frame = gradprobe.load(tmp_path / "net").frame()
+    assert frame["jac_fro"].notna().all() and (frame["jac_fro"] > 0).all()
+    # training_step calls self.net, never the LightningModule as a whole: no columns, and a warning
+    callback = GradprobeCallback(jacobian=True, report_dir=tmp_path / "root")
+    with pytest.warns(RuntimeWarning, match="module='net'"):
+        lightning_trainer(tmp_path, callback, max_steps=2, logger=False).fit(DigitsNet(), loader)
+
+
 def test_lightning_exception_detaches_and_keeps_the_closed_steps(tmp_path, no_leaks):
     from gradprobe.integrations.lightning import GradprobeCallback
 

@@ -138,6 +138,7 @@ class Recorder:
             run = self.run(gather)
         finally:
             self.probe.detach()
+        self._check_jacobian(run)
         if not write:
             return None
         run.meta["framework"] = framework
@@ -145,6 +146,21 @@ class Recorder:
 
         folder = Path(self.report_dir if self.report_dir is not None else default_dir)
         return report(run, folder, progress=False)
+
+    def _check_jacobian(self, run: Run) -> None:
+        """Say so when Jacobian columns were asked for and none came: the probe's second pass
+        re-runs the module it is attached to, which the training step may never call as a whole."""
+        frame = run.frame()
+        if not self.jacobian or not len(frame) or "jac_fro" not in frame.columns:
+            return
+        if not frame["jac_fro"].notna().any():
+            warnings.warn(
+                "gradprobe: jacobian= was set but no step got Jacobian columns. They are taken when the "
+                "module the probe is attached to runs as a whole; if the training step calls a submodule "
+                "(self.net(x)) rather than the model itself, pass module='net' to the callback.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def abort(self, save_to: str | os.PathLike[str] | None = None) -> None:
         """Detach after an exception; with ``save_to``, keep what was recorded (tables only)."""

@@ -47,7 +47,10 @@ class _GradprobeLightning:
 
     * At fit start a probe is attached to the LightningModule, or to its submodule named
       ``module`` (``blocks``, ``every``, ``jacobian`` and ``attach_kwargs`` go to
-      :func:`gradprobe.attach`).
+      :func:`gradprobe.attach`). Jacobian columns need the module that ``training_step``
+      calls as a whole: with ``return self.net(x)``-style steps pass ``module="net"`` (a
+      warning at fit end says so when none were recorded). ``every`` counts from the first
+      step of this fit.
     * One probe step per optimizer step: it is closed in ``on_before_optimizer_step``, after
       the last backward pass of the step, so the micro-batches of gradient accumulation are
       pooled into it (``calls`` = ``accumulate_grad_batches``), and its ``step`` column is
