@@ -288,6 +288,28 @@ def test_lightning_ddp_rank_zero_writes_every_ranks_rows(tmp_path):
     np.testing.assert_allclose(got["gradprobe/gain/blocks.1"], rank0, rtol=1e-6)
 
 
+def test_lightning_callback_derives_from_each_installed_lightning_package(monkeypatch):
+    import types
+
+    from gradprobe.integrations import lightning
+
+    # The `lightning` package is not installed here: stand in for its lightning.pytorch module.
+    class OtherCallback:
+        pass
+
+    fake = types.ModuleType("lightning.pytorch")
+    fake.Callback = OtherCallback  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lightning", types.ModuleType("lightning"))
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", fake)
+    assert lightning._callback_bases() == (OtherCallback, pl.Callback)
+    monkeypatch.setitem(sys.modules, "pytorch_lightning", None)
+    assert lightning._callback_bases() == (OtherCallback,)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    with pytest.raises(ImportError, match=r"gradprobe\[lightning\]"):
+        lightning._callback_bases()
+    assert issubclass(lightning.GradprobeCallback, pl.Callback)
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 
 

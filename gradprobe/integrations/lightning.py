@@ -33,7 +33,8 @@ def _callback_bases() -> tuple[type, ...]:
             module = __import__(name, fromlist=["Callback"])
         except ImportError:
             continue
-        bases.append(module.Callback)
+        if module.Callback not in bases:  # one package may re-export the other's class
+            bases.append(module.Callback)
     if not bases:
         raise ImportError(
             "gradprobe.integrations.lightning needs PyTorch Lightning: pip install 'gradprobe[lightning]' "
