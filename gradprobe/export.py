@@ -280,7 +280,8 @@ class TensorBoardStream:
         self.columns = tuple(columns)
         self.written = 0  # steps written
         self._last = -1
-        self._writer = summary_writer(self.logdir)
+        # Written to disk every 10 s (SummaryWriter's default is 120 s): a live view should be live.
+        self._writer = summary_writer(self.logdir, flush_secs=10)
 
     def update(self, probe: Any) -> None:
         """Write the probe's latest closed recorded step, unless it was written already."""
