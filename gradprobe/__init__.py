@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:  # the names as the type checker and IDEs see them
-    from . import data, metrics, models, plot, testing
+    from . import data, export, metrics, models, plot, testing
     from .analysis import analyze
     from .blocks import select_blocks
     from .experiment import compare
@@ -45,6 +45,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "testing": ("testing", None),
     "plot": ("plot", None),
     "metrics": ("metrics", None),
+    "export": ("export", None),
 }
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "compare",
     "data",
     "every_n",
+    "export",
     "load",
     "metrics",
     "models",

@@ -255,6 +255,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
             data_root=ns.data_root,
             progress=not ns.no_progress,
             command=command,
+            tensorboard=ns.tensorboard,
         )
     except (FileNotFoundError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
@@ -410,6 +411,17 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_tensorboard(ns: argparse.Namespace) -> int:
+    from . import export
+
+    try:
+        out = export.tensorboard(ns.path, ns.logdir, columns=ns.columns)
+    except (FileNotFoundError, NotADirectoryError, ImportError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote TensorBoard events of {ns.path} into {out} (view with: tensorboard --logdir {out})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -473,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="write the tables only, not the HTML report")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="stream each model's per-block scalars into this TensorBoard log folder while it trains",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -490,6 +507,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: the run folder)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "export",
+        help="export a saved run to another tool (tensorboard)",
+        description="Export a saved run. `gradprobe export tensorboard RUN LOGDIR` writes every "
+        "(column, block) as the scalar gradprobe/<column>/<block> at each recorded step, one subfolder "
+        "per model of a multi-model run.",
+    )
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    q = formats.add_parser("tensorboard", help="TensorBoard event files (needs the tensorboard package)")
+    q.add_argument("path", help="folder of a saved run (gradprobe compare --out, Probe.save)")
+    q.add_argument("logdir", help="TensorBoard log folder to write into (created if needed)")
+    q.add_argument(
+        "--columns", type=_csv(str, "--columns"), help="columns to export (default: every metric with values)"
+    )
+    q.set_defaults(func=_cmd_export_tensorboard)
 
     target_help = "MODULE:FACTORY (e.g. torchvision.models:resnet18) or path/to/file.py:FACTORY"
     arg_help = "argument of the factory, positional (20) or KEY=VALUE (residual=False); repeatable"

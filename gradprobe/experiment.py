@@ -235,6 +235,7 @@ def compare(
     progress: bool = True,
     command: str | None = None,
     callback: Callable[[str, nn.Module], None] | None = None,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> Run:
     """Train plain and residual nets on the same data with a probe attached; return their tables as a Run.
 
@@ -261,6 +262,9 @@ def compare(
         progress: show a tqdm progress bar per model (epoch, loss, ETA) on stderr.
         command: the command line stored in the run's metadata (default: ``sys.argv``).
         callback: called as ``callback(name, model)`` after each model has trained.
+        tensorboard: stream each model's ``gradprobe/<column>/<block>`` scalars (``cum_gain``,
+            ``gain``, ``res_ratio``), summaries and training curves into this TensorBoard log
+            folder while it trains, one subfolder per model (see :mod:`gradprobe.export`).
 
     The run's ``frame()`` is the probes' frames with ``model``, ``depth`` and
     ``residual`` columns first; ``scalars()`` has one row per step with model,
@@ -339,6 +343,7 @@ def compare(
         bar = tqdm(
             total=total, desc=f"{name:>14}", unit="step", disable=not progress, leave=True, dynamic_ncols=True
         )
+        stream = _tensorboard_stream(tensorboard, name)
         try:
             options = dict(jacobian_options or {})
             if jacobian is True:
@@ -372,10 +377,15 @@ def compare(
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
+                        if stream is not None:
+                            stream.update(probe)
+                            stream.scalars(last_step, train_loss=loss_value, lr=rate)
                         epoch_loss += loss_value
                         step += 1
                         bar.update(1)
                     test_acc[last_step] = _accuracy(model, ds.x_test, ds.y_test, 512, dev)
+                    if stream is not None:
+                        stream.scalars(last_step, test_acc=test_acc[last_step])
                     bar.set_postfix_str(
                         f"epoch {epoch + 1}/{epochs} loss {epoch_loss / steps_per_epoch:.4f} "
                         f"test acc {test_acc[last_step]:.3f}"
@@ -383,8 +393,12 @@ def compare(
                 frame = probe.frame()
                 scalars = probe.scalars()
                 block_names = probe.blocks
+                if stream is not None:
+                    stream.update(probe)
         finally:
             bar.close()
+            if stream is not None:
+                stream.close()
         seconds = time.perf_counter() - t0
         depth, residual = _describe(name, model, spec, len(block_names))
         scalars["test_acc"] = scalars["step"].map(test_acc).astype("float64")
@@ -443,6 +457,15 @@ def compare(
     if out is not None:
         run.save(out)
     return run
+
+
+def _tensorboard_stream(logdir: str | os.PathLike[str] | None, name: str) -> Any:
+    """A :class:`gradprobe.export.TensorBoardStream` into ``logdir/<name>``, or None."""
+    if logdir is None:
+        return None
+    from .export import TensorBoardStream, model_folder
+
+    return TensorBoardStream(os.path.join(logdir, model_folder(name)))
 
 
 def summary(run: Run) -> pd.DataFrame:

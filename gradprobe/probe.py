@@ -359,6 +359,7 @@ class Probe:
         self._buf = _StepBuffer()
         self._store = RowStore()
         self._scalar_rows: list[dict[str, Any]] = []
+        self._last_rows: list[dict[str, Any]] = []  # of the latest recorded step (last_rows)
         self._callback_queued = False
         self._warned: set[str] = set()
         self._handles: list[RemovableHandle] = []
@@ -480,6 +481,22 @@ class Probe:
         """Close the current step now and switch to explicit stepping (see the class docstring)."""
         self._auto = False
         self._close_step()
+
+    def last_rows(self) -> list[dict[str, Any]]:
+        """The rows of the latest recorded step that has closed, one dict per block (for live logging).
+
+        Closes a finished step first, as :meth:`frame` does; empty before the first recorded step
+        closes. Cheap (no DataFrame), so a training-loop callback can call it on every step.
+
+        >>> import torch, torch.nn as nn, gradprobe
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        >>> with gradprobe.attach(net, ["0", "1"]) as probe:
+        ...     net(torch.randn(2, 4)).sum().backward()
+        ...     [(r["step"], r["block"]) for r in probe.last_rows()]
+        [(0, '0'), (0, '1')]
+        """
+        self._flush()
+        return [dict(row) for row in self._last_rows]
 
     def frame(self, gather: bool = False) -> pd.DataFrame:
         """One row per (recorded step, block), columns as in :data:`gradprobe.records.FRAME_COLUMNS`.
@@ -988,6 +1005,7 @@ class Probe:
         self._recorded_steps += 1
         try:
             rows = self._rows_of(step, buf)
+            self._last_rows = rows
             (self._sink or self._store).append(rows)
             self._flag_non_finite(step, rows)
         except Exception as exc:
