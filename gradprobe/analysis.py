@@ -82,7 +82,8 @@ def analyze(
     a loss whose gradient at the output is a random direction of unit-variance entries,
     independent of the labels. The model is left as it was: parameters, their ``.grad``,
     buffers (BatchNorm running statistics), train/eval mode and the global RNG.
-    Extra keyword arguments go to :func:`gradprobe.attach` (``shortcuts=``, ...) or,
+    Extra keyword arguments go to :func:`gradprobe.attach` (``shortcuts=``, ``input=``,
+    ``output=``, ``stacks=``, ...) or,
     for Jacobian knobs, to :func:`gradprobe.jacobian.jacobian_columns`.
 
     >>> import torch, torch.nn as nn, gradprobe

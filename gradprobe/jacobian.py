@@ -1256,8 +1256,8 @@ def _spectrum_of(
 ) -> np.ndarray:
     if not caps:
         raise ValueError(
-            f"start={start or names[0]!r} was not called with a floating-point tensor input during the "
-            "forward pass"
+            f"start={start or names[0]!r} was not called with a floating-point or complex tensor input "
+            "during the forward pass (see gradprobe.capture for the rule; pass input= to name it)"
         )
     first = caps[0]
     if end is not None and caps[-1].name != end:

@@ -97,3 +97,8 @@ def test_complex_statistics_use_modulus_norms_and_real_inner_products():
     b = x - y
     assert (gx, bb, bg) == pytest.approx((7.0, float(b.abs().pow(2).sum()), float(torch.vdot(b, y).real)))
     assert metrics.grad_out_stats(y).tolist() == [2.0]
+
+
+def test_spectrum_of_a_complex_net_says_it_is_complex():
+    with pytest.raises(ValueError, match="complex"):
+        gradprobe.spectrum(_net(), _x())
