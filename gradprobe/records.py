@@ -277,9 +277,7 @@ def _read_csv(file: Any, dtypes: Mapping[str, str]) -> pd.DataFrame:
     import pandas as pd
 
     # keep_default_na=False + na_values=[""] so a block literally named "NA" stays a string
-    return pd.read_csv(
-        file, keep_default_na=False, na_values=[""], dtype=_str_columns(dtypes), float_precision="round_trip"
-    )
+    return pd.read_csv(file, keep_default_na=False, na_values=[""], dtype=_str_columns(dtypes))
 
 
 def _read_table(base: Path, dtypes: Mapping[str, str], fmt: str | None = None) -> pd.DataFrame:
