@@ -1067,7 +1067,12 @@ def attach(
             probe vectors. The ``jac_batch`` column says which batch size was used.
         sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
             (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
-        sink_options: ``chunk_rows`` (rows per chunk, default 50,000) and ``fmt``.
+        sink_options: ``chunk_rows`` (rows per chunk, default 50,000), ``flush_seconds``
+            (a chunk at the end of the first step after this many seconds, default 5: a crash
+            loses at most that), ``fmt`` (``"parquet"`` or ``"csv"``), ``max_buffer_rows``
+            (rows kept in memory while the folder cannot be written, default 1,000,000) and
+            ``resume`` (append to the run already in the folder). See
+            :class:`gradprobe.records.Sink`; a folder in use by another probe is refused.
 
     >>> import torch, torch.nn as nn, gradprobe
     >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])

@@ -24,6 +24,7 @@ for what a crash can lose and how :func:`load` reports damage).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -600,6 +601,20 @@ class RowStore:
 #: The row count in the name lets :func:`load` tell a complete chunk from one cut short.
 _CHUNK = re.compile(r"^(frame|scalars)-([0-9a-f]{12})-(\d{6})-r(\d+)\.(parquet|csv)$")
 
+#: Chunk names of sinks before run ids (``frame-NNNNNN.parquet``), still read.
+_LEGACY_CHUNK = re.compile(r"^(frame|scalars)-(\d{6})\.(parquet|csv)$")
+
+#: Sinks not closed yet: written out at interpreter exit (a script that never called detach()).
+_OPEN_SINKS: weakref.WeakSet[Sink] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_sinks() -> None:
+    for sink in list(_OPEN_SINKS):
+        with contextlib.suppress(Exception):
+            sink.close()
+
+
 #: The lock file of a sink folder in use: pid, host and run id of the probe holding it.
 LOCK_FILE = ".gradprobe.lock"
 
@@ -693,6 +708,7 @@ class Sink:
         try:
             self._adopt_folder(resume)
             atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
+            _OPEN_SINKS.add(self)
         except OSError as exc:
             self._drop_lock()
             if isinstance(exc, FileExistsError):
@@ -844,7 +860,7 @@ class Sink:
         """The step is complete: buffer it as one unit and flush when a chunk is due. Never raises."""
         rows, self._step_rows = self._step_rows, []
         scalars, self._step_scalars = self._step_scalars, []
-        if not rows and not scalars:
+        if (not rows and not scalars) or self.closed:
             return
         if self._retry_at is not None and len(self._rows) + len(rows) > self.max_buffer_rows:
             self.dropped_steps += 1
@@ -934,6 +950,7 @@ class Sink:
         self.end_step()
         ok = self.flush()
         self.closed = True
+        _OPEN_SINKS.discard(self)
         self._drop_lock()
         if not ok:
             warnings.warn(
@@ -982,7 +999,7 @@ def _read_chunk(file: Path, rows: int) -> pd.DataFrame:
         raise
     except Exception as exc:  # pyarrow and pandas raise many kinds on damaged files
         raise _Damaged(f"{type(exc).__name__}: {exc}") from None
-    if len(part) != rows:
+    if rows >= 0 and len(part) != rows:
         raise _Damaged(f"{len(part)} rows, its name says {rows}")
     return part
 
@@ -996,14 +1013,17 @@ def _load_streamed(folder: Path, meta: dict[str, Any], strict: bool) -> Run:
     incomplete: list[str] = []
     for p in sorted(folder.iterdir()):
         m = _CHUNK.match(p.name)
+        legacy = None if run_id else _LEGACY_CHUNK.match(p.name)
         if m and (not run_id or m[2] == run_id):
             pair = found.setdefault(int(m[3]), {})
             # a retried flush after a failed write may leave an older, shorter frame chunk: take the longer
             if m[1] not in pair or pair[m[1]][1] < int(m[4]):
                 pair[m[1]] = (p, int(m[4]))
+        elif legacy:  # no row count in the name: complete as far as can be told
+            found.setdefault(int(legacy[2]), {})[legacy[1]] = (p, -1)
         elif p.name.startswith((".frame-", ".scalars-", ".meta.json.")) and p.name.endswith(".tmp"):
             incomplete.append(p.name)
-        elif p.name.startswith(("frame", "scalars")):
+        elif p.name.startswith(("frame", "scalars")) and p.name not in _TABLE_FILES:
             stray.append(p.name)
     frames: list[pd.DataFrame] = []
     scalars: list[pd.DataFrame] = []

@@ -199,6 +199,20 @@ def full_disk(folder: Path, bound: int, report: int) -> None:
     os.write(report, (json.dumps(result) + "\n").encode())
 
 
+def exit_without_detach(folder: Path, report: int) -> None:
+    """A script that ends without detach(): what is buffered is written at interpreter exit."""
+    import atexit
+
+    net = make_net()
+    probe = gradprobe.attach(net, sink=folder, sink_options={"flush_seconds": 3600})
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for _ in range(3):
+        net(x).pow(2).mean().backward()
+        probe.step()
+    os.write(report, b"3 0\n")
+    atexit._run_exitfuncs()  # what a normal interpreter exit runs (a forked child skips it)
+
+
 def main() -> None:
     # imported once here, not in every grandchild
     import matplotlib.pyplot  # noqa: F401
@@ -242,6 +256,9 @@ def main() -> None:
         lines, status = collect(pid, r)
         emit(kind="report", nth=nth, folder=str(folder), status=status, finished=bool(lines))
     emit(kind="time", phase="reports", seconds=time.perf_counter() - stamp)
+    pid, r = fork(exit_without_detach, out / "no-detach")
+    lines, status = collect(pid, r)
+    emit(kind="exit", folder=str(out / "no-detach"), lines=lines, status=status)
     for bound in (10**6, 5 * BLOCKS):
         folder = out / f"full-{bound}"
         r, w = os.pipe()

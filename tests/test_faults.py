@@ -180,7 +180,28 @@ def test_resume_after_a_kill_takes_over_the_stale_lock(faults):
     assert len(steps) == done + 2 and run.meta["run_id"] == before.meta["run_id"]
 
 
+def test_a_script_ending_without_detach_writes_its_buffered_steps(faults):
+    results, _ = faults
+    (case,) = [r for r in results if r["kind"] == "exit"]
+    assert case["status"] == 0 and case["lines"]
+    assert gradprobe.load(case["folder"]).frame()["step"].nunique() == 3
+    assert not (Path(case["folder"]) / records.LOCK_FILE).exists()
+
+
 # ----------------------------------------------------------------------------- sinks in-process
+
+
+def test_runs_streamed_before_run_ids_still_load(tmp_path):
+    run = sinked_run(tmp_path / "new", "parquet", steps=2)
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    for seq, step in enumerate((0, 1)):
+        frame, scalars = run.frame(), run.scalars()
+        frame[frame["step"] == step].to_parquet(folder / f"frame-{seq:06d}.parquet", index=False)
+        scalars[scalars["step"] == step].to_parquet(folder / f"scalars-{seq:06d}.parquet", index=False)
+    meta = {k: v for k, v in run.meta.items() if k != "run_id"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    pd.testing.assert_frame_equal(gradprobe.load(folder).frame(), run.frame())
 
 
 def test_sink_writes_meta_json_at_attach_and_flushes_on_time(tmp_path):
