@@ -92,19 +92,28 @@ def emit(**record) -> None:
     print(json.dumps(record), flush=True)
 
 
-def random_kills(out: Path, fmt: str, n: int, rng: random.Random) -> None:
+def random_kills(out: Path, fmt: str, n: int, rng: random.Random, batch: int = 4) -> None:
+    """``n`` runs killed at random times, ``batch`` at a time (the runs wait on fsync more than
+    they compute); the time range is that of ``batch`` runs side by side, unkilled."""
     start = time.perf_counter()
-    pid, r = fork(grandchild, out / f"calibrate-{fmt}", fmt)
-    lines, status = collect(pid, r)
+    calibration = [fork(grandchild, out / f"calibrate-{fmt}-{i}", fmt) for i in range(batch)]
+    for pid, r in calibration:
+        lines, status = collect(pid, r)
     duration = time.perf_counter() - start
     emit(kind="calibrate", fmt=fmt, seconds=duration, lines=lines, status=status)
-    for k in range(n):
-        folder = out / f"kill-{fmt}-{k:02d}"
-        pid, r = fork(grandchild, folder, fmt)
-        time.sleep(rng.uniform(0.0, duration * 1.1))
-        os.kill(pid, signal.SIGKILL)
-        lines, status = collect(pid, r)
-        emit(kind="kill", fmt=fmt, folder=str(folder), lines=lines, status=status)
+    for first in range(0, n, batch):
+        runs = []
+        started = time.perf_counter()
+        for k in range(first, min(first + batch, n)):
+            folder = out / f"kill-{fmt}-{k:02d}"
+            pid, r = fork(grandchild, folder, fmt)
+            runs.append((started + rng.uniform(0.0, duration * 1.1), pid, r, folder))
+        for at, pid, _, _ in sorted(runs):
+            time.sleep(max(0.0, at - time.perf_counter()))
+            os.kill(pid, signal.SIGKILL)
+        for _, pid, r, folder in runs:
+            lines, status = collect(pid, r)
+            emit(kind="kill", fmt=fmt, folder=str(folder), lines=lines, status=status)
 
 
 def injected(folder: Path, fmt: str, point: str, nth: int, report: int) -> None:
