@@ -51,6 +51,57 @@ def _csv(kind: type, name: str) -> Any:
     return parse
 
 
+def _number(kind: type, name: str, low: float, high: float | None = None) -> Any:
+    """An argparse type: a ``kind`` number in [low, high], else a one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not (value >= low and (high is None or value <= high)) or (
+            kind is float and not math.isfinite(value)
+        ):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _positive(name: str, high: int | None = None) -> Any:
+    return _number(int, name, 1, high)
+
+
+def _output_folder(path: Path, run_id: str | None, force: bool, what: str) -> None:
+    """Check an output folder at start-up, before any work: one line and exit 2 if it cannot be used."""
+    from .records import check_destination
+
+    try:
+        check_destination(path, run_id, overwrite=force)
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc}") from None
+
+
+def _output_file(path: Path, what: str) -> None:
+    """Check at start-up that the file ``path`` can be written (its folder exists and is writable)."""
+    import tempfile
+
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; pass a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"{what} {path}: the folder {folder} does not exist; create it first")
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".gradprobe-write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise UsageError(f"{what} {path} cannot be written ({exc.strerror or exc})") from None
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.lower().replace("x", ",").replace(" ", "").split(",") if v)
@@ -232,6 +283,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     epochs = ns.epochs if ns.epochs is not None else (2 if quick else experiment.DEFAULTS["epochs"])
     out = Path(ns.out if ns.out is not None else ("reports/compare-quick" if quick else "reports/compare"))
+    _output_folder(out, None, ns.force, "--out")  # before training: a bad folder must not cost the results
     command = "gradprobe " + " ".join(ns.argv)
     print(
         f"gradprobe compare: {', '.join(specs)} on {ns.data}, {epochs} epochs, lr {ns.lr}, seed {ns.seed}",
@@ -256,8 +308,9 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
             progress=not ns.no_progress,
             command=command,
             tensorboard=ns.tensorboard,
+            overwrite=ns.force,
         )
-    except (FileNotFoundError, ImportError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     seconds = time.perf_counter() - started
     wrote = [f"run tables in {out}/ (read with gradprobe.load)"]
@@ -270,7 +323,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         else:
-            index = report_module.report(run, out, progress=not ns.no_progress)
+            index = report_module.report(run, out, progress=not ns.no_progress, overwrite=ns.force)
             wrote.insert(0, f"report {index}")
     table = experiment.summary(run)
     print(f"\nTrained {len(specs)} models in {seconds:.0f} s ({torch.get_num_threads()} threads). Wrote:")
@@ -315,11 +368,21 @@ def _cmd_report(ns: argparse.Namespace) -> int:
         return 1
     from .records import load
 
+    out = Path(ns.out) if ns.out is not None else path
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; the report is written into a folder")
     try:
         run = load(path)
     except (FileNotFoundError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    index = report_module.report(run, ns.out if ns.out is not None else path, progress=not ns.no_progress)
+    same = out.exists() and out.resolve() == path.resolve()
+    _output_folder(out, None if same else run.meta.get("run_id"), ns.force or same, "--out")
+    try:
+        index = report_module.report(
+            path if same else run, out, progress=not ns.no_progress, overwrite=ns.force
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"writing the report into {out} failed: {exc}") from None
     print(f"wrote {index}")
     return 0
 
@@ -359,19 +422,24 @@ def _cmd_blocks(ns: argparse.Namespace) -> int:
 def _cmd_inspect(ns: argparse.Namespace) -> int:
     import torch
 
+    if ns.csv:  # before building and running anything
+        _output_file(Path(ns.csv), "--csv")
     model = _build_target(ns.target, ns.arg)
     gen = torch.Generator().manual_seed(ns.seed)
-    if ns.input_shape:
-        if ns.input_dtype == "long":
-            if not ns.vocab_size:
-                raise UsageError(
-                    "--input-dtype long needs --vocab-size (random token ids are drawn below it)"
-                )
-            inputs = torch.randint(0, ns.vocab_size, ns.input_shape, generator=gen)
+    try:
+        if ns.input_shape:
+            if ns.input_dtype == "long":
+                if not ns.vocab_size:
+                    raise UsageError(
+                        "--input-dtype long needs --vocab-size (random token ids are drawn below it)"
+                    )
+                inputs = torch.randint(0, ns.vocab_size, ns.input_shape, generator=gen)
+            else:
+                inputs = torch.randn(ns.input_shape, generator=gen)
         else:
-            inputs = torch.randn(ns.input_shape, generator=gen)
-    else:
-        inputs = _default_input(model, ns.batch, gen)
+            inputs = _default_input(model, ns.batch, gen)
+    except (RuntimeError, MemoryError) as exc:  # an input too large to allocate
+        raise UsageError(f"cannot make the random input: {type(exc).__name__}: {exc}") from None
     param = next(iter(model.parameters()), None)
     if param is not None and inputs.is_floating_point():
         inputs = inputs.to(param.dtype)
@@ -406,7 +474,9 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
         columns += ["jac_fro", "jac_spec", "jac_id"]
     print(format_table(frame, columns))
     if ns.csv:
-        frame.to_csv(ns.csv, index=False)
+        from .records import atomic_write
+
+        atomic_write(ns.csv, lambda tmp: frame.to_csv(tmp, index=False))
         print(f"wrote {ns.csv}")
     return 0
 
@@ -446,26 +516,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models", type=_csv(str, "--models"), help="explicit specs, e.g. plain-56,resnet-mlp-30")
     p.add_argument(
-        "--depths", type=_csv(int, "--depths"), help="depths to build (default 20,56; 8,14 with --quick)"
+        "--depths",
+        type=_csv(_positive("--depths"), "--depths"),
+        help="depths to build (default 20,56; 8,14 with --quick)",
     )
     p.add_argument("--families", type=_csv(str, "--families"), help="cnn and/or mlp (default cnn)")
     p.add_argument(
-        "--epochs", type=int, help=f"training epochs (default {DEFAULTS['epochs']}; 2 with --quick)"
+        "--epochs",
+        type=_positive("--epochs"),
+        help=f"training epochs (default {DEFAULTS['epochs']}; 2 with --quick)",
     )
     p.add_argument(
-        "--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default %(default)s)"
+        "--lr",
+        type=_number(float, "--lr", 1e-12),
+        default=DEFAULTS["lr"],
+        help="peak learning rate (default %(default)s)",
     )
     p.add_argument(
-        "--warmup", type=int, default=DEFAULTS["warmup"], help="warm-up steps (default %(default)s)"
+        "--warmup",
+        type=_number(int, "--warmup", 0),
+        default=DEFAULTS["warmup"],
+        help="warm-up steps (default %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default %(default)s")
+    p.add_argument(
+        "--batch-size",
+        type=_positive("--batch-size"),
+        default=DEFAULTS["batch_size"],
+        help="default %(default)s",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
     p.add_argument("--data", default="digits", help="digits (default), synthetic, cifar10 or cifar10:FOLDER")
     p.add_argument("--data-root", help="folder that holds CIFAR-10 (never downloaded)")
     p.add_argument(
-        "--width", type=int, help="channels of the first stage (CNN, default 16) or units (MLP, 128)"
+        "--width",
+        type=_positive("--width", 1 << 16),
+        help="channels of the first stage (CNN, default 16) or units (MLP, 128)",
     )
-    p.add_argument("--every", type=int, default=1, help="record every N-th step (default 1)")
+    p.add_argument("--every", type=_positive("--every"), default=1, help="record every N-th step (default 1)")
     p.add_argument(
         "--jacobian",
         action="store_true",
@@ -483,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="a tiny run (depths 8,14, 2 epochs) for smoke tests")
     p.add_argument("--no-report", action="store_true", help="write the tables only, not the HTML report")
+    p.add_argument("--force", action="store_true", help="replace another run already in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument(
         "--tensorboard",
@@ -491,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_number(int, "--threads", 0),
         default=1,
         help="torch CPU threads (default 1; 0: torch's choice). The reference nets are too small to gain "
         "from more, and with other work on the machine extra threads made the default run 6x slower",
@@ -505,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="folder of a saved run (gradprobe compare --out, Probe.save)")
     p.add_argument("--out", help="report folder (default: the run folder)")
+    p.add_argument("--force", action="store_true", help="replace another run already in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_report)
 
@@ -540,11 +629,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-shape", type=_shape, help="input shape with batch, e.g. 8,3,32,32 (default: guessed)"
     )
     p.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
-    p.add_argument("--vocab-size", type=int, help="token ids are drawn below this (with --input-dtype long)")
-    p.add_argument("--batch", type=int, default=8, help="batch of the guessed input (default 8)")
+    p.add_argument(
+        "--vocab-size",
+        type=_positive("--vocab-size"),
+        help="token ids are drawn below this (with --input-dtype long)",
+    )
+    p.add_argument(
+        "--batch",
+        type=_positive("--batch", 1 << 14),
+        default=8,
+        help="batch of the guessed input (default 8)",
+    )
     p.add_argument("--blocks", nargs="+", help=blocks_help)
     p.add_argument("--no-jacobian", action="store_true", help="skip the Jacobian columns (faster)")
-    p.add_argument("--probes", type=int, default=8, help="random vectors per Jacobian estimate (default 8)")
+    p.add_argument(
+        "--probes",
+        type=_positive("--probes", 1 << 12),
+        default=8,
+        help="random vectors per Jacobian estimate (default 8)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the input and the probes (default 0)")
     p.add_argument("--csv", help="also write the full table to this CSV file")
     p.set_defaults(func=_cmd_inspect)

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from . import data as _data
 from . import models as _models
 from ._version import __version__
-from .records import MODEL_COLUMNS, Run
+from .records import MODEL_COLUMNS, Run, check_destination, new_run_id
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -236,6 +236,7 @@ def compare(
     command: str | None = None,
     callback: Callable[[str, nn.Module], None] | None = None,
     tensorboard: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> Run:
     """Train plain and residual nets on the same data with a probe attached; return their tables as a Run.
 
@@ -254,7 +255,9 @@ def compare(
             included; an int N: every N-th recorded step, with the defaults of
             :func:`gradprobe.attach` (spectral columns on every 20th of those steps).
         jacobian_options: passed to :func:`gradprobe.attach` (``probes``, ``prod_spec``, ...).
-        out: save the run into this folder (read it back with :func:`gradprobe.load`).
+        out: save the run into this folder (read it back with :func:`gradprobe.load`). It is
+            checked before training (a writable folder, not holding another run unless
+            ``overwrite=True``), so a bad ``out`` never costs a training run.
         zero_init_residual: zero the last BN scale of each residual branch of spec
             models, so every identity block starts as exactly the identity.
         width: width of spec models (default 16 channels for CNNs, 128 units for MLPs).
@@ -311,6 +314,11 @@ def compare(
         raise ValueError(f"jacobian must be True, False or a positive int, got {jacobian!r}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"width must be a positive int (or None for the default), got {width!r}")
+    run_id = new_run_id()
+    if out is not None:  # before training: a bad folder must not cost the results
+        check_destination(out, run_id, overwrite=overwrite)
 
     dev = torch.device(device)
     # the split stays fixed (seed 0) whatever the training seed: seeds vary training, not the data
@@ -427,6 +435,7 @@ def compare(
     scalars = scalars.astype({"model": "object", "depth": "int64", "residual": "bool", "epoch": "int64"})
     meta = {
         "kind": "compare",
+        "run_id": run_id,
         "gradprobe_version": __version__,
         "torch_version": torch.__version__,
         "created": created,
@@ -455,7 +464,7 @@ def compare(
     }
     run = Run(frame, scalars, meta)
     if out is not None:
-        run.save(out)
+        run.save(out, overwrite=overwrite)
     return run
 
 

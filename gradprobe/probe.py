@@ -27,10 +27,14 @@ and is removed by ``detach`` (also on exceptions, through ``with``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import math
 import os
+import sys
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,7 +51,7 @@ from ._version import __version__
 from .blocks import BlockSpec, select_blocks
 from .capture import alias_view as _alias
 from .capture import find_output, swap_input
-from .records import FRAME_COLUMNS, RowStore, Run, Sink, load
+from .records import FRAME_COLUMNS, RowStore, Run, Sink, new_run_id
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -142,10 +146,58 @@ def every_n(n: int) -> Schedule:
     return schedule
 
 
-# Muting is process-wide, not per probe: while one probe runs its own Jacobian
-# passes through the graph, no probe (a second one on the same model included)
-# may record those passes as training gradients.
-_MUTED = [0]
+# Muting is per thread and context (a ContextVar), not per probe: while one probe runs its own
+# Jacobian passes through the graph, no probe (a second one on the same model included) may record
+# those passes as training gradients -- but a probe training in another thread is not muted.
+_MUTED: contextvars.ContextVar[int] = contextvars.ContextVar("gradprobe_muted", default=0)
+# Autograd runs the backward of accelerator tensors on its own device threads, which see no Python
+# context: there a muting pass anywhere in the process mutes (the rule before ContextVars).
+_MUTED_ANYWHERE = [0]
+_MUTED_LOCK = threading.Lock()
+
+
+def _muted() -> bool:
+    """Whether the probes' hooks must ignore what runs now (a probe's own Jacobian passes)."""
+    if _MUTED.get():
+        return True
+    return bool(_MUTED_ANYWHERE[0]) and isinstance(threading.current_thread(), threading._DummyThread)
+
+
+def _noop_hook() -> Callable[..., None]:
+    """What a copy or a pickle of a probed module gets in place of a probe hook: a no-op that
+    takes any arguments and returns None, from the standard library alone (so a pickled model
+    loads where gradprobe is not installed)."""
+    return contextlib.nullcontext().__exit__
+
+
+class _Hook:
+    """A module hook of a probe that stays with the module it was registered on.
+
+    ``copy.deepcopy(model)`` (an EMA copy) and ``pickle``/``torch.save(model)`` copy a module's
+    hook dicts: the copy gets a no-op (:func:`_noop_hook`) instead of this hook, so it never
+    records into the probe and pickles without it. A shallow copy shares the dicts; it is told
+    apart by identity and ignored.
+    """
+
+    __slots__ = ("__weakref__", "_fn", "_module")
+
+    def __init__(self, fn: Callable[..., Any], module: nn.Module) -> None:
+        self._fn = _eager(fn)
+        self._module = weakref.ref(module)
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        if module is not self._module():
+            return None
+        return self._fn(module, *args)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (getattr, (contextlib.nullcontext(), "__exit__"))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return _noop_hook()
+
+    def __copy__(self) -> _Hook:
+        return self
 
 
 def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -366,9 +418,27 @@ class Probe:
         self._attached = False
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._shortcut_modules = self._resolve_shortcuts(shortcuts or {})
+        self._run_id = new_run_id()
         # Last of the checks, so a bad argument never leaves an empty run folder behind.
-        self._sink = Sink(sink, **dict(sink_options or {})) if sink is not None else None
-        self._attach()
+        self._sink = self._open_sink(sink, sink_options) if sink is not None else None
+        try:
+            self._attach()
+        except BaseException:
+            if self._sink is not None:
+                self._sink.close()
+            raise
+
+    def _open_sink(self, path: str | os.PathLike[str], options: Mapping[str, Any] | None) -> Sink:
+        options = dict(options or {})
+        known = {"chunk_rows", "fmt", "flush_seconds", "max_buffer_rows", "resume"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown sink_options {unknown}; the options are {sorted(known)}")
+        sink = Sink(path, meta=self.meta(), run_id=self._run_id, **options)
+        # resume=True: this probe continues the run in the folder, its id and its step numbers
+        self._run_id = sink.run_id
+        self._step = sink.resumed_steps
+        return sink
 
     # ------------------------------------------------------------------ lifecycle
     def _resolve_shortcuts(self, given: Mapping[str, str | nn.Module]) -> dict[str, nn.Module]:
@@ -401,18 +471,25 @@ class Probe:
         try:
             for name, module in self._modules.items():
                 self._handles.append(
-                    module.register_forward_pre_hook(_eager(partial(self._pre_hook, name)), with_kwargs=True)
+                    module.register_forward_pre_hook(
+                        _Hook(partial(self._pre_hook, name), module), with_kwargs=True
+                    )
                 )
+                # always_call: also when the block raises, so that call's records are released
                 self._handles.append(
-                    module.register_forward_hook(_eager(partial(self._post_hook, name)), with_kwargs=True)
+                    module.register_forward_hook(
+                        _Hook(partial(self._post_hook, name), module), with_kwargs=True, always_call=True
+                    )
                 )
             for name, shortcut in self._shortcut_modules.items():
                 self._handles.append(
-                    shortcut.register_forward_hook(_eager(partial(self._shortcut_hook, name)))
+                    shortcut.register_forward_hook(_Hook(partial(self._shortcut_hook, name), shortcut))
                 )
             if self._jacobian_every:
                 self._handles.append(
-                    self._model.register_forward_hook(_eager(self._root_post_hook), with_kwargs=True)
+                    self._model.register_forward_hook(
+                        _Hook(self._root_post_hook, self._model), with_kwargs=True
+                    )
                 )
         except BaseException:
             self._remove_handles()
@@ -429,10 +506,10 @@ class Probe:
         try:
             if self._attached:
                 self._flush()
-                if self._sink is not None:
-                    self._sink.meta = self.meta()
-                    self._sink.flush()
         finally:
+            if self._sink is not None and not self._sink.closed:
+                self._sink.meta = self.meta()
+                self._sink.close()  # never raises: a sink that cannot write warns and keeps its rows
             self._remove_handles()
             self._attached = False
             self._captures.clear()
@@ -442,6 +519,11 @@ class Probe:
                 stack.clear()
 
     def __enter__(self) -> Probe:
+        if not self._attached:
+            raise RuntimeError(
+                "this probe is detached: its hooks are gone and it would record nothing; attach a new one "
+                "with gradprobe.attach(model)"
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -530,8 +612,8 @@ class Probe:
         self._flush()
         if self._sink is None:
             return None
-        self._sink.flush()
-        return load(self._sink.path)
+        self._sink.meta = self.meta()
+        return self._sink.run()  # what is on disk plus what a failing disk left in memory
 
     @staticmethod
     def _distributed(frame: pd.DataFrame, gather: bool) -> pd.DataFrame:
@@ -554,6 +636,7 @@ class Probe:
         """Metadata stored with a saved run."""
         return {
             "kind": "probe",
+            "run_id": self._run_id,
             "gradprobe_version": __version__,
             "torch_version": torch.__version__,
             "model_class": f"{type(self._model).__module__}.{type(self._model).__qualname__}",
@@ -571,9 +654,12 @@ class Probe:
         """The recorded tables as a :class:`gradprobe.records.Run`."""
         return Run(self.frame(), self.scalars(), self.meta())
 
-    def save(self, path: str | os.PathLike[str]) -> os.PathLike[str]:
-        """Save frame, scalars and metadata into the folder ``path``; read back with ``gradprobe.load``."""
-        return self.run().save(path)
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> os.PathLike[str]:
+        """Save frame, scalars and metadata into the folder ``path``; read back with ``gradprobe.load``.
+
+        Saving again updates the folder; a folder holding another run needs ``overwrite=True``.
+        """
+        return self.run().save(path, overwrite=overwrite)
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"
@@ -585,12 +671,17 @@ class Probe:
     @staticmethod
     @contextlib.contextmanager
     def _mute() -> Iterator[None]:
-        """Every probe's hooks ignore what happens inside (a probe's own Jacobian passes)."""
-        _MUTED[0] += 1
+        """Every probe's hooks ignore what happens inside (a probe's own Jacobian passes), in this
+        thread and context only."""
+        token = _MUTED.set(_MUTED.get() + 1)
+        with _MUTED_LOCK:
+            _MUTED_ANYWHERE[0] += 1
         try:
             yield
         finally:
-            _MUTED[0] -= 1
+            with _MUTED_LOCK:
+                _MUTED_ANYWHERE[0] -= 1
+            _MUTED.reset(token)
 
     def _fail(self, where: str, exc: BaseException) -> None:
         if self._strict:
@@ -628,9 +719,9 @@ class Probe:
                 # Same graph as the first run (checkpointing compares saved tensors), no hooks;
                 # also inside the probe's own Jacobian passes, which recompute it as well.
                 return swap_input(args, kwargs, _alias, self._rules[name].input, module)
-            if _MUTED[0]:
+            if _muted():
                 return None
-        elif _MUTED[0]:
+        elif _muted():
             return None
         elif self._auto and self._buf.backward_done:
             self._close_step()
@@ -655,8 +746,13 @@ class Probe:
     ) -> Any:
         call = _Call(block=name)
         self._stack[name].append(call)
+        module = self._modules[name]
 
         def capture(x: torch.Tensor) -> torch.Tensor:
+            if not x.requires_grad and not any(p.requires_grad for p in module.parameters()):
+                # A frozen block on an input without grad: its output needs no grad, and a probe
+                # must not add one (a backward() that should raise would succeed).
+                return x
             if name not in self._linked:
                 self._link(name, x)
             alias = _alias(x)
@@ -727,6 +823,12 @@ class Probe:
             return
         call = stack.pop()
         shortcut_out = self._shortcut_out.pop(name, None)
+        if output is None and sys.exc_info()[1] is not None:
+            # The block raised (this hook is registered with always_call): drop the input
+            # alias and its node, which its tensor hook would otherwise keep alive with the
+            # whole graph, and record nothing for the call.
+            call.x = call.x_node = None
+            return
         y = find_output(output, self._rules[name].output)
         if y is None:
             if self._recording() and torch.is_grad_enabled():
@@ -735,10 +837,10 @@ class Probe:
                     # A row of NaN (its input gradient still arrives): never zero rows in silence.
                     call.x = None
                     self._buf.calls.append(call)
-            call.x = None
+            call.x = call.x_node = None
             return
         if not y.requires_grad:
-            call.x = None
+            call.x = call.x_node = None
             return
         if shortcut_out is not None and (
             shortcut_out is y or (shortcut_out.data_ptr() == y.data_ptr() and shortcut_out.shape == y.shape)
@@ -780,11 +882,11 @@ class Probe:
         y.register_hook(partial(self._grad_y_hook, call))
 
     def _count_hook(self, grad: torch.Tensor) -> None:
-        if not _MUTED[0]:
+        if not _muted():
             self._queue_backward_end()
 
     def _grad_y_hook(self, call: _Call, grad: torch.Tensor) -> None:
-        if _MUTED[0]:
+        if _muted():
             return
         self._queue_backward_end()
         try:
@@ -797,7 +899,7 @@ class Probe:
             self._fail(f"output gradient of block {call.block}", exc)
 
     def _grad_x_hook(self, call: _Call, grad: torch.Tensor) -> None:
-        if _MUTED[0]:
+        if _muted():
             return
         self._queue_backward_end()
         try:
@@ -860,7 +962,7 @@ class Probe:
 
     def _root_post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         captures, self._captures = self._captures, []
-        if not captures or _MUTED[0] or in_backward():
+        if not captures or _muted() or in_backward():
             return
         try:
             from .jacobian import BlockCapture, differentiable_twice, jacobian_columns
@@ -974,6 +1076,13 @@ class Probe:
             self._close_step()
 
     def _close_step(self) -> None:
+        try:
+            self._close_step_records()
+        finally:
+            if self._sink is not None:
+                self._sink.end_step()  # the step's rows and scalars reach the sink as one unit
+
+    def _close_step_records(self) -> None:
         buf, self._buf = self._buf, _StepBuffer()
         self._captures.clear()
         self._out_node.clear()
@@ -1134,7 +1243,12 @@ def attach(
             probe vectors. The ``jac_batch`` column says which batch size was used.
         sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
             (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
-        sink_options: ``chunk_rows`` (rows per chunk, default 50,000) and ``fmt``.
+        sink_options: ``chunk_rows`` (rows per chunk, default 50,000), ``flush_seconds``
+            (a chunk at the end of the first step after this many seconds, default 5: a crash
+            loses at most that), ``fmt`` (``"parquet"`` or ``"csv"``), ``max_buffer_rows``
+            (rows kept in memory while the folder cannot be written, default 1,000,000) and
+            ``resume`` (append to the run already in the folder). See
+            :class:`gradprobe.records.Sink`; a folder in use by another probe is refused.
         input: which argument of a block call is its input ``x`` (default: the first
             floating-point or complex positional tensor, else ``hidden_states=``, ``x=`` or
             ``input=``): a position, a keyword name, a callable ``(args, kwargs) -> tensor``,

@@ -9,17 +9,36 @@ A run on disk is a folder::
     run/
       frame.parquet    one row per (step, block)   (frame.csv without pyarrow)
       scalars.parquet  one row per step            (scalars.csv without pyarrow)
-      meta.json        versions, model class, block names, settings, dtypes
+      meta.json        versions, model class, block names, settings, dtypes, run id
 
 No pickle is used anywhere, so loading a run never executes code.
+
+Nothing lost: every file is written under a temporary name in its folder,
+flushed, fsynced and renamed (:func:`atomic_write`); a run saved into a new
+folder is built in a temporary folder and renamed into place. A run is never
+deleted to be rewritten, and a folder holding a *different* run (another
+``run_id`` in its ``meta.json``) is only replaced with ``overwrite=True``.
+A :class:`Sink` streams a run to disk from its first step (see its docstring
+for what a crash can lose and how :func:`load` reports damage).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import io
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,9 +191,14 @@ class Run:
             return list(dict.fromkeys(self._frame["model"].tolist()))
         return list(self.meta.get("models", []))
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the run into the folder ``path`` (created if needed); return it."""
-        return save_run(path, self._frame, self._scalars, self.meta)
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the run into the folder ``path`` (created if needed); return it.
+
+        Saving again into the same folder updates it; a folder holding another run
+        is replaced only with ``overwrite=True`` (see :func:`save_run`).
+        """
+        self.meta.setdefault("run_id", new_run_id())  # later saves of this run go to the same folder
+        return save_run(path, self._frame, self._scalars, self.meta, overwrite=overwrite)
 
     def __repr__(self) -> str:
         steps = self._frame["step"].nunique() if len(self._frame) else 0
@@ -187,31 +211,103 @@ def _dtypes(frame: pd.DataFrame) -> dict[str, str]:
     return {str(c): str(t) for c, t in frame.dtypes.items()}
 
 
-def _write_table(frame: pd.DataFrame, base: Path, fmt: str) -> None:
+# ----------------------------------------------------------------------------- atomic files
+
+
+def new_run_id() -> str:
+    """A fresh run id (12 hex digits): stored in ``meta.json`` and in a sink's chunk names."""
+    return uuid.uuid4().hex[:12]
+
+
+def _fsync_dir(folder: Path) -> None:
+    # A rename is durable only once the folder's own entry list is on disk.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """Write the file ``path`` all at once: ``write(tmp)`` fills a temporary file in the same
+    folder, which is flushed, fsynced and renamed onto ``path``.
+
+    A crash leaves the old file or the new one, never a part of one (at worst a
+    ``.NAME.*.tmp`` file, which :func:`load` reports as an incomplete write).
+
+    >>> import tempfile, pathlib
+    >>> p = atomic_write(pathlib.Path(tempfile.mkdtemp()) / "a.txt", lambda tmp: tmp.write_text("hi"))
+    >>> p.read_text()
+    'hi'
+    """
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(final.parent)
+    return final
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """:func:`atomic_write` of bytes."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _write_table(frame: pd.DataFrame, file: Path, fmt: str) -> None:
     if fmt == "parquet":
-        frame.to_parquet(base.with_suffix(".parquet"), index=False)
+        frame.to_parquet(file, index=False)
     else:
-        frame.to_csv(base.with_suffix(".csv"), index=False)
+        frame.to_csv(file, index=False)
 
 
-def _read_table(base: Path, dtypes: Mapping[str, str]) -> pd.DataFrame:
+def _str_columns(dtypes: Mapping[str, str]) -> dict[str, type]:
+    # Names stay strings whatever they look like: a block "0" must not come back as the int 0.
+    cols: dict[str, type] = {"block": str, "model": str, "stack": str}
+    cols.update({c: str for c, t in dtypes.items() if t in ("object", "str", "string")})
+    return cols
+
+
+def _read_csv(file: Any, dtypes: Mapping[str, str]) -> pd.DataFrame:
     import pandas as pd
 
-    if base.with_suffix(".parquet").exists():
-        if not has_parquet():
-            raise ImportError(
-                f"{base.with_suffix('.parquet')} is Parquet but pyarrow is not installed; "
-                "install it with `pip install pyarrow` (or `pip install gradprobe[parquet]`)."
-            )
-        frame = pd.read_parquet(base.with_suffix(".parquet"))
-    elif base.with_suffix(".csv").exists():
-        # keep_default_na=False + na_values=[""] so a block literally named "NA" stays a string
-        frame = pd.read_csv(base.with_suffix(".csv"), keep_default_na=False, na_values=[""])
-    else:
+    # keep_default_na=False + na_values=[""] so a block literally named "NA" stays a string
+    return pd.read_csv(file, keep_default_na=False, na_values=[""], dtype=_str_columns(dtypes))
+
+
+def _read_table(base: Path, dtypes: Mapping[str, str], fmt: str | None = None) -> pd.DataFrame:
+    import pandas as pd
+
+    parquet, csv = base.with_suffix(".parquet"), base.with_suffix(".csv")
+    # meta.json, written last, names the format: a table of the other format is a leftover
+    use_parquet = parquet.exists() and (fmt != "csv" or not csv.exists())
+    if not use_parquet and not csv.exists():
         raise FileNotFoundError(f"no {base.name}.parquet or {base.name}.csv in {base.parent}")
-    for col, dtype in dtypes.items():
-        if col in frame.columns and str(frame[col].dtype) != dtype:
-            frame[col] = frame[col].astype(dtype)  # type: ignore[call-overload]
+    file = parquet if use_parquet else csv
+    if use_parquet and not has_parquet():
+        raise ImportError(
+            f"{parquet} is Parquet but pyarrow is not installed; "
+            "install it with `pip install pyarrow` (or `pip install gradprobe[parquet]`)."
+        )
+    try:
+        frame = pd.read_parquet(file) if use_parquet else _read_csv(file, dtypes)
+        for col, dtype in dtypes.items():
+            if col in frame.columns and str(frame[col].dtype) != dtype:
+                frame[col] = frame[col].astype(dtype)  # type: ignore[call-overload]
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{file} cannot be read ({type(exc).__name__}: {exc})") from None
     return frame
 
 
@@ -227,6 +323,82 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _meta_text(meta: Mapping[str, Any]) -> str:
+    return json.dumps(_jsonable(meta), indent=2, sort_keys=True)
+
+
+#: File names of a saved run's tables.
+_TABLE_FILES = ("frame.parquet", "frame.csv", "scalars.parquet", "scalars.csv")
+
+
+def run_id_at(path: str | os.PathLike[str]) -> str | None:
+    """The run id of the run saved or streamed in the folder ``path``.
+
+    None when the folder holds no run; ``""`` for a run without a readable id (saved by an
+    older gradprobe, or with damaged metadata).
+
+    >>> import tempfile
+    >>> run_id_at(tempfile.mkdtemp()) is None
+    True
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    meta_file = folder / "meta.json"
+    if meta_file.exists():
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return ""
+        return str(meta.get("run_id") or "") if isinstance(meta, dict) else ""
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return None
+    if any(n in _TABLE_FILES or _CHUNK.match(n) for n in names):
+        return ""
+    return None
+
+
+def check_destination(
+    path: str | os.PathLike[str], run_id: str | None = None, *, overwrite: bool = False
+) -> Path:
+    """Check, before any work, that a run (or report) can be written into the folder ``path``.
+
+    It must be a folder or a path where one can be made, writable, and not hold a run with
+    another id than ``run_id`` unless ``overwrite``. Raises an ``OSError`` with a one-line
+    message otherwise; creates nothing.
+
+    >>> import tempfile
+    >>> check_destination(tempfile.mkdtemp()).is_dir()
+    True
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder; a run is written as a folder")
+    existing = run_id_at(out)
+    if existing is not None and (not existing or existing != run_id) and not overwrite:
+        named = f"run {existing}" if existing else "a run"
+        raise FileExistsError(
+            f"{out} holds another gradprobe run ({named}); pass overwrite=True (--force on the command "
+            "line) to replace it, or choose another folder"
+        )
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{out} cannot be created: {parent} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=parent, prefix=".gradprobe-write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise PermissionError(
+            f"{out} cannot be written ({exc.strerror or exc}); pass a writable folder"
+        ) from None
+    return out
+
+
 def save_run(
     path: str | os.PathLike[str],
     frame: pd.DataFrame,
@@ -234,35 +406,109 @@ def save_run(
     meta: Mapping[str, Any],
     *,
     fmt: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write frame, scalars and metadata into the folder ``path``.
+    """Write frame, scalars and metadata into the folder ``path``; return it.
 
     ``fmt`` is ``"parquet"`` or ``"csv"``; by default Parquet when pyarrow is
-    installed, CSV otherwise.
+    installed, CSV otherwise. Nothing is deleted to be rewritten: a new folder is
+    built under a temporary name and renamed into place; in a folder that already
+    holds this run (same ``meta["run_id"]``) each table is replaced atomically and
+    ``meta.json`` last. A folder holding another run is refused unless ``overwrite``
+    (then the new run is built aside and swapped in whole).
     """
     if fmt is None:
         fmt = "parquet" if has_parquet() else "csv"
     if fmt not in ("parquet", "csv"):
         raise ValueError(f"fmt must be 'parquet' or 'csv', got {fmt!r}")
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a folder; a run is saved as a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("frame", "scalars"):  # never leave a table of another format behind
-        for suffix in (".parquet", ".csv"):
-            (out / stale).with_suffix(suffix).unlink(missing_ok=True)
-    _write_table(frame, out / "frame", fmt)
-    _write_table(scalars, out / "scalars", fmt)
+    run_id = str(meta.get("run_id") or new_run_id())
+    out = check_destination(path, run_id, overwrite=overwrite)
     full_meta = dict(meta)
+    full_meta["run_id"] = run_id
     full_meta["format_version"] = _FORMAT_VERSION
     full_meta["table_format"] = fmt
     full_meta["dtypes"] = {"frame": _dtypes(frame), "scalars": _dtypes(scalars)}
-    (out / "meta.json").write_text(json.dumps(_jsonable(full_meta), indent=2, sort_keys=True))
+    full_meta.pop("streamed", None)
+
+    def fill(folder: Path) -> None:
+        atomic_write(folder / f"frame.{fmt}", lambda tmp: _write_table(frame, tmp, fmt))
+        atomic_write(folder / f"scalars.{fmt}", lambda tmp: _write_table(scalars, tmp, fmt))
+        atomic_write_text(folder / "meta.json", _meta_text(full_meta))  # last: it commits the run
+
+    existing = run_id_at(out)
+    if (existing is None and out.is_dir()) or existing == run_id:
+        fill(out)  # this run, or a folder without one: files are replaced one by one, never removed first
+        other = "csv" if fmt == "parquet" else "parquet"
+        for stale in ("frame", "scalars"):  # a table of the other format is a leftover now
+            with contextlib.suppress(OSError):
+                (out / f"{stale}.{other}").unlink()
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
+    building.mkdir()
+    try:
+        fill(building)
+        if out.exists():  # overwrite=True of another run: swap the complete new folder in
+            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:6]}.old")
+            os.rename(out, old)
+            os.rename(building, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(building, out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    _fsync_dir(out.parent)
     return out
 
 
-def load(path: str | os.PathLike[str]) -> Run:
-    """Read a run saved by ``Probe.save``, ``Run.save`` or ``gradprobe compare``.
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of the run folder ``path``; a one-line ``ValueError`` naming the file if damaged.
+
+    >>> import tempfile, pandas as pd
+    >>> d = tempfile.mkdtemp()
+    >>> _ = Run(rows_to_frame([]), pd.DataFrame({"step": [0]}), {"every": 3}).save(d)
+    >>> read_meta(d)["every"]
+    3
+    """
+    import pandas as pd
+
+    meta_file = Path(path) / "meta.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{Path(path)} has no meta.json; is it a gradprobe run folder?")
+    if meta_file.is_dir():
+        raise ValueError(f"{meta_file} is a folder, not gradprobe metadata (a JSON file)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{meta_file} is not readable gradprobe metadata ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{meta_file} holds a JSON {type(meta).__name__}, not gradprobe metadata (a JSON object)"
+        )
+    dtypes = meta.get("dtypes", {})
+    if not isinstance(dtypes, dict) or not all(isinstance(d, dict) for d in dtypes.values()):
+        raise ValueError(f"{meta_file}: 'dtypes' must map table -> {{column: dtype}}, got {dtypes!r}")
+    for table, columns in dtypes.items():
+        for col, dtype in columns.items():
+            try:
+                pd.api.types.pandas_dtype(dtype)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{meta_file}: unknown dtype {dtype!r} of column {col!r} ({table})"
+                ) from None
+    return meta
+
+
+def load(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
+    """Read a run saved by ``Probe.save``, ``Run.save`` or ``gradprobe compare``, or streamed by a sink.
+
+    A streamed run is read chunk by chunk: every complete chunk loads; damaged ones
+    (cut short, unreadable, a frame chunk without its scalars) are skipped with one
+    ``RuntimeWarning`` that counts them, and stray files are ignored with a warning.
+    ``strict=True`` raises ``ValueError`` on damage instead.
 
     >>> import tempfile, pandas as pd
     >>> d = tempfile.mkdtemp()
@@ -276,20 +522,13 @@ def load(path: str | os.PathLike[str]) -> Run:
             f"{folder} is not a saved gradprobe run (expected a folder with meta.json, "
             "frame.parquet|csv and scalars.parquet|csv)"
         )
-    meta_file = folder / "meta.json"
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{folder} has no meta.json; is it a gradprobe run folder?")
-    meta = json.loads(meta_file.read_text())
+    meta = read_meta(folder)
     dtypes = meta.pop("dtypes", {})
-    streamed = _read_chunks(folder, "frame")
-    if streamed is not None:  # a run streamed by a sink: concatenate its chunks
-        scalars_part = _read_chunks(folder, "scalars")
-        frame = rows_to_frame([]) if not len(streamed) else streamed
-        frame = frame.astype({"step": "int64", "index": "int64", "calls": "int64"})
-        scalars = scalars_part if scalars_part is not None else _empty_scalars()
-        return Run(frame, scalars.astype({"step": "int64"}), meta)
-    frame = _read_table(folder / "frame", dtypes.get("frame", {}))
-    scalars = _read_table(folder / "scalars", dtypes.get("scalars", {}))
+    if meta.get("streamed") or any(_CHUNK.match(p.name) for p in folder.iterdir()):
+        return _load_streamed(folder, meta, strict)
+    fmt = meta.get("table_format")
+    frame = _read_table(folder / "frame", dtypes.get("frame", {}), fmt)
+    scalars = _read_table(folder / "scalars", dtypes.get("scalars", {}), fmt)
     return Run(frame, scalars, meta)
 
 
@@ -366,83 +605,482 @@ class RowStore:
         self._chunks.clear()
 
 
-class Sink:
-    """Streams recorded rows to a run folder in chunks, so memory stays bounded on long runs.
+#: A sink's chunk files: ``frame-<run id>-<sequence>-r<rows>.<fmt>`` and the same for scalars.
+#: The row count in the name lets :func:`load` tell a complete chunk from one cut short.
+_CHUNK = re.compile(r"^(frame|scalars)-([0-9a-f]{12})-(\d{6})-r(\d+)\.(parquet|csv)$")
 
-    The folder holds ``frame-NNNNNN.parquet`` (or ``.csv``) and
-    ``scalars-NNNNNN.*`` chunks plus ``meta.json``; every chunk is written to a
-    temporary name and renamed, so an interrupted run leaves only complete
-    chunks. :func:`load` reads such a folder as one run.
+#: Chunk names of sinks before run ids (``frame-NNNNNN.parquet``), still read.
+_LEGACY_CHUNK = re.compile(r"^(frame|scalars)-(\d{6})\.(parquet|csv)$")
+
+#: Sinks not closed yet: written out at interpreter exit (a script that never called detach()).
+_OPEN_SINKS: weakref.WeakSet[Sink] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_sinks() -> None:
+    for sink in list(_OPEN_SINKS):
+        with contextlib.suppress(Exception):
+            sink.close()
+
+
+#: The lock file of a sink folder in use: pid, host and run id of the probe holding it.
+LOCK_FILE = ".gradprobe.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _release_lock(lock: Path, token: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(lock.read_text()).get("token") == token:
+            lock.unlink()
+
+
+class Sink:
+    """Streams recorded rows to a run folder from the first step, so memory stays bounded and a
+    crash loses at most one flush interval.
+
+    The folder holds ``meta.json`` (written at attach and replaced atomically at every
+    flush) and pairs of chunks ``frame-<run>-<seq>-r<rows>.<fmt>`` /
+    ``scalars-<run>-<seq>-r<rows>.<fmt>``, each written atomically. A chunk pair holds
+    whole steps (a step's rows and scalars are never split) and is written when
+    ``chunk_rows`` rows are buffered or ``flush_seconds`` have passed since the last
+    flush, at the end of a step. :func:`load` reads every complete pair and reports
+    the rest. A lock file (:data:`LOCK_FILE`) keeps a second probe out of the folder;
+    ``resume=True`` appends to the run already there (same model class and blocks).
+
+    When a write fails (a full disk), the sink warns once with the path and the error,
+    keeps rows in memory up to ``max_buffer_rows`` (later steps are dropped and
+    counted in ``meta.json`` as ``dropped_steps``/``dropped_rows``) and retries with
+    a growing delay (1 s, 2 s, ... up to a minute) rather than at every step. It never
+    raises during training.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, chunk_rows: int = 50_000, fmt: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        chunk_rows: int = 50_000,
+        fmt: str | None = None,
+        flush_seconds: float = 5.0,
+        max_buffer_rows: int = 1_000_000,
+        resume: bool = False,
+        meta: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ):
         self.path = Path(path)
-        self.fmt = fmt or ("parquet" if has_parquet() else "csv")
+        self.fmt = fmt if fmt is not None else ("parquet" if has_parquet() else "csv")
+        if self.fmt not in ("parquet", "csv"):
+            raise ValueError(f"sink_options['fmt'] must be 'parquet' or 'csv', got {fmt!r}")
+        if self.fmt == "parquet" and not has_parquet():
+            raise ImportError("sink_options['fmt']='parquet' needs pyarrow; install it or pass fmt='csv'")
         self.chunk_rows = int(chunk_rows)
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows!r}")
+        if not isinstance(flush_seconds, (int, float)) or not flush_seconds >= 0:
+            raise ValueError(f"flush_seconds must be a number >= 0, got {flush_seconds!r}")
+        self.flush_seconds = float(flush_seconds)
+        self.max_buffer_rows = max(int(max_buffer_rows), self.chunk_rows)
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.run_id = run_id or new_run_id()
+        self.resumed_steps = 0  # steps already in the folder when resuming
+        self._seq = 0
+        self._rows = RowStore()
+        self._scalars: list[dict[str, Any]] = []
+        self._step_rows: list[Mapping[str, Any]] = []
+        self._step_scalars: list[dict[str, Any]] = []
+        self._steps_written = 0
+        self._last_flush = time.monotonic()
+        self._failures = 0
+        self._retry_at: float | None = None
+        self._orphan: Path | None = None
+        self._warned = False
+        self.dropped_steps = 0
+        self.dropped_rows = 0
+        self.closed = False
+        self._lock: Path | None = None
         try:
             if self.path.exists() and not self.path.is_dir():
                 raise NotADirectoryError(f"{self.path} exists and is not a folder")
             self.path.mkdir(parents=True, exist_ok=True)
-            if any(self.path.glob("frame-*")):
-                raise FileExistsError(f"{self.path} already holds a streamed run; choose an empty folder")
-            probe_file = self.path / ".write-test"
-            probe_file.write_text("ok")
-            probe_file.unlink()
         except OSError as exc:
             raise OSError(f"sink={str(path)!r} cannot be written ({exc}); pass a writable folder") from exc
-        self._rows = RowStore()
-        self._scalars: list[dict[str, Any]] = []
-        self._chunk = 0
-        self.meta: dict[str, Any] = {}
+        self._take_lock()
+        try:
+            self._adopt_folder(resume)
+            atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
+            _OPEN_SINKS.add(self)
+        except OSError as exc:
+            self._drop_lock()
+            if isinstance(exc, FileExistsError):
+                raise
+            raise OSError(f"sink={str(path)!r} cannot be written ({exc}); pass a writable folder") from exc
+        except BaseException:
+            self._drop_lock()
+            raise
 
+    # -------------------------------------------------------------- the folder
+    def _take_lock(self) -> None:
+        lock = self.path / LOCK_FILE
+        token = uuid.uuid4().hex
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run_id": self.run_id,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "token": token,
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(lock.read_text())
+                    if not isinstance(holder, dict):
+                        raise ValueError(holder)
+                except (OSError, ValueError):
+                    holder = None
+                stale = (
+                    (holder is None and time.time() - lock.stat().st_mtime > 10)  # a lock cut short long ago
+                    or (
+                        holder is not None
+                        and holder.get("host") == info["host"]
+                        and not _pid_alive(int(holder.get("pid", 0)))
+                    )
+                )
+                if stale:
+                    with contextlib.suppress(OSError):
+                        lock.unlink()
+                    continue
+                who = (
+                    f"run {holder.get('run_id')} of process {holder.get('pid')} on {holder.get('host')}, "
+                    f"since {holder.get('since')}"
+                    if holder
+                    else "a probe starting up"
+                )
+                raise FileExistsError(
+                    f"sink folder {self.path} is in use by another probe ({who}); detach that probe first, "
+                    f"or pass another folder (a stale lock of a dead process is removed automatically; "
+                    f"delete {lock} by hand only if no probe writes there)"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info))
+                f.flush()
+                os.fsync(f.fileno())
+            self._lock = lock
+            self._lock_token = token
+            # A probe dropped without detach() still frees the folder (at garbage collection or exit).
+            self._finalizer = weakref.finalize(self, _release_lock, lock, token)
+            return
+        raise FileExistsError(f"sink folder {self.path}: cannot take its lock file {lock}")
+
+    def _drop_lock(self) -> None:
+        if self._lock is not None:
+            self._finalizer()
+            self._lock = None
+
+    def _adopt_folder(self, resume: bool) -> None:
+        names = [p.name for p in self.path.iterdir()]
+        chunks = [m for m in map(_CHUNK.match, names) if m]
+        has_tables = any(n in _TABLE_FILES for n in names)
+        meta: dict[str, Any] | None = None
+        if "meta.json" in names:
+            try:
+                meta = read_meta(self.path)
+            except ValueError as exc:
+                raise FileExistsError(
+                    f"{self.path} holds a damaged run ({exc}); choose an empty folder"
+                ) from None
+        if meta is None and not chunks and not has_tables:
+            return  # a new folder
+        if meta is None or not meta.get("streamed") or has_tables:
+            raise FileExistsError(
+                f"sink folder {self.path} holds a saved run (meta.json/frame tables); a sink never writes "
+                "over one: choose an empty folder"
+            )
+        desc = f"run {meta.get('run_id')} of {meta.get('model_class', '?')}, {len(chunks)} chunk files"
+        if not resume:
+            raise FileExistsError(
+                f"sink folder {self.path} already holds a streamed run ({desc}); pass "
+                "sink_options={'resume': True} to append to it, or choose an empty folder"
+            )
+        for key in ("model_class", "blocks"):
+            mine, theirs = self.meta.get(key), meta.get(key)
+            if key == "blocks" and mine is not None and theirs is not None:
+                mine, theirs = sorted(mine), sorted(theirs)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(
+                    f"resume: the run in {self.path} was recorded with {key}={meta.get(key)!r}, this probe "
+                    f"has {self.meta.get(key)!r}; resume appends only to a run of the same model and blocks"
+                )
+        if meta.get("table_format") not in (None, self.fmt):
+            self.fmt = str(meta["table_format"])
+        self.run_id = str(meta.get("run_id") or self.run_id)
+        own = [m for m in chunks if m[2] == self.run_id]
+        self._seq = max((int(m[3]) for m in own), default=-1) + 1
+        self.resumed_steps = max(int(meta.get("steps_written", 0) or 0), int(meta.get("steps", 0) or 0))
+        self._steps_written = self.resumed_steps
+        self.dropped_steps = int(meta.get("dropped_steps", 0) or 0)
+        self.dropped_rows = int(meta.get("dropped_rows", 0) or 0)
+        if self._lock is not None:  # the lock names the run it writes
+            _release_lock(self._lock, self._lock_token)
+            self._finalizer.detach()
+            self._lock = None
+            self._take_lock()
+        for name in names:  # writes a dead process left unfinished
+            if name.startswith((".frame-", ".scalars-", ".meta.json.")) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    (self.path / name).unlink()
+
+    def _full_meta(self) -> dict[str, Any]:
+        meta = dict(self.meta)
+        meta.update(
+            {
+                "format_version": _FORMAT_VERSION,
+                "table_format": self.fmt,
+                "streamed": True,
+                "run_id": self.run_id,
+                "chunks": self._seq,
+                "steps_written": self._steps_written,
+                "dropped_steps": self.dropped_steps,
+                "dropped_rows": self.dropped_rows,
+            }
+        )
+        return meta
+
+    # -------------------------------------------------------------- recording
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        self._rows.append(rows)
-        if len(self._rows) >= self.chunk_rows:
-            self.flush()
+        """Buffer the rows of the step being closed (written with :meth:`end_step`)."""
+        self._step_rows.extend(rows)
 
     def append_scalars(self, row: Mapping[str, Any]) -> None:
-        self._scalars.append(dict(row))
+        """Buffer the scalars of the step being closed."""
+        self._step_scalars.append(dict(row))
 
-    def _write(self, frame: pd.DataFrame, stem: str) -> None:
-        final = self.path / f"{stem}-{self._chunk:06d}.{self.fmt}"
-        tmp = final.with_name("." + final.name + ".tmp")
-        if self.fmt == "parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        os.replace(tmp, final)
+    def end_step(self) -> None:
+        """The step is complete: buffer it as one unit and flush when a chunk is due. Never raises."""
+        rows, self._step_rows = self._step_rows, []
+        scalars, self._step_scalars = self._step_scalars, []
+        if (not rows and not scalars) or self.closed:
+            return
+        if self._retry_at is not None and len(self._rows) + len(rows) > self.max_buffer_rows:
+            self.dropped_steps += 1
+            self.dropped_rows += len(rows)
+            return
+        self._rows.append(rows)
+        self._scalars.extend(scalars)
+        steps = [int(r["step"]) for r in (*rows, *scalars)]
+        self._steps_written = max(self._steps_written, max(steps) + 1)
+        now = time.monotonic()
+        if self._retry_at is not None:
+            if now >= self._retry_at:
+                self.flush()
+        elif len(self._rows) >= self.chunk_rows or now - self._last_flush >= self.flush_seconds:
+            self.flush()
 
-    def flush(self) -> None:
-        """Write buffered rows and scalars as a new chunk (nothing if empty), and the metadata."""
+    @property
+    def buffered_rows(self) -> int:
+        """Rows held in memory, not yet on disk."""
+        return len(self._rows)
+
+    def _chunk_name(self, stem: str, rows: int) -> Path:
+        return self.path / f"{stem}-{self.run_id}-{self._seq:06d}-r{rows}.{self.fmt}"
+
+    def flush(self) -> bool:
+        """Write what is buffered as one chunk pair, then ``meta.json``. Never raises on a write error:
+        warns once, keeps the rows and schedules a retry; returns whether everything was written."""
         import pandas as pd
 
-        if len(self._rows) or self._scalars:
-            self._write(self._rows.frame(), "frame")
-            scalars = (
-                pd.DataFrame.from_records(self._scalars) if self._scalars else pd.DataFrame({"step": []})
+        try:
+            if self._orphan is not None:  # a frame chunk whose scalars could not be written
+                self._orphan.unlink(missing_ok=True)
+                self._orphan = None
+            if len(self._rows) or self._scalars:
+                frame = self._rows.frame()
+                scalars = (
+                    pd.DataFrame.from_records(self._scalars) if self._scalars else pd.DataFrame({"step": []})
+                ).astype({"step": "int64"})
+                first = self._chunk_name("frame", len(frame))
+                atomic_write(first, lambda tmp: _write_table(frame, tmp, self.fmt))
+                self._orphan = first
+                second = self._chunk_name("scalars", len(scalars))
+                atomic_write(second, lambda tmp: _write_table(scalars, tmp, self.fmt))
+                self._orphan = None
+                self._seq += 1
+                self._rows.clear()
+                self._scalars.clear()
+            atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
+        except OSError as exc:
+            self._write_failed(exc)
+            with contextlib.suppress(OSError):  # the counts of dropped steps, if a small file still fits
+                atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
+            return False
+        if self._retry_at is not None:
+            warnings.warn(
+                f"gradprobe: writing the sink folder {self.path} works again; every buffered row is on disk "
+                f"({self.dropped_steps} steps were dropped meanwhile, counted in meta.json)",
+                RuntimeWarning,
+                stacklevel=2,
             )
-            self._write(scalars.astype({"step": "int64"}), "scalars")
-            self._chunk += 1
-            self._rows.clear()
-            self._scalars.clear()
-        meta = dict(self.meta)
-        meta.update({"format_version": _FORMAT_VERSION, "table_format": self.fmt, "streamed": True})
-        (self.path / "meta.json").write_text(json.dumps(_jsonable(meta), indent=2, sort_keys=True))
+        self._retry_at = None
+        self._failures = 0
+        self._last_flush = time.monotonic()
+        return True
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._failures += 1
+        delay = min(60.0, 2.0 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"gradprobe: cannot write the sink folder {self.path} ({type(exc).__name__}: {exc}). Keeping up "
+            f"to {self.max_buffer_rows} rows in memory and retrying with a growing delay; later steps are "
+            "dropped and counted in meta.json (dropped_steps). Free space there, or save what is recorded "
+            "with probe.save(OTHER_FOLDER).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def close(self) -> bool:
+        """Write what is left and free the folder's lock; never raises. Rows that could not be
+        written stay readable through :meth:`run`."""
+        if self.closed:
+            return not len(self._rows)
+        self.end_step()
+        ok = self.flush()
+        self.closed = True
+        _OPEN_SINKS.discard(self)
+        self._drop_lock()
+        if not ok:
+            warnings.warn(
+                f"gradprobe: {len(self._rows)} rows could not be written to the sink folder {self.path}; "
+                "they are still in probe.frame() -- save them elsewhere with probe.save(OTHER_FOLDER)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return ok
+
+    def run(self) -> Run:
+        """The whole run: what is on disk plus what is still buffered in memory. Never raises on
+        a write error (the buffered rows come from memory then)."""
+        import pandas as pd
+
+        if not self.closed and (self._retry_at is None or time.monotonic() >= self._retry_at):
+            self.flush()
+        try:
+            disk = load(self.path)
+        except (OSError, ValueError):
+            disk = Run(empty_frame(), _empty_scalars(), self._full_meta())
+        if not len(self._rows) and not self._scalars:
+            return disk
+        frame = pd.concat([disk.frame(), self._rows.frame()], ignore_index=True)
+        frame = frame.astype({"step": "int64", "index": "int64", "calls": "int64"})
+        scalars = pd.concat([disk.scalars(), pd.DataFrame.from_records(self._scalars)], ignore_index=True)
+        return Run(frame, scalars.astype({"step": "int64"}), disk.meta)
 
 
-def _read_chunks(folder: Path, stem: str) -> pd.DataFrame | None:
+class _Damaged(Exception):
+    pass
+
+
+def _read_chunk(file: Path, rows: int) -> pd.DataFrame:
     import pandas as pd
 
-    files = sorted(folder.glob(f"{stem}-*.parquet")) + sorted(folder.glob(f"{stem}-*.csv"))
-    if not files:
-        return None
-    parts = [
-        pd.read_parquet(f)
-        if f.suffix == ".parquet"
-        else pd.read_csv(f, keep_default_na=False, na_values=[""])
-        for f in files
-    ]
-    parts = [p for p in parts if len(p)] or parts[:1]
-    return pd.concat(parts, ignore_index=True)
+    try:
+        if file.suffix == ".parquet":
+            part = pd.read_parquet(file)
+        else:
+            data = file.read_bytes()
+            if data and not data.endswith(b"\n"):
+                raise _Damaged("cut mid-row")
+            part = _read_csv(io.BytesIO(data), {})
+    except _Damaged:
+        raise
+    except Exception as exc:  # pyarrow and pandas raise many kinds on damaged files
+        raise _Damaged(f"{type(exc).__name__}: {exc}") from None
+    if rows >= 0 and len(part) != rows:
+        raise _Damaged(f"{len(part)} rows, its name says {rows}")
+    return part
+
+
+def _load_streamed(folder: Path, meta: dict[str, Any], strict: bool) -> Run:
+    import pandas as pd
+
+    run_id = meta.get("run_id")
+    found: dict[int, dict[str, tuple[Path, int]]] = {}
+    stray: list[str] = []
+    incomplete: list[str] = []
+    for p in sorted(folder.iterdir()):
+        m = _CHUNK.match(p.name)
+        legacy = None if run_id else _LEGACY_CHUNK.match(p.name)
+        if m and (not run_id or m[2] == run_id):
+            pair = found.setdefault(int(m[3]), {})
+            # a retried flush after a failed write may leave an older, shorter frame chunk: take the longer
+            if m[1] not in pair or pair[m[1]][1] < int(m[4]):
+                pair[m[1]] = (p, int(m[4]))
+        elif legacy:  # no row count in the name: complete as far as can be told
+            found.setdefault(int(legacy[2]), {})[legacy[1]] = (p, -1)
+        elif p.name.startswith((".frame-", ".scalars-", ".meta.json.")) and p.name.endswith(".tmp"):
+            incomplete.append(p.name)
+        elif p.name.startswith(("frame", "scalars")) and p.name not in _TABLE_FILES:
+            stray.append(p.name)
+    frames: list[pd.DataFrame] = []
+    scalars: list[pd.DataFrame] = []
+    damaged: list[str] = []
+    unpaired: list[str] = []
+    for seq in sorted(found):
+        pair = found[seq]
+        if set(pair) != {"frame", "scalars"}:
+            unpaired += [p.name for p, _ in pair.values()]
+            continue
+        try:
+            f, s = _read_chunk(*pair["frame"]), _read_chunk(*pair["scalars"])
+        except _Damaged as exc:
+            damaged.append(f"{pair['frame'][0].name} or its scalars ({exc})")
+            continue
+        frames.append(f)
+        scalars.append(s)
+    if stray:
+        warnings.warn(
+            f"gradprobe.load: ignored {len(stray)} file(s) in {folder} that are not chunks of run {run_id}: "
+            f"{', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    problems = []
+    if damaged:
+        problems.append(f"{len(damaged)} damaged chunk(s) skipped: {'; '.join(damaged[:3])}")
+    if unpaired:
+        problems.append(
+            f"{len(unpaired)} unpaired chunk(s) dropped (a crash between a chunk's frame and scalars "
+            f"writes): {', '.join(unpaired[:3])}"
+        )
+    if incomplete:
+        problems.append(f"{len(incomplete)} incomplete write(s) left by an interruption")
+    if problems:
+        message = (
+            f"gradprobe.load: {folder}: read {len(frames)} complete chunk(s); " + "; ".join(problems) + "."
+        )
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message + " Pass strict=True to fail instead.", RuntimeWarning, stacklevel=3)
+    if meta.get("dropped_steps"):
+        warnings.warn(
+            f"gradprobe.load: {folder}: the sink dropped {meta['dropped_steps']} step(s) "
+            f"({meta.get('dropped_rows', 0)} rows) while its folder could not be written",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    frame = pd.concat([p for p in frames if len(p)] or [empty_frame()], ignore_index=True)
+    frame = frame.astype({"step": "int64", "index": "int64", "calls": "int64"})
+    scalar_frame = pd.concat([p for p in scalars if len(p)] or [_empty_scalars()], ignore_index=True)
+    return Run(frame, scalar_frame.astype({"step": "int64"}), meta)

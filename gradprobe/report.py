@@ -12,6 +12,12 @@ probe) and writes into one folder::
       scalars.parquet   ``gradprobe.load(out)`` reads the run back
       meta.json
 
+Nothing is lost: a report into a new folder is built under a temporary name and
+renamed into place when complete; into an existing folder every file is replaced
+atomically, ``index.html`` last. A report into the folder of the run it shows
+only adds files (the run's tables are never rewritten), and a folder holding a
+different run is written only with ``overwrite=True``.
+
 The page is rendered by Jinja2 with autoescaping, so model and block names are
 shown literally (never interpreted as HTML).
 """
@@ -24,8 +30,10 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import types
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,6 +467,7 @@ def report(
     quantize: bool = True,
     progress: bool = True,
     figures: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the HTML report of ``run`` into the folder ``out``; return the path of ``out/index.html``.
 
@@ -470,7 +479,8 @@ def report(
     ``tables=False`` skips writing the tables; ``figures`` picks figures by
     name (see :data:`FIGURES`); ``dpi`` and ``quantize`` (256-colour PNGs,
     about 3x smaller) set the image size; ``progress=False`` hides the
-    progress bar.
+    progress bar. ``out`` holding a different run is an error unless
+    ``overwrite=True``.
 
     >>> import tempfile, pandas as pd
     >>> f = pd.DataFrame({"step": [0, 0], "block": ["a", "b"], "index": [0, 1], "gain": [0.5, 1.0],
@@ -478,8 +488,6 @@ def report(
     >>> report(f, tempfile.mkdtemp(), progress=False).name
     'index.html'
     """
-    from tqdm.auto import tqdm
-
     if out is None:
         if not isinstance(run, (str, os.PathLike)):
             raise TypeError("report() needs out= (the folder to write into) unless run is a saved run folder")
@@ -503,9 +511,65 @@ def report(
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} exists and is not a folder; report() writes a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    if tables:
-        records.save_run(folder, frame, scalars, the_run.meta)
+    # The report of a saved run into its own folder only adds files: its tables stay as they are.
+    source = isinstance(run, (str, os.PathLike)) and folder.resolve() == Path(run).resolve()
+    if not source:
+        the_run.meta.setdefault("run_id", records.new_run_id())
+        records.check_destination(folder, the_run.meta["run_id"], overwrite=overwrite)
+    fresh = not folder.exists()
+    target = folder
+    if fresh:  # built aside, renamed into place when complete
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        target = folder.with_name(f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
+        target.mkdir()
+    try:
+        index = _write_report(
+            target,
+            the_run,
+            frame,
+            scalars,
+            specs,
+            tables,
+            not source,
+            overwrite,
+            title=title,
+            band=band,
+            spectra=spectra,
+            dpi=dpi,
+            quantize=quantize,
+            progress=progress,
+        )
+        if fresh:
+            os.rename(target, folder)
+            index = folder / index.name
+    except BaseException:
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return index
+
+
+def _write_report(
+    folder: Path,
+    the_run: records.Run,
+    frame: Any,
+    scalars: Any,
+    specs: list[Any],
+    tables: bool,
+    write_tables: bool,
+    overwrite: bool,
+    *,
+    title: str | None,
+    band: tuple[float, float],
+    spectra: Any,
+    dpi: int,
+    quantize: bool,
+    progress: bool,
+) -> Path:
+    from tqdm.auto import tqdm
+
+    if tables and write_tables:
+        records.save_run(folder, frame, scalars, the_run.meta, overwrite=overwrite)
 
     models = list(dict.fromkeys(map(str, frame["model"]))) if "model" in frame.columns else []
     if "model" in scalars.columns:
@@ -521,7 +585,7 @@ def report(
                 png.unlink(missing_ok=True)  # a figure of an earlier report of this folder would mislead
                 continue
             data = _png(fig, dpi, quantize)
-            png.write_bytes(data)
+            records.atomic_write_bytes(png, data)
             width, height = _png_size(data)
             drawn.append(
                 {
@@ -552,9 +616,7 @@ def report(
         tables_written=tables,
         table_format="Parquet" if records.has_parquet() else "CSV",
     )
-    index = folder / "index.html"
-    index.write_text(html, encoding="utf-8")
-    return index
+    return records.atomic_write_text(folder / "index.html", html)  # last: the report is complete
 
 
 class _CallableModule(types.ModuleType):

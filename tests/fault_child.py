@@ -1,0 +1,291 @@
+"""Child process of tests/test_faults.py: sinked runs killed at random and at injected points.
+
+Importing torch costs seconds, so this process imports it once and forks a grandchild
+per kill point. Each grandchild records a small deterministic run; the child kills it
+with SIGKILL at a random time (or the grandchild ``os._exit``s at an injected point of a
+write), and prints one JSON line per kill point for the test to check. ``--reference``
+runs the same training without a sink and saves it, the frame every kill point must
+match. Run as ``python tests/fault_child.py OUT_FOLDER``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gradprobe
+from gradprobe import records
+
+STEPS = 12
+BLOCKS = 3
+
+
+def make_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(BLOCKS)]).double()
+
+
+def train(probe: gradprobe.Probe, net: nn.Module, report: int | None = None) -> None:
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+        loss = net(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        probe.log(loss=loss.item())
+        probe.step()  # closes the step: its rows and scalars reach the sink (and maybe a chunk on disk)
+        if report is not None:
+            sink = probe._sink
+            assert sink is not None
+            os.write(report, f"{step} {sink._seq}\n".encode())
+    probe.detach()
+
+
+def grandchild(folder: Path, fmt: str, report: int) -> None:
+    net = make_net()
+    probe = gradprobe.attach(
+        net, sink=folder, sink_options={"fmt": fmt, "chunk_rows": 2 * BLOCKS, "flush_seconds": 3600}
+    )
+    train(probe, net, report)
+
+
+def fork(target, *args) -> tuple[int, int]:
+    """Run ``target(*args, write_end)`` in a forked grandchild; return (pid, read end)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # grandchild
+        os.close(r)
+        code = 0
+        try:
+            target(*args, w)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def collect(pid: int, r: int) -> tuple[list[tuple[int, int]], int]:
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    lines = [tuple(map(int, line.split())) for line in data.decode().splitlines() if line.strip()]
+    return lines, status  # type: ignore[return-value]
+
+
+def emit(**record) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def random_kills(out: Path, fmt: str, n: int, rng: random.Random, batch: int = 4) -> None:
+    """``n`` runs killed at random times, ``batch`` at a time (the runs wait on fsync more than
+    they compute); the time range is that of ``batch`` runs side by side, unkilled."""
+    start = time.perf_counter()
+    calibration = [fork(grandchild, out / f"calibrate-{fmt}-{i}", fmt) for i in range(batch)]
+    for pid, r in calibration:
+        lines, status = collect(pid, r)
+    duration = time.perf_counter() - start
+    emit(kind="calibrate", fmt=fmt, seconds=duration, lines=lines, status=status)
+    for first in range(0, n, batch):
+        runs = []
+        started = time.perf_counter()
+        for k in range(first, min(first + batch, n)):
+            folder = out / f"kill-{fmt}-{k:02d}"
+            pid, r = fork(grandchild, folder, fmt)
+            runs.append((started + rng.uniform(0.0, duration * 1.1), pid, r, folder))
+        for at, pid, _, _ in sorted(runs):
+            time.sleep(max(0.0, at - time.perf_counter()))
+            os.kill(pid, signal.SIGKILL)
+        for _, pid, r, folder in runs:
+            lines, status = collect(pid, r)
+            emit(kind="kill", fmt=fmt, folder=str(folder), lines=lines, status=status)
+
+
+def injected(folder: Path, fmt: str, point: str, nth: int, report: int) -> None:
+    """A grandchild that dies at the ``nth`` write of kind ``point``."""
+    calls = {"n": 0}
+    atomic_write = records.atomic_write
+
+    def dying_write(path, write):
+        name = Path(path).name
+        hit = (
+            (point == "chunk" and name.startswith("frame-"))
+            or (point == "between" and name.startswith("scalars-"))
+            or (point == "meta" and name == "meta.json")
+        )
+        if hit:
+            calls["n"] += 1
+            if calls["n"] == nth:
+                tmp = Path(path).with_name(f".{name}.{os.getpid()}-dying.tmp")
+                if point in ("chunk", "meta"):  # die inside the write: half a temporary file
+                    write(tmp)
+                    data = tmp.read_bytes()
+                    tmp.write_bytes(data[: len(data) // 2])
+                os._exit(9)
+        return atomic_write(path, write)
+
+    records.atomic_write = dying_write
+    grandchild(folder, fmt, report)
+
+
+def report_kill(folder: Path, nth: int, report: int) -> None:
+    """Save a run, then die at the ``nth`` file written by a report into that run's folder."""
+    import gradprobe.report as report_module
+
+    calls = {"n": 0}
+    atomic_write = records.atomic_write
+
+    def dying_write(path, write):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            os._exit(9)
+        return atomic_write(path, write)
+
+    records.atomic_write = dying_write
+    report_module.report(folder, progress=False, figures=["highway", "gain"])
+    os.write(report, b"0 0\n")
+
+
+def full_disk(folder: Path, bound: int, report: int) -> None:
+    """A sink whose files may not exceed 2 kB (RLIMIT_FSIZE): every chunk write fails."""
+    import resource
+    import warnings
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+    attempts = {"n": 0}
+    write_table = records._write_table
+
+    def counted(frame, file, fmt):
+        attempts["n"] += 1
+        return write_table(frame, file, fmt)
+
+    records._write_table = counted
+    net = make_net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = gradprobe.attach(
+            net,
+            sink=folder,
+            sink_options={
+                "fmt": "parquet",
+                "chunk_rows": BLOCKS,
+                "flush_seconds": 0,
+                "max_buffer_rows": bound,
+            },
+        )
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+        steps = 100
+        started = time.perf_counter()
+        x = torch.randn(5, 6, dtype=torch.float64)
+        for _ in range(steps):
+            net(x).pow(2).mean().backward()
+        seconds = time.perf_counter() - started
+        frame = probe.frame()  # must not raise
+        probe.detach()  # must not raise
+    sink_warnings = [str(w.message) for w in caught if "sink folder" in str(w.message)]
+    result = {
+        "rows": len(frame),
+        "steps": int(frame["step"].nunique()),
+        "write_attempts": attempts["n"],
+        "seconds_per_step": seconds / steps,
+        "warnings": sink_warnings,
+    }
+    os.write(report, (json.dumps(result) + "\n").encode())
+
+
+def exit_without_detach(folder: Path, report: int) -> None:
+    """A script that ends without detach(): what is buffered is written at interpreter exit."""
+    import atexit
+
+    net = make_net()
+    probe = gradprobe.attach(net, sink=folder, sink_options={"flush_seconds": 3600})
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for _ in range(3):
+        net(x).pow(2).mean().backward()
+        probe.step()
+    os.write(report, b"3 0\n")
+    atexit._run_exitfuncs()  # what a normal interpreter exit runs (a forked child skips it)
+
+
+def main() -> None:
+    # imported once here, not in every grandchild
+    import matplotlib.pyplot  # noqa: F401
+    import seaborn  # noqa: F401
+
+    import gradprobe.report
+
+    torch.set_num_threads(1)  # before any work: forked grandchildren must not inherit a thread pool
+    out = Path(sys.argv[1])
+    stamp = time.perf_counter()
+    rng = random.Random(12)
+    # the reference: the same training without a sink
+    net = make_net()
+    probe = gradprobe.attach(net)
+    train(probe, net)
+    probe.save(out / "reference")
+    for fmt in ("parquet", "csv"):
+        random_kills(out, fmt, 16, rng)
+    emit(kind="time", phase="kills", seconds=time.perf_counter() - stamp)
+    for point, nths in (("chunk", (1, 3)), ("between", (1, 4)), ("meta", (1, 2, 5))):
+        for fmt in ("parquet", "csv"):
+            for nth in nths:
+                folder = out / f"inject-{point}-{fmt}-{nth}"
+                pid, r = fork(injected, folder, fmt, point, nth)
+                lines, status = collect(pid, r)
+                emit(
+                    kind="inject",
+                    point=point,
+                    fmt=fmt,
+                    nth=nth,
+                    folder=str(folder),
+                    lines=lines,
+                    status=status,
+                )
+    emit(kind="time", phase="injected", seconds=time.perf_counter() - stamp)
+    for nth in (1, 2, 3):
+        folder = out / f"report-{nth}"
+        saved = records.load(out / "reference")
+        records.Run(saved.frame(), saved.scalars(), saved.meta).save(folder)
+        pid, r = fork(report_kill, folder, nth)
+        lines, status = collect(pid, r)
+        emit(kind="report", nth=nth, folder=str(folder), status=status, finished=bool(lines))
+    emit(kind="time", phase="reports", seconds=time.perf_counter() - stamp)
+    pid, r = fork(exit_without_detach, out / "no-detach")
+    lines, status = collect(pid, r)
+    emit(kind="exit", folder=str(out / "no-detach"), lines=lines, status=status)
+    for bound in (10**6, 5 * BLOCKS):
+        folder = out / f"full-{bound}"
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                full_disk(folder, bound, w)
+            finally:
+                os._exit(0)
+        os.close(w)
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+        os.waitpid(pid, 0)
+        emit(kind="full", bound=bound, folder=str(folder), result=json.loads(data or b"null"))
+    emit(kind="time", phase="full", seconds=time.perf_counter() - stamp)
+
+
+if __name__ == "__main__":
+    main()
