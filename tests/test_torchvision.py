@@ -83,6 +83,20 @@ CASES: dict[str, tuple[Callable[[], torch.nn.Module], int, list[str], str, set[s
 }
 
 
+def test_auto_selection_on_mobile_nets():
+    # inverted residuals hold Sequentials of conv-norm-activation units: the blocks are the residuals
+    with torch.random.fork_rng():
+        selected = {
+            name: [n for n, _ in gradprobe.select_blocks(getattr(torchvision.models, name)(weights=None))]
+            for name in ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")
+        }
+    assert selected == {
+        "mobilenet_v2": [f"features.{i}" for i in range(1, 18)],
+        "mobilenet_v3_small": [f"features.{i}" for i in range(1, 12)],
+        "efficientnet_b0": _stages("features", {1: 1, 2: 2, 3: 2, 4: 3, 5: 3, 6: 4, 7: 1}),
+    }
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_torchvision_model_blocks_reference_gradient_and_finite_columns(name, no_leaks):
     factory, size, expected, check, shape_changing = CASES[name]
