@@ -1,6 +1,6 @@
 """torchvision models built with ``weights=None``: exact auto blocks, a reference gradient, finite columns.
 
-Marked ``torchvision``: CI runs them with ``-m torchvision`` in a second environment that has
+Marked ``torchvision`` (and ``slow``): CI runs them with ``-m torchvision`` in a second environment that has
 torch 2.14.1 and torchvision 0.29.1 (torchvision's wheels do not load beside the CPU build of
 torch 2.13 that the main environment uses). Without an importable torchvision they skip.
 """
@@ -17,7 +17,8 @@ from reference import block_gradients
 import gradprobe
 from gradprobe.records import JACOBIAN_COLUMNS, METRIC_COLUMNS
 
-pytestmark = pytest.mark.torchvision
+# slow too: with its own 5.5 GB environment this part pushed CI past 20 minutes (README).
+pytestmark = [pytest.mark.torchvision, pytest.mark.slow]
 
 try:
     import torchvision
