@@ -26,11 +26,13 @@ A *container* is an ``nn.Sequential``, ``nn.ModuleList`` or ``nn.ModuleDict``.
 2. **Stages are looked through.** A *stage* is a module whose job is to hold a
    list of layers plus a few extra modules (a downsampling layer, a norm). Its
    *layer list* is the stage itself when it is a container, otherwise its child
-   container that holds more than half of its parameters. A module is a stage
-   when its layer list holds a run, or when it is not itself a container and
-   its layer list is *pure* (every child has the same class and holds
-   parameters: ``SwinStage.blocks``, ``ConvNextStage.layers``, Hugging Face
-   ``ResNetStage.layers``, ``AlbertLayerGroup.albert_layers``). A module with a
+   container that holds more than half of its parameters. A container is a
+   stage when it holds a run; any other module when its layer list is *pure*:
+   every child has the same class and holds parameters (``SwinStage.blocks``,
+   ``ConvNextStage.layers``, Hugging Face ``ResNetStage.layers``,
+   ``AlbertLayerGroup.albert_layers``) and its layers are not containers
+   themselves (torchvision's ``InvertedResidual`` holds ``Sequential`` s of
+   ``Conv2dNormActivation``, itself a ``Sequential``: it is a block). A module with a
    weight-free child of its own beside its layer list (an activation, an
    identity shortcut, dropout; containers aside) computes rather than routes:
    it is a block, not a stage (Hugging Face ResNet's basic layer holds a
@@ -148,7 +150,12 @@ def _is_stage(module: nn.Module) -> bool:
     for name, child in module.named_children():
         if name != list_name and not isinstance(child, _CONTAINERS) and not _has_params(child):
             return False
-    return bool(_runs(layers)) or _is_pure(layers)
+    # Its layer list holds nothing but its layers (torchvision's InvertedResidual keeps
+    # Sequential(conv-norm-act, conv-norm-act, conv, norm): a block), and the layers are
+    # not themselves Sequentials: a Sequential subclass such as Conv2dNormActivation is a
+    # fixed pipeline of operations, the material of a block (MobileNetV3's InvertedResidual
+    # holds a Sequential of three of them), not a block.
+    return _is_pure(layers) and not isinstance(next(layers.children()), _CONTAINERS)
 
 
 def _single_block(container: nn.Module) -> str | None:

@@ -236,12 +236,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def format_table(frame: pd.DataFrame, columns: Sequence[str], *, digits: int = 3) -> str:
     """Plain-text table of ``columns`` of ``frame`` (numbers to ``digits`` significant digits, NaN as '-')."""
     cols = [c for c in columns if c in frame.columns]
+    texts = ("model", "block", "run")
     cells = [
-        [_fmt(v, digits) if c not in ("model", "block") else str(v) for c, v in zip(cols, row, strict=True)]
+        [_fmt(v, digits) if c not in texts else str(v) for c, v in zip(cols, row, strict=True)]
         for row in frame[cols].itertuples(index=False, name=None)
     ]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-    left = {"model", "block", "class"}
+    left = {"model", "block", "class", "run"}
 
     def line(values: Sequence[str]) -> str:
         pairs = zip(values, cols, widths, strict=True)
@@ -671,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["blocks", "gradprobe.models:mlp", "--arg", "4", "--arg", "in_features=3",
     ...       "--arg", "num_classes=2"])
     MLP: 2 blocks selected by blocks='auto'
-    index  block     class     params           run
+    index  block     class     params  run
         0  blocks.0  MLPBlock   16768  blocks[0..1]
         1  blocks.1  MLPBlock   16768  blocks[0..1]
     0

@@ -136,6 +136,32 @@ def test_a_residual_block_holding_a_run_of_conv_layers_is_a_block_not_a_stage():
     assert names(nn.Sequential(Residual(), Residual())) == ["0", "1"]
 
 
+class ConvNormAct(nn.Sequential):
+    """torchvision's Conv2dNormActivation: a Sequential subclass."""
+
+    def __init__(self):
+        super().__init__(nn.Linear(4, 4), nn.LayerNorm(4), nn.ReLU())
+
+
+class InvertedResidualV2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(ConvNormAct(), ConvNormAct(), nn.Linear(4, 4), nn.LayerNorm(4))
+
+
+class InvertedResidualV3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(ConvNormAct(), ConvNormAct(), ConvNormAct())
+
+
+@pytest.mark.parametrize("block", [InvertedResidualV2, InvertedResidualV3])
+def test_mobilenet_inverted_residuals_are_blocks_not_stages(block):
+    # features = [stem, InvertedResidual x N, last conv]: the blocks, not the conv units inside them
+    net = nn.Sequential(ConvNormAct(), *[block() for _ in range(3)], ConvNormAct())
+    assert names(net) == ["1", "2", "3"]
+
+
 def test_a_list_of_parallel_heads_inside_a_layer_does_not_make_the_layer_a_stage():
     class MLP(nn.Module):
         def __init__(self):

@@ -1,6 +1,6 @@
 """torchvision models built with ``weights=None``: exact auto blocks, a reference gradient, finite columns.
 
-Marked ``torchvision``: CI runs them with ``-m torchvision`` in a second environment that has
+Marked ``torchvision`` (and ``slow``): CI runs them with ``-m torchvision`` in a second environment that has
 torch 2.14.1 and torchvision 0.29.1 (torchvision's wheels do not load beside the CPU build of
 torch 2.13 that the main environment uses). Without an importable torchvision they skip.
 """
@@ -17,7 +17,8 @@ from reference import block_gradients
 import gradprobe
 from gradprobe.records import JACOBIAN_COLUMNS, METRIC_COLUMNS
 
-pytestmark = pytest.mark.torchvision
+# slow too: with its own 5.5 GB environment this part pushed CI past 20 minutes (README).
+pytestmark = [pytest.mark.torchvision, pytest.mark.slow]
 
 try:
     import torchvision
@@ -81,6 +82,20 @@ CASES: dict[str, tuple[Callable[[], torch.nn.Module], int, list[str], str, set[s
         set(),
     ),
 }
+
+
+def test_auto_selection_on_mobile_nets():
+    # inverted residuals hold Sequentials of conv-norm-activation units: the blocks are the residuals
+    with torch.random.fork_rng():
+        selected = {
+            name: [n for n, _ in gradprobe.select_blocks(getattr(torchvision.models, name)(weights=None))]
+            for name in ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")
+        }
+    assert selected == {
+        "mobilenet_v2": [f"features.{i}" for i in range(1, 18)],
+        "mobilenet_v3_small": [f"features.{i}" for i in range(1, 12)],
+        "efficientnet_b0": _stages("features", {1: 1, 2: 2, 3: 2, 4: 3, 5: 3, 6: 4, 7: 1}),
+    }
 
 
 @pytest.mark.parametrize("name", list(CASES))
