@@ -826,6 +826,14 @@ class Sink:
         own = [m for m in chunks if m[2] == self.run_id]
         self._seq = max((int(m[3]) for m in own), default=-1) + 1
         self.resumed_steps = max(int(meta.get("steps_written", 0) or 0), int(meta.get("steps", 0) or 0))
+        # A kill between a chunk pair and the meta.json that counts it leaves steps on disk that
+        # meta.json does not know of: number on from the last step the complete chunks hold.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # load reports the damage to whoever reads the run
+            on_disk = _load_streamed(self.path, {**meta, "run_id": self.run_id}, strict=False)
+        for table in (on_disk.frame(), on_disk.scalars()):
+            if len(table) and "step" in table:
+                self.resumed_steps = max(self.resumed_steps, int(table["step"].max()) + 1)
         self._steps_written = self.resumed_steps
         self.dropped_steps = int(meta.get("dropped_steps", 0) or 0)
         self.dropped_rows = int(meta.get("dropped_rows", 0) or 0)

@@ -10,11 +10,13 @@ match. Run as ``python tests/fault_child.py OUT_FOLDER``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,26 +95,50 @@ def emit(**record) -> None:
 
 
 def random_kills(out: Path, fmt: str, n: int, rng: random.Random, batch: int = 4) -> None:
-    """``n`` runs killed at random times, ``batch`` at a time (the runs wait on fsync more than
-    they compute); the time range is that of ``batch`` runs side by side, unkilled."""
+    """``n`` runs killed at random points, ``batch`` at a time (the runs wait on fsync more than
+    they compute). Each kill point is a random step of the run plus a random delay of up to one
+    step's time, so it lands inside the run (not after its end) whatever the machine's load,
+    and anywhere within a step: between writes, inside a chunk write or inside meta.json's."""
     start = time.perf_counter()
     calibration = [fork(grandchild, out / f"calibrate-{fmt}-{i}", fmt) for i in range(batch)]
     for pid, r in calibration:
         lines, status = collect(pid, r)
-    duration = time.perf_counter() - start
-    emit(kind="calibrate", fmt=fmt, seconds=duration, lines=lines, status=status)
+    step_time = (time.perf_counter() - start) / STEPS
+    emit(kind="calibrate", fmt=fmt, seconds=step_time * STEPS, lines=lines, status=status)
     for first in range(0, n, batch):
         runs = []
-        started = time.perf_counter()
         for k in range(first, min(first + batch, n)):
             folder = out / f"kill-{fmt}-{k:02d}"
             pid, r = fork(grandchild, folder, fmt)
-            runs.append((started + rng.uniform(0.0, duration * 1.1), pid, r, folder))
-        for at, pid, _, _ in sorted(runs):
-            time.sleep(max(0.0, at - time.perf_counter()))
-            os.kill(pid, signal.SIGKILL)
-        for _, pid, r, folder in runs:
-            lines, status = collect(pid, r)
+            runs.append((pid, r, folder, rng.randrange(-1, STEPS - 1), rng.uniform(0.0, step_time)))
+        results: dict[int, tuple[list[tuple[int, int]], int]] = {}
+
+        def kill_after(pid: int, r: int, step: int, delay: float, results=results) -> None:
+            # Read the run's progress lines; once it reports `step` (-1: at once), wait `delay`
+            # and kill it. A run that ends first is collected unkilled.
+            data = b""
+            if step >= 0:
+                while f"\n{step} ".encode() not in b"\n" + data and (chunk := os.read(r, 65536)):
+                    data += chunk
+            time.sleep(delay)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while chunk := os.read(r, 65536):
+                data += chunk
+            os.close(r)
+            _, status = os.waitpid(pid, 0)
+            lines = [tuple(map(int, line.split())) for line in data.decode().splitlines() if line.strip()]
+            results[pid] = (lines, status)  # type: ignore[assignment]
+
+        threads = [
+            threading.Thread(target=kill_after, args=(pid, r, step, delay)) for pid, r, _, step, delay in runs
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for pid, _, folder, _, _ in runs:
+            lines, status = results[pid]
             emit(kind="kill", fmt=fmt, folder=str(folder), lines=lines, status=status)
 
 
