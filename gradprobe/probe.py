@@ -202,6 +202,7 @@ class _Call:
     x_output_nr: int = 0
     same_shape: bool = False
     fwd: torch.Tensor | None = None
+    sig: torch.Tensor | None = None  # per-channel moments of y and y - r (metrics.signal_stats)
     numel_x: int = 0
     numel_y: int = 0
     g_y: torch.Tensor | None = None  # held only between the g_y and the g_x hooks
@@ -252,8 +253,15 @@ class Probe:
         jacobian_options: Mapping[str, Any] | None = None,
         sink: str | os.PathLike[str] | None = None,
         sink_options: Mapping[str, Any] | None = None,
+        channel_dim: int | None = None,
     ) -> None:
         selected = select_blocks(model, blocks)
+        if channel_dim is not None and (not isinstance(channel_dim, int) or isinstance(channel_dim, bool)):
+            raise ValueError(
+                f"channel_dim= must be None (dim 1 of 4-d outputs, the last dim of 2-d and 3-d ones) or an "
+                f"int axis of the block outputs, got {channel_dim!r}"
+            )
+        self._channel_dim = channel_dim
         self._model = model
         self._schedule: Schedule = every if callable(every) else every_n(every)
         self._every = every if isinstance(every, int) else getattr(every, "__name__", repr(every))
@@ -637,6 +645,7 @@ class Probe:
                 call.same_shape = x.shape == y.shape
                 ref = x if call.same_shape else shortcut_out
                 call.fwd = metrics.forward_stats(x, y, ref)
+                call.sig = metrics.signal_stats(y, ref, self._channel_dim)
                 call.numel_x = x.numel()
                 if x._version != call.x_version and call.x_node is not None:
                     # The block modified its input in place: the alias's node left the graph
@@ -881,7 +890,8 @@ class Probe:
         # one sync instead of one per block keeps a GPU pipeline intact.
         stacked = buf.params
         host = _to_host(
-            [t for c in buf.calls for t in (c.fwd, c.gyy, c.bwd_x) if t is not None] + list(stacked.values())
+            [t for c in buf.calls for t in (c.fwd, c.sig, c.gyy, c.bwd_x) if t is not None]
+            + list(stacked.values())
         )
         values: dict[int, list[float]] = {id(t): v for t, v in host}
         rows = []
@@ -899,6 +909,8 @@ class Probe:
             numel_x = sum(c.numel_x for c in complete)
             numel_y = sum(c.numel_y for c in complete)
             row.update(metrics.finalize(fwd, numel_x, numel_y, gyy[0], bwd))
+            sig = [values[id(c.sig)] if c.sig is not None else [] for c in complete]
+            row.update(metrics.signal_columns(metrics.pool_moments(sig)))
             params = stacked.get(name)
             psq, gsq, dsq = values[id(params)] if params is not None else (math.nan,) * 3
             row["param_norm"] = metrics._sqrt(psq)
@@ -929,6 +941,7 @@ def attach(
     jacobian_options: Mapping[str, Any] | None = None,
     sink: str | os.PathLike[str] | None = None,
     sink_options: Mapping[str, Any] | None = None,
+    channel_dim: int | None = None,
 ) -> Probe:
     """Register gradprobe's hooks on the blocks of ``model`` and return the :class:`Probe`.
 
@@ -963,6 +976,9 @@ def attach(
         sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
             (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
         sink_options: ``chunk_rows`` (rows per chunk, default 50,000) and ``fmt``.
+        channel_dim: the channel axis of block outputs for the signal propagation columns
+            (``chan_mean_sq``, ``chan_var``, ``branch_var``); default dim 1 of 4-d outputs
+            (N, C, H, W) and the last dim of 2-d and 3-d ones ((N, C), (N, T, C)).
 
     >>> import torch, torch.nn as nn, gradprobe
     >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])
@@ -986,4 +1002,5 @@ def attach(
         jacobian_options=jacobian_options,
         sink=sink,
         sink_options=sink_options,
+        channel_dim=channel_dim,
     )

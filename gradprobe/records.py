@@ -47,6 +47,9 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "update_ratio",
 )
 
+#: Signal propagation columns (Brock et al. 2021; see ``metrics.py``): per-channel moments of the output.
+SIGNAL_COLUMNS: tuple[str, ...] = ("chan_mean_sq", "chan_var", "branch_var")
+
 #: Jacobian columns (see ``jacobian.py``); NaN on steps where they were not computed.
 JACOBIAN_COLUMNS: tuple[str, ...] = ("jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec", "jac_batch")
 
@@ -54,7 +57,9 @@ JACOBIAN_COLUMNS: tuple[str, ...] = ("jac_fro", "jac_spec", "jac_id", "prod_fro"
 EXTRA_COLUMNS: tuple[str, ...] = ("calls",)
 
 #: Every column of ``Probe.frame()``, in order.
-FRAME_COLUMNS: tuple[str, ...] = KEY_COLUMNS + EXTRA_COLUMNS + METRIC_COLUMNS + JACOBIAN_COLUMNS
+FRAME_COLUMNS: tuple[str, ...] = (
+    KEY_COLUMNS + EXTRA_COLUMNS + METRIC_COLUMNS + SIGNAL_COLUMNS + JACOBIAN_COLUMNS
+)
 
 #: Columns that the runner adds when several models are gathered in one :class:`Run`.
 MODEL_COLUMNS: tuple[str, ...] = ("model", "depth", "residual")
@@ -85,6 +90,12 @@ GLOSSARY: dict[str, str] = {
     "param_norm": "norm of the block's own parameters",
     "param_grad_norm": "norm of the gradient of the block's own parameters",
     "update_ratio": "|parameter change since the previous recorded step| / |parameters|",
+    "chan_mean_sq": "mean over channels of the squared per-channel mean of the block output y (channel: "
+    "dim 1 of 4-d outputs, the last dim of 2-d/3-d ones; mean over batch and positions); Brock et al. 2021",
+    "chan_var": "mean over channels of the per-channel variance of y (population, ddof=0); "
+    "chan_var + chan_mean_sq is the mean squared activation",
+    "branch_var": "mean per-channel variance of y - x (y - s(x) with a shortcut s): the residual branch's "
+    "output; NaN when shapes change without a known shortcut",
     "jac_fro": "|J|_F / sqrt(n): RMS singular value of the block Jacobian J = dy/dx (Hutchinson estimate)",
     "jac_spec": "largest singular value of the block Jacobian",
     "jac_id": "|J - I|_F / sqrt(n): RMS of dF/dx, the block's distance from identity as a linear map",
@@ -294,14 +305,14 @@ def _empty_scalars() -> pd.DataFrame:
 
 
 #: Float columns of the block frame, in stored order (everything after the keys and ``calls``).
-VALUE_COLUMNS: tuple[str, ...] = METRIC_COLUMNS + JACOBIAN_COLUMNS
+VALUE_COLUMNS: tuple[str, ...] = METRIC_COLUMNS + SIGNAL_COLUMNS + JACOBIAN_COLUMNS
 
 
 class RowStore:
     """Recorded rows kept compactly in memory: one float64 array per step.
 
-    A (step, block) row costs its 20 float64 values plus four int32 keys,
-    176 bytes, instead of ~2 kB as a dict of Python floats.
+    A (step, block) row costs its 23 float64 values plus four int32 keys,
+    200 bytes, instead of ~2 kB as a dict of Python floats.
     """
 
     def __init__(self) -> None:

@@ -335,3 +335,18 @@ def test_paths_stays_callable_after_the_submodule_is_imported():
     code = "import gradprobe.paths, gradprobe; print(callable(gradprobe.paths))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_path_length_plot_has_a_line_per_step_and_the_binomial_reference():
+    import pandas as pd
+
+    from gradprobe.plot import plot_path_lengths
+
+    model = make("res_mlp")
+    x = make_input("res_mlp")
+    frame = pd.concat([gradprobe.paths(model, x).assign(step=s) for s in (0, 7)])
+    ax = plot_path_lengths(frame)
+    lines = ax.get_lines()
+    assert [line.get_linestyle() for line in lines] == ["--", "-", "-"]
+    np.testing.assert_allclose(lines[2].get_ydata(), [math.comb(4, k) / 16 for k in range(5)])
+    np.testing.assert_allclose(lines[1].get_ydata(), frame[frame["step"] == 7]["share"])
