@@ -61,7 +61,7 @@ from .jacobian import BlockCapture, _capturing
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["PATH_COLUMNS", "decompose", "group_stacks", "paths", "summary"]
+__all__ = ["PATH_COLUMNS", "decompose", "group_stacks", "paths", "sub_batch_decomposition", "summary"]
 
 Tensor = torch.Tensor
 
@@ -429,7 +429,10 @@ def paths(
     def loss_of(output: Any) -> Tensor:
         return loss_fn(output) if loss_fn is not None else projection_loss(output, seed)
 
-    with preserved(model, args):
+    from .probe import Probe
+
+    # Muted: a probe attached to the model must not record this pass as a training step.
+    with preserved(model, args), Probe._mute():
         frame, info = captured_decomposition(lambda: model(*args), named, shortcut_of, loss_of, max_length)
     _annotate(frame, info)
     return frame
@@ -443,6 +446,60 @@ def _annotate(frame: pd.DataFrame, info: list[dict[str, Any]]) -> None:
     main = max(info, key=lambda s: s["branching"])  # first of the longest
     frame.attrs["effective_length"] = main["effective_length"]
     frame.attrs["central_90"] = (main["length_lo"], main["length_hi"])
+
+
+# ---------------------------------------------------------------------- during training
+def sub_batch_decomposition(
+    model: nn.Module,
+    named: Sequence[tuple[str, nn.Module]],
+    shortcut_of: Mapping[str, nn.Module],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    k: int | None,
+    seed: int,
+    *,
+    max_length: int | None = None,
+) -> pd.DataFrame | None:
+    """The decomposition that ``attach(..., paths=N)`` records: a second forward pass of the
+    training call on its first ``k`` samples (all of them with ``k=None`` or a smaller batch),
+    the probe's Jacobian sub-batch, with the same guarantees as :func:`gradprobe.jacobian.
+    sub_batch_captures`: BatchNorm buffers swapped for clones, dropout from a forked global RNG
+    seeded with ``seed``, no ``.grad`` written. The loss is the projection of the model's first
+    output onto a fixed direction drawn from ``seed`` (:func:`gradprobe.analysis.projection_loss`),
+    so that steps are comparable. Returns None when the call cannot be re-run safely (an
+    argument that is not a tensor, a plain value or a container of those).
+    """
+    from torch.func import functional_call
+
+    from .jacobian import _cuda_devices, _seeded_rng, _slice_batch, _Unsliceable, batch_size
+
+    batch = batch_size(args, kwargs)
+    if batch is None:
+        return None
+    take = batch if k is None else min(k, batch)
+    try:
+        s_args, s_kwargs = _slice_batch(args, batch, take), _slice_batch(kwargs, batch, take)
+    except _Unsliceable:
+        return None
+    target = model  # never re-enter a DDP or torch.compile wrapper (see sub_batch_captures)
+    while True:
+        inner = getattr(target, "_orig_mod", None)
+        if isinstance(target, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = target.module
+        if not isinstance(inner, nn.Module):
+            break
+        target = inner
+    buffers = {name: b.detach().clone() for name, b in target.named_buffers()}
+    cuda = _cuda_devices([*target.parameters(), *target.buffers()])
+
+    def forward() -> Any:
+        return functional_call(target, buffers, s_args, s_kwargs, tie_weights=True, strict=False)
+
+    with _seeded_rng(cuda, seed):
+        frame, _ = captured_decomposition(
+            forward, named, shortcut_of, lambda out: projection_loss(out, seed), max_length
+        )
+    return frame
 
 
 class _CallableModule(types.ModuleType):

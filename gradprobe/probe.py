@@ -254,8 +254,18 @@ class Probe:
         sink: str | os.PathLike[str] | None = None,
         sink_options: Mapping[str, Any] | None = None,
         channel_dim: int | None = None,
+        paths: bool | int = False,
     ) -> None:
         selected = select_blocks(model, blocks)
+        # --- path-length decomposition (gradprobe.paths) every N-th recorded step
+        if isinstance(paths, bool) or (isinstance(paths, int) and paths >= 1):
+            self._paths_every = int(paths)
+        else:
+            raise ValueError(
+                f"paths= must be a bool or a positive int (every N-th recorded step), got {paths!r}"
+            )
+        self._paths_parts: list[pd.DataFrame] = []
+        self._paths_step = -1  # the step whose decomposition was taken (one per step)
         if channel_dim is not None and (not isinstance(channel_dim, int) or isinstance(channel_dim, bool)):
             raise ValueError(
                 f"channel_dim= must be None (dim 1 of 4-d outputs, the last dim of 2-d and 3-d ones) or an "
@@ -377,6 +387,10 @@ class Probe:
                 self._handles.append(
                     self._model.register_forward_hook(_eager(self._root_post_hook), with_kwargs=True)
                 )
+            if self._paths_every:
+                self._handles.append(
+                    self._model.register_forward_hook(_eager(self._paths_hook), with_kwargs=True)
+                )
         except BaseException:
             self._remove_handles()
             raise
@@ -395,6 +409,8 @@ class Probe:
                 if self._sink is not None:
                     self._sink.meta = self.meta()
                     self._sink.flush()
+                    if self._paths_parts:
+                        self._sink.write_paths(self.paths_frame())
         finally:
             self._remove_handles()
             self._attached = False
@@ -477,6 +493,8 @@ class Probe:
         if self._sink is None:
             return None
         self._sink.flush()
+        if self._paths_parts:
+            self._sink.write_paths(self.paths_frame())
         return load(self._sink.path)
 
     @staticmethod
@@ -511,11 +529,22 @@ class Probe:
             "jacobian": self._jacobian_every,
             "probes": self._probes,
             "jacobian_options": dict(self._jacobian_options) if self._jacobian_every else {},
+            "paths": self._paths_every,
         }
+
+    def paths_frame(self) -> pd.DataFrame:
+        """The path-length decompositions of ``attach(..., paths=N)``: one row per (step, stack,
+        length), columns ``step`` and those of :func:`gradprobe.paths`; empty without ``paths=``."""
+        from .records import paths_table
+
+        self._flush()
+        return paths_table(self._paths_parts)
 
     def run(self) -> Run:
         """The recorded tables as a :class:`gradprobe.records.Run`."""
-        return Run(self.frame(), self.scalars(), self.meta())
+        return Run(
+            self.frame(), self.scalars(), self.meta(), paths=self.paths_frame() if self._paths_every else None
+        )
 
     def save(self, path: str | os.PathLike[str]) -> os.PathLike[str]:
         """Save frame, scalars and metadata into the folder ``path``; read back with ``gradprobe.load``."""
@@ -832,6 +861,39 @@ class Probe:
                 )
             return None
 
+    # ------------------------------------------------------------------ path lengths
+    def _paths_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """After a recorded training forward pass: the path-length decomposition on the Jacobian
+        sub-batch (a second forward pass of its own; the training graph is not used)."""
+        if _MUTED[0] or in_backward() or not torch.is_grad_enabled() or not self._buf.blocks:
+            return
+        if (
+            not self._recording()
+            or self._recorded_steps % self._paths_every
+            or self._paths_step == self._step
+        ):
+            return
+        self._paths_step = self._step
+        try:
+            from .paths import sub_batch_decomposition
+
+            named = [(n, self._modules[n]) for n in self.blocks]
+            k = self._jacobian_options["sub_batch"]
+            seed = int(self._jacobian_options.get("seed", 0))
+            with self._mute():
+                frame = sub_batch_decomposition(
+                    self._model, named, self._shortcut_modules, tuple(args), dict(kwargs), k, seed
+                )
+            if frame is None:
+                raise RuntimeError(
+                    "the forward call cannot be re-run safely (an argument that is neither a tensor nor a "
+                    "plain value)"
+                )
+            frame.insert(0, "step", self._step)
+            self._paths_parts.append(frame)
+        except Exception as exc:
+            self._fail("path-length decomposition", exc)
+
     # ------------------------------------------------------------------ step closing
     def _flush(self) -> None:
         if self._auto and self._buf.backward_done:
@@ -942,6 +1004,7 @@ def attach(
     sink: str | os.PathLike[str] | None = None,
     sink_options: Mapping[str, Any] | None = None,
     channel_dim: int | None = None,
+    paths: bool | int = False,
 ) -> Probe:
     """Register gradprobe's hooks on the blocks of ``model`` and return the :class:`Probe`.
 
@@ -979,6 +1042,10 @@ def attach(
         channel_dim: the channel axis of block outputs for the signal propagation columns
             (``chan_mean_sq``, ``chan_var``, ``branch_var``); default dim 1 of 4-d outputs
             (N, C, H, W) and the last dim of 2-d and 3-d ones ((N, C), (N, T, C)).
+        paths: the path-length decomposition (:func:`gradprobe.paths`) on every (``True``) or
+            every N-th recorded step, on the Jacobian sub-batch (``jacobian_options["sub_batch"]``,
+            default 32 samples) in a second forward pass, the loss a fixed random projection of
+            the output; read it with ``probe.paths_frame()``, saved as ``paths.parquet``.
 
     >>> import torch, torch.nn as nn, gradprobe
     >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])
@@ -1003,4 +1070,5 @@ def attach(
         sink=sink,
         sink_options=sink_options,
         channel_dim=channel_dim,
+        paths=paths,
     )

@@ -9,6 +9,8 @@ A run on disk is a folder::
     run/
       frame.parquet    one row per (step, block)   (frame.csv without pyarrow)
       scalars.parquet  one row per step            (scalars.csv without pyarrow)
+      paths.parquet    one row per (step, stack, path length), when the probe recorded
+                       path-length decompositions (``attach(..., paths=N)``; gradprobe.paths)
       meta.json        versions, model class, block names, settings, dtypes
 
 No pickle is used anywhere, so loading a run never executes code.
@@ -157,10 +159,18 @@ class Run:
     [1.0]
     """
 
-    def __init__(self, frame: pd.DataFrame, scalars: pd.DataFrame, meta: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        scalars: pd.DataFrame,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        paths: pd.DataFrame | None = None,
+    ):
         self._frame = frame
         self._scalars = scalars
         self.meta: dict[str, Any] = dict(meta or {})
+        self._paths = paths
 
     def frame(self) -> pd.DataFrame:
         """One row per (step, block) (and per model for a multi-model run)."""
@@ -169,6 +179,10 @@ class Run:
     def scalars(self) -> pd.DataFrame:
         """One row per step with the logged scalars (loss, accuracy, lr, ...)."""
         return self._scalars.copy()
+
+    def paths(self) -> pd.DataFrame:
+        """Path-length decompositions, one row per (step, stack, length) (and per model); empty if none."""
+        return paths_table([] if self._paths is None else [self._paths])
 
     @property
     def models(self) -> list[str]:
@@ -179,7 +193,7 @@ class Run:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the run into the folder ``path`` (created if needed); return it."""
-        return save_run(path, self._frame, self._scalars, self.meta)
+        return save_run(path, self._frame, self._scalars, self.meta, paths=self._paths)
 
     def __repr__(self) -> str:
         steps = self._frame["step"].nunique() if len(self._frame) else 0
@@ -239,6 +253,7 @@ def save_run(
     meta: Mapping[str, Any],
     *,
     fmt: str | None = None,
+    paths: pd.DataFrame | None = None,
 ) -> Path:
     """Write frame, scalars and metadata into the folder ``path``.
 
@@ -253,15 +268,19 @@ def save_run(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder; a run is saved as a folder")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("frame", "scalars"):  # never leave a table of another format behind
+    for stale in ("frame", "scalars", "paths"):  # never leave a table of another format behind
         for suffix in (".parquet", ".csv"):
             (out / stale).with_suffix(suffix).unlink(missing_ok=True)
     _write_table(frame, out / "frame", fmt)
     _write_table(scalars, out / "scalars", fmt)
+    if paths is not None:
+        _write_table(paths, out / "paths", fmt)
     full_meta = dict(meta)
     full_meta["format_version"] = _FORMAT_VERSION
     full_meta["table_format"] = fmt
     full_meta["dtypes"] = {"frame": _dtypes(frame), "scalars": _dtypes(scalars)}
+    if paths is not None:
+        full_meta["dtypes"]["paths"] = _dtypes(paths)
     (out / "meta.json").write_text(json.dumps(_jsonable(full_meta), indent=2, sort_keys=True))
     return out
 
@@ -292,10 +311,45 @@ def load(path: str | os.PathLike[str]) -> Run:
         frame = rows_to_frame([]) if not len(streamed) else streamed
         frame = frame.astype({"step": "int64", "index": "int64", "calls": "int64"})
         scalars = scalars_part if scalars_part is not None else _empty_scalars()
-        return Run(frame, scalars.astype({"step": "int64"}), meta)
+        return Run(frame, scalars.astype({"step": "int64"}), meta, paths=_read_paths(folder, dtypes))
     frame = _read_table(folder / "frame", dtypes.get("frame", {}))
     scalars = _read_table(folder / "scalars", dtypes.get("scalars", {}))
-    return Run(frame, scalars, meta)
+    return Run(frame, scalars, meta, paths=_read_paths(folder, dtypes))
+
+
+# ---------------------------------------------------------------------- path-length tables
+#: Columns of a paths table (``probe.paths_frame()``, ``Run.paths()``); see ``gradprobe/paths.py``.
+PATHS_COLUMNS: tuple[str, ...] = (
+    "step",
+    "stack",
+    "length",
+    "path_grad",
+    "share",
+    "n_paths",
+    "per_path",
+    "cum_share",
+)
+
+
+def paths_table(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate path-length frames; an empty table with the columns when there are none.
+
+    >>> list(paths_table([]).columns)[:3]
+    ['step', 'stack', 'length']
+    """
+    import pandas as pd
+
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in PATHS_COLUMNS})
+        return frame.astype({"step": "int64", "stack": "int64", "length": "int64"})
+    return pd.concat(parts, ignore_index=True)
+
+
+def _read_paths(folder: Path, dtypes: Mapping[str, Any]) -> pd.DataFrame | None:
+    if not (folder / "paths.parquet").exists() and not (folder / "paths.csv").exists():
+        return None
+    return _read_table(folder / "paths", dtypes.get("paths", {}))
 
 
 def _empty_scalars() -> pd.DataFrame:
@@ -407,6 +461,16 @@ class Sink:
 
     def append_scalars(self, row: Mapping[str, Any]) -> None:
         self._scalars.append(dict(row))
+
+    def write_paths(self, frame: pd.DataFrame) -> None:
+        """Write the whole paths table (small: one row per recorded step, stack and length), atomically."""
+        final = self.path / f"paths.{self.fmt}"
+        tmp = final.with_name("." + final.name + ".tmp")
+        if self.fmt == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        os.replace(tmp, final)
 
     def _write(self, frame: pd.DataFrame, stem: str) -> None:
         final = self.path / f"{stem}-{self._chunk:06d}.{self.fmt}"

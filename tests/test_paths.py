@@ -350,3 +350,73 @@ def test_path_length_plot_has_a_line_per_step_and_the_binomial_reference():
     assert [line.get_linestyle() for line in lines] == ["--", "-", "-"]
     np.testing.assert_allclose(lines[2].get_ydata(), [math.comb(4, k) / 16 for k in range(5)])
     np.testing.assert_allclose(lines[1].get_ydata(), frame[frame["step"] == 7]["share"])
+
+
+# ---------------------------------------------------------------------- during training
+def train(model, batches, kind="res_cnn", **attach_kwargs):
+    """SGD steps on the batches; returns (losses, probe or None, copies of the model before each step)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe = gradprobe.attach(model, **attach_kwargs) if attach_kwargs else None
+    losses, before = [], []
+    for x in batches:
+        snapshot = make(kind)  # a fresh twin, not a deepcopy, which would copy the probe's hooks too
+        snapshot.load_state_dict(model.state_dict())
+        before.append(snapshot)
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    if probe is not None:
+        probe.detach()
+    return losses, probe, before
+
+
+def test_attach_paths_records_the_sub_batch_decomposition_every_nth_step(tmp_path):
+    batches = [make_input("res_cnn", seed=s, batch=6) for s in range(5)]
+    options = {"sub_batch": 4, "seed": 3}
+    losses, probe, before = train(make("res_cnn"), batches, paths=2, jacobian_options=options)
+    frame = probe.paths_frame()
+    assert sorted(frame["step"].unique().tolist()) == [0, 2, 4]
+    for step in (0, 2, 4):
+        expected = gradprobe.paths(before[step], batches[step][:4], seed=3)
+        got = frame[frame["step"] == step].drop(columns="step").reset_index(drop=True)
+        np.testing.assert_allclose(got["path_grad"], expected["path_grad"], rtol=1e-10)
+        assert got["n_paths"].tolist() == expected["n_paths"].tolist()
+    # observational: the same losses and weights as without the probe
+    bare_losses, _, _ = train(make("res_cnn"), batches)
+    assert losses == bare_losses
+    # saved with the run and read back
+    run = gradprobe.load(probe.save(tmp_path / "run"))
+    assert (tmp_path / "run" / "paths.parquet").exists()
+    loaded = run.paths()
+    assert list(loaded.columns) == list(frame.columns)
+    np.testing.assert_array_equal(loaded.to_numpy(), frame.to_numpy())
+    assert run.meta["paths"] == 2
+
+
+def test_attach_paths_with_a_sink_and_without_paths(tmp_path):
+    batches = [make_input("res_mlp", seed=s, batch=4) for s in range(3)]
+    model = make("res_mlp")
+    _, probe, _ = train(model, batches, "res_mlp", paths=True, sink=tmp_path / "sink")
+    streamed = gradprobe.load(tmp_path / "sink").paths()
+    assert sorted(streamed["step"].unique().tolist()) == [0, 1, 2]
+    np.testing.assert_array_equal(streamed.to_numpy(), probe.paths_frame().to_numpy())
+    _, plain, _ = train(make("res_mlp"), batches, "res_mlp", every=1)
+    assert len(plain.paths_frame()) == 0 and list(plain.paths_frame().columns)[:2] == ["step", "stack"]
+    assert len(gradprobe.load(plain.save(tmp_path / "plain")).paths()) == 0
+    with pytest.raises(ValueError, match="paths="):
+        gradprobe.attach(model, paths=0)
+
+
+def test_attach_paths_leaves_no_hooks(no_leaks):
+    model = no_leaks(make("res_mlp"))
+    train(model, [make_input("res_mlp")], "res_mlp", paths=1)
+
+
+def test_paths_while_a_probe_is_attached_records_no_step():
+    model = make("res_mlp")
+    with gradprobe.attach(model) as probe:
+        gradprobe.paths(model, make_input("res_mlp"))
+        assert probe.current_step == 0
+    assert len(probe.frame()) == 0
