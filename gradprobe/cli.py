@@ -255,6 +255,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
             data_root=ns.data_root,
             progress=not ns.no_progress,
             command=command,
+            paths=not ns.no_paths,
         )
     except (FileNotFoundError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
@@ -290,6 +291,8 @@ SUMMARY_COLUMNS = (
     "cum_gain_end",
     "res_ratio_init",
     "res_ratio_end",
+    "effective_length_init",
+    "effective_length_end",
 )
 
 SUMMARY_LEGEND = """
@@ -298,7 +301,9 @@ test_acc        accuracy on the held-out test split after the last epoch
 cum_gain_init   |dL/dx| at the first block / |dL/dy| at the last block, at step 0: the product of the
                 block gains. ~1: the gradient highway; >>1 explodes, <<1 vanishes on its way back
 cum_gain_end    the same after the last step
-res_ratio_*     largest |y - x| / |x| over the shape-preserving blocks (0: every block is the identity)"""
+res_ratio_*     largest |y - x| / |x| over the shape-preserving blocks (0: every block is the identity)
+effective_length_*  share-weighted mean number of residual branches on the gradient's paths (Veit et al.
+                2016), at the first and last step; 0: the gradient takes the skips only (--no-paths: off)"""
 
 
 def _cmd_report(ns: argparse.Namespace) -> int:
@@ -469,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny run (depths 8,14, 2 epochs) for smoke tests")
     p.add_argument("--no-report", action="store_true", help="write the tables only, not the HTML report")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument(
+        "--no-paths",
+        action="store_true",
+        help="skip the path-length decomposition (default: at the first and the last step of each model)",
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -420,3 +420,54 @@ def test_paths_while_a_probe_is_attached_records_no_step():
         gradprobe.paths(model, make_input("res_mlp"))
         assert probe.current_step == 0
     assert len(probe.frame()) == 0
+
+
+# ---------------------------------------------------------------------- compare, report, CLI
+@pytest.fixture(scope="module")
+def compared():
+    from gradprobe.experiment import compare
+
+    return compare(["plain-mlp-5", "resnet-mlp-5"], "synthetic", epochs=2, progress=False, width=16)
+
+
+def test_compare_records_paths_at_both_ends_and_summarises_them(compared):
+    from gradprobe.experiment import summary
+
+    table = compared.paths()
+    steps = compared.frame().groupby("model")["step"].agg(["min", "max"])
+    for model in compared.models:
+        got = sorted(table[table["model"] == model]["step"].unique().tolist())
+        assert got == [int(steps.loc[model, "min"]), int(steps.loc[model, "max"])]
+    resnet = table[table["model"] == "resnet-mlp-5"]
+    first = resnet[resnet["step"] == resnet["step"].min()]
+    # zero-initialised residual branches: at initialisation the gradient takes the skips only
+    assert first["share"].tolist()[0] == 1.0
+    s = summary(compared).set_index("model")
+    assert s.loc["resnet-mlp-5", "effective_length_init"] == 0.0
+    assert s.loc["resnet-mlp-5", "effective_length_end"] > 0.0
+    assert compared.meta["paths"] is True
+
+
+def test_report_draws_the_path_and_signal_figures_and_keeps_the_table(compared, tmp_path):
+    compared.save(tmp_path)
+    gradprobe.report(tmp_path, progress=False)
+    assert (tmp_path / "paths.png").exists() and (tmp_path / "signal.png").exists()
+    back = gradprobe.load(tmp_path).paths()
+    np.testing.assert_array_equal(back["share"].to_numpy(), compared.paths()["share"].to_numpy())
+
+
+def test_cli_no_paths(tmp_path):
+    import contextlib
+    import io
+
+    from gradprobe.cli import main
+    from gradprobe.experiment import summary
+
+    args = ["compare", "--families", "mlp", "--depths", "4", "--epochs", "1", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+        code = main([*args, "--no-report", "--no-progress", "--width", "8", "--no-paths"])
+    assert code == 0
+    run = gradprobe.load(tmp_path)
+    assert len(run.paths()) == 0 and not (tmp_path / "paths.parquet").exists()
+    assert summary(run)["effective_length_end"].isna().all()
+    assert "effective_length_end" in out.getvalue()
