@@ -63,6 +63,17 @@ def measure_paths(depth: int, batch: int, repeats: int, batched: bool) -> None:
     (info,) = frame.attrs["stacks"]
     blocks = len(info["blocks"])
     vjps = sum(min(i, blocks) for i in range(1, blocks + 1))  # coefficients alive at each block
+    sub = x[:32]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        gradprobe.paths(model, sub)
+        times.append(time.perf_counter() - start)
+    t_sub = statistics.median(times)
+    print(
+        f"  on a sub-batch of 32: paths {t_sub:.2f} s; attach(paths=50) adds about "
+        f"{100 * t_sub / (50 * t_step):.1f}% to training at batch {batch} (one decomposition per 50 steps)"
+    )
     print(
         f"ResNet-{depth:<4} batch {batch:<4} blocks {blocks:<3} VJPs {vjps:<5} step {t_step:7.2f} s  "
         f"paths {t_paths:8.2f} s  = {t_paths / t_step:6.1f} steps  "

@@ -38,7 +38,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "spectrum": ("jacobian", "spectrum"),
     "compare": ("experiment", "compare"),
     "report": ("report", "report"),
-    "paths": ("paths", "paths"),
+    "paths": ("paths", None),  # the module, callable as the function paths() (and .summary)
     "load": ("records", "load"),
     "Run": ("records", "Run"),
     "select_blocks": ("blocks", "select_blocks"),

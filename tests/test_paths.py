@@ -329,6 +329,7 @@ def test_shortcut_block_splits_into_shortcut_and_the_rest():
 
 
 def test_paths_stays_callable_after_the_submodule_is_imported():
+    assert callable(gradprobe.paths) and callable(gradprobe.paths.summary)
     import subprocess
     import sys
 
@@ -471,3 +472,21 @@ def test_cli_no_paths(tmp_path):
     assert len(run.paths()) == 0 and not (tmp_path / "paths.parquet").exists()
     assert summary(run)["effective_length_end"].isna().all()
     assert "effective_length_end" in out.getvalue()
+
+
+def test_hugging_face_encoder_decoder_gives_two_exact_stacks():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(
+        num_layers=2, num_decoder_layers=2, d_model=16, d_ff=32, num_heads=2, d_kv=8, vocab_size=64
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        t5 = transformers.T5ForConditionalGeneration(cfg).train()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    frame = gradprobe.paths(t5, (ids, None, ids))  # input_ids, attention_mask, decoder_input_ids
+    stacks = frame.attrs["stacks"]
+    assert [s["blocks"] for s in stacks] == [
+        ["encoder.block.0", "encoder.block.1"],
+        ["decoder.block.0", "decoder.block.1"],
+    ]
+    assert all(s["remainder"] / s["grad_norm"] < 1e-5 for s in stacks)  # float32
