@@ -1,7 +1,7 @@
 """Cost of the path-length decomposition (gradprobe.paths) and of the signal propagation statistics.
 
     python benchmarks/paths_cost.py --depths 56 110 --batch 128        # paths() against a training step
-    python benchmarks/paths_cost.py --depths 56 --batch 32 --unbatched  # one VJP per autograd call
+    python benchmarks/paths_cost.py --depths 56 --batch 32 --batched    # 16 VJPs per autograd call
     python benchmarks/paths_cost.py --signal --depths 56                # signal_stats vs forward_stats
 
 ``paths``: for each depth, the median time of a bare training step (forward, cross-entropy,
@@ -52,8 +52,7 @@ def measure_paths(depth: int, batch: int, repeats: int, batched: bool) -> None:
     x = torch.randn(batch, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
     t_step = step_time(model, x, y, repeats)
-    if not batched:
-        paths_module.BATCH_VJPS = 1
+    paths_module.BATCH_VJPS = 16 if batched else 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -126,7 +125,7 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[56, 110])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--unbatched", action="store_true", help="one VJP per autograd call")
+    parser.add_argument("--batched", action="store_true", help="16 VJPs per autograd call (is_grads_batched)")
     parser.add_argument("--signal", action="store_true", help="time the signal propagation statistics")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
@@ -137,7 +136,7 @@ def main() -> None:
         if args.signal:
             measure_signal(depth, args.batch, args.repeats)
         else:
-            measure_paths(depth, args.batch, args.repeats, not args.unbatched)
+            measure_paths(depth, args.batch, args.repeats, args.batched)
 
 
 if __name__ == "__main__":

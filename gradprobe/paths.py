@@ -20,9 +20,9 @@ between two blocks of a stack (a reshape, a dropout, ...) is applied to every c_
 
 The coefficients are kept as a list c_0..c_m of tensors shaped like the block input; each
 block costs one vector-Jacobian product per coefficient (two through a shortcut module),
-``torch.autograd.grad(y, x, c, retain_graph=True)`` through the one forward graph, several
-coefficients per call with ``is_grads_batched=True`` where autograd can (falling back to one
-call each): about L^2/2 block VJPs for a stack of L blocks. ``max_length`` drops the
+``torch.autograd.grad(y, x, c, retain_graph=True)`` through the one forward graph (one
+coefficient per call by default, see :data:`BATCH_VJPS`): about L^2/2 block VJPs for a stack
+of L blocks. ``max_length`` drops the
 coefficients beyond it as soon as they appear; what they carried is reported as the
 ``remainder``: |g - sum_{k <= max_length} c_k|, with g the autograd gradient at the stack
 input (without truncation the remainder is the rounding error of the decomposition).
@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import sys
 import types
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -68,9 +69,11 @@ Tensor = torch.Tensor
 #: Columns of the frame :func:`paths` returns (``probe.paths_frame()`` puts ``step`` first).
 PATH_COLUMNS: tuple[str, ...] = ("stack", "length", "path_grad", "share", "n_paths", "per_path", "cum_share")
 
-#: Most coefficient vectors pushed back through a block in one batched autograd call: the
-#: batched backward holds this many copies of the block's intermediate gradients at once.
-BATCH_VJPS = 16
+#: Coefficient vectors pushed back through a block per autograd call. Above 1, several go in
+#: one call with ``is_grads_batched=True`` (vmap over the backward pass; falls back to one per
+#: call where an op has no batching rule). On CPU that was 1.64x *slower* than one call per
+#: vector (ResNet-20, batch 32, 1 thread), hence 1; it may pay off on a GPU (not measured).
+BATCH_VJPS = 1
 
 # Suffix of the capture name of a block's shortcut module (a NUL cannot occur in module names).
 _SHORTCUT = "\x00shortcut"
@@ -234,6 +237,9 @@ def decompose(
                 "no_branch": still,
                 "grad_norm": float(torch.linalg.vector_norm(true.double())),
                 "remainder": float(torch.linalg.vector_norm((true - total).double())),
+                # sum_k |c_k| / |g|: how much the lengths cancel (1: none). Each |c_k| is exact to the
+                # rounding of its own size, but their sum only to about this factor times that.
+                "cancellation": denom / float(torch.linalg.vector_norm(true.double())),
                 "max_length": max_length,
             }
         )
@@ -435,7 +441,25 @@ def paths(
     with preserved(model, args), Probe._mute():
         frame, info = captured_decomposition(lambda: model(*args), named, shortcut_of, loss_of, max_length)
     _annotate(frame, info)
+    _warn_cancellation(info)
     return frame
+
+
+def _warn_cancellation(info: list[dict[str, Any]]) -> None:
+    for item in info:
+        g, rem = item["grad_norm"], item["remainder"]
+        if item["max_length"] is None and g > 0 and rem > 1e-3 * g:
+            warnings.warn(
+                f"gradprobe.paths: in stack {item['stack']} the paths of different lengths cancel "
+                f"(sum_k |c_k| = {item['cancellation']:.3g} |g|), so sum_k c_k matches the autograd "
+                f"gradient only to {rem / g:.2g} of |g| at this precision; each |c_k| (path_grad, share) "
+                "is still right to the rounding of its own size. Run the model and inputs in float64 "
+                "(model.double()) for an exact sum. (A ReLU after the addition, y = relu(x + F(x)), "
+                "makes F' = H' - I carry the ReLU's mask: such cancellation is typical there.)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
 
 
 def _annotate(frame: pd.DataFrame, info: list[dict[str, Any]]) -> None:

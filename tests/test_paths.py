@@ -207,6 +207,7 @@ def test_max_length_truncates_and_reports_the_remainder():
 def test_batched_and_one_by_one_vjps_agree(monkeypatch):
     model = make("res_cnn").train()
     x = make_input("res_cnn")
+    monkeypatch.setattr(paths_module, "BATCH_VJPS", 3)  # chunks of 3: full and partial calls
     batched = gradprobe.paths(model, x)
     monkeypatch.setattr(paths_module, "BATCH_VJPS", 1)
     single = gradprobe.paths(model, x)
@@ -490,3 +491,66 @@ def test_hugging_face_encoder_decoder_gives_two_exact_stacks():
         ["decoder.block.0", "decoder.block.1"],
     ]
     assert all(s["remainder"] / s["grad_norm"] < 1e-5 for s in stacks)  # float32
+
+
+class _ItemInBackward(torch.autograd.Function):
+    """2x, with a backward that calls .item(): vmap (is_grads_batched) cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (2.0 + 0.0 * g.sum().item())
+
+
+class ItemBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return x + self.fc(_ItemInBackward.apply(x))
+
+
+def test_batched_vjps_fall_back_to_one_per_call(monkeypatch):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(*[ItemBlock() for _ in range(4)]).double()
+    x = make_input("res_mlp")
+    single = gradprobe.paths(model, x)
+    monkeypatch.setattr(paths_module, "BATCH_VJPS", 8)
+    fallen = gradprobe.paths(model, x)
+    np.testing.assert_allclose(fallen["path_grad"], single["path_grad"], rtol=1e-12)
+    assert fallen.attrs["stacks"][0]["remainder"] / fallen.attrs["stacks"][0]["grad_norm"] < 1e-10
+
+
+class PostReLU(nn.Module):
+    """y = relu(x + F(x)) with a zero-initialised F: the ReLU's mask makes F' = H' - I nonzero."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        return torch.relu(x + self.fc(x))
+
+
+def test_massive_cancellation_is_reported_not_hidden():
+    x = torch.relu(make_input("res_mlp", dtype=torch.float32))  # entries exactly 0: masked by the ReLU
+    model = nn.Sequential(*[PostReLU() for _ in range(40)])
+    with pytest.warns(RuntimeWarning, match="cancel"):
+        frame = gradprobe.paths(model, x)
+    (info,) = frame.attrs["stacks"]
+    assert info["cancellation"] > 1e6 and info["remainder"] > 1e-3 * info["grad_norm"]
+    # the binomial shares are still right: c_k = C(40, k) (-1)^k g on the masked entries
+    assert frame.attrs["effective_length"] == pytest.approx(20.0, rel=1e-3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = gradprobe.paths(model.double(), x.double())
+    assert exact.attrs["stacks"][0]["remainder"] < 1e-3 * exact.attrs["stacks"][0]["grad_norm"]
