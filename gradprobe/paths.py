@@ -457,7 +457,7 @@ def _warn_cancellation(info: list[dict[str, Any]]) -> None:
                 "(model.double()) for an exact sum. (A ReLU after the addition, y = relu(x + F(x)), "
                 "makes F' = H' - I carry the ReLU's mask: such cancellation is typical there.)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # past paths() and the module's __call__: gradprobe.paths(...) is the module
             )
             return
 
