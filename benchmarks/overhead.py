@@ -15,7 +15,8 @@ Jacobian step, i.e. every 200th step -- run ``--steps 200`` to cover a whole
 cycle), ``jac10fro`` (the Frobenius columns alone), ``jac10p2`` / ``jac10p1``
 (the same with 2 or 1 probe vectors), ``jac10sb64`` (a sub-batch of 64),
 ``jac10full`` (the whole batch, through the training graph), ``jac10spec``
-(spectral columns on every Jacobian step). For Jacobian configurations read the
+(spectral columns on every Jacobian step), ``paths50`` (the path-length decomposition
+every 50th step on a sub-batch of 32; run ``--steps 100``). For these configurations read the
 total ratio: the cost sits in one step of ten, which a median of pairs would hide.
 """
 
@@ -42,6 +43,7 @@ CONFIGS = {
     "jac10sb64": {"every": 1, "jacobian": 10, "jacobian_options": {"sub_batch": 64, "spec": False}},
     "jac10full": {"every": 1, "jacobian": 10, "jacobian_options": {"sub_batch": None, "spec": False}},
     "jac10spec": {"every": 1, "jacobian": 10, "jacobian_options": {"spec": True}},
+    "paths50": {"every": 1, "paths": 50},
 }
 
 

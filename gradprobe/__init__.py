@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the names as the type checker and IDEs see them
     from .blocks import select_blocks
     from .experiment import compare
     from .jacobian import spectrum
+    from .paths import paths
     from .probe import Probe, attach, every_n
     from .records import Run, load
     from .report import report
@@ -37,6 +38,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "spectrum": ("jacobian", "spectrum"),
     "compare": ("experiment", "compare"),
     "report": ("report", "report"),
+    "paths": ("paths", None),  # the module, callable as the function paths() (and .summary)
     "load": ("records", "load"),
     "Run": ("records", "Run"),
     "select_blocks": ("blocks", "select_blocks"),
@@ -61,6 +63,7 @@ __all__ = [
     "load",
     "metrics",
     "models",
+    "paths",
     "plot",
     "report",
     "select_blocks",

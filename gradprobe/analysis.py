@@ -93,7 +93,7 @@ def analyze(
     ([0], 3)
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    attach_keys = {"shortcuts", "record_eval", "strict", "scaler", "input", "output", "stacks"}
+    attach_keys = {"shortcuts", "record_eval", "strict", "scaler", "input", "output", "stacks", "channel_dim"}
     attach_kwargs = {k: v for k, v in options.items() if k in attach_keys}
     jac_options = {k: v for k, v in options.items() if k not in attach_keys}
     jac_options.setdefault("seed", seed)

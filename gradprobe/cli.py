@@ -310,6 +310,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
             command=command,
             tensorboard=ns.tensorboard,
             overwrite=ns.force,
+            paths=not ns.no_paths,
         )
     except (FileNotFoundError, FileExistsError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
@@ -345,6 +346,8 @@ SUMMARY_COLUMNS = (
     "cum_gain_end",
     "res_ratio_init",
     "res_ratio_end",
+    "effective_length_init",
+    "effective_length_end",
 )
 
 SUMMARY_LEGEND = """
@@ -353,7 +356,9 @@ test_acc        accuracy on the held-out test split after the last epoch
 cum_gain_init   |dL/dx| at the first block / |dL/dy| at the last block, at step 0: the product of the
                 block gains. ~1: the gradient highway; >>1 explodes, <<1 vanishes on its way back
 cum_gain_end    the same after the last step
-res_ratio_*     largest |y - x| / |x| over the shape-preserving blocks (0: every block is the identity)"""
+res_ratio_*     largest |y - x| / |x| over the shape-preserving blocks (0: every block is the identity)
+effective_length_*  share-weighted mean number of residual branches on the gradient's paths (Veit et al.
+                2016), at the first and last step; 0: the gradient takes the skips only (--no-paths: off)"""
 
 
 def _cmd_report(ns: argparse.Namespace) -> int:
@@ -577,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensorboard",
         metavar="DIR",
         help="stream each model's per-block scalars into this TensorBoard log folder while it trains",
+    )
+    p.add_argument(
+        "--no-paths",
+        action="store_true",
+        help="skip the path-length decomposition (default: at the first and the last step of each model)",
     )
     p.add_argument(
         "--threads",

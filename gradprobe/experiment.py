@@ -237,6 +237,7 @@ def compare(
     callback: Callable[[str, nn.Module], None] | None = None,
     tensorboard: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    paths: bool | int = True,
 ) -> Run:
     """Train plain and residual nets on the same data with a probe attached; return their tables as a Run.
 
@@ -268,6 +269,9 @@ def compare(
         tensorboard: stream each model's ``gradprobe/<column>/<block>`` scalars (``cum_gain``,
             ``gain``, ``res_ratio``), summaries and training curves into this TensorBoard log
             folder while it trains, one subfolder per model (see :mod:`gradprobe.export`).
+        paths: the path-length decomposition (:func:`gradprobe.paths`, on the Jacobian
+            sub-batch): ``True`` (default) at the first and the last recorded step of each
+            model, an int N every N-th recorded step, ``False`` never. ``run.paths()`` holds it.
 
     The run's ``frame()`` is the probes' frames with ``model``, ``depth`` and
     ``residual`` columns first; ``scalars()`` has one row per step with model,
@@ -312,6 +316,8 @@ def compare(
         raise ValueError(f"lr must be positive, got {lr}")
     if isinstance(jacobian, int) and not isinstance(jacobian, bool) and jacobian < 1:
         raise ValueError(f"jacobian must be True, False or a positive int, got {jacobian!r}")
+    if isinstance(paths, int) and not isinstance(paths, bool) and paths < 1:
+        raise ValueError(f"paths must be True, False or a positive int, got {paths!r}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
@@ -329,6 +335,7 @@ def compare(
     frames: list[pd.DataFrame] = []
     scalar_frames: list[pd.DataFrame] = []
     per_model: dict[str, dict[str, Any]] = {}
+    path_frames: list[pd.DataFrame] = []
 
     for name, spec, given in entries:
         ds = flat_data if spec is not None and spec.family == "mlp" else image_data
@@ -346,6 +353,7 @@ def compare(
         total = epochs * steps_per_epoch
         recorded = len(range(0, total, every))
         jac: bool | int = max(1, recorded - 1) if jacobian is True else jacobian
+        pth: bool | int = max(1, recorded - 1) if paths is True else paths
         test_acc: dict[int, float] = {}
         t0 = time.perf_counter()
         bar = tqdm(
@@ -360,7 +368,13 @@ def compare(
                 options.setdefault("spec", True)
             probes = options.pop("probes", 4)
             with attach(
-                model, blocks, every=every, jacobian=jac, probes=probes, jacobian_options=options or None
+                model,
+                blocks,
+                every=every,
+                jacobian=jac,
+                probes=probes,
+                jacobian_options=options or None,
+                paths=pth,
             ) as probe:
                 step = 0
                 for epoch in range(epochs):
@@ -400,6 +414,7 @@ def compare(
                     )
                 frame = probe.frame()
                 scalars = probe.scalars()
+                path_frame = probe.paths_frame()
                 block_names = probe.blocks
                 if stream is not None:
                     stream.update(probe)
@@ -411,12 +426,13 @@ def compare(
         depth, residual = _describe(name, model, spec, len(block_names))
         scalars["test_acc"] = scalars["step"].map(test_acc).astype("float64")
         scalars = scalars[["step", "epoch", "train_loss", "train_acc", "test_acc", "lr"]]
-        for table in (frame, scalars):
+        for table in (frame, scalars, path_frame):
             table.insert(0, "model", name)
             table.insert(1, "depth", int(depth))
             table.insert(2, "residual", bool(residual))
         frames.append(frame)
         scalar_frames.append(scalars)
+        path_frames.append(path_frame)
         per_model[name] = {
             "depth": int(depth),
             "residual": bool(residual),
@@ -458,11 +474,13 @@ def compare(
         "width": width,
         "every": every,
         "jacobian": jacobian,
+        "paths": paths,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    run = Run(frame, scalars, meta)
+    path_table = pd.concat(path_frames, ignore_index=True) if paths else None
+    run = Run(frame, scalars, meta, paths=path_table)
     if out is not None:
         run.save(out, overwrite=overwrite)
     return run
@@ -487,7 +505,10 @@ def summary(run: Run) -> pd.DataFrame:
     (>1) or shrunk (<1) relative to the output end); ``res_ratio_init`` and
     ``res_ratio_end`` (largest ``res_ratio`` over the blocks whose input and
     output have the same shape, at the first and last recorded step; 0 means
-    every such block is exactly the identity).
+    every such block is exactly the identity); ``effective_length_init`` and
+    ``effective_length_end`` (the share-weighted mean path length of the gradient,
+    :func:`gradprobe.paths`, of the stack with the most branching blocks, at the first and
+    the last step with a decomposition; NaN without one).
 
     >>> run = compare(["resnet-mlp-4"], "synthetic", epochs=1, progress=False)
     >>> list(summary(run).columns)[:5]
@@ -519,5 +540,21 @@ def summary(run: Run) -> pd.DataFrame:
         for tag, step in (("init", steps[0] if steps else None), ("end", steps[-1] if steps else None)):
             at = identity[identity["step"] == step]["res_ratio"]
             row[f"res_ratio_{tag}"] = float(at.max()) if len(at) else math.nan
+        row.update(_effective_lengths(run.paths(), model))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _effective_lengths(table: pd.DataFrame, model: str) -> dict[str, float]:
+    """``effective_length`` of a model's main stack at its first and last decomposed step."""
+    from .paths import summary as path_summary
+
+    part = table[table["model"] == model] if "model" in table.columns else table.iloc[0:0]
+    if not len(part):
+        return {"effective_length_init": math.nan, "effective_length_end": math.nan}
+    lengths = path_summary(part).sort_values(["step", "branching"], ascending=[True, False], kind="stable")
+    main = lengths.drop_duplicates("step")  # per step, the stack with the most branching blocks
+    return {
+        "effective_length_init": float(main["effective_length"].iloc[0]),
+        "effective_length_end": float(main["effective_length"].iloc[-1]),
+    }

@@ -19,6 +19,13 @@ equals the metric of the concatenated tensors.
   shortcut's output when the block changes shape and has a shortcut
 * ``in_rms = |x| / sqrt(numel x)``, ``out_rms = |y| / sqrt(numel y)``
 * ``param_norm``, ``param_grad_norm``, ``update_ratio = |theta - theta_prev| / |theta|``
+* signal propagation (Brock, De and Smith, ICLR 2021), per channel c of the block output y
+  over every other axis (batch, positions): ``chan_mean_sq = mean_c (mean y_c)^2``,
+  ``chan_var = mean_c var(y_c)``, ``branch_var = mean_c var((y - r)_c)``, population
+  variances (ddof = 0). The channel axis is dim 1 of tensors with 4 or more dims
+  (N, C, H, W), the last dim of 2-d and 3-d ones ((N, C), (N, T, C));
+  ``attach(channel_dim=...)`` overrides it. ``chan_var + chan_mean_sq`` is the mean
+  squared activation.
 
 Norms are Euclidean over the whole batch tensor. Non-finite values propagate
 as nan/inf; nothing here raises on them.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -121,6 +129,112 @@ def grad_in_stats(g_x: torch.Tensor, g_y: torch.Tensor | None) -> torch.Tensor:
     dtype = torch.promote_types(fx.dtype, fy.dtype)
     b = fx.to(dtype) - fy.to(dtype)
     return torch.stack([gxx.to(b.real.dtype), _sq(b), _re_dot(b, fy.to(dtype))])
+
+
+def channel_axis(t: torch.Tensor, channel_dim: int | None = None) -> int | None:
+    """The channel axis of ``t`` (see the module docstring); None for 0-d and 1-d tensors.
+
+    >>> [channel_axis(torch.zeros(shape)) for shape in [(2, 3, 4, 4), (2, 5, 3), (3,)]]
+    [1, 2, None]
+    """
+    if channel_dim is not None:
+        return channel_dim % t.dim() if t.dim() else None
+    if t.dim() < 2:
+        return None
+    return 1 if t.dim() >= 4 else t.dim() - 1
+
+
+def _channel_moments(t: torch.Tensor, axis: int, scratch: bool = False) -> torch.Tensor:
+    """(3, C) float64: count, mean and M2 (sum of squared deviations from the mean) of each channel.
+
+    Shifted sums, not ``torch.var_mean``: over non-inner axes that is ~100x slower than a sum
+    and a norm over contiguous rows. Each channel is shifted by one of its own values first, so
+    that the variance is not the difference of two large numbers when the mean is large.
+    ``scratch``: ``t`` is a temporary of the caller's that may be shifted in place.
+    """
+    t = t.detach()
+    acc = accumulation_dtype(t.dtype)
+    if t.dtype != acc:
+        t, scratch = t.to(acc), True
+    c = t.shape[axis]
+    rows = math.prod(t.shape[axis + 1 :])
+    view = t.reshape(-1, c, rows)
+    shift = view[0, :, 0].clone().view(1, c, 1)
+    d = view.sub_(shift) if scratch and view.data_ptr() == t.data_ptr() else view - shift
+    if rows > 1:
+        s1 = d.sum(-1).sum(0, dtype=torch.float64)
+        s2 = torch.linalg.vector_norm(d, dim=-1).square().sum(0, dtype=torch.float64)
+    else:
+        flat = d.view(-1, c)
+        s1 = flat.sum(0, dtype=torch.float64)
+        s2 = torch.linalg.vector_norm(flat, dim=0, dtype=torch.float64).square()
+    n = view.shape[0] * rows
+    offset = s1 / n
+    m2 = (s2 - n * offset * offset).clamp_(min=0.0)
+    return torch.stack([torch.full_like(offset, n), shift.view(c).double() + offset, m2])
+
+
+def signal_stats(
+    y: torch.Tensor, ref: torch.Tensor | None, channel_dim: int | None = None
+) -> torch.Tensor | None:
+    """Per-channel moments of ``y`` and of ``y - ref``: a ``(2, 3, C)`` tensor (count, mean, M2 for
+    each channel), the second half NaN without a ``ref`` of y's shape; None when y has no channel axis.
+
+    >>> signal_stats(torch.tensor([[1.0, 2.0], [3.0, 2.0]]), None)[0].tolist()
+    [[2.0, 2.0], [2.0, 2.0], [2.0, 0.0]]
+    """
+    axis = channel_axis(y, channel_dim)
+    if axis is None:
+        return None
+    own = _channel_moments(y, axis)
+    if ref is None or ref.shape != y.shape:
+        return torch.stack([own, torch.full_like(own, NAN)])
+    diff = y.detach() - ref.detach()
+    return torch.stack([own, _channel_moments(diff, axis, scratch=True)])
+
+
+def pool_moments(parts: Sequence[Sequence[float]]) -> Any:
+    """Pool per-call :func:`signal_stats` (flattened) into one ``(2, 3, C)`` array by Chan's parallel
+    formula (exact: the moments of the concatenated calls); None if the calls disagree in size.
+
+    >>> pool_moments([[1, 1, 4, 4, 0, 0] + [0.0] * 6, [1, 1, 2, 6, 0, 0] + [0.0] * 6])[0].tolist()
+    [[2.0, 2.0], [3.0, 5.0], [2.0, 2.0]]
+    """
+    import numpy as np
+
+    if not parts or len({len(p) for p in parts}) != 1 or len(parts[0]) % 6:
+        return None
+    arrays = [np.asarray(p, dtype=np.float64).reshape(2, 3, -1) for p in parts]
+    n, mean, m2 = (v.copy() for v in np.moveaxis(arrays[0], 1, 0))
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN halves (no reference) stay NaN
+        for other in arrays[1:]:
+            nb, mb, m2b = other[:, 0], other[:, 1], other[:, 2]
+            total = n + nb
+            delta = mb - mean
+            mean = mean + delta * nb / total
+            m2 = m2 + m2b + delta * delta * n * nb / total
+            n = total
+    return np.stack([n, mean, m2], axis=1)
+
+
+def signal_columns(pooled: Any) -> dict[str, float]:
+    """``chan_mean_sq``, ``chan_var`` and ``branch_var`` from :func:`pool_moments`' ``(2, 3, C)`` array.
+
+    >>> import numpy as np
+    >>> signal_columns(np.array([[[2.0, 2.0], [2.0, 0.0], [2.0, 2.0]], [[2.0, 2.0], [0.0, 0.0], [0.0, 8.0]]]))
+    {'chan_mean_sq': 2.0, 'chan_var': 1.0, 'branch_var': 2.0}
+    """
+    if pooled is None or pooled.shape[-1] == 0:
+        return {"chan_mean_sq": NAN, "chan_var": NAN, "branch_var": NAN}
+    import numpy as np
+
+    (n, mean, m2), (dn, _, dm2) = pooled
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "chan_mean_sq": float((mean * mean).mean()),
+            "chan_var": float((m2 / n).mean()),
+            "branch_var": float((dm2 / dn).mean()),
+        }
 
 
 def _div(a: float, b: float) -> float:

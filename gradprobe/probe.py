@@ -286,6 +286,7 @@ class _Call:
     x_output_nr: int = 0
     same_shape: bool = False
     fwd: torch.Tensor | None = None
+    sig: torch.Tensor | None = None  # per-channel moments of y and y - r (metrics.signal_stats)
     numel_x: int = 0
     numel_y: int = 0
     g_y: torch.Tensor | None = None  # held only between the g_y and the g_x hooks
@@ -339,11 +340,28 @@ class Probe:
         input: Any = None,
         output: Any = None,
         stacks: Any = None,
+        channel_dim: int | None = None,
+        paths: bool | int = False,
     ) -> None:
         selected = select_blocks(model, blocks)
         names = [n for n, _ in selected]
         self._rules = _capture_rule.rules(names, input, output)
         self._stacks_given = _resolve_stacks(names, stacks)
+        # --- path-length decomposition (gradprobe.paths) every N-th recorded step
+        if isinstance(paths, bool) or (isinstance(paths, int) and paths >= 1):
+            self._paths_every = int(paths)
+        else:
+            raise ValueError(
+                f"paths= must be a bool or a positive int (every N-th recorded step), got {paths!r}"
+            )
+        self._paths_parts: list[pd.DataFrame] = []
+        self._paths_step = -1  # the step whose decomposition was taken (one per step)
+        if channel_dim is not None and (not isinstance(channel_dim, int) or isinstance(channel_dim, bool)):
+            raise ValueError(
+                f"channel_dim= must be None (dim 1 of 4-d outputs, the last dim of 2-d and 3-d ones) or an "
+                f"int axis of the block outputs, got {channel_dim!r}"
+            )
+        self._channel_dim = channel_dim
         self._model = model
         self._schedule: Schedule = every if callable(every) else every_n(every)
         self._every = every if isinstance(every, int) else getattr(every, "__name__", repr(every))
@@ -491,6 +509,10 @@ class Probe:
                         _Hook(self._root_post_hook, self._model), with_kwargs=True
                     )
                 )
+            if self._paths_every:
+                self._handles.append(
+                    self._model.register_forward_hook(_eager(self._paths_hook), with_kwargs=True)
+                )
         except BaseException:
             self._remove_handles()
             raise
@@ -508,6 +530,8 @@ class Probe:
                 self._flush()
         finally:
             if self._sink is not None and not self._sink.closed:
+                if self._paths_parts:
+                    self._sink.write_paths(self.paths_frame())  # never raises either
                 self._sink.meta = self.meta()
                 self._sink.close()  # never raises: a sink that cannot write warns and keeps its rows
             self._remove_handles()
@@ -613,6 +637,8 @@ class Probe:
         if self._sink is None:
             return None
         self._sink.meta = self.meta()
+        if self._paths_parts:
+            self._sink.write_paths(self.paths_frame())
         return self._sink.run()  # what is on disk plus what a failing disk left in memory
 
     @staticmethod
@@ -648,11 +674,22 @@ class Probe:
             "jacobian": self._jacobian_every,
             "probes": self._probes,
             "jacobian_options": dict(self._jacobian_options) if self._jacobian_every else {},
+            "paths": self._paths_every,
         }
+
+    def paths_frame(self) -> pd.DataFrame:
+        """The path-length decompositions of ``attach(..., paths=N)``: one row per (step, stack,
+        length), columns ``step`` and those of :func:`gradprobe.paths`; empty without ``paths=``."""
+        from .records import paths_table
+
+        self._flush()
+        return paths_table(self._paths_parts)
 
     def run(self) -> Run:
         """The recorded tables as a :class:`gradprobe.records.Run`."""
-        return Run(self.frame(), self.scalars(), self.meta())
+        return Run(
+            self.frame(), self.scalars(), self.meta(), paths=self.paths_frame() if self._paths_every else None
+        )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> os.PathLike[str]:
         """Save frame, scalars and metadata into the folder ``path``; read back with ``gradprobe.load``.
@@ -870,6 +907,7 @@ class Probe:
                 if ref is None or ref.shape != y.shape:
                     self._no_shortcut.add(call.block)
                 call.fwd = metrics.forward_stats(x, y, ref)
+                call.sig = metrics.signal_stats(y, ref, self._channel_dim)
                 call.numel_x = x.numel()
                 if x._version != call.x_version and call.x_node is not None:
                     # The block modified its input in place: the alias's node left the graph
@@ -1070,6 +1108,39 @@ class Probe:
                 )
             return None
 
+    # ------------------------------------------------------------------ path lengths
+    def _paths_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """After a recorded training forward pass: the path-length decomposition on the Jacobian
+        sub-batch (a second forward pass of its own; the training graph is not used)."""
+        if _muted() or in_backward() or not torch.is_grad_enabled() or not self._buf.blocks:
+            return
+        if (
+            not self._recording()
+            or self._recorded_steps % self._paths_every
+            or self._paths_step == self._step
+        ):
+            return
+        self._paths_step = self._step
+        try:
+            from .paths import sub_batch_decomposition
+
+            named = [(n, self._modules[n]) for n in self.blocks]
+            k = self._jacobian_options["sub_batch"]
+            seed = int(self._jacobian_options.get("seed", 0))
+            with self._mute():
+                frame = sub_batch_decomposition(
+                    self._model, named, self._shortcut_modules, tuple(args), dict(kwargs), k, seed
+                )
+            if frame is None:
+                raise RuntimeError(
+                    "the forward call cannot be re-run safely (an argument that is neither a tensor nor a "
+                    "plain value)"
+                )
+            frame.insert(0, "step", self._step)
+            self._paths_parts.append(frame)
+        except Exception as exc:
+            self._fail("path-length decomposition", exc)
+
     # ------------------------------------------------------------------ step closing
     def _flush(self) -> None:
         if self._auto and self._buf.backward_done:
@@ -1155,7 +1226,8 @@ class Probe:
         # one sync instead of one per block keeps a GPU pipeline intact.
         stacked = buf.params
         host = _to_host(
-            [t for c in buf.calls for t in (c.fwd, c.gyy, c.bwd_x) if t is not None] + list(stacked.values())
+            [t for c in buf.calls for t in (c.fwd, c.sig, c.gyy, c.bwd_x) if t is not None]
+            + list(stacked.values())
         )
         values: dict[int, list[float]] = {id(t): v for t, v in host}
         rows = []
@@ -1173,6 +1245,8 @@ class Probe:
             numel_x = sum(c.numel_x for c in complete)
             numel_y = sum(c.numel_y for c in complete)
             row.update(metrics.finalize(fwd, numel_x, numel_y, gyy[0], bwd))
+            sig = [values[id(c.sig)] if c.sig is not None else [] for c in complete]
+            row.update(metrics.signal_columns(metrics.pool_moments(sig)))
             params = stacked.get(name)
             psq, gsq, dsq = values[id(params)] if params is not None else (math.nan,) * 3
             row["param_norm"] = metrics._sqrt(psq)
@@ -1210,6 +1284,8 @@ def attach(
     input: Any = None,
     output: Any = None,
     stacks: Any = None,
+    channel_dim: int | None = None,
+    paths: bool | int = False,
 ) -> Probe:
     """Register gradprobe's hooks on the blocks of ``model`` and return the :class:`Probe`.
 
@@ -1263,6 +1339,13 @@ def attach(
             that block's output (an encoder and a decoder are two stacks). Override with
             ``{stack name: block names/globs}`` or a list of such lists (named by their
             common dotted prefix).
+        channel_dim: the channel axis of block outputs for the signal propagation columns
+            (``chan_mean_sq``, ``chan_var``, ``branch_var``); default dim 1 of 4-d outputs
+            (N, C, H, W) and the last dim of 2-d and 3-d ones ((N, C), (N, T, C)).
+        paths: the path-length decomposition (:func:`gradprobe.paths`) on every (``True``) or
+            every N-th recorded step, on the Jacobian sub-batch (``jacobian_options["sub_batch"]``,
+            default 32 samples) in a second forward pass, the loss a fixed random projection of
+            the output; read it with ``probe.paths_frame()``, saved as ``paths.parquet``.
 
     >>> import torch, torch.nn as nn, gradprobe
     >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])
@@ -1289,4 +1372,6 @@ def attach(
         input=input,
         output=output,
         stacks=stacks,
+        channel_dim=channel_dim,
+        paths=paths,
     )

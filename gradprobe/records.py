@@ -9,6 +9,8 @@ A run on disk is a folder::
     run/
       frame.parquet    one row per (step, block)   (frame.csv without pyarrow)
       scalars.parquet  one row per step            (scalars.csv without pyarrow)
+      paths.parquet    one row per (step, stack, path length), when the probe recorded
+                       path-length decompositions (``attach(..., paths=N)``; gradprobe.paths)
       meta.json        versions, model class, block names, settings, dtypes, run id
 
 No pickle is used anywhere, so loading a run never executes code.
@@ -66,6 +68,9 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "update_ratio",
 )
 
+#: Signal propagation columns (Brock et al. 2021; see ``metrics.py``): per-channel moments of the output.
+SIGNAL_COLUMNS: tuple[str, ...] = ("chan_mean_sq", "chan_var", "branch_var")
+
 #: Jacobian columns (see ``jacobian.py``); NaN on steps where they were not computed.
 JACOBIAN_COLUMNS: tuple[str, ...] = ("jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec", "jac_batch")
 
@@ -74,7 +79,9 @@ JACOBIAN_COLUMNS: tuple[str, ...] = ("jac_fro", "jac_spec", "jac_id", "prod_fro"
 EXTRA_COLUMNS: tuple[str, ...] = ("calls", "stack")
 
 #: Every column of ``Probe.frame()``, in order.
-FRAME_COLUMNS: tuple[str, ...] = KEY_COLUMNS + EXTRA_COLUMNS + METRIC_COLUMNS + JACOBIAN_COLUMNS
+FRAME_COLUMNS: tuple[str, ...] = (
+    KEY_COLUMNS + EXTRA_COLUMNS + METRIC_COLUMNS + SIGNAL_COLUMNS + JACOBIAN_COLUMNS
+)
 
 #: Columns that the runner adds when several models are gathered in one :class:`Run`.
 MODEL_COLUMNS: tuple[str, ...] = ("model", "depth", "residual")
@@ -107,6 +114,12 @@ GLOSSARY: dict[str, str] = {
     "param_norm": "norm of the block's own parameters",
     "param_grad_norm": "norm of the gradient of the block's own parameters",
     "update_ratio": "|parameter change since the previous recorded step| / |parameters|",
+    "chan_mean_sq": "mean over channels of the squared per-channel mean of the block output y (channel: "
+    "dim 1 of 4-d outputs, the last dim of 2-d/3-d ones; mean over batch and positions); Brock et al. 2021",
+    "chan_var": "mean over channels of the per-channel variance of y (population, ddof=0); "
+    "chan_var + chan_mean_sq is the mean squared activation",
+    "branch_var": "mean per-channel variance of y - x (y - s(x) with a shortcut s): the residual branch's "
+    "output; NaN when shapes change without a known shortcut",
     "jac_fro": "|J|_F / sqrt(n): RMS singular value of the block Jacobian J = dy/dx (Hutchinson estimate)",
     "jac_spec": "largest singular value of the block Jacobian",
     "jac_id": "|J - I|_F / sqrt(n): RMS of dF/dx, the block's distance from identity as a linear map",
@@ -171,10 +184,18 @@ class Run:
     [1.0]
     """
 
-    def __init__(self, frame: pd.DataFrame, scalars: pd.DataFrame, meta: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        scalars: pd.DataFrame,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        paths: pd.DataFrame | None = None,
+    ):
         self._frame = frame
         self._scalars = scalars
         self.meta: dict[str, Any] = dict(meta or {})
+        self._paths = paths
 
     def frame(self) -> pd.DataFrame:
         """One row per (step, block) (and per model for a multi-model run)."""
@@ -183,6 +204,10 @@ class Run:
     def scalars(self) -> pd.DataFrame:
         """One row per step with the logged scalars (loss, accuracy, lr, ...)."""
         return self._scalars.copy()
+
+    def paths(self) -> pd.DataFrame:
+        """Path-length decompositions, one row per (step, stack, length) (and per model); empty if none."""
+        return paths_table([] if self._paths is None else [self._paths])
 
     @property
     def models(self) -> list[str]:
@@ -198,7 +223,7 @@ class Run:
         is replaced only with ``overwrite=True`` (see :func:`save_run`).
         """
         self.meta.setdefault("run_id", new_run_id())  # later saves of this run go to the same folder
-        return save_run(path, self._frame, self._scalars, self.meta, overwrite=overwrite)
+        return save_run(path, self._frame, self._scalars, self.meta, overwrite=overwrite, paths=self._paths)
 
     def __repr__(self) -> str:
         steps = self._frame["step"].nunique() if len(self._frame) else 0
@@ -407,6 +432,7 @@ def save_run(
     *,
     fmt: str | None = None,
     overwrite: bool = False,
+    paths: pd.DataFrame | None = None,
 ) -> Path:
     """Write frame, scalars and metadata into the folder ``path``; return it.
 
@@ -429,17 +455,22 @@ def save_run(
     full_meta["table_format"] = fmt
     full_meta["dtypes"] = {"frame": _dtypes(frame), "scalars": _dtypes(scalars)}
     full_meta.pop("streamed", None)
+    if paths is not None:
+        full_meta["dtypes"]["paths"] = _dtypes(paths)
 
     def fill(folder: Path) -> None:
         atomic_write(folder / f"frame.{fmt}", lambda tmp: _write_table(frame, tmp, fmt))
         atomic_write(folder / f"scalars.{fmt}", lambda tmp: _write_table(scalars, tmp, fmt))
+        if paths is not None:
+            atomic_write(folder / f"paths.{fmt}", lambda tmp: _write_table(paths, tmp, fmt))
         atomic_write_text(folder / "meta.json", _meta_text(full_meta))  # last: it commits the run
 
     existing = run_id_at(out)
     if (existing is None and out.is_dir()) or existing == run_id:
         fill(out)  # this run, or a folder without one: files are replaced one by one, never removed first
         other = "csv" if fmt == "parquet" else "parquet"
-        for stale in ("frame", "scalars"):  # a table of the other format is a leftover now
+        stale_tables = ("frame", "scalars") if paths is None else ("frame", "scalars", "paths")
+        for stale in stale_tables:  # a table of the other format is a leftover now
             with contextlib.suppress(OSError):
                 (out / f"{stale}.{other}").unlink()
         return out
@@ -525,11 +556,49 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
     meta = read_meta(folder)
     dtypes = meta.pop("dtypes", {})
     if meta.get("streamed") or any(_CHUNK.match(p.name) for p in folder.iterdir()):
-        return _load_streamed(folder, meta, strict)
+        run = _load_streamed(folder, meta, strict)
+        return Run(run.frame(), run.scalars(), run.meta, paths=_read_paths(folder, dtypes))
     fmt = meta.get("table_format")
     frame = _read_table(folder / "frame", dtypes.get("frame", {}), fmt)
     scalars = _read_table(folder / "scalars", dtypes.get("scalars", {}), fmt)
-    return Run(frame, scalars, meta)
+    return Run(frame, scalars, meta, paths=_read_paths(folder, dtypes, fmt))
+
+
+# ---------------------------------------------------------------------- path-length tables
+#: Columns of a paths table (``probe.paths_frame()``, ``Run.paths()``); see ``gradprobe/paths.py``.
+PATHS_COLUMNS: tuple[str, ...] = (
+    "step",
+    "stack",
+    "length",
+    "path_grad",
+    "share",
+    "n_paths",
+    "per_path",
+    "cum_share",
+)
+
+
+def paths_table(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate path-length frames; an empty table with the columns when there are none.
+
+    >>> list(paths_table([]).columns)[:3]
+    ['step', 'stack', 'length']
+    """
+    import pandas as pd
+
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in PATHS_COLUMNS})
+        return frame.astype({"step": "int64", "stack": "int64", "length": "int64"})
+    return pd.concat(parts, ignore_index=True)
+
+
+def _read_paths(folder: Path, dtypes: Mapping[str, Any], fmt: str | None = None) -> pd.DataFrame | None:
+    if not (folder / "paths.parquet").exists() and not (folder / "paths.csv").exists():
+        return None
+    # a sink writes no dtypes for its paths table: its keys are integers
+    default = {"step": "int64", "stack": "int64", "length": "int64"}
+    return _read_table(folder / "paths", dtypes.get("paths") or default, fmt)
 
 
 def _empty_scalars() -> pd.DataFrame:
@@ -539,14 +608,14 @@ def _empty_scalars() -> pd.DataFrame:
 
 
 #: Float columns of the block frame, in stored order (everything after the keys and ``calls``).
-VALUE_COLUMNS: tuple[str, ...] = METRIC_COLUMNS + JACOBIAN_COLUMNS
+VALUE_COLUMNS: tuple[str, ...] = METRIC_COLUMNS + SIGNAL_COLUMNS + JACOBIAN_COLUMNS
 
 
 class RowStore:
     """Recorded rows kept compactly in memory: one float64 array per step.
 
-    A (step, block) row costs its 20 float64 values plus five int32 keys,
-    180 bytes, instead of ~2 kB as a dict of Python floats.
+    A (step, block) row costs its 23 float64 values plus five int32 keys,
+    204 bytes, instead of ~2 kB as a dict of Python floats.
     """
 
     def __init__(self) -> None:
@@ -892,6 +961,19 @@ class Sink:
                 self.flush()
         elif len(self._rows) >= self.chunk_rows or now - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def write_paths(self, frame: pd.DataFrame) -> None:
+        """Write the whole paths table (small: one row per recorded step, stack and length), atomically.
+        Never raises: a failed write warns once, like a chunk's."""
+        try:
+            atomic_write(self.path / f"paths.{self.fmt}", lambda tmp: _write_table(frame, tmp, self.fmt))
+        except OSError as exc:
+            warnings.warn(
+                f"gradprobe: cannot write the paths table into the sink folder {self.path} ({exc}); "
+                "it stays in memory (probe.paths_frame())",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @property
     def buffered_rows(self) -> int:

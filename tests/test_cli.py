@@ -150,7 +150,8 @@ def test_quick_compare_prints_the_summary_of_the_saved_run(quick_run):
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("model "))
     assert lines[header].split() == [
-        "model", "train_loss", "test_acc", "cum_gain_init", "cum_gain_end", "res_ratio_init", "res_ratio_end"
+        "model", "train_loss", "test_acc", "cum_gain_init", "cum_gain_end", "res_ratio_init", "res_ratio_end",
+        "effective_length_init", "effective_length_end",
     ]  # fmt: skip
     for offset, row in enumerate(table.itertuples()):
         cells = lines[header + 1 + offset].split()

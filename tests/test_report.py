@@ -133,6 +133,10 @@ def _double_copy(block: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(block).double()
 
 
+#: Figures that the hand-built run of :func:`trained_run` has no data for.
+NOT_IN_HAND_BUILT_RUN = ("paths", "signal")
+
+
 def trained_run(
     depths=(4, 12), steps: int = 30, width: int = 32, jacobian_every: int = 10, seed: int = 0
 ) -> records.Run:
@@ -313,7 +317,9 @@ def test_report_writes_index_figures_and_tables(run, written):
     folder = index.parent
     assert index.name == "index.html"
     pngs = sorted(p.stem for p in folder.glob("*.png"))
-    assert pngs == sorted(spec.name for spec in FIGURES)  # this run has data for every figure
+    # this hand-built run has data for every figure but the path-length and signal propagation
+    # ones (no probe recorded it); tests/test_paths.py and tests/test_signal.py draw those
+    assert pngs == sorted(spec.name for spec in FIGURES if spec.name not in NOT_IN_HAND_BUILT_RUN)
     back = records.load(folder)
     pd.testing.assert_frame_equal(back.frame(), run.frame())
     pd.testing.assert_frame_equal(back.scalars(), run.scalars())
@@ -343,7 +349,8 @@ def test_report_shows_metadata_summary_captions_and_glossary(run, written):
     for model in run.models:
         assert model in text
     for spec in FIGURES:
-        assert spec.title in text and spec.caption[:60] in text
+        if spec.name not in NOT_IN_HAND_BUILT_RUN:  # a figure without data is left out, caption too
+            assert spec.title in text and spec.caption[:60] in text
     for column, meaning in records.GLOSSARY.items():
         assert column in text and meaning[:40] in text
 
@@ -427,7 +434,7 @@ def test_report_accepts_a_folder_a_frame_and_a_probe_like_object(run, tmp_path):
     only_frame = report(run.frame(), tmp_path / "frame", progress=False, tables=False)
     assert not (only_frame.parent / "training.png").exists()  # no scalars, so no training curves
     assert not list(only_frame.parent.glob("*.parquet")) and not list(only_frame.parent.glob("*.csv"))
-    assert len(parse(only_frame.read_text()).all("img")) == len(FIGURES) - 1
+    assert len(parse(only_frame.read_text()).all("img")) == len(FIGURES) - 1 - len(NOT_IN_HAND_BUILT_RUN)
 
     class ProbeLike:
         def frame(self):
