@@ -63,6 +63,9 @@ def test_complex_residual_net_matches_the_reference_and_jacobian_columns_are_nan
         # skip_grad = |g_y| and branch_grad = |g_x - g_y| with |z|^2 norms
         assert row["skip_grad"] == pytest.approx(row["grad_out"])
     assert frame[["jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec"]].isna().all().all()
+    # signal propagation moments are defined for real activations: NaN, with a warning
+    assert frame[["chan_mean_sq", "chan_var", "branch_var"]].isna().all().all()
+    assert any("complex output: chan_mean_sq" in str(w.message) for w in caught)
 
 
 def test_complex_update_ratio_matches_the_weights_and_analyze_runs():

@@ -170,7 +170,8 @@ def test_linear_blocks_match_brute_force_enumeration(depth):
     ws = [rng.standard_normal((width, width)) * 0.4 for _ in range(depth)]
     model = nn.Sequential(*[LinearRes(torch.from_numpy(w)) for w in ws])
     x = torch.from_numpy(rng.standard_normal((batch, width)))
-    coeffs, g, _, _ = coefficients(model, x, projection())
+    # blocks named by class: one parameter-only block is no run, so 'auto' selects nothing at depth 1
+    coeffs, g, _, _ = coefficients(model, x, projection(), blocks=LinearRes)
     g_np = g.numpy()
     # Independently: every subset of blocks is a path; its gradient is g times the branch
     # matrices of the subset, last block first (y = x + x W^T, so d/dx^T g = g + g W).
