@@ -67,7 +67,7 @@ blocks.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, Union
 
 from torch import nn
@@ -368,3 +368,41 @@ def select_blocks(model: nn.Module, blocks: BlockSpec = "auto") -> list[tuple[st
     if not selected:
         raise _nothing_matched(model, blocks)
     return [(n, named[n]) for n in selected]
+
+
+#: Child names taken for a block's shortcut when ``shortcuts=`` does not name one.
+SHORTCUT_NAMES = ("shortcut", "downsample")
+
+
+def shortcut_modules(
+    named: Sequence[tuple[str, nn.Module]], given: Mapping[str, str | nn.Module] | None = None
+) -> dict[str, nn.Module]:
+    """Each block's shortcut module (the rule of the probe and ``paths``): ``given[name]`` (a
+    child name or a module), else a child named ``shortcut`` or ``downsample``.
+
+    >>> block = nn.Module(); block.downsample = nn.Identity()
+    >>> list(shortcut_modules([("b", block)]))
+    ['b']
+    """
+    given = dict(given or {})
+    out: dict[str, nn.Module] = {}
+    names = [n for n, _ in named]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(
+            f"shortcuts= names blocks that are not probed (not selected): {unknown}; selected: {names}"
+        )
+    for name, module in named:
+        spec = given.get(name)
+        if isinstance(spec, nn.Module):
+            out[name] = spec
+            continue
+        for child_name in (spec,) if isinstance(spec, str) else SHORTCUT_NAMES:
+            child = getattr(module, child_name, None)
+            if isinstance(child, nn.Module):
+                out[name] = child
+                break
+        else:
+            if isinstance(spec, str):
+                raise ValueError(f"shortcuts[{name!r}] = {spec!r}: block {name} has no child module {spec!r}")
+    return out

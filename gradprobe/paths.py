@@ -56,7 +56,8 @@ import torch
 from torch import nn
 
 from .analysis import preserved, projection_loss
-from .blocks import BlockSpec, select_blocks
+from .blocks import BlockSpec, select_blocks, shortcut_modules
+from .capture import reaches
 from .jacobian import BlockCapture, _capturing
 
 if TYPE_CHECKING:
@@ -98,7 +99,8 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
     for cap in caps:
         if cap.y_edge is None and not cap.y.requires_grad:
             continue
-        if stacks and _reachable(cap.input, stacks[-1][-1].output):
+        # the walk of capture.reaches, the probe's stack rule; a graph it cannot tell starts a new stack
+        if stacks and reaches(_node(cap.input), _node(stacks[-1][-1].output)):
             stacks[-1].append(cap)
         else:
             stacks.append([cap])
@@ -107,23 +109,6 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
 
 def _node(t: Any) -> Any:
     return t.node if hasattr(t, "node") else t.grad_fn
-
-
-def _reachable(start: Any, target: Any) -> bool:
-    """Whether the graph node of ``target`` is reached backward from the node of ``start``."""
-    goal, node = _node(target), _node(start)
-    if goal is None or node is None:
-        return False
-    seen, todo = {node}, [node]
-    while todo:
-        cur = todo.pop()
-        if cur is goal:
-            return True
-        for nxt, _ in getattr(cur, "next_functions", ()):
-            if nxt is not None and nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return False
 
 
 # ---------------------------------------------------------------------- VJPs
@@ -334,38 +319,6 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- the public function
-def shortcut_modules(
-    named: Sequence[tuple[str, nn.Module]], given: Mapping[str, str | nn.Module] | None = None
-) -> dict[str, nn.Module]:
-    """Each block's shortcut module, by the probe's rule: ``given[name]`` (a child name or a
-    module), else a child named ``shortcut`` or ``downsample``.
-
-    >>> block = nn.Module(); block.downsample = nn.Identity()
-    >>> list(shortcut_modules([("b", block)]))
-    ['b']
-    """
-    from .probe import _SHORTCUT_NAMES
-
-    given = dict(given or {})
-    out: dict[str, nn.Module] = {}
-    names = [n for n, _ in named]
-    unknown = sorted(set(given) - set(names))
-    if unknown:
-        raise ValueError(f"shortcuts= names blocks that are not selected: {unknown}; selected: {names}")
-    for name, module in named:
-        spec = given.get(name)
-        if isinstance(spec, nn.Module):
-            out[name] = spec
-            continue
-        for child_name in (spec,) if isinstance(spec, str) else _SHORTCUT_NAMES:
-            child = getattr(module, child_name, None)
-            if isinstance(child, nn.Module):
-                out[name] = child
-                break
-        else:
-            if isinstance(spec, str):
-                raise ValueError(f"shortcuts[{name!r}] = {spec!r}: block {name} has no child module {spec!r}")
-    return out
 
 
 def captured_decomposition(

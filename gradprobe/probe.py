@@ -48,7 +48,7 @@ from . import capture as _capture_rule
 from . import metrics
 from ._tensors import in_backward
 from ._version import __version__
-from .blocks import BlockSpec, select_blocks
+from .blocks import BlockSpec, select_blocks, shortcut_modules
 from .capture import alias_view as _alias
 from .capture import find_output, swap_input
 from .records import FRAME_COLUMNS, RowStore, Run, Sink, new_run_id
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 
 Schedule = Callable[[int], bool]
 
-_SHORTCUT_NAMES = ("shortcut", "downsample")
 
 #: Default ``jacobian_options["sub_batch"]``: the Jacobian columns of a training step are
 #: taken on a second forward pass over the first 32 samples of the batch (``None``: on the
@@ -439,7 +438,7 @@ class Probe:
         self._handles: list[RemovableHandle] = []
         self._attached = False
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        self._shortcut_modules = self._resolve_shortcuts(shortcuts or {})
+        self._shortcut_modules = shortcut_modules(list(self._modules.items()), shortcuts)
         self._run_id = new_run_id()
         # Last of the checks, so a bad argument never leaves an empty run folder behind.
         self._sink = self._open_sink(sink, sink_options) if sink is not None else None
@@ -463,32 +462,6 @@ class Probe:
         return sink
 
     # ------------------------------------------------------------------ lifecycle
-    def _resolve_shortcuts(self, given: Mapping[str, str | nn.Module]) -> dict[str, nn.Module]:
-        out: dict[str, nn.Module] = {}
-        for name, module in self._modules.items():
-            spec = given.get(name)
-            if isinstance(spec, nn.Module):
-                out[name] = spec
-                continue
-            child_names = (spec,) if isinstance(spec, str) else _SHORTCUT_NAMES
-            for child_name in child_names:
-                child = getattr(module, child_name, None)
-                if isinstance(child, nn.Module):
-                    out[name] = child
-                    break
-            else:
-                if isinstance(spec, str):
-                    raise ValueError(
-                        f"shortcuts[{name!r}] = {spec!r}: block {name} has no child module {spec!r}"
-                    )
-        unknown = set(given) - set(self._modules)
-        if unknown:
-            raise ValueError(
-                f"shortcuts= names blocks that are not probed: {sorted(unknown)}; "
-                f"probed: {list(self._modules)}"
-            )
-        return out
-
     def _attach(self) -> None:
         try:
             for name, module in self._modules.items():
