@@ -291,6 +291,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+def _replace_together(folder: Path, fill: Callable[[Path], None]) -> None:
+    """Run ``fill`` on a temporary sibling folder, then move each file it wrote into ``folder``
+    (same file system: each move an atomic rename), ``meta.json`` last."""
+    staging = folder / f".update-{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp"
+    staging.mkdir()
+    try:
+        fill(staging)
+        names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "meta.json")
+        for name in names:
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _fsync_dir(folder)
+
+
 def _write_table(frame: pd.DataFrame, file: Path, fmt: str) -> None:
     if fmt == "parquet":
         frame.to_parquet(file, index=False)
@@ -467,7 +482,11 @@ def save_run(
 
     existing = run_id_at(out)
     if (existing is None and out.is_dir()) or existing == run_id:
-        fill(out)  # this run, or a folder without one: files are replaced one by one, never removed first
+        # This run, or a folder without one: files are replaced, never removed first. Every file is
+        # written and fsynced under a temporary name before the first rename, so a kill while a
+        # table is written leaves the old run whole; only the renames themselves (meta.json last,
+        # microseconds apart) stand between the old set of files and the new one.
+        _replace_together(out, fill)
         other = "csv" if fmt == "parquet" else "parquet"
         stale_tables = ("frame", "scalars") if paths is None else ("frame", "scalars", "paths")
         for stale in stale_tables:  # a table of the other format is a leftover now

@@ -615,3 +615,36 @@ def test_report_force_replaces_another_run(cli_runs, tmp_path):
     code, _, err = run_cli(*args)
     assert code == 0, err
     assert gradprobe.load(target).frame()["step"].nunique() == 3
+
+
+def test_resaving_a_run_that_fails_while_writing_its_scalars_leaves_the_old_run_whole(tmp_path, monkeypatch):
+    """Regression: a save into the folder of the same run replaced frame.* before scalars.* was
+    even written, so a failure (or a kill) in between left a new frame beside old scalars."""
+
+    def run_at(step: int, meta: dict | None = None) -> records.Run:
+        frame = records.rows_to_frame([{"step": step, "block": "b", "index": 0, "calls": 1, "gain": 0.5}])
+        scalars = pd.DataFrame({"step": [step], "loss": [float(step)]})
+        return records.Run(frame, scalars, meta)
+
+    old = run_at(0)
+    folder = old.save(tmp_path / "run")
+    new = run_at(1, old.meta)  # the same run id: saved into its own folder again
+    original = records._write_table
+    written: list[str] = []
+
+    def failing(frame, file, fmt):
+        written.append(file.name)
+        if len(written) == 2:  # the scalars table
+            raise OSError(28, "No space left on device")
+        original(frame, file, fmt)
+
+    monkeypatch.setattr(records, "_write_table", failing)
+    with pytest.raises(OSError, match="No space"):
+        new.save(folder)
+    monkeypatch.setattr(records, "_write_table", original)
+    back = gradprobe.load(folder)
+    assert back.frame()["step"].tolist() == [0] and back.scalars()["step"].tolist() == [0]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # nothing left behind
+    new.save(folder)
+    back = gradprobe.load(folder)
+    assert back.frame()["step"].tolist() == [1] and back.scalars()["step"].tolist() == [1]
