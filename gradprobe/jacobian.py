@@ -1088,6 +1088,50 @@ def _slice_batch(obj: Any, batch: int, k: int) -> Any:
     raise _Unsliceable(f"an argument of type {type(obj).__name__}")
 
 
+def sub_batch_forward(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], k: int
+) -> tuple[Callable[[], Any], list[int]] | None:
+    """The training call ``model(*args, **kwargs)`` on its first ``k`` samples, as a thunk that
+    leaves the model untouched (``functional_call`` with cloned buffers: BatchNorm running
+    statistics stay as they are), and the CUDA devices whose RNG its dropout draws from.
+    None when an argument is neither a tensor, a plain value nor a tuple/list/dict of those.
+    Shared by the Jacobian sub-batch (:func:`sub_batch_captures`) and ``attach(paths=N)``.
+
+    >>> net = torch.nn.Linear(3, 2)
+    >>> forward, cuda = sub_batch_forward(net, (torch.randn(8, 3),), {}, 2)
+    >>> tuple(forward().shape), cuda
+    ((2, 2), [])
+    """
+    from torch.func import functional_call
+
+    batch = batch_size(args, kwargs)
+    if batch is None:
+        return None
+    try:
+        s_args, s_kwargs = _slice_batch(args, batch, k), _slice_batch(kwargs, batch, k)
+    except _Unsliceable:
+        return None
+    # Never re-enter a (Distributed)DataParallel wrapper: its forward drives the gradient
+    # reducer and collectives. Nor torch.compile's wrapper: a compiled graph's backward frees
+    # ("donates") its buffers, so it cannot be differentiated with retain_graph. The wrapped
+    # module computes the same function, eagerly.
+    target = model
+    while True:
+        inner = getattr(target, "_orig_mod", None)  # torch.compile(module)
+        if isinstance(target, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = target.module
+        if not isinstance(inner, nn.Module):
+            break
+        target = inner
+    buffers = {name: b.detach().clone() for name, b in target.named_buffers()}
+    cuda = _cuda_devices([*target.parameters(), *target.buffers()])
+
+    def forward() -> Any:
+        return functional_call(target, buffers, s_args, s_kwargs, tie_weights=True, strict=False)
+
+    return forward, cuda
+
+
 def sub_batch_captures(
     model: nn.Module,
     named: Sequence[tuple[str, nn.Module]],
@@ -1119,33 +1163,10 @@ def sub_batch_captures(
     >>> [(c.name, tuple(c.x.shape)) for c in caps]
     [('0', (2, 3)), ('2', (2, 3))]
     """
-    from torch.func import functional_call
-
-    batch = batch_size(args, kwargs)
-    if batch is None:
+    rerun = sub_batch_forward(model, args, kwargs, k)
+    if rerun is None:
         return None
-    try:
-        s_args, s_kwargs = _slice_batch(args, batch, k), _slice_batch(kwargs, batch, k)
-    except _Unsliceable:
-        return None
-    # Never re-enter a (Distributed)DataParallel wrapper: its forward drives the gradient
-    # reducer and collectives. Nor torch.compile's wrapper: a compiled graph's backward frees
-    # ("donates") its buffers, so it cannot be differentiated with retain_graph. The wrapped
-    # module computes the same function, eagerly.
-    target = model
-    while True:
-        inner = getattr(target, "_orig_mod", None)  # torch.compile(module)
-        if isinstance(target, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = target.module
-        if not isinstance(inner, nn.Module):
-            break
-        target = inner
-    buffers = {name: b.detach().clone() for name, b in target.named_buffers()}
-    cuda = _cuda_devices([*target.parameters(), *target.buffers()])
-
-    def forward() -> Any:
-        return functional_call(target, buffers, s_args, s_kwargs, tie_weights=True, strict=False)
-
+    forward, cuda = rerun
     kernels = differentiable_twice() if twice else nullcontext()
     with _seeded_rng(cuda, seed), torch.enable_grad(), kernels:
         _, caps = _run_capturing(forward, named, rules=rules)

@@ -446,32 +446,15 @@ def sub_batch_decomposition(
     so that steps are comparable. Returns None when the call cannot be re-run safely (an
     argument that is not a tensor, a plain value or a container of those).
     """
-    from torch.func import functional_call
-
-    from .jacobian import _cuda_devices, _seeded_rng, _slice_batch, _Unsliceable, batch_size
+    from .jacobian import _seeded_rng, batch_size, sub_batch_forward
 
     batch = batch_size(args, kwargs)
     if batch is None:
         return None
-    take = batch if k is None else min(k, batch)
-    try:
-        s_args, s_kwargs = _slice_batch(args, batch, take), _slice_batch(kwargs, batch, take)
-    except _Unsliceable:
+    rerun = sub_batch_forward(model, args, kwargs, batch if k is None else min(k, batch))
+    if rerun is None:
         return None
-    target = model  # never re-enter a DDP or torch.compile wrapper (see sub_batch_captures)
-    while True:
-        inner = getattr(target, "_orig_mod", None)
-        if isinstance(target, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = target.module
-        if not isinstance(inner, nn.Module):
-            break
-        target = inner
-    buffers = {name: b.detach().clone() for name, b in target.named_buffers()}
-    cuda = _cuda_devices([*target.parameters(), *target.buffers()])
-
-    def forward() -> Any:
-        return functional_call(target, buffers, s_args, s_kwargs, tie_weights=True, strict=False)
-
+    forward, cuda = rerun
     with _seeded_rng(cuda, seed):
         frame, _ = captured_decomposition(
             forward, named, shortcut_of, lambda out: projection_loss(out, seed), max_length
