@@ -238,7 +238,11 @@ class Result:
 
 
 def _disagree(r: Result) -> str:
-    return f"refused (median {r.median_ratio():.3f} and total {r.total_ratio():.3f} disagree)"
+    # the controls too: they may pass while the two ratios of the same chunks still disagree
+    return (
+        f"refused (median {r.median_ratio():.3f} and total {r.total_ratio():.3f} disagree; "
+        f"control {r.median_control():.3f}, probed {r.median_probed_control():.3f})"
+    )
 
 
 def in_range(control: float) -> bool:
