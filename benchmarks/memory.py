@@ -77,7 +77,7 @@ def run(steps: int, blocks: int, sink: Path | None, report_every: int) -> dict[s
     return {
         "rows": float(rows),
         "rss_growth_mb": end_rss - (start_rss or end_rss),
-        "store_bytes_per_row": probe._store.nbytes / rows if sink is None else 0.0,
+        "store_bytes_per_row": probe._out.store.nbytes / rows if sink is None else 0.0,
         "seconds": time.perf_counter() - t0,
     }
 

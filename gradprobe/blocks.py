@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -405,4 +405,46 @@ def shortcut_modules(
         else:
             if isinstance(spec, str):
                 raise ValueError(f"shortcuts[{name!r}] = {spec!r}: block {name} has no child module {spec!r}")
+    return out
+
+
+def resolve_stacks(names: list[str], stacks: Any) -> dict[str, str] | None:
+    """``{block: stack name}`` from ``attach(..., stacks=...)``; None: detect them.
+
+    Accepted: a mapping ``{stack name: pattern or list of patterns}``, or a list whose
+    items (a pattern or a list of patterns) are the stacks in order, named by their
+    blocks' common dotted prefix (or their position). Patterns are block names or globs
+    as in ``blocks=``; every probed block must be in exactly one stack.
+
+    >>> resolve_stacks(["enc.0", "enc.1", "dec.0"], [["enc.*"], ["dec.*"]])
+    {'enc.0': 'enc', 'enc.1': 'enc', 'dec.0': 'dec.0'}
+    """
+    if stacks is None:
+        return None
+    from .capture import common_prefix  # lazily: capture's rule is not needed to select blocks
+
+    if isinstance(stacks, Mapping):
+        items = [(str(k), v) for k, v in stacks.items()]
+    elif isinstance(stacks, (list, tuple)):
+        items = [("", v) for v in stacks]
+    else:
+        raise TypeError(
+            "stacks= must be a mapping {stack name: block names/patterns} or a list of such lists, got "
+            f"{type(stacks).__name__}"
+        )
+    out: dict[str, str] = {}
+    for k, (label, spec) in enumerate(items):
+        patterns = [spec] if isinstance(spec, str) else list(spec)
+        regexes = [glob_to_regex(p) for p in patterns]
+        members = [n for n in names if any(r.match(n) for r in regexes)]
+        if not members:
+            raise ValueError(f"stacks=: {spec!r} matches none of the probed blocks {names}")
+        twice = [n for n in members if n in out]
+        if twice:
+            raise ValueError(f"stacks=: blocks {twice} are in two stacks")
+        label = label or common_prefix(members) or str(k)
+        out.update(dict.fromkeys(members, label))
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise ValueError(f"stacks=: blocks {missing} are in no stack; every probed block must be in one")
     return out

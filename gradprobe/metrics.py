@@ -237,7 +237,12 @@ def signal_columns(pooled: Any) -> dict[str, float]:
         }
 
 
-def _div(a: float, b: float) -> float:
+def safe_div(a: float, b: float) -> float:
+    """``a / b`` where a ratio exists: NaN for 0/0, inf/inf or a NaN operand, signed inf for x/0.
+
+    >>> safe_div(1.0, 0.0), safe_div(0.0, 0.0)
+    (inf, nan)
+    """
     if math.isnan(a) or math.isnan(b):
         return NAN
     if b == 0.0:
@@ -247,7 +252,12 @@ def _div(a: float, b: float) -> float:
     return a / b
 
 
-def _sqrt(a: float) -> float:
+def safe_sqrt(a: float) -> float:
+    """The root of a squared sum; NaN for NaN or a negative value (never an exception).
+
+    >>> safe_sqrt(4.0), safe_sqrt(-1.0)
+    (2.0, nan)
+    """
     if math.isnan(a) or a < 0.0:
         return NAN
     return math.sqrt(a)
@@ -271,27 +281,27 @@ def finalize(
     """
     xx, yy, dd, rr = fwd
     gxx, bb, bg = bwd_x
-    grad_out, grad_in = _sqrt(gyy), _sqrt(gxx)
-    branch = _sqrt(bb)
+    grad_out, grad_in = safe_sqrt(gyy), safe_sqrt(gxx)
+    branch = safe_sqrt(bb)
     same_shape = not math.isnan(bb)
     return {
         "grad_out": grad_out,
         "grad_in": grad_in,
-        "gain": _div(grad_in, grad_out),
+        "gain": safe_div(grad_in, grad_out),
         "skip_grad": grad_out if same_shape else NAN,
         "branch_grad": branch,
-        "branch_cos": _div(bg, branch * grad_out),
-        "res_ratio": _div(_sqrt(dd), _sqrt(rr)),
+        "branch_cos": safe_div(bg, branch * grad_out),
+        "res_ratio": safe_div(safe_sqrt(dd), safe_sqrt(rr)),
         # <r, y> = (|r|^2 + |y|^2 - |y - r|^2) / 2: no extra pass over the tensors.
-        "cos_xy": _div(0.5 * (rr + yy - dd), _sqrt(rr) * _sqrt(yy)),
-        "in_rms": _sqrt(_div(xx, float(numel_x))),
-        "out_rms": _sqrt(_div(yy, float(numel_y))),
+        "cos_xy": safe_div(0.5 * (rr + yy - dd), safe_sqrt(rr) * safe_sqrt(yy)),
+        "in_rms": safe_sqrt(safe_div(xx, float(numel_x))),
+        "out_rms": safe_sqrt(safe_div(yy, float(numel_y))),
     }
 
 
 def cum_gain(grad_in: float, grad_out_last: float) -> float:
     """``grad_in`` of a block over ``grad_out`` of the last block: the product of the gains between them."""
-    return _div(grad_in, grad_out_last)
+    return safe_div(grad_in, grad_out_last)
 
 
 def _as_real(t: torch.Tensor) -> torch.Tensor:

@@ -1193,3 +1193,94 @@ def _load_streamed(folder: Path, meta: dict[str, Any], strict: bool) -> Run:
     frame = frame.astype({"step": "int64", "index": "int64", "calls": "int64"})
     scalar_frame = pd.concat([p for p in scalars if len(p)] or [_empty_scalars()], ignore_index=True)
     return Run(frame, scalar_frame.astype({"step": "int64"}), meta)
+
+
+class Recorder:
+    """Where a probe's closed steps go, and how they are read back as frames.
+
+    Rows and scalars go into memory (a :class:`RowStore`) or, given a ``sink``, stream into
+    its folder; ``meta()`` is called whenever the sink's metadata must be current.
+    """
+
+    def __init__(self, sink: Sink | None, meta: Callable[[], dict[str, Any]]) -> None:
+        self.sink = sink
+        self.store = RowStore()
+        self._meta = meta
+        self._scalar_rows: list[dict[str, Any]] = []
+        self.last_rows: list[dict[str, Any]] = []  # of the latest recorded step
+        self.paths_parts: list[pd.DataFrame] = []
+
+    def add_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """The scalars logged in ``step`` (kept for every step, recorded or not)."""
+        if self.sink is not None:
+            self.sink.append_scalars({"step": step, **scalars})
+        else:
+            self._scalar_rows.append({"step": step, **scalars})
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        """The rows of one recorded step."""
+        self.last_rows = rows
+        (self.sink or self.store).append(rows)
+
+    def end_step(self) -> None:
+        """A step closed: its rows and scalars reach the sink as one unit."""
+        if self.sink is not None:
+            self.sink.end_step()
+
+    def _streamed(self) -> Run | None:
+        """With a sink: write what is buffered and read the run back (what is on disk plus what
+        a failing disk left in memory)."""
+        if self.sink is None:
+            return None
+        self.sink.meta = self._meta()
+        if self.paths_parts:
+            self.sink.write_paths(self.paths())
+        return self.sink.run()
+
+    def frame(self) -> pd.DataFrame:
+        """The recorded rows (see :meth:`gradprobe.Probe.frame`)."""
+        streamed = self._streamed()
+        return streamed.frame() if streamed is not None else self.store.frame()
+
+    def scalars(self) -> pd.DataFrame:
+        """The logged scalars, one row per step."""
+        import pandas as pd
+
+        streamed = self._streamed()
+        if streamed is not None:
+            return streamed.scalars()
+        frame = (
+            pd.DataFrame.from_records(self._scalar_rows) if self._scalar_rows else pd.DataFrame({"step": []})
+        )
+        return frame.astype({"step": "int64"})
+
+    def paths(self) -> pd.DataFrame:
+        """The path-length decompositions taken so far."""
+        return paths_table(self.paths_parts)
+
+    def close(self) -> None:
+        """Write what is left and close the sink (never raises: a sink that cannot write warns)."""
+        if self.sink is not None and not self.sink.closed:
+            if self.paths_parts:
+                self.sink.write_paths(self.paths())
+            self.sink.meta = self._meta()
+            self.sink.close()
+
+
+def rank_view(frame: pd.DataFrame, gather: bool) -> pd.DataFrame:
+    """Under ``torch.distributed``: the frame with a ``rank`` column; ``gather=True`` returns
+    every rank's rows on rank 0 (a collective: call it on every rank). Else the frame as is."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return frame
+    frame = frame.assign(rank=dist.get_rank())
+    if not gather:
+        return frame
+    import pandas as pd
+
+    parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(frame, parts, dst=0)
+    if parts is None:
+        return frame
+    return pd.concat(parts, ignore_index=True)

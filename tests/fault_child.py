@@ -47,7 +47,7 @@ def train(probe: gradprobe.Probe, net: nn.Module, report: int | None = None) -> 
         probe.log(loss=loss.item())
         probe.step()  # closes the step: its rows and scalars reach the sink (and maybe a chunk on disk)
         if report is not None:
-            sink = probe._sink
+            sink = probe._out.sink
             assert sink is not None
             os.write(report, f"{step} {sink._seq}\n".encode())
     probe.detach()

@@ -560,10 +560,10 @@ def test_frame_stores_python_floats_not_tensors():
         loss_of(net(make_input("res_mlp"))).backward()
     f = probe.frame()
     assert all(f[c].dtype == np.float64 for c in COLUMNS)
-    _keys, values = probe._store._chunks[0]
+    _keys, values = probe._out.store._chunks[0]
     assert isinstance(values, np.ndarray) and values.dtype == np.float64
     # compact: 23 float64 values and five int32 keys (step, block, index, calls, stack) = 204 bytes
-    assert probe._store.nbytes / len(f) <= 204
+    assert probe._out.store.nbytes / len(f) <= 204
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
@@ -611,7 +611,7 @@ def test_update_ratio_off_keeps_no_parameter_copies_and_changes_nothing_else():
                 net(make_input("res_cnn")).pow(2).mean().backward()
                 opt.step()
             if not flag:
-                assert not probe._prev_params and not probe._spare  # no copy of the weights held
+                assert probe._snapshots.held() == 0  # no copy of the weights held
         frames[flag] = probe.frame()
         assert probe.run().meta["update_ratio"] is flag
     on, off = frames[True], frames[False]

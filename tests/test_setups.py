@@ -291,7 +291,7 @@ def test_sink_streams_chunks_and_load_reads_the_whole_run(tmp_path):
         for i in range(7):
             (net(x) ** 2).sum().backward()
             probe.log(loss=float(i))
-        in_memory = probe._store.nbytes
+        in_memory = probe._out.store.nbytes
     chunks = sorted((tmp_path / "run").glob("frame-*"))
     assert len(chunks) >= 3
     assert in_memory == 0  # nothing kept in memory with a sink

@@ -1,0 +1,238 @@
+"""Statistics to rows: one step's raw statistics (tensors) become one row per block. Pure.
+
+The probe's hooks reduce each block call to a few 0-d/1-d tensors (:mod:`gradprobe.metrics`);
+at the end of a recorded step :func:`step_rows` takes all of them together, copies them to
+the host in one transfer per device (one sync per step keeps a GPU pipeline intact), pools
+the calls of each block and turns the sums into the columns of
+:data:`gradprobe.records.FRAME_COLUMNS`. Nothing here needs a hook or a model, so it is
+tested on hand-made statistics. :class:`ParamSnapshots` keeps the parameter copies that
+``update_ratio`` needs between recorded steps.
+
+>>> import torch
+>>> call = CallStats("b", fwd=torch.tensor([4.0, 4.0, 1.0, 4.0]), numel_x=4, numel_y=4,
+...                  gyy=torch.tensor(1.0), bwd_x=torch.tensor([4.0, 1.0, 1.0]))
+>>> row = step_rows(0, [call], {}, {}, {"b": 0}, lambda names: dict.fromkeys(names, "s"))[0]
+>>> row["gain"], row["res_ratio"], row["in_rms"]
+(2.0, 0.5, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import metrics
+from .records import FRAME_COLUMNS
+
+Row = dict[str, Any]
+
+
+@dataclass
+class CallStats:
+    """Statistics of one call of one block within a step (tensors without a graph)."""
+
+    block: str
+    fwd: torch.Tensor | None = None  # metrics.forward_stats: |x|^2, |y|^2, |y - r|^2, |r|^2
+    sig: torch.Tensor | None = None  # per-channel moments of y and y - r (metrics.signal_stats)
+    numel_x: int = 0
+    numel_y: int = 0
+    gyy: torch.Tensor | None = None  # metrics.grad_out_stats, summed over backward passes
+    bwd_x: torch.Tensor | None = None  # metrics.grad_in_stats, summed over backward passes
+    scale: float = 1.0  # GradScaler's loss scale (squared gradient statistics carry scale**2)
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> dict[int, list[float]]:
+    """``{id(tensor): float64 values}``, each device's tensors leaving it in one transfer.
+
+    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor(3.0)
+    >>> values = to_host([a, b])
+    >>> values[id(a)], values[id(b)]
+    ([1.0, 2.0], [3.0])
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    out: dict[int, list[float]] = {}
+    for group in by_device.values():
+        flat = torch.cat([t.reshape(-1).double() for t in group]).tolist()
+        i = 0
+        for t in group:
+            n = t.numel()
+            out[id(t)] = flat[i : i + n]
+            i += n
+    return out
+
+
+def scaled(values: Mapping[int, list[float]], t: torch.Tensor | None, scale: float) -> list[float] | None:
+    """The squared gradient statistics of ``t`` divided by ``scale**2`` (a GradScaler's loss scale).
+
+    >>> t = torch.tensor([8.0])
+    >>> scaled(to_host([t]), t, 2.0)
+    [2.0]
+    """
+    if t is None:
+        return None
+    return [v / scale**2 for v in values[id(t)]]
+
+
+def pooled(parts: Sequence[Sequence[float] | None], width: int) -> list[float]:
+    """Element-wise sum over calls; NaN when any call lacks the statistic.
+
+    >>> pooled([[1.0, 2.0], [3.0, 4.0]], 2), pooled([[1.0], None], 1)
+    ([4.0, 6.0], [nan])
+    """
+    if not parts or any(p is None for p in parts):
+        return [math.nan] * width
+    return [sum(col) for col in zip(*parts, strict=True)]  # type: ignore[arg-type]
+
+
+def param_columns(psq: float, gsq: float, dsq: float) -> Row:
+    """``param_norm``, ``param_grad_norm`` and ``update_ratio`` of squared sums (metrics.block_param_stats).
+
+    >>> param_columns(4.0, 9.0, 1.0)
+    {'param_norm': 2.0, 'param_grad_norm': 3.0, 'update_ratio': 0.5}
+    """
+    norm = metrics.safe_sqrt(psq)
+    return {
+        "param_norm": norm,
+        "param_grad_norm": metrics.safe_sqrt(gsq),
+        "update_ratio": metrics.safe_div(metrics.safe_sqrt(dsq), norm),
+    }
+
+
+def _block_row(calls: Sequence[CallStats], values: Mapping[int, list[float]]) -> Row:
+    """The metric columns of one block: its calls' statistics pooled (calls without a backward
+    pass left out when others have one)."""
+    complete = [c for c in calls if c.gyy is not None] or list(calls)
+    fwd = pooled([values[id(c.fwd)] if c.fwd is not None else None for c in complete], 4)
+    gyy = pooled([scaled(values, c.gyy, c.scale) for c in complete], 1)
+    bwd = pooled([scaled(values, c.bwd_x, c.scale) for c in complete], 3)
+    numel_x = sum(c.numel_x for c in complete)
+    numel_y = sum(c.numel_y for c in complete)
+    row: Row = {"calls": len(complete)}
+    row.update(metrics.finalize(fwd, numel_x, numel_y, gyy[0], bwd))
+    sig = [values[id(c.sig)] if c.sig is not None else [] for c in complete]
+    row.update(metrics.signal_columns(metrics.pool_moments(sig)))
+    return row
+
+
+def step_rows(
+    step: int,
+    calls: Sequence[CallStats],
+    params: Mapping[str, torch.Tensor],
+    jacobian: Mapping[str, Mapping[str, float]],
+    index: Mapping[str, int],
+    stacks: Callable[[list[str]], Mapping[str, str]],
+) -> list[Row]:
+    """One row per block of one step, in forward order, with every column of ``FRAME_COLUMNS``.
+
+    ``params``: ``{block: [|theta|^2, |grad|^2, |delta|^2]}`` tensors; ``jacobian``: the
+    Jacobian columns of the blocks that have them; ``index``: forward position of each block;
+    ``stacks(names)``: ``{block: stack name}``. Every statistic, of every block, is copied to
+    the host in one transfer per device. Missing values are NaN.
+    """
+    by_block: dict[str, list[CallStats]] = {}
+    for call in calls:
+        by_block.setdefault(call.block, []).append(call)
+    if not by_block:
+        return []
+    stats = [t for c in calls for t in (c.fwd, c.sig, c.gyy, c.bwd_x) if t is not None]
+    values = to_host(stats + list(params.values()))
+    rows = []
+    for name, block_calls in by_block.items():
+        row: Row = {"step": step, "block": name, "index": index.get(name, -1)}
+        row.update(_block_row(block_calls, values))
+        p = params.get(name)
+        row.update(param_columns(*(values[id(p)] if p is not None else (math.nan,) * 3)))
+        row.update(jacobian.get(name, {}))
+        rows.append(row)
+    rows.sort(key=lambda r: r["index"])
+    names = stacks([r["block"] for r in rows])
+    last_out: dict[str, float] = {}
+    for row in rows:  # in forward order: the last row of a stack wins
+        row["stack"] = names[row["block"]]
+        last_out[row["stack"]] = row["grad_out"]
+    for row in rows:
+        row["cum_gain"] = metrics.cum_gain(row["grad_in"], last_out[row["stack"]])
+    return [{c: r.get(c, math.nan) for c in FRAME_COLUMNS} for r in rows]
+
+
+FINITE_COLUMNS = ("in_rms", "out_rms", "grad_out", "grad_in")
+
+
+def non_finite(step: int, rows: Sequence[Row], excused: Callable[[str], bool]) -> str | None:
+    """The warning for the first row with nan/inf in a basic column (None: all finite).
+
+    ``excused(block)``: the block's NaN is by design (a capture warning said why).
+
+    >>> non_finite(3, [{"block": "b", "index": 0, "in_rms": 1.0, "out_rms": float("nan"),
+    ...                 "grad_out": 1.0, "grad_in": 1.0}], lambda b: False)[:49]
+    'gradprobe: non-finite out_rms at step 3, block b '
+    """
+    for row in rows:
+        if excused(row["block"]):
+            continue
+        bad = [c for c in FINITE_COLUMNS if not math.isfinite(row[c])]
+        if bad:
+            return (
+                f"gradprobe: non-finite {', '.join(bad)} at step {step}, block {row['block']} "
+                f"(index {row['index']}); recorded as is. Check the data and the loss for nan/inf "
+                "(gradprobe.testing.assert_finite_gradients names the block)."
+            )
+    return None
+
+
+@dataclass
+class ParamSnapshots:
+    """Copies of the probed parameters as of the last recorded step, for ``update_ratio``.
+
+    ``taken`` (this step's copies, made at the end of each of its backward passes) becomes
+    ``previous`` when the step closes; the copies it replaces are reused as buffers.
+    ``enabled=False`` keeps no copy (``update_ratio`` is NaN).
+    """
+
+    enabled: bool = True
+    previous: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    spare: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def held(self) -> int:
+        """Parameter copies held between steps (0 with ``enabled=False``)."""
+        return sum(len(v) for v in self.previous.values()) + sum(len(v) for v in self.spare.values())
+
+    def stats(
+        self, names: Sequence[str], groups: Sequence[Sequence[torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """``{block: [|theta|^2, |grad|^2, |theta - previous|^2]}`` of every block, in one fused pass."""
+        with torch.no_grad():
+            stats = metrics.block_param_stats(groups, [self.previous.get(n) for n in names])
+        return {n: stats[i] for i, n in enumerate(names)}
+
+    def take(
+        self,
+        names: Sequence[str],
+        groups: Sequence[Sequence[torch.Tensor]],
+        taken: dict[str, list[torch.Tensor]],
+    ) -> None:
+        """Copy the parameters now into ``taken`` (reusing its buffers, or spare ones)."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for n, params in zip(names, groups, strict=False):
+                old = taken.get(n) or self.spare.pop(n, None)
+                if old is None or len(old) != len(params):
+                    old = [torch.empty_like(p) for p in params]
+                if params:
+                    torch._foreach_copy_(old, [p.detach() for p in params])
+                taken[n] = old
+
+    def commit(self, taken: Mapping[str, list[torch.Tensor]]) -> None:
+        """The copies of a closed recorded step become the ones the next recorded step compares with."""
+        for name, snap in taken.items():
+            old = self.previous.get(name)
+            if old is not None:
+                self.spare[name] = old
+            self.previous[name] = snap
