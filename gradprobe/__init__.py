@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the names as the type checker and IDEs see them
     from . import data, export, metrics, models, plot, testing
     from .analysis import analyze
     from .blocks import select_blocks
+    from .config import JacobianOptions, ProbeConfig
     from .experiment import compare
     from .jacobian import spectrum
     from .paths import paths
@@ -34,6 +35,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "attach": ("probe", "attach"),
     "Probe": ("probe", "Probe"),
     "every_n": ("probe", "every_n"),
+    "ProbeConfig": ("config", "ProbeConfig"),
+    "JacobianOptions": ("config", "JacobianOptions"),
     "analyze": ("analysis", "analyze"),
     "spectrum": ("jacobian", "spectrum"),
     "compare": ("experiment", "compare"),
@@ -51,7 +54,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 __all__ = [
+    "JacobianOptions",
     "Probe",
+    "ProbeConfig",
     "Run",
     "__version__",
     "analyze",

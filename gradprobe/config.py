@@ -11,6 +11,7 @@ hook is registered or any folder is created.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,22 @@ Schedule = Callable[[int], bool]
 SUB_BATCH = 32
 
 SINK_OPTIONS = ("chunk_rows", "fmt", "flush_seconds", "max_buffer_rows", "resume")
+
+
+def every_n(n: int) -> Schedule:
+    """Schedule that records steps where ``step % n == 0``.
+
+    >>> [s for s in range(7) if every_n(3)(s)]
+    [0, 3, 6]
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"every= must be a positive int or a callable step -> bool, got {n!r}")
+
+    def schedule(step: int) -> bool:
+        return step % n == 0
+
+    schedule.__name__ = f"every_{n}"
+    return schedule
 
 
 def _is_int(value: Any, least: int) -> bool:
@@ -132,7 +149,63 @@ class JacobianOptions:
 class ProbeConfig:
     """Everything :func:`gradprobe.attach` is asked to do, validated once (fields: its keywords).
 
-    ``jacobian_options`` may be given as a mapping; it is converted to :class:`JacobianOptions`.
+    Attributes:
+        blocks: ``"auto"``, names or glob patterns, module class(es), or a predicate
+            (see :func:`gradprobe.blocks.select_blocks`).
+        every: record steps where ``step % every == 0``, or a callable ``step -> bool``.
+        strict: raise metric errors instead of warning once and recording NaN.
+        auto_step: ``None``/``True``: one step per backward pass until ``probe.step()`` is
+            first called; ``False``: only ``probe.step()`` closes steps (gradient accumulation).
+        shortcuts: ``{block name: child name or module}`` whose output a shape-changing block
+            is compared with (default: a child named ``shortcut`` or ``downsample``).
+        scaler: a ``torch.amp.GradScaler``; recorded gradient norms are divided by its scale.
+        record_eval: also record forward/backward passes of blocks in eval mode.
+        update_ratio: record ``update_ratio``, which keeps a copy of the probed parameters
+            between recorded steps (up to twice their memory at a step's end); ``False``
+            records NaN there and keeps no copy, for models whose weights barely fit.
+        jacobian: add the Jacobian columns on every recorded step (``True``) or every N-th.
+        probes: random vectors per Hutchinson estimate of the Jacobian columns.
+        jacobian_options: keyword arguments of :func:`gradprobe.jacobian.jacobian_columns`
+            (``power_iters``, ``tol``, ``prod``, ``prod_spec``), with the training defaults of
+            :class:`JacobianOptions`. ``spec``: ``True``/``False`` for the spectral
+            columns (``jac_spec``, ``prod_spec``) on every/no step with Jacobian columns, or
+            N for every N-th of those steps (default 20; NaN on the others).
+            ``sub_batch`` (default :data:`SUB_BATCH` = 32): the columns are taken on a
+            second forward pass over the first ``sub_batch`` samples (cloned BatchNorm buffers,
+            forked RNG: training is unchanged), ``None`` for the whole batch through the
+            training graph. Calls whose arguments hold anything but tensors and plain values
+            (a key/value cache object) always use the training graph. ``seed`` seeds the
+            probe vectors. The ``jac_batch`` column says which batch size was used.
+        sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
+            (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
+        sink_options: ``chunk_rows`` (rows per chunk, default 50,000), ``flush_seconds``
+            (a chunk at the end of the first step after this many seconds, default 5: a crash
+            loses at most that), ``fmt`` (``"parquet"`` or ``"csv"``), ``max_buffer_rows``
+            (rows kept in memory while the folder cannot be written, default 1,000,000) and
+            ``resume`` (append to the run already in the folder). See
+            :class:`gradprobe.records.Sink`; a folder in use by another probe is refused.
+        input: which argument of a block call is its input ``x`` (default: the first
+            floating-point or complex positional tensor, else ``hidden_states=``, ``x=`` or
+            ``input=``): a position, a keyword name, a callable ``(args, kwargs) -> tensor``,
+            or ``{block name: one of those}``. See :mod:`gradprobe.capture`.
+        output: which tensor of a block's output is ``y`` (default: the first
+            floating-point or complex tensor of a tensor, tuple/list, dict/``ModelOutput`` or
+            dataclass): a position, a key or field name, a callable ``output -> tensor``, or
+            ``{block name: one of those}``.
+        stacks: the chains of blocks that ``cum_gain``, ``prod_fro`` and ``prod_spec`` run
+            along (the ``stack`` column). Default: detected at the first recorded step, a
+            block joining the stack of the block before it when its input is computed from
+            that block's output (an encoder and a decoder are two stacks). Override with
+            ``{stack name: block names/globs}`` or a list of such lists (named by their
+            common dotted prefix).
+        channel_dim: the channel axis of block outputs for the signal propagation columns
+            (``chan_mean_sq``, ``chan_var``, ``branch_var``); default dim 1 of 4-d outputs
+            (N, C, H, W) and the last dim of 2-d and 3-d ones ((N, C), (N, T, C)).
+        paths: the path-length decomposition (:func:`gradprobe.paths`) on every (``True``) or
+            every N-th recorded step, on the Jacobian sub-batch (``jacobian_options["sub_batch"]``,
+            default 32 samples) in a second forward pass, the loss a fixed random projection of
+            the output; read it with ``probe.paths_frame()``, saved as ``paths.parquet``.
+            A mapping is converted to :class:`JacobianOptions`.
 
     >>> ProbeConfig(jacobian="yes")
     Traceback (most recent call last):
@@ -160,7 +233,7 @@ class ProbeConfig:
     paths: bool | int = False
 
     def __post_init__(self) -> None:
-        opts = JacobianOptions.from_mapping(self.jacobian_options)  # type: ignore[arg-type]
+        opts = JacobianOptions.from_mapping(self.jacobian_options)
         object.__setattr__(self, "jacobian_options", opts)
         if not callable(self.every) and not _is_int(self.every, 1):
             raise ValueError(f"every= must be a positive int or a callable step -> bool, got {self.every!r}")
@@ -193,6 +266,29 @@ class ProbeConfig:
                 f"{where}() got unexpected keyword argument(s) {unknown}; the options are {known}"
             )
         return cls(**options)
+
+    @classmethod
+    def signature(cls) -> inspect.Signature:
+        """The signature of ``attach(model, blocks="auto", *, <the other fields>)``."""
+        first = [
+            inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
+            inspect.Parameter(
+                "blocks", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="auto", annotation="BlockSpec"
+            ),
+        ]
+        rest = [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None if f.name == "jacobian_options" else f.default,
+                annotation="Mapping[str, Any] | JacobianOptions | None"
+                if f.name == "jacobian_options"
+                else f.type,
+            )
+            for f in dataclasses.fields(cls)
+            if f.name != "blocks"
+        ]
+        return inspect.Signature(first + rest, return_annotation="Probe")
 
     @property
     def jacobian_every(self) -> int:

@@ -26,49 +26,27 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import enum
-import inspect
-import os
 import sys
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import capture as _rule
-from . import metrics
-from ._tensors import in_backward, muted
+from ._tensors import in_backward, mute, muted
 from ._version import __version__
 from .blocks import BlockSpec, resolve_stacks, select_blocks, shortcut_modules
 from .capture import alias_view, find_output, swap_input
-from .config import JacobianOptions, ProbeConfig, Schedule
+from .config import ProbeConfig, Schedule, every_n
 from .jacobian_schedule import JacobianSchedule, block_capture, paths_decomposition
-from .records import Recorder, Run, Sink, new_run_id, rank_view
+from .records import RecordedTables, Recorder, Sink, new_run_id
 from .rows import CallStats, ParamSnapshots, non_finite, step_rows
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-
-def every_n(n: int) -> Schedule:
-    """Schedule that records steps where ``step % n == 0``.
-
-    >>> [s for s in range(7) if every_n(3)(s)]
-    [0, 3, 6]
-    """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"every= must be a positive int or a callable step -> bool, got {n!r}")
-
-    def schedule(step: int) -> bool:
-        return step % n == 0
-
-    schedule.__name__ = f"every_{n}"
-    return schedule
 
 
 class _Hook:
@@ -98,13 +76,6 @@ class _Hook:
 
     def __copy__(self) -> _Hook:
         return self
-
-
-def _full_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    """Statistics in full precision even inside ``torch.autocast`` (which would run dot in bf16)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -147,7 +118,7 @@ class _Fwd(enum.Enum):
     CAPTURE = 3  # recorded step
 
 
-class Probe:
+class Probe(RecordedTables):
     """Hooks on the blocks of a model that record gradient and identity metrics.
 
     Create it with :func:`gradprobe.attach` (``Probe(model, config)`` takes a
@@ -198,7 +169,7 @@ class Probe:
         if config.sink is not None:  # last of the checks: a bad argument leaves no empty folder behind
             sink = Sink(config.sink, meta=self.meta(), run_id=self._run_id, **dict(config.sink_options or {}))
             self._run_id, self._step = sink.run_id, sink.resumed_steps  # resume: continue its run
-        self._out = Recorder(sink, self.meta)
+        self._out = Recorder(sink, self.meta, paths=bool(config.paths_every))
         try:
             self._register()
         except BaseException:
@@ -246,8 +217,11 @@ class Probe:
         finally:
             self._out.close()  # never raises: a sink that cannot write warns and keeps its rows
             self._remove_handles()
-            for held in (self._captures, self._shortcut_out, self._out_node, *self._stack.values()):
-                held.clear()
+            self._captures.clear()
+            self._shortcut_out.clear()
+            self._out_node.clear()
+            for stack in self._stack.values():
+                stack.clear()
 
     def __enter__(self) -> Probe:
         if not self._handles:
@@ -259,6 +233,8 @@ class Probe:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+    _mute = staticmethod(mute)  # gradprobe.paths still mutes through it (to become _tensors.mute)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -294,37 +270,6 @@ class Probe:
         self._auto = False
         self._close_step()
 
-    def last_rows(self) -> list[dict[str, Any]]:
-        """The rows of the latest recorded step that has closed, one dict per block (for live logging).
-
-        Closes a finished step first, as :meth:`frame` does; empty before the first recorded step
-        closes. Cheap (no DataFrame), so a training-loop callback can call it on every step.
-
-        >>> import torch, torch.nn as nn, gradprobe
-        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-        >>> with gradprobe.attach(net, ["0", "1"]) as probe:
-        ...     net(torch.randn(2, 4)).sum().backward()
-        ...     [(r["step"], r["block"]) for r in probe.last_rows()]
-        [(0, '0'), (0, '1')]
-        """
-        self._flush()
-        return [dict(row) for row in self._out.last_rows]
-
-    def frame(self, gather: bool = False) -> pd.DataFrame:
-        """One row per (recorded step, block), columns as in :data:`gradprobe.records.FRAME_COLUMNS`.
-
-        Under ``torch.distributed`` a ``rank`` column is added; ``gather=True`` returns
-        every rank's rows on rank 0 (a collective: call it on every rank; other ranks
-        get their own rows).
-        """
-        self._flush()
-        return rank_view(self._out.frame(), gather)
-
-    def scalars(self, gather: bool = False) -> pd.DataFrame:
-        """One row per step with the logged scalars (every step, recorded or not)."""
-        self._flush()
-        return rank_view(self._out.scalars(), gather)
-
     def meta(self) -> dict[str, Any]:
         """Metadata stored with a saved run."""
         cfg, every = self.config, self.config.every
@@ -344,24 +289,6 @@ class Probe:
             "jacobian_options": cfg.jacobian_options.as_dict() if cfg.jacobian_every else {},
             "paths": cfg.paths_every,
         }
-
-    def paths_frame(self) -> pd.DataFrame:
-        """The path-length decompositions of ``attach(..., paths=N)``: one row per (step, stack,
-        length), columns ``step`` and those of :func:`gradprobe.paths`; empty without ``paths=``."""
-        self._flush()
-        return self._out.paths()
-
-    def run(self) -> Run:
-        """The recorded tables as a :class:`gradprobe.records.Run`."""
-        paths = self.paths_frame() if self.config.paths_every else None
-        return Run(self.frame(), self.scalars(), self.meta(), paths=paths)
-
-    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> os.PathLike[str]:
-        """Save frame, scalars and metadata into the folder ``path``; read back with ``gradprobe.load``.
-
-        Saving again updates the folder; a folder holding another run needs ``overwrite=True``.
-        """
-        return self.run().save(path, overwrite=overwrite)
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -523,27 +450,24 @@ class Probe:
             self._captures.append(
                 block_capture(call.block, x, y, call.x_version, call.x_node, call.x_output_nr)
             )
-        with torch.no_grad(), _full_precision(y.device.type):
-            if x is not None:
-                call.same_shape = x.shape == y.shape
-                ref = x if call.same_shape else shortcut_out
-                if ref is None or ref.shape != y.shape:
-                    self._no_shortcut.add(call.block)
-                call.fwd = metrics.forward_stats(x, y, ref)
-                if y.is_complex():
-                    self._warn_once(
-                        f"signal:{call.block}",
-                        f"gradprobe: block {call.block} has a complex output: chan_mean_sq, chan_var and "
-                        "branch_var are NaN there (signal propagation statistics are defined for real "
-                        "activations).",
-                    )
-                else:
-                    call.sig = metrics.signal_stats(y, ref, self.config.channel_dim)
-                call.numel_x = x.numel()
-                if x._version != call.x_version and call.x_node is not None:
-                    # The block modified its input in place: the alias's node left the graph and
-                    # its hook will not fire. Read g_x on the node that made the caller's input.
-                    call.x_node.register_prehook(partial(self._grad_x_node_hook, call))
+        if x is not None:
+            call.same_shape = x.shape == y.shape
+            ref = x if call.same_shape else shortcut_out
+            if ref is None or ref.shape != y.shape:
+                self._no_shortcut.add(call.block)
+            call.add_forward(x, y, ref, self.config.channel_dim)
+            if y.is_complex():
+                self._warn_once(
+                    f"signal:{call.block}",
+                    f"gradprobe: block {call.block} has a complex output: chan_mean_sq, chan_var and "
+                    "branch_var are NaN there (signal propagation statistics are defined for real "
+                    "activations).",
+                )
+            if x._version != call.x_version and call.x_node is not None:
+                # The block modified its input in place: the alias's node left the graph and its
+                # hook will not fire. Read g_x on the node that made the caller's input instead.
+                call.x_node.register_prehook(partial(self._grad_x_node_hook, call))
+        else:
             call.numel_y = y.numel()
         self._buf.calls.append(call)
         y.register_hook(partial(self._grad_y_hook, call))
@@ -621,11 +545,9 @@ class Probe:
             return
         self._backward_started()
         try:
-            with torch.no_grad(), _full_precision(grad.device.type):
-                stats = metrics.grad_out_stats(grad)
-                call.gyy = stats if call.gyy is None else call.gyy + stats
-                if call.same_shape:
-                    call.g_y = grad
+            call.add_grad_out(grad)
+            if call.same_shape:
+                call.g_y = grad
         except Exception as exc:
             self._fail(f"output gradient of block {call.block}", exc)
 
@@ -634,9 +556,7 @@ class Probe:
             return
         self._backward_started()
         try:
-            with torch.no_grad(), _full_precision(grad.device.type):
-                stats = metrics.grad_in_stats(grad, call.g_y if call.same_shape else None)
-                call.bwd_x = stats if call.bwd_x is None else call.bwd_x + stats
+            call.add_grad_in(grad, call.g_y if call.same_shape else None)
         except Exception as exc:
             self._fail(f"input gradient of block {call.block}", exc)
         finally:
@@ -717,25 +637,4 @@ def attach(model: nn.Module, blocks: BlockSpec = "auto", **options: Any) -> Prob
 
 
 # help(attach) and inspect show every keyword: the fields of ProbeConfig, the one list of them.
-_KW = inspect.Parameter.KEYWORD_ONLY
-setattr(  # noqa: B010 (mypy does not know __signature__ on functions)
-    attach,
-    "__signature__",
-    inspect.Signature(
-        [
-            inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
-            inspect.Parameter(
-                "blocks", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="auto", annotation="BlockSpec"
-            ),
-        ]
-        + [
-            inspect.Parameter(
-                f.name, _KW, default=None if f.name == "jacobian_options" else f.default, annotation=f.type
-            )
-            for f in fields(ProbeConfig)
-            if f.name != "blocks"
-        ],
-        return_annotation="Probe",
-    ),
-)
-_ = JacobianOptions  # re-exported: gradprobe.probe.JacobianOptions
+setattr(attach, "__signature__", ProbeConfig.signature())  # noqa: B010 (mypy: no __signature__ on functions)

@@ -1195,6 +1195,70 @@ def _load_streamed(folder: Path, meta: dict[str, Any], strict: bool) -> Run:
     return Run(frame, scalar_frame.astype({"step": "int64"}), meta)
 
 
+class RecordedTables:
+    """The tables a probe has recorded so far, read back through its :class:`Recorder` ``_out``.
+
+    A base of :class:`gradprobe.Probe`: each view first closes a finished step (``_flush``).
+    """
+
+    _out: Recorder
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def last_rows(self) -> list[dict[str, Any]]:
+        """The rows of the latest recorded step that has closed, one dict per block (for live logging).
+
+        Closes a finished step first, as :meth:`frame` does; empty before the first recorded step
+        closes. Cheap (no DataFrame), so a training-loop callback can call it on every step.
+
+        >>> import torch, torch.nn as nn, gradprobe
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        >>> with gradprobe.attach(net, ["0", "1"]) as probe:
+        ...     net(torch.randn(2, 4)).sum().backward()
+        ...     [(r["step"], r["block"]) for r in probe.last_rows()]
+        [(0, '0'), (0, '1')]
+        """
+        self._flush()
+        return [dict(row) for row in self._out.last_rows]
+
+    def frame(self, gather: bool = False) -> pd.DataFrame:
+        """One row per (recorded step, block), columns as in :data:`gradprobe.records.FRAME_COLUMNS`.
+
+        Under ``torch.distributed`` a ``rank`` column is added; ``gather=True`` returns
+        every rank's rows on rank 0 (a collective: call it on every rank; other ranks
+        get their own rows).
+        """
+        self._flush()
+        return rank_view(self._out.frame(), gather)
+
+    def scalars(self, gather: bool = False) -> pd.DataFrame:
+        """One row per step with the logged scalars (every step, recorded or not)."""
+        self._flush()
+        return rank_view(self._out.scalars(), gather)
+
+    def paths_frame(self) -> pd.DataFrame:
+        """The path-length decompositions of ``attach(..., paths=N)``: one row per (step, stack,
+        length), columns ``step`` and those of :func:`gradprobe.paths`; empty without ``paths=``."""
+        self._flush()
+        return self._out.paths()
+
+    def run(self) -> Run:
+        """The recorded tables as a :class:`gradprobe.records.Run`."""
+        paths = self.paths_frame() if self._out.paths_on else None
+        return Run(self.frame(), self.scalars(), self.meta(), paths=paths)
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> os.PathLike[str]:
+        """Save frame, scalars and metadata into the folder ``path``; read back with ``gradprobe.load``.
+
+        Saving again updates the folder; a folder holding another run needs ``overwrite=True``.
+        """
+        return self.run().save(path, overwrite=overwrite)
+
+
 class Recorder:
     """Where a probe's closed steps go, and how they are read back as frames.
 
@@ -1202,8 +1266,9 @@ class Recorder:
     its folder; ``meta()`` is called whenever the sink's metadata must be current.
     """
 
-    def __init__(self, sink: Sink | None, meta: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, sink: Sink | None, meta: Callable[[], dict[str, Any]], paths: bool = False) -> None:
         self.sink = sink
+        self.paths_on = paths  # whether path-length decompositions are taken (a run has their table)
         self.store = RowStore()
         self._meta = meta
         self._scalar_rows: list[dict[str, Any]] = []

@@ -18,6 +18,7 @@ tested on hand-made statistics. :class:`ParamSnapshots` keeps the parameter copi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,35 @@ class CallStats:
     gyy: torch.Tensor | None = None  # metrics.grad_out_stats, summed over backward passes
     bwd_x: torch.Tensor | None = None  # metrics.grad_in_stats, summed over backward passes
     scale: float = 1.0  # GradScaler's loss scale (squared gradient statistics carry scale**2)
+
+    def add_forward(
+        self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None, channel_dim: int | None
+    ) -> None:
+        """The forward statistics of the call (``ref``: the tensor ``y - ref`` is the residual of)."""
+        with torch.no_grad(), full_precision(y.device.type):
+            self.fwd = metrics.forward_stats(x, y, ref)
+            if not y.is_complex():  # Brock et al.'s channel moments are defined for real activations
+                self.sig = metrics.signal_stats(y, ref, channel_dim)
+            self.numel_x, self.numel_y = x.numel(), y.numel()
+
+    def add_grad_out(self, g_y: torch.Tensor) -> None:
+        """Add one backward pass's ``|g_y|^2``."""
+        with torch.no_grad(), full_precision(g_y.device.type):
+            stats = metrics.grad_out_stats(g_y)
+            self.gyy = stats if self.gyy is None else self.gyy + stats
+
+    def add_grad_in(self, g_x: torch.Tensor, g_y: torch.Tensor | None) -> None:
+        """Add one backward pass's input-gradient statistics (``g_y`` None: shapes differ)."""
+        with torch.no_grad(), full_precision(g_x.device.type):
+            stats = metrics.grad_in_stats(g_x, g_y)
+            self.bwd_x = stats if self.bwd_x is None else self.bwd_x + stats
+
+
+def full_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Statistics in full precision even inside ``torch.autocast`` (which would run dot in bf16)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> dict[int, list[float]]:
@@ -87,7 +117,7 @@ def pooled(parts: Sequence[Sequence[float] | None], width: int) -> list[float]:
     """
     if not parts or any(p is None for p in parts):
         return [math.nan] * width
-    return [sum(col) for col in zip(*parts, strict=True)]  # type: ignore[arg-type]
+    return [sum(col) for col in zip(*parts, strict=True)]
 
 
 def param_columns(psq: float, gsq: float, dsq: float) -> Row:
