@@ -435,6 +435,33 @@ def test_hundred_caught_failures_in_a_block_retain_nothing():
     assert retained < 2**20, f"{retained / 2**20:.1f} MiB retained (100 inputs are 6.3 MiB)"
 
 
+def test_a_muted_pass_runs_its_backward_on_the_calling_thread_and_mutes_no_other_thread():
+    # The mute used to fall back to a process-wide counter on autograd's device threads (which see
+    # no ContextVar), muting every thread's probe there; now the muted passes' backward runs on
+    # the thread that muted (multithreaded backward off, a thread-local autograd setting).
+    from gradprobe._tensors import mute, muted
+
+    seen: dict[str, bool] = {}
+
+    def other() -> None:
+        seen["muted"] = muted()
+        seen["multithreaded"] = torch._C._is_multithreading_enabled()
+
+    hook_threads: list[int] = []
+    with mute():
+        assert muted() and not torch._C._is_multithreading_enabled()
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        x = torch.ones(3, requires_grad=True)
+        y = x * 2
+        y.register_hook(lambda g: hook_threads.append(threading.get_ident()))
+        y.sum().backward()
+    assert hook_threads == [threading.get_ident()]
+    assert seen == {"muted": False, "multithreaded": True}
+    assert not muted() and torch._C._is_multithreading_enabled()
+
+
 def test_a_thread_computing_jacobians_does_not_mute_another_threads_probe():
     busy, quiet = make_net(), make_net()
     stop = threading.Event()
