@@ -408,6 +408,16 @@ def shortcut_modules(
     return out
 
 
+def no_shortcut_message(blocks: list[str]) -> str:
+    """The warning for shape-changing blocks whose output has no shortcut to be compared with."""
+    return (
+        f"gradprobe: block(s) {blocks} change the shape of their input and have no shortcut "
+        "applied to that input (a child named shortcut/downsample counts only when the block "
+        "applies it to its own input and its output is not the block's output): res_ratio and "
+        "cos_xy are NaN there. Name the shortcut with attach(..., shortcuts={block: child})."
+    )
+
+
 def resolve_stacks(names: list[str], stacks: Any) -> dict[str, str] | None:
     """``{block: stack name}`` from ``attach(..., stacks=...)``; None: detect them.
 
@@ -448,3 +458,62 @@ def resolve_stacks(names: list[str], stacks: Any) -> dict[str, str] | None:
     if missing:
         raise ValueError(f"stacks=: blocks {missing} are in no stack; every probed block must be in one")
     return out
+
+
+class StackTracker:
+    """Which stack (the chain ``cum_gain`` and the products run along) each probed block is in.
+
+    Given ``stacks=`` (:func:`resolve_stacks`): as given. Otherwise detected during the first
+    forward passes: a block continues the stack of the block before it in forward order when
+    its input is computed, in that pass, from that block's output (a walk back through the
+    autograd graph, :func:`gradprobe.capture.continues`); an input without a graph while the
+    previous output has one starts a new stack; where the walk cannot tell, the chain goes on.
+    Each block is decided once; output nodes are held only until all are (never across steps).
+    """
+
+    def __init__(self, names: list[str], stacks: Any = None) -> None:
+        self._given = resolve_stacks(names, stacks)
+        self._count = len(names)
+        self._linked: dict[str, bool] = {}
+        self._out_node: dict[str, Any] = {}
+
+    @property
+    def detecting(self) -> bool:
+        """Whether some block is not decided yet."""
+        return len(self._linked) < self._count
+
+    def output(self, name: str, node: Any) -> None:
+        """The autograd node of block ``name``'s output in this pass (for the next block's decision)."""
+        if self.detecting:
+            self._out_node[name] = node
+
+    def link(self, name: str, x: Any, index: Mapping[str, int]) -> None:
+        """Decide, once, whether block ``name`` (input ``x``) continues the previous block's stack."""
+        if name in self._linked:
+            return
+        from .capture import continues
+
+        position = index.get(name, -1)
+        prev = next((n for n, i in index.items() if i == position - 1), None)
+        if position <= 0 or prev is None:
+            self._linked[name] = False  # the first block starts the first stack
+        elif prev in self._out_node:
+            self._linked[name] = continues(x, self._out_node[prev])
+        else:
+            return  # the previous block has not run in this pass yet: decide on a later call
+        if not self.detecting:
+            self._out_node.clear()
+
+    def forget(self) -> None:
+        """Drop the output nodes of this pass (a step closed or the probe detached)."""
+        self._out_node.clear()
+
+    def names(self, blocks: list[str]) -> dict[str, str]:
+        """``{block: stack name}`` for these blocks, in forward order: named by the longest dotted
+        prefix a detected stack's blocks share, the block's own name for a stack of one, or its
+        position (``"0"``, ``"1"``, ...) when they share none."""
+        if self._given is not None:
+            return {n: self._given[n] for n in blocks}
+        from .capture import stack_labels
+
+        return stack_labels(blocks, self._linked)

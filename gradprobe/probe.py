@@ -41,7 +41,7 @@ from torch.utils.hooks import RemovableHandle
 from . import capture as _rule
 from ._tensors import in_backward, mute, muted
 from ._version import __version__
-from .blocks import BlockSpec, resolve_stacks, select_blocks, shortcut_modules
+from .blocks import BlockSpec, StackTracker, no_shortcut_message, select_blocks, shortcut_modules
 from .capture import alias_view, find_output, swap_input
 from .config import ProbeConfig, Schedule, every_n
 from .jacobian_schedule import JacobianSchedule, block_capture, paths_decomposition
@@ -139,7 +139,7 @@ class Probe(RecordedTables):
         selected = select_blocks(model, config.blocks)
         names = [n for n, _ in selected]
         self._rules = _rule.rules(names, config.input, config.output)
-        self._stacks_given = resolve_stacks(names, config.stacks)
+        self._stacks = StackTracker(names, config.stacks)
         self._model, self._modules = model, dict(selected)
         self._schedule: Schedule = config.every if callable(config.every) else every_n(config.every)
         self._auto = config.auto_step is not False
@@ -154,10 +154,6 @@ class Probe(RecordedTables):
         self._index: dict[str, int] = {}  # forward order
         self._stack: dict[str, list[_Call]] = {name: [] for name in self._modules}  # pre -> post hook
         self._shortcut_out: dict[str, torch.Tensor] = {}
-        # Stack detection (_link): whether each block's input comes from the previous block's
-        # output, decided once per block; output nodes are held only until all are decided.
-        self._linked: dict[str, bool] = {}
-        self._out_node: dict[str, Any] = {}
         self._no_shortcut: set[str] = set()  # shape-changing blocks without a shortcut, not yet warned
         self._captures: list[Any] = []  # jacobian.BlockCapture of this forward pass
         self._warned: set[str] = set()
@@ -219,7 +215,7 @@ class Probe(RecordedTables):
             self._remove_handles()
             self._captures.clear()
             self._shortcut_out.clear()
-            self._out_node.clear()
+            self._stacks.forget()
             for stack in self._stack.values():
                 stack.clear()
 
@@ -318,26 +314,6 @@ class Probe(RecordedTables):
             self._recording_of = (self._step, bool(self._schedule(self._step)))
         return self._recording_of[1]
 
-    def _stack_names(self, names: list[str]) -> dict[str, str]:
-        """``{block: stack name}``: as given by ``stacks=``, else the linked runs of blocks."""
-        if self._stacks_given is not None:
-            return {n: self._stacks_given[n] for n in names}
-        return _rule.stack_labels(names, self._linked)
-
-    def _link(self, name: str, x: torch.Tensor) -> None:
-        """Decide once whether block ``name`` continues the stack of the block before it: when its
-        input is computed, in this pass, from the previous block's output (``capture.continues``)."""
-        index = self._index.get(name, -1)
-        prev = next((n for n, i in self._index.items() if i == index - 1), None)
-        if index <= 0 or prev is None:
-            self._linked[name] = False  # the first block starts the first stack
-        elif prev in self._out_node:
-            self._linked[name] = _rule.continues(x, self._out_node[prev])
-        else:
-            return  # the previous block has not run in this pass yet: decide on a later call
-        if len(self._linked) == len(self._modules):
-            self._out_node.clear()
-
     # ------------------------------------------------------------------ forward: IDLE -> FORWARD
     def _forward_kind(self, name: str, module: nn.Module) -> _Fwd:
         """The forward transition of a call of block ``name`` (closing a DONE step first)."""
@@ -388,8 +364,7 @@ class Probe(RecordedTables):
                 # A frozen block on an input without grad: its output needs no grad, and a probe
                 # must not add one (a backward() that should raise would succeed).
                 return x
-            if name not in self._linked:
-                self._link(name, x)
+            self._stacks.link(name, x, self._index)
             alias = alias_view(x)
             alias.register_hook(partial(self._grad_x_hook, call))
             call.x_node, call.x_output_nr = x.grad_fn, x.output_nr
@@ -443,8 +418,7 @@ class Probe(RecordedTables):
         if not self._recording():
             y.register_hook(self._count_hook)  # unrecorded step: only notice the backward pass
             return
-        if len(self._linked) < len(self._modules):
-            self._out_node[call.block] = y.grad_fn  # for _link of the next block in this pass
+        self._stacks.output(call.block, y.grad_fn)
         x = call.x
         if x is not None and self._jacobian.due(self._recorded_steps):
             self._captures.append(
@@ -480,7 +454,7 @@ class Probe(RecordedTables):
         captures.sort(key=lambda c: self._index[c.name])
         try:
             cols = self._jacobian.columns(
-                self._model, self._modules, captures, (args, kwargs), self._rules, self._stack_names
+                self._model, self._modules, captures, (args, kwargs), self._rules, self._stacks.names
             )
             self._buf.jacobian.update(cols)
         except Exception as exc:
@@ -583,7 +557,7 @@ class Probe(RecordedTables):
         buf, self._buf, self._state = self._buf, _Step(), _State.IDLE
         self._step += 1
         self._captures.clear()
-        self._out_node.clear()
+        self._stacks.forget()
         self._warn_shapeless()
         if buf.scalars:  # scalars are cheap: kept for every step, recorded or not
             self._out.add_scalars(step, buf.scalars)
@@ -591,7 +565,7 @@ class Probe(RecordedTables):
             return
         self._recorded_steps += 1
         try:
-            rows = step_rows(step, buf.calls, buf.params, buf.jacobian, self._index, self._stack_names)
+            rows = step_rows(step, buf.calls, buf.params, buf.jacobian, self._index, self._stacks.names)
             self._out.add_rows(rows)
             if "non-finite" not in self._warned:
                 excused = lambda b: f"input:{b}" in self._warned or f"output:{b}" in self._warned  # noqa: E731
@@ -603,21 +577,12 @@ class Probe(RecordedTables):
         self._snapshots.commit(buf.snapshot)  # for the next recorded step's update_ratio
 
     def _warn_shapeless(self) -> None:
-        shapeless = sorted(
-            (n for n in self._no_shortcut if f"shape:{n}" not in self._warned),
-            key=lambda n: self._index.get(n, -1),
-        )
+        by_index = sorted(self._no_shortcut, key=lambda n: self._index.get(n, -1))
         self._no_shortcut.clear()
+        shapeless = [n for n in by_index if f"shape:{n}" not in self._warned]
         if shapeless:
             self._warned.update(f"shape:{n}" for n in shapeless)
-            warnings.warn(
-                f"gradprobe: block(s) {shapeless} change the shape of their input and have no shortcut "
-                "applied to that input (a child named shortcut/downsample counts only when the block "
-                "applies it to its own input and its output is not the block's output): res_ratio and "
-                "cos_xy are NaN there. Name the shortcut with attach(..., shortcuts={block: child}).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warnings.warn(no_shortcut_message(shapeless), RuntimeWarning, stacklevel=4)
 
 
 def attach(model: nn.Module, blocks: BlockSpec = "auto", **options: Any) -> Probe:
