@@ -145,6 +145,10 @@ class JacobianOptions:
         }
 
 
+#: The training defaults of :class:`JacobianOptions` as a plain mapping.
+TRAINING_JACOBIAN_OPTIONS: dict[str, Any] = dataclasses.asdict(JacobianOptions())
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
     """Everything :func:`gradprobe.attach` is asked to do, validated once (fields: its keywords).

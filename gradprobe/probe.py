@@ -43,10 +43,19 @@ from ._tensors import in_backward, mute, muted
 from ._version import __version__
 from .blocks import BlockSpec, StackTracker, no_shortcut_message, select_blocks, shortcut_modules
 from .capture import alias_view, find_output, swap_input
-from .config import ProbeConfig, Schedule, every_n
+from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
 from .jacobian_schedule import JacobianSchedule, block_capture, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id
-from .rows import CallStats, ParamSnapshots, non_finite, step_rows
+from .rows import CallStats, ParamSnapshots, loss_scale, non_finite, step_rows
+
+__all__ = [
+    "SUB_BATCH",
+    "TRAINING_JACOBIAN_OPTIONS",
+    "Probe",
+    "Schedule",
+    "attach",
+    "every_n",
+]  # names kept here
 
 
 class _Hook:
@@ -451,8 +460,8 @@ class Probe(RecordedTables):
         captures, self._captures = self._captures, []
         if not captures or muted() or in_backward():
             return
-        captures.sort(key=lambda c: self._index[c.name])
         try:
+            captures.sort(key=lambda c: self._index[c.name])
             cols = self._jacobian.columns(
                 self._model, self._modules, captures, (args, kwargs), self._rules, self._stacks.names
             )
@@ -502,7 +511,7 @@ class Probe(RecordedTables):
                     self._buf.params = self._snapshots.stats(names, groups)
                     self._snapshots.take(names, groups, self._buf.snapshot)
                 if self.config.scaler is not None:
-                    scale = float(self.config.scaler.get_scale())
+                    scale = loss_scale(self.config.scaler)
                     for call in self._buf.calls:
                         call.scale = scale
         except Exception as exc:

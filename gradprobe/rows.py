@@ -43,7 +43,9 @@ class CallStats:
     numel_y: int = 0
     gyy: torch.Tensor | None = None  # metrics.grad_out_stats, summed over backward passes
     bwd_x: torch.Tensor | None = None  # metrics.grad_in_stats, summed over backward passes
-    scale: float = 1.0  # GradScaler's loss scale (squared gradient statistics carry scale**2)
+    # GradScaler's loss scale (squared gradient statistics carry scale**2); a 1-element tensor
+    # until the step's transfer to the host (see loss_scale)
+    scale: float | torch.Tensor = 1.0
 
     def add_forward(
         self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None, channel_dim: int | None
@@ -73,6 +75,28 @@ def full_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def loss_scale(scaler: Any) -> float | torch.Tensor:
+    """A ``torch.amp.GradScaler``'s scale now, without a device-to-host sync where possible.
+
+    ``get_scale()`` calls ``.item()``: one sync per backward pass on a GPU. A copy of the
+    scale tensor instead travels with the step's statistics in their one transfer (a copy:
+    ``scaler.update()`` changes the tensor in place before the step closes).
+
+    >>> scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    >>> loss_scale(scaler)  # before its first scale(): the initial scale
+    8.0
+    >>> _ = scaler.scale(torch.ones(()))
+    >>> loss_scale(scaler)
+    tensor([8.])
+    """
+    get_async = getattr(scaler, "_get_scale_async", None)
+    if getattr(scaler, "_enabled", False) and get_async is not None:
+        scale = get_async()
+        if isinstance(scale, torch.Tensor):
+            return scale.detach().reshape(-1).clone()
+    return float(scaler.get_scale())
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> dict[int, list[float]]:
@@ -139,8 +163,9 @@ def _block_row(calls: Sequence[CallStats], values: Mapping[int, list[float]]) ->
     pass left out when others have one)."""
     complete = [c for c in calls if c.gyy is not None] or list(calls)
     fwd = pooled([values[id(c.fwd)] if c.fwd is not None else None for c in complete], 4)
-    gyy = pooled([scaled(values, c.gyy, c.scale) for c in complete], 1)
-    bwd = pooled([scaled(values, c.bwd_x, c.scale) for c in complete], 3)
+    scales = [values[id(c.scale)][0] if isinstance(c.scale, torch.Tensor) else c.scale for c in complete]
+    gyy = pooled([scaled(values, c.gyy, k) for c, k in zip(complete, scales, strict=True)], 1)
+    bwd = pooled([scaled(values, c.bwd_x, k) for c, k in zip(complete, scales, strict=True)], 3)
     numel_x = sum(c.numel_x for c in complete)
     numel_y = sum(c.numel_y for c in complete)
     row: Row = {"calls": len(complete)}
@@ -171,7 +196,8 @@ def step_rows(
     if not by_block:
         return []
     stats = [t for c in calls for t in (c.fwd, c.sig, c.gyy, c.bwd_x) if t is not None]
-    values = to_host(stats + list(params.values()))
+    scales = {id(c.scale): c.scale for c in calls if isinstance(c.scale, torch.Tensor)}
+    values = to_host(stats + list(params.values()) + list(scales.values()))
     rows = []
     for name, block_calls in by_block.items():
         row: Row = {"step": step, "block": name, "index": index.get(name, -1)}
@@ -250,14 +276,18 @@ class ParamSnapshots:
         """Copy the parameters now into ``taken`` (reusing its buffers, or spare ones)."""
         if not self.enabled:
             return
-        with torch.no_grad():
-            for n, params in zip(names, groups, strict=False):
-                old = taken.get(n) or self.spare.pop(n, None)
-                if old is None or len(old) != len(params):
-                    old = [torch.empty_like(p) for p in params]
-                if params:
-                    torch._foreach_copy_(old, [p.detach() for p in params])
-                taken[n] = old
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        for n, params in zip(names, groups, strict=False):
+            old = taken.get(n) or self.spare.pop(n, None)
+            if old is None or len(old) != len(params):
+                old = [torch.empty_like(p) for p in params]
+            dst += old
+            src += [p.detach() for p in params]
+            taken[n] = old
+        if dst:  # one fused copy for every block
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
 
     def commit(self, taken: Mapping[str, list[torch.Tensor]]) -> None:
         """The copies of a closed recorded step become the ones the next recorded step compares with."""

@@ -83,6 +83,9 @@ def test_loss_scale_divides_the_gradient_norms_and_leaves_their_ratios():
     scaled_rows = step_rows(0, big, {}, {}, {"b": 0}, one_stack)
     for c in ("grad_out", "grad_in", "gain", "branch_cos"):
         assert scaled_rows[0][c] == pytest.approx(plain[0][c], rel=1e-15)
+    # the scale as a tensor (read in the step's one transfer, no sync per backward pass): the same
+    big[0].scale = torch.tensor([s], dtype=torch.float32)
+    assert step_rows(0, big, {}, {}, {"b": 0}, one_stack) == scaled_rows
 
 
 def test_rows_come_in_forward_order_and_cum_gain_runs_along_each_stack():
