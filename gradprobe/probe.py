@@ -111,6 +111,10 @@ class _Step:
     blocks: set[str] = field(default_factory=set)  # blocks called with grad in this step
 
 
+#: The placeholder call of unrecorded steps: never recorded (its x stays None).
+_UNRECORDED = _Call(block="")
+
+
 class _State(enum.Enum):
     IDLE = "idle"
     FORWARD = "forward"
@@ -359,8 +363,10 @@ class Probe(RecordedTables):
                 return self._capture_input(name, module, args, kwargs)
             except Exception as exc:  # never break the user's forward pass
                 self._fail(f"input capture of block {name}", exc)
-        if kind is not _Fwd.IGNORE:
-            self._stack[name].append(_Call(block=name))  # placeholder keeps pre/post hooks paired
+        if kind is _Fwd.COUNT:  # placeholders keep pre/post hooks paired
+            self._stack[name].append(_UNRECORDED)  # nothing allocated on unrecorded steps
+        elif kind is _Fwd.CAPTURE:
+            self._stack[name].append(_Call(block=name))
         return None
 
     def _capture_input(
@@ -424,7 +430,7 @@ class Probe(RecordedTables):
             shortcut_out is y or (shortcut_out.data_ptr() == y.data_ptr() and shortcut_out.shape == y.shape)
         ):
             shortcut_out = None  # the "shortcut" computed the block's output: it is its last layer
-        if not self._recording():
+        if call is _UNRECORDED or not self._recording():
             y.register_hook(self._count_hook)  # unrecorded step: only notice the backward pass
             return
         self._stacks.output(call.block, y.grad_fn)
