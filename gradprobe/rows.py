@@ -59,22 +59,32 @@ class CallStats:
 
     def add_grad_out(self, g_y: torch.Tensor) -> None:
         """Add one backward pass's ``|g_y|^2``."""
-        with torch.no_grad(), full_precision(g_y.device.type):
+        with _no_grad(), full_precision(g_y.device.type):
             stats = metrics.grad_out_stats(g_y)
             self.gyy = stats if self.gyy is None else self.gyy + stats
 
     def add_grad_in(self, g_x: torch.Tensor, g_y: torch.Tensor | None) -> None:
         """Add one backward pass's input-gradient statistics (``g_y`` None: shapes differ)."""
-        with torch.no_grad(), full_precision(g_x.device.type):
+        with _no_grad(), full_precision(g_x.device.type):
             stats = metrics.grad_in_stats(g_x, g_y)
             self.bwd_x = stats if self.bwd_x is None else self.bwd_x + stats
 
 
+_NULL = contextlib.nullcontext()  # reusable: nothing allocated per hook call
+# A private but long-standing torch function, with a safe fallback should it disappear.
+_any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def full_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """Statistics in full precision even inside ``torch.autocast`` (which would run dot in bf16)."""
-    if torch.is_autocast_enabled(device_type):
+    if _any_autocast() and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    return _NULL
+
+
+def _no_grad() -> contextlib.AbstractContextManager[Any]:
+    """Grad mode off where it is on (a gradient hook runs with it off already: nothing to do)."""
+    return torch.no_grad() if torch.is_grad_enabled() else _NULL
 
 
 def loss_scale(scaler: Any) -> float | torch.Tensor:
