@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from torch import nn
 
+    from .experiment import TrainConfig
+
 __all__ = ["build_parser", "load_factory", "main"]
 
 
@@ -255,6 +257,20 @@ def format_table(frame: pd.DataFrame, columns: Sequence[str], *, digits: int = 3
 # ----------------------------------------------------------------------------- subcommands
 
 
+def _train_config(ns: argparse.Namespace, epochs: int) -> TrainConfig:
+    """The :class:`gradprobe.experiment.TrainConfig` of ``gradprobe compare``'s arguments.
+
+    The compare parser names its training options after the config's fields, so this is the
+    one place that maps them: every field the namespace holds, plus the two the CLI derives.
+    """
+    from dataclasses import fields
+
+    from .experiment import TrainConfig
+
+    given = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)}
+    return TrainConfig(**{**given, "epochs": epochs, "progress": not ns.no_progress})
+
+
 def _cmd_compare(ns: argparse.Namespace) -> int:
     import torch
 
@@ -295,22 +311,11 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
         run = experiment.compare(
             specs,
             ns.data,
-            epochs=epochs,
-            batch_size=ns.batch_size,
-            lr=ns.lr,
-            seed=ns.seed,
-            every=ns.every,
-            jacobian=ns.jacobian,
+            config=_train_config(ns, epochs),
             out=out,
-            warmup=ns.warmup,
-            zero_init_residual=ns.zero_init,
-            width=ns.width,
-            data_root=ns.data_root,
-            progress=not ns.no_progress,
-            command=command,
-            tensorboard=ns.tensorboard,
             overwrite=ns.force,
-            paths=not ns.no_paths,
+            data_root=ns.data_root,
+            command=command,
         )
     except (FileNotFoundError, FileExistsError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
@@ -566,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-zero-init",
-        dest="zero_init",
+        dest="zero_init_residual",
         action="store_false",
         default=DEFAULTS["zero_init_residual"],
         help="plain He init for residual nets (default: zero-init the last BN of every residual branch)",
@@ -585,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-paths",
-        action="store_true",
+        dest="paths",
+        action="store_false",
         help="skip the path-length decomposition (default: at the first and the last step of each model)",
     )
     p.add_argument(

@@ -320,3 +320,37 @@ def test_inspect_wrong_input_shape_is_a_usage_error(factory_file):
 
 def test_load_factory_resolves_dotted_attributes():
     assert load_factory("gradprobe.models:ResNetCIFAR.forward").__name__ == "forward"
+
+
+def test_compare_arguments_map_onto_one_train_config():
+    from gradprobe.cli import _train_config, build_parser
+    from gradprobe.experiment import TrainConfig
+
+    argv = ["compare", "--lr", "0.1", "--warmup", "5", "--batch-size", "32", "--seed", "3", "--width", "8"]
+    argv += [
+        "--every",
+        "2",
+        "--jacobian",
+        "--no-zero-init",
+        "--no-paths",
+        "--no-progress",
+        "--tensorboard",
+        "tb",
+    ]
+    config = _train_config(build_parser().parse_args(argv), 7)
+    assert config == TrainConfig(
+        epochs=7,
+        lr=0.1,
+        warmup=5,
+        batch_size=32,
+        seed=3,
+        width=8,
+        every=2,
+        jacobian=True,
+        zero_init_residual=False,
+        paths=False,
+        progress=False,
+        tensorboard="tb",
+    )
+    # without options the command trains exactly as compare() does by default
+    assert _train_config(build_parser().parse_args(["compare"]), 20) == TrainConfig()
