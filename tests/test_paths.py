@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ResMLPBlock, make, make_input
+from nets import ResMLPBlock, make, make_input
 from torch import nn
 
 import gradprobe
@@ -313,7 +313,7 @@ def test_summary_of_several_steps_and_models():
 
 
 def test_shortcut_block_splits_into_shortcut_and_the_rest():
-    from conftest import BasicBlock
+    from nets import BasicBlock
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

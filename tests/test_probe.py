@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make, make_input
+from nets import make, make_input
 from reference import reference_rows
 from torch import nn
 
@@ -106,7 +106,7 @@ def test_chain_of_scaling_blocks_has_gain_point_eight_to_the_l(depth):
 
 
 def test_zero_initialised_residual_branch_is_exactly_the_identity():
-    from conftest import ResMLPBlock
+    from nets import ResMLPBlock
 
     net = nn.Sequential(*[ResMLPBlock(6, zero_init=True) for _ in range(5)])
     with gradprobe.attach(net) as probe:
@@ -419,7 +419,7 @@ def _run_training(net, probe_kwargs=None, steps=20, seed=0):
 class DropoutResCNN(nn.Module):
     def __init__(self):
         super().__init__()
-        from conftest import ResCNN
+        from nets import ResCNN
 
         self.body = ResCNN(inplace=True)
         self.drop = nn.Dropout(0.3)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ResMLPBlock, make, make_input
+from nets import ResMLPBlock, make, make_input
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
