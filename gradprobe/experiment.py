@@ -337,7 +337,14 @@ class TrainConfig:
         return replace(config or cls(), **options)
 
     def probe_options(self, total: int) -> dict[str, Any]:
-        """Keyword arguments of :func:`gradprobe.attach` for a run of ``total`` steps."""
+        """Keyword arguments of :func:`gradprobe.attach` for a run of ``total`` steps.
+
+        ``True`` for ``jacobian``/``paths`` becomes "every (recorded steps - 1)-th recorded step":
+        the first and the last one.
+
+        >>> TrainConfig(jacobian=True, paths=False).probe_options(10)["jacobian"]
+        9
+        """
         recorded = len(range(0, total, self.every))
         options = dict(self.jacobian_options or {})
         if self.jacobian is True:
@@ -607,8 +614,8 @@ def compare(
     >>> run.models, sorted(run.frame()["block"].unique())
     (['plain-mlp-4', 'resnet-mlp-4'], ['blocks.0', 'blocks.1'])
     """
-    config = TrainConfig.of(config, **options)
     entries = _entries(models)
+    config = TrainConfig.of(config, **options)
     run_id = new_run_id()
     if out is not None:  # before training: a bad folder must not cost the results
         check_destination(out, run_id, overwrite=overwrite)
