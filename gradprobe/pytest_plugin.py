@@ -27,7 +27,7 @@ The ``gradprobe`` fixture
     For every failing test that used the fixture or a :mod:`gradprobe.testing`
     assertion (or :func:`gradprobe.testing.check`), write a report of each frame it
     looked at into ``DIR/<test id>/NN-<source>/``: the HTML report of
-    :func:`gradprobe.report.report` (``index.html``, figures and tables), or only the
+    :func:`gradprobe.report` (``index.html``, figures and tables), or only the
     tables (:func:`gradprobe.records.save_run`) when the report cannot be made.
     ``<test id>`` is the test's node id with every character other than letters,
     digits, ``.``, ``-`` and ``_`` replaced by ``_``; the folder is replaced on every
@@ -39,6 +39,7 @@ There is no marker: the fixture and the option cover what a marker would switch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator, Iterator
+    from collections.abc import Generator, Iterator
 
     from torch import nn
 
@@ -198,7 +199,6 @@ class _State:
     frames: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     fixtures: dict[str, GradprobeFixture] = field(default_factory=dict)
     written: dict[str, Path] = field(default_factory=dict)
-    remove_listener: Callable[[], None] | None = None
 
     def on_frame(self, source: str, frame: Any) -> None:
         if self.current is not None:
@@ -255,7 +255,7 @@ def _write_one(run: Any, out: Path) -> str:
     """Write the HTML report of ``run`` into ``out``, or its tables when that fails; say which."""
     error = ""
     try:
-        from .report import report
+        from .reporting import report
 
         path = report(run, out, progress=False)
         return str(path)
@@ -302,26 +302,22 @@ def pytest_configure(config: pytest.Config) -> None:
     report_dir = config.getoption("gradprobe_report", None)
     state = _State(Path(report_dir).resolve() if report_dir else None)
     config.stash[_KEY] = state
-    if state.report_dir is not None:
-        from .testing import add_frame_listener
-
-        state.remove_listener = add_frame_listener(state.on_frame)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    state = config.stash.get(_KEY, None)
-    if state is not None and state.remove_listener is not None:
-        state.remove_listener()
-        state.remove_listener = None
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     state = item.config.stash.get(_KEY, None)
+    listening: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if state is not None:
         state.current = item.nodeid
+        if state.report_dir is not None:
+            from .testing import frame_listener
+
+            # the frames the test's checks look at, from setup to teardown (its context only)
+            listening = frame_listener(state.on_frame)
     try:
-        yield
+        with listening:
+            yield
     finally:
         if state is not None:
             state.current = None

@@ -162,13 +162,13 @@ def summary(
     ...                       "gain": [0.25, 1.0, 1.0, 1.0], "cum_gain": [0.25, 1.0, 0.8, 1.0],
     ...                       "res_ratio": [0.0, 0.5, 0.1, 0.6]})
     >>> scalars = pd.DataFrame({"step": [0, 5], "loss": [2.0, 1.5]})
-    >>> row = summary(frame, scalars).iloc[0]
-    >>> row["model"], row["train_loss"], row["cum_gain_init"], row["cum_gain_end"]
-    ('run', 1.5, 0.25, 0.8)
-    >>> row["cum_gain_min_init"], row["cum_gain_max_init"], row["gain_outside_blocks"]
-    (0.25, 1.0, 'a')
-    >>> row["res_ratio_init"], row["res_ratio_end"], row["max_res_ratio_block"]
-    (0.5, 0.6, 'b')
+    >>> table = summary(frame, scalars)
+    >>> table[["model", "train_loss", "cum_gain_init", "cum_gain_end"]].values.tolist()
+    [['run', 1.5, 0.25, 0.8]]
+    >>> table[["cum_gain_min_init", "cum_gain_max_init", "gain_outside_blocks"]].values.tolist()
+    [[0.25, 1.0, 'a']]
+    >>> table[["res_ratio_init", "res_ratio_end", "max_res_ratio_block"]].values.tolist()
+    [[0.5, 0.6, 'b']]
     """
     import pandas as pd
 

@@ -223,12 +223,12 @@ def test_leaked_hooks_fail_the_test_and_nothing_is_written_without_the_option(su
 def test_tables_are_written_when_the_html_report_fails(suite: pytest.Pytester):
     suite.makeconftest(
         """
-        import gradprobe.report
+        import gradprobe.reporting
 
         def broken(*args, **kwargs):
             raise RuntimeError("no figures today")
 
-        gradprobe.report.report = broken
+        gradprobe.reporting.report = broken
         """
     )
     suite.makepyfile(test_deep=FAILING)
@@ -310,8 +310,8 @@ def test_plugin_source_is_importable_without_side_effects():
     # importing the plugin module registers nothing by itself; only pytest's registration does
     import gradprobe.testing as testing
 
-    before = list(testing._FRAME_LISTENERS)
+    before = testing.bands._LISTENERS.get()
     import gradprobe.pytest_plugin as plugin
 
-    assert before == testing._FRAME_LISTENERS
+    assert before == testing.bands._LISTENERS.get()
     assert Path(plugin.__file__).name == "pytest_plugin.py"
