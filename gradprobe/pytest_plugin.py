@@ -31,8 +31,8 @@ The ``gradprobe`` fixture
     tables (:func:`gradprobe.records.save_run`) when the report cannot be made.
     ``<test id>`` is the test's node id with every character other than letters,
     digits, ``.``, ``-`` and ``_`` replaced by ``_``; the folder is replaced on every
-    run. The path appears in the failure's "gradprobe report" section and in the
-    terminal summary.
+    run. The path appears in the failure's "gradprobe report" section, with the
+    run's summary (:func:`gradprobe.summary.summary`), and in the terminal summary.
 
 There is no marker: the fixture and the option cover what a marker would switch.
 """
@@ -228,6 +228,7 @@ class _State:
             out = folder / f"{k:02d}-{_safe(label)}"
             run.meta.setdefault("test", nodeid)
             notes.append(_write_one(run, out))
+            notes += [f"  {line}" for line in _summary_lines(run)]
         self.written[nodeid] = folder
         return folder, notes
 
@@ -265,6 +266,32 @@ def _write_one(run: Any, out: Path) -> str:
         error = f"the HTML report failed ({type(exc).__name__}: {exc})"
     run.save(out)
     return f"{out} (tables only: {error})"
+
+
+#: Columns of the summary the failure's "gradprobe report" section shows for each run.
+SUMMARY_COLUMNS = (
+    "model",
+    "blocks",
+    "steps",
+    "cum_gain_init",
+    "cum_gain_end",
+    "cum_gain_min_end",
+    "cum_gain_max_end",
+    "res_ratio_end",
+    "gain_outside",
+)
+
+
+def _summary_lines(run: Any) -> list[str]:
+    """The run's summary (the numbers of its HTML report's summary table) as text lines."""
+    from ._format import frame_table
+    from .summary import summary
+
+    try:
+        table = summary(run.frame(), run.scalars(), run.paths())
+    except Exception as exc:  # a broken summary must not hide the test's own failure
+        return [f"(no summary: {type(exc).__name__}: {exc})"]
+    return frame_table(table, SUMMARY_COLUMNS).splitlines()
 
 
 _KEY = pytest.StashKey[_State]()

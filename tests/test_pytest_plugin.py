@@ -162,6 +162,9 @@ def test_passing_and_failing_suites_with_reports(suite: pytest.Pytester):
             "E*advice: the gradient vanishes on its way to the input: plain nets of this depth (40 blocks)*",
             "*- gradprobe report -*",
             "written to *test_deep.py_test_deep_plain_net",
+            "  *01-assert_gradient_flow*index.html",
+            "    model  blocks  steps  cum_gain_init  cum_gain_end  cum_gain_min_end  cum_gain_max_end  *",
+            "    run        40      1  *",  # the summary of the frame the assertion checked
         ]
     )
     result.stdout.fnmatch_lines(
