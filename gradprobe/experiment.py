@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from . import data as _data
 from . import models as _models
 from ._version import __version__
-from .records import MODEL_COLUMNS, Run, check_destination, new_run_id
+from .records import Run, check_destination, new_run_id
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -652,65 +652,18 @@ def _tensorboard_stream(logdir: str | os.PathLike[str] | None, name: str) -> Any
 
 
 def summary(run: Run) -> pd.DataFrame:
-    """One row per model of a compare run: the numbers that tell the story.
+    """One row per model of a compare run: :func:`gradprobe.summary.summary` of its tables.
 
-    Columns: model, depth, residual; ``train_loss`` (mean training loss of the
+    Among its columns: model, depth, residual; ``train_loss`` (mean training loss of the
     last epoch), ``test_acc`` (after the last epoch); ``cum_gain_init`` and
     ``cum_gain_end`` (``cum_gain`` of the first block at the first and the last
-    recorded step: how much the gradient reaching the input end is amplified
-    (>1) or shrunk (<1) relative to the output end); ``res_ratio_init`` and
-    ``res_ratio_end`` (largest ``res_ratio`` over the blocks whose input and
-    output have the same shape, at the first and last recorded step; 0 means
-    every such block is exactly the identity); ``effective_length_init`` and
-    ``effective_length_end`` (the share-weighted mean path length of the gradient,
-    :func:`gradprobe.paths`, of the stack with the most branching blocks, at the first and
-    the last step with a decomposition; NaN without one).
+    recorded step); ``res_ratio_init`` and ``res_ratio_end``; ``effective_length_init``
+    and ``effective_length_end`` (NaN without a path-length decomposition).
 
     >>> run = compare(["resnet-mlp-4"], "synthetic", epochs=1, progress=False)
     >>> list(summary(run).columns)[:5]
-    ['model', 'depth', 'residual', 'train_loss', 'test_acc']
+    ['model', 'depth', 'residual', 'blocks', 'steps']
     """
-    import pandas as pd
+    from .summary import summary as model_summary
 
-    frame, scalars = run.frame(), run.scalars()
-    rows = []
-    for model in run.models:
-        part = frame[frame["model"] == model]
-        logged = scalars[scalars["model"] == model] if "model" in scalars.columns else scalars.iloc[0:0]
-        row: dict[str, Any] = {"model": model}
-        for col in MODEL_COLUMNS[1:]:
-            row[col] = part[col].iloc[0] if len(part) else math.nan
-        if len(logged) and "epoch" in logged.columns:
-            last = logged[logged["epoch"] == logged["epoch"].max()]
-            row["train_loss"] = float(last["train_loss"].mean())
-            acc = logged["test_acc"].dropna()
-            row["test_acc"] = float(acc.iloc[-1]) if len(acc) else math.nan
-        else:
-            row["train_loss"] = row["test_acc"] = math.nan
-        first_block = part[part["index"] == part["index"].min()] if len(part) else part
-        steps = sorted(part["step"].unique())
-        for tag, step in (("init", steps[0] if steps else None), ("end", steps[-1] if steps else None)):
-            at = first_block[first_block["step"] == step]
-            row[f"cum_gain_{tag}"] = float(at["cum_gain"].iloc[0]) if len(at) else math.nan
-        identity = part[part["skip_grad"].notna()] if len(part) else part
-        for tag, step in (("init", steps[0] if steps else None), ("end", steps[-1] if steps else None)):
-            at = identity[identity["step"] == step]["res_ratio"]
-            row[f"res_ratio_{tag}"] = float(at.max()) if len(at) else math.nan
-        row.update(_effective_lengths(run.paths(), model))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _effective_lengths(table: pd.DataFrame, model: str) -> dict[str, float]:
-    """``effective_length`` of a model's main stack at its first and last decomposed step."""
-    from .paths import summary as path_summary
-
-    part = table[table["model"] == model] if "model" in table.columns else table.iloc[0:0]
-    if not len(part):
-        return {"effective_length_init": math.nan, "effective_length_end": math.nan}
-    lengths = path_summary(part).sort_values(["step", "branching"], ascending=[True, False], kind="stable")
-    main = lengths.drop_duplicates("step")  # per step, the stack with the most branching blocks
-    return {
-        "effective_length_init": float(main["effective_length"].iloc[0]),
-        "effective_length_end": float(main["effective_length"].iloc[-1]),
-    }
+    return model_summary(run.frame(), run.scalars(), run.paths())
