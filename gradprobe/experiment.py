@@ -547,7 +547,7 @@ def summary(run: Run) -> pd.DataFrame:
 
 def _effective_lengths(table: pd.DataFrame, model: str) -> dict[str, float]:
     """``effective_length`` of a model's main stack at its first and last decomposed step."""
-    from .paths import summary as path_summary
+    from .path_lengths import paths_summary as path_summary
 
     part = table[table["model"] == model] if "model" in table.columns else table.iloc[0:0]
     if not len(part):

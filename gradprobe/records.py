@@ -584,7 +584,7 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
 
 
 # ---------------------------------------------------------------------- path-length tables
-#: Columns of a paths table (``probe.paths_frame()``, ``Run.paths()``); see ``gradprobe/paths.py``.
+#: Columns of a paths table (``probe.paths_frame()``, ``Run.paths()``); see ``gradprobe/path_lengths.py``.
 PATHS_COLUMNS: tuple[str, ...] = (
     "step",
     "stack",
@@ -608,15 +608,15 @@ def paths_table(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
     parts = [p for p in parts if len(p)]
     if not parts:
         frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in PATHS_COLUMNS})
-        return frame.astype({"step": "int64", "stack": "int64", "length": "int64"})
+        return frame.astype({"step": "int64", "stack": "object", "length": "int64"})
     return pd.concat(parts, ignore_index=True)
 
 
 def _read_paths(folder: Path, dtypes: Mapping[str, Any], fmt: str | None = None) -> pd.DataFrame | None:
     if not (folder / "paths.parquet").exists() and not (folder / "paths.csv").exists():
         return None
-    # a sink writes no dtypes for its paths table: its keys are integers
-    default = {"step": "int64", "stack": "int64", "length": "int64"}
+    # a sink writes no dtypes for its paths table: step and length are integers, stack a name
+    default = {"step": "int64", "stack": "object", "length": "int64"}
     return _read_table(folder / "paths", dtypes.get("paths") or default, fmt)
 
 
