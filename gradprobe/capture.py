@@ -1,8 +1,8 @@
 """The one rule that finds a block's input and output tensors, and the aliases that capture them.
 
-Used by the probe's hooks, the Jacobian passes (``jacobian._capturing``: sub-batch
-recomputation, ``capture_blocks``, ``spectrum``) and so by ``analyze``: all of them
-see the same ``x`` and ``y`` of a block.
+Used by the probe's hooks and by the one-pass block capture here (:func:`capturing`,
+:func:`capture_blocks`) that the Jacobian passes, ``analyze``, ``spectrum`` and ``paths``
+run: all of them see the same ``x`` and ``y`` of a block.
 
 The default rule
 ----------------
@@ -37,7 +37,9 @@ Also here: the input aliases that make ``g_x`` the gradient through one block
 edges for the Jacobian passes), and the stack rule (:func:`continues`,
 :func:`stack_labels`): a block continues the stack of the block before it when its
 input is computed from that block's output, found by a bounded walk back through the
-input's autograd graph (:func:`reaches`).
+input's autograd graph (:func:`reaches`). :func:`capturing` runs a forward pass with
+every named block's input replaced by :func:`alias_pinned` and its output found by
+:func:`find_output`, and yields a :class:`BlockCapture` per block, stacks labelled.
 """
 
 from __future__ import annotations

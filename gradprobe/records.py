@@ -71,7 +71,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
 #: Signal propagation columns (Brock et al. 2021; see ``metrics.py``): per-channel moments of the output.
 SIGNAL_COLUMNS: tuple[str, ...] = ("chan_mean_sq", "chan_var", "branch_var")
 
-#: Jacobian columns (see ``jacobian.py``); NaN on steps where they were not computed.
+#: Jacobian columns (see ``jacobian/estimate.py``); NaN on steps where they were not computed.
 JACOBIAN_COLUMNS: tuple[str, ...] = ("jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec", "jac_batch")
 
 #: Book-keeping columns: how many calls of the block were pooled into the row, and the
@@ -90,7 +90,7 @@ _FORMAT_VERSION = 1
 
 
 #: One line per column: what it measures. The README's glossary and the HTML report show these.
-#: The formulas live in ``metrics.py`` (gradient/identity columns) and ``jacobian.py``.
+#: The formulas live in ``metrics.py`` (gradient/identity columns) and ``jacobian/estimate.py``.
 GLOSSARY: dict[str, str] = {
     "step": "training step (each backward pass, or each explicit probe.step()); only recorded steps appear",
     "block": "qualified module name of the block, as in model.named_modules()",
