@@ -510,9 +510,19 @@ def continues(x: Tensor, previous_output: Any) -> bool:
     >>> continues(y + 1, y.grad_fn), continues(a.detach(), y.grad_fn)
     (True, False)
     """
-    if x.grad_fn is None:
+    return node_continues(x.grad_fn, previous_output)
+
+
+def node_continues(start: Any, previous_output: Any) -> bool:
+    """:func:`continues` for an autograd node ``start`` (None: no graph) instead of a tensor.
+
+    >>> a = torch.ones(2, requires_grad=True); y = a * 2
+    >>> node_continues((y + 1).grad_fn, y.grad_fn), node_continues(None, y.grad_fn)
+    (True, False)
+    """
+    if start is None:
         return previous_output is None
-    return reaches(x.grad_fn, previous_output) is not False
+    return reaches(start, previous_output) is not False
 
 
 # ---------------------------------------------------------------------- capturing blocks in one pass

@@ -56,7 +56,7 @@ from torch import nn
 
 from .analysis import preserved, projection_loss
 from .blocks import BlockSpec, select_blocks, shortcut_modules
-from .capture import BlockCapture, capturing, reaches, stack_labels
+from .capture import BlockCapture, capturing, node_continues, stack_labels
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,8 +83,9 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
     """Group the captured blocks of one forward pass (in forward order) into chains.
 
     Block i continues block i-1's stack when its input is reachable in the autograd graph
-    from block i-1's output; otherwise it starts a new stack (an encoder and a decoder
-    are two stacks). Blocks whose output has no graph are left out.
+    from block i-1's output (:func:`gradprobe.capture.continues`, the probe's rule);
+    otherwise it starts a new stack (an encoder and a decoder are two stacks). Blocks whose
+    output has no graph are left out.
 
     >>> x = torch.randn(2, 3, requires_grad=True)
     >>> a = BlockCapture("a", x, 2 * x, same_shape=True)
@@ -97,8 +98,8 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
     for cap in caps:
         if cap.y_edge is None and not cap.y.requires_grad:
             continue
-        # the walk of capture.reaches, the probe's stack rule; a graph it cannot tell starts a new stack
-        if stacks and reaches(_node(cap.input), _node(stacks[-1][-1].output)):
+        # the probe's stack rule (capture.continues): a graph too large to tell continues the stack
+        if stacks and node_continues(_node(cap.input), _node(stacks[-1][-1].output)):
             stacks[-1].append(cap)
         else:
             stacks.append([cap])
