@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the names as the type checker and IDEs see them
     from .blocks import select_blocks
     from .experiment import compare
     from .jacobian import spectrum
-    from .paths import paths
+    from .path_lengths import paths, paths_summary
     from .probe import Probe, attach, every_n
     from .records import Run, load
     from .reporting import report
@@ -38,7 +38,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "spectrum": ("jacobian", "spectrum"),
     "compare": ("experiment", "compare"),
     "report": ("reporting", "report"),
-    "paths": ("paths", None),  # the module, callable as the function paths() (and .summary)
+    "paths": ("path_lengths", "paths"),
+    "paths_summary": ("path_lengths", "paths_summary"),
     "load": ("records", "load"),
     "Run": ("records", "Run"),
     "select_blocks": ("blocks", "select_blocks"),
@@ -65,6 +66,7 @@ __all__ = [
     "metrics",
     "models",
     "paths",
+    "paths_summary",
     "plot",
     "report",
     "select_blocks",

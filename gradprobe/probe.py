@@ -1108,7 +1108,7 @@ class Probe:
             return
         self._paths_step = self._step
         try:
-            from .paths import sub_batch_decomposition
+            from .path_lengths import sub_batch_decomposition
 
             named = [(n, self._modules[n]) for n in self.blocks]
             k = self._jacobian_options["sub_batch"]

@@ -70,7 +70,7 @@ def _effective_lengths(paths: pd.DataFrame | None, model: str) -> dict[str, floa
     nan = {"effective_length_init": math.nan, "effective_length_end": math.nan}
     if paths is None or not len(paths):
         return nan
-    from .paths import summary as path_summary
+    from .path_lengths import paths_summary as path_summary
 
     part = paths[paths["model"].astype(str) == model] if "model" in paths.columns else paths
     if not len(part):
