@@ -3,7 +3,7 @@
 Accuracy: a small CIFAR-style ResNet (BatchNorm in training mode, float64) whose
 block and product Jacobians are small enough to build densely; the estimates of
 ``gradprobe.jacobian.jacobian_columns`` are compared with the exact values
-(``exact_columns``: dense Jacobians from the same graph, float64 SVD).
+(``exact_columns`` of ``tests/reference.py``: dense Jacobians from the same graph, float64 SVD).
 
 Cost: the time of one ``jacobian_columns`` call on a CIFAR ResNet (default
 ResNet-56, float32, training mode) for several settings, next to the time of a
@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from gradprobe.jacobian import capture_blocks, exact_columns, jacobian_columns
+from gradprobe.jacobian import capture_blocks, jacobian_columns
 from gradprobe.models import resnet_cifar
+
+# The exact dense references are the tests' oracle; this benchmark reads them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import exact_columns
 
 COST_CONFIGS: dict[str, dict] = {
     "fro, probes=1": {"probes": 1, "spec": False},

@@ -46,7 +46,7 @@ def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) 
 
 
 def measure_paths(depth: int, batch: int, repeats: int, batched: bool) -> None:
-    paths_module = importlib.import_module("gradprobe.paths")
+    paths_module = importlib.import_module("gradprobe.path_lengths")
     gen = torch.Generator().manual_seed(0)
     model = resnet_cifar(depth, generator=torch.Generator().manual_seed(0))
     x = torch.randn(batch, 3, 32, 32, generator=gen)

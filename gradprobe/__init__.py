@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:  # the names as the type checker and IDEs see them
-    from . import data, export, metrics, models, plot, testing
+    from . import data, export, metrics, models, plot, summary, testing
     from .analysis import analyze
     from .blocks import select_blocks
     from .config import JacobianOptions, ProbeConfig
     from .experiment import compare
     from .jacobian import spectrum
-    from .paths import paths
+    from .path_lengths import paths, paths_summary
     from .probe import Probe, attach, every_n
     from .records import Run, load
-    from .report import report
+    from .reporting import report
 
 # public name -> (submodule, attribute); None as attribute means the submodule itself
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -40,8 +40,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "analyze": ("analysis", "analyze"),
     "spectrum": ("jacobian", "spectrum"),
     "compare": ("experiment", "compare"),
-    "report": ("report", "report"),
-    "paths": ("paths", None),  # the module, callable as the function paths() (and .summary)
+    "report": ("reporting", "report"),
+    "paths": ("path_lengths", "paths"),
+    "paths_summary": ("path_lengths", "paths_summary"),
     "load": ("records", "load"),
     "Run": ("records", "Run"),
     "select_blocks": ("blocks", "select_blocks"),
@@ -50,6 +51,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "testing": ("testing", None),
     "plot": ("plot", None),
     "metrics": ("metrics", None),
+    "summary": ("summary", None),  # the module: gradprobe.summary.summary(frame, scalars, paths)
     "export": ("export", None),
 }
 
@@ -69,10 +71,12 @@ __all__ = [
     "metrics",
     "models",
     "paths",
+    "paths_summary",
     "plot",
     "report",
     "select_blocks",
     "spectrum",
+    "summary",
     "testing",
 ]
 
@@ -83,8 +87,8 @@ def __getattr__(name: str) -> Any:
     module_name, attr = _LAZY[name]
     module = importlib.import_module(f".{module_name}", __name__)
     value = module if attr is None else getattr(module, attr)
-    # Importing a submodule binds it on the package under its own name; for
-    # ``report`` that would shadow the function of the same name, so bind ours last.
+    # Bound on the package, so that this runs once per name. (No public function shares its
+    # name with a submodule: the module of ``report`` is ``reporting``.)
     globals()[name] = value
     return value
 

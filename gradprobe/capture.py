@@ -1,8 +1,8 @@
 """The one rule that finds a block's input and output tensors, and the aliases that capture them.
 
-Used by the probe's hooks, the Jacobian passes (``jacobian._capturing``: sub-batch
-recomputation, ``capture_blocks``, ``spectrum``) and so by ``analyze``: all of them
-see the same ``x`` and ``y`` of a block.
+Used by the probe's hooks and by the one-pass block capture here (:func:`capturing`,
+:func:`capture_blocks`) that the Jacobian passes, ``analyze``, ``spectrum`` and ``paths``
+run: all of them see the same ``x`` and ``y`` of a block.
 
 The default rule
 ----------------
@@ -37,7 +37,9 @@ Also here: the input aliases that make ``g_x`` the gradient through one block
 edges for the Jacobian passes), and the stack rule (:func:`continues`,
 :func:`stack_labels`): a block continues the stack of the block before it when its
 input is computed from that block's output, found by a bounded walk back through the
-input's autograd graph (:func:`reaches`).
+input's autograd graph (:func:`reaches`). :func:`capturing` runs a forward pass with
+every named block's input replaced by :func:`alias_pinned` and its output found by
+:func:`find_output`, and yields a :class:`BlockCapture` per block, stacks labelled.
 """
 
 from __future__ import annotations
@@ -45,11 +47,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeGuard, Union
 
 import torch
+from torch import nn
+
+from ._tensors import in_backward
 
 Tensor = torch.Tensor
 
@@ -404,9 +411,9 @@ def alias_pinned(x: Tensor) -> Pending:
     (True, False)
     """
     if x.requires_grad:
-        alias = x.view_as(x)
+        alias = alias_view(x)
         return Pending(alias, gradient_edge(alias), gradient_edge(x), alias._version)
-    leaf = x.detach().requires_grad_(True)
+    leaf = alias_view(x)
     alias = leaf.clone()
     return Pending(alias, leaf, leaf, alias._version)
 
@@ -503,6 +510,219 @@ def continues(x: Tensor, previous_output: Any) -> bool:
     >>> continues(y + 1, y.grad_fn), continues(a.detach(), y.grad_fn)
     (True, False)
     """
-    if x.grad_fn is None:
+    return node_continues(x.grad_fn, previous_output)
+
+
+def node_continues(start: Any, previous_output: Any) -> bool:
+    """:func:`continues` for an autograd node ``start`` (None: no graph) instead of a tensor.
+
+    >>> a = torch.ones(2, requires_grad=True); y = a * 2
+    >>> node_continues((y + 1).grad_fn, y.grad_fn), node_continues(None, y.grad_fn)
+    (True, False)
+    """
+    if start is None:
         return previous_output is None
-    return reaches(x.grad_fn, previous_output) is not False
+    return reaches(start, previous_output) is not False
+
+
+# ---------------------------------------------------------------------- capturing blocks in one pass
+# What autograd accepts as an input or output: a tensor, or a GradientEdge pinned before an in-place op.
+GradNode = Tensor | Any
+
+
+@dataclass
+class BlockCapture:
+    """One block's input and output, as seen inside the live forward graph.
+
+    ``x`` is an alias of the block's input created right before the block ran
+    (``x.view_as(x)``, or a fresh leaf requiring grad for an input that does not),
+    so gradients with respect to it flow through this block only; ``y`` is the
+    block's first output tensor. ``x_edge`` and ``y_edge``, when given
+    (``torch.autograd.graph.get_gradient_edge(t)``), are used by autograd instead
+    of the tensors, which matters when an in-place operation modifies them:
+
+    * ``y_edge``: the edge of y taken when the block returned; it stays right when
+      y is modified in place afterwards (a ``ReLU(inplace=True)`` after the block).
+    * ``x_edge``: if the block modified its input in place (``relu_`` as its first
+      op; the alias' version counter changed), autograd rebases the graph around
+      the alias' view node and no gradient reaches it any more; pass the edge of
+      the tensor the alias was made from (taken before the block ran) instead.
+      :func:`capture_blocks` does exactly this.
+
+    >>> x = torch.randn(2, 3, requires_grad=True)
+    >>> cap = BlockCapture("b", x, 2 * x, same_shape=True)
+    >>> cap.name, cap.same_shape
+    ('b', True)
+    """
+
+    name: str
+    x: Tensor
+    y: Tensor
+    same_shape: bool
+    x_edge: Any = None
+    y_edge: Any = None
+    stack: str = ""  # the chain the block belongs to: products run to the last capture of its stack
+
+    @property
+    def input(self) -> GradNode:
+        """What autograd differentiates with respect to: ``x_edge`` if given, else ``x``."""
+        return self.x if self.x_edge is None else self.x_edge
+
+    @property
+    def output(self) -> GradNode:
+        """What autograd differentiates: ``y_edge`` if given, else ``y``."""
+        return self.y if self.y_edge is None else self.y_edge
+
+
+class _StopForward(BaseException):
+    """Raised in the end block's forward hook: nothing after it is needed.
+
+    A BaseException, so that a model's own ``except Exception`` cannot swallow it.
+    """
+
+
+def forward_call(model: nn.Module, inputs: Any) -> Callable[[], Any]:
+    """The forward call ``model(*inputs)`` (``inputs``: a tuple of arguments or one tensor)."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    return lambda: model(*args)
+
+
+def run_capturing(
+    forward: Callable[[], Any],
+    named: Sequence[tuple[str, nn.Module]],
+    *,
+    start: str | None = None,
+    stop_after: str | None = None,
+    rules: Mapping[str, Rule] | None = None,
+) -> tuple[Any, list[BlockCapture]]:
+    """Run ``forward()`` once; capture (input alias, output) of each named block's first call.
+
+    Every hook is gone on return, so a checkpointed block cannot be recomputed from these
+    captures; :func:`capturing` keeps the recomputation alike while it is open.
+    """
+    with capturing(forward, named, start=start, stop_after=stop_after, rules=rules) as got:
+        return got
+
+
+@contextmanager
+def capturing(
+    forward: Callable[[], Any],
+    named: Sequence[tuple[str, nn.Module]],
+    *,
+    start: str | None = None,
+    stop_after: str | None = None,
+    rules: Mapping[str, Rule] | None = None,
+) -> Iterator[tuple[Any, list[BlockCapture]]]:
+    """Run ``forward()`` once; yield (output, captures of each named block's first call).
+
+    Inputs and outputs are found by :mod:`gradprobe.capture` (``rules``: per-block
+    overrides, as the probe's ``input=``/``output=``). With ``start``, only that block's
+    input is replaced (the first block called if ``start`` is ``"*first*"``), later
+    blocks keep their graph inputs (their captured x is then the plain input). With
+    ``stop_after``, the forward is aborted once that block has returned (output
+    ``None``). Until the block closes, a block that activation checkpointing recomputes
+    during a backward pass gets its input replaced the same way again:
+    ``torch.utils.checkpoint`` insists on the same graph.
+    """
+    caps: dict[str, BlockCapture] = {}
+    pending: dict[str, Pending] = {}
+    order: list[str] = []
+    handles = []
+    replaced: set[str] = set()  # blocks whose input this pass replaced by an alias
+    state = {"started": start is None}
+    rule = dict(rules or {})
+    linked: dict[str, bool] = {}  # stacks, as the probe detects them (capture.continues)
+
+    def pre(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if name in caps or name in pending:
+            return None  # weight sharing: the first call only
+        found = locate_input(args, kwargs, rule.get(name, DEFAULT).input, module)
+        if found is None:
+            return None
+        x, where = found
+        if order and caps[order[-1]].y_edge is not None:
+            linked[name] = continues(x, caps[order[-1]].y_edge.node)
+        if start is not None and not state["started"]:
+            if start not in ("*first*", name):
+                return None
+            state["started"] = True
+        elif start is not None:
+            edge = gradient_edge(x) if x.requires_grad else x
+            pending[name] = Pending(x, edge, edge, x._version)
+            return None
+        pending[name] = got = alias_pinned(x)
+        replaced.add(name)
+        return replace_input(args, kwargs, where, got.x)
+
+    def post(name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if name not in pending:
+            return
+        got = pending.pop(name)
+        y = find_output(output, rule.get(name, DEFAULT).output)
+        if y is None:
+            return
+        caps[name] = BlockCapture(
+            name,
+            got.x,
+            y,
+            same_shape=got.x.shape == y.shape,
+            x_edge=got.input_edge(),
+            y_edge=gradient_edge(y) if y.requires_grad else None,
+        )
+        order.append(name)
+        if name == stop_after:
+            raise _StopForward
+
+    for name, module in named:
+        handles.append(module.register_forward_pre_hook(partial(pre, name), with_kwargs=True))
+        handles.append(module.register_forward_hook(partial(post, name), with_kwargs=True))
+    output = None
+    try:
+        output = forward()
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    handles.clear()
+    for name, label in stack_labels(order, linked).items():
+        caps[name].stack = label
+
+    def again(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if name not in replaced or not in_backward() or not torch.is_grad_enabled():
+            return None
+        return swap_input(args, kwargs, lambda x: alias_pinned(x).x, rule.get(name, DEFAULT).input, module)
+
+    try:
+        for name, module in named:
+            handles.append(module.register_forward_pre_hook(partial(again, name), with_kwargs=True))
+        yield output, [caps[n] for n in order]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_blocks(
+    model: nn.Module, inputs: Any, blocks: Any = "auto", *, input: Any = None, output: Any = None
+) -> tuple[Any, list[BlockCapture]]:
+    """Run ``model(*inputs)`` once and capture every selected block's input alias and output.
+
+    This is what the probe does during training: each block's input is replaced by
+    an alias (``x.view_as(x)``, or a leaf requiring grad when x does not), so the
+    captures are ready for :func:`gradprobe.jacobian.jacobian_columns`. The forward pass is an ordinary
+    one (BatchNorm running statistics update, dropout draws from the global RNG);
+    hooks are removed before returning. Returns (model output, captures in forward
+    order); a block called twice is captured at its first call. ``input=``/``output=``
+    override the capture rule as in :func:`gradprobe.attach` (:mod:`gradprobe.capture`).
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
+    >>> out, caps = capture_blocks(net, torch.randn(2, 3), blocks=["0", "2"])
+    >>> [c.name for c in caps], caps[0].same_shape
+    (['0', '2'], True)
+    """
+    from .blocks import select_blocks
+
+    named = select_blocks(model, blocks)
+    given = rules([n for n, _ in named], input, output)
+    with torch.enable_grad():
+        return run_capturing(forward_call(model, inputs), named, rules=given)

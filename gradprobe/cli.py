@@ -24,9 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._format import frame_table
+
 if TYPE_CHECKING:
-    import pandas as pd
     from torch import nn
+
+    from .experiment import TrainConfig
 
 __all__ = ["build_parser", "load_factory", "main"]
 
@@ -213,46 +216,21 @@ def _default_input(model: nn.Module, batch: int, gen: Any) -> Any:
     )
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if isinstance(value, (bool,)):
-        return "yes" if value else "no"
-    if isinstance(value, (int,)) and not isinstance(value, bool):
-        return str(value)
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if math.isnan(v):
-        return "-"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}"
-
-
-def format_table(frame: pd.DataFrame, columns: Sequence[str], *, digits: int = 3) -> str:
-    """Plain-text table of ``columns`` of ``frame`` (numbers to ``digits`` significant digits, NaN as '-')."""
-    cols = [c for c in columns if c in frame.columns]
-    texts = ("model", "block", "run")
-    cells = [
-        [_fmt(v, digits) if c not in texts else str(v) for c, v in zip(cols, row, strict=True)]
-        for row in frame[cols].itertuples(index=False, name=None)
-    ]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-    left = {"model", "block", "class", "run"}
-
-    def line(values: Sequence[str]) -> str:
-        pairs = zip(values, cols, widths, strict=True)
-        return "  ".join(v.ljust(w) if c in left else v.rjust(w) for v, c, w in pairs).rstrip()
-
-    lines = [line(cols)] + [line(r) for r in cells]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- subcommands
+
+
+def _train_config(ns: argparse.Namespace, epochs: int) -> TrainConfig:
+    """The :class:`gradprobe.experiment.TrainConfig` of ``gradprobe compare``'s arguments.
+
+    The compare parser names its training options after the config's fields, so this is the
+    one place that maps them: every field the namespace holds, plus the two the CLI derives.
+    """
+    from dataclasses import fields
+
+    from .experiment import TrainConfig
+
+    given = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)}
+    return TrainConfig(**{**given, "epochs": epochs, "progress": not ns.no_progress})
 
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
@@ -295,49 +273,32 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
         run = experiment.compare(
             specs,
             ns.data,
-            epochs=epochs,
-            batch_size=ns.batch_size,
-            lr=ns.lr,
-            seed=ns.seed,
-            every=ns.every,
-            jacobian=ns.jacobian,
+            config=_train_config(ns, epochs),
             out=out,
-            warmup=ns.warmup,
-            zero_init_residual=ns.zero_init,
-            width=ns.width,
-            data_root=ns.data_root,
-            progress=not ns.no_progress,
-            command=command,
-            tensorboard=ns.tensorboard,
             overwrite=ns.force,
-            paths=not ns.no_paths,
+            data_root=ns.data_root,
+            command=command,
         )
     except (FileNotFoundError, FileExistsError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     seconds = time.perf_counter() - started
     wrote = [f"run tables in {out}/ (read with gradprobe.load)"]
     if not ns.no_report:
-        try:
-            report_module = importlib.import_module("gradprobe.report")
-        except ImportError:
-            print(
-                "gradprobe report is not available in this installation; wrote the tables only",
-                file=sys.stderr,
-            )
-        else:
-            index = report_module.report(run, out, progress=not ns.no_progress, overwrite=ns.force)
-            wrote.insert(0, f"report {index}")
+        from .reporting import report
+
+        index = report(run, out, progress=not ns.no_progress, overwrite=ns.force)
+        wrote.insert(0, f"report {index}")
     table = experiment.summary(run)
     print(f"\nTrained {len(specs)} models in {seconds:.0f} s ({torch.get_num_threads()} threads). Wrote:")
     for line in wrote:
         print(f"  {line}")
     print()
-    print(format_table(table, SUMMARY_COLUMNS))
+    print(frame_table(table, SUMMARY_COLUMNS))
     print(SUMMARY_LEGEND)
     return 0
 
 
-#: Columns of the summary ``gradprobe compare`` prints (see :func:`gradprobe.experiment.summary`).
+#: Columns of the summary ``gradprobe compare`` prints (see :func:`gradprobe.summary.summary`).
 SUMMARY_COLUMNS = (
     "model",
     "train_loss",
@@ -367,12 +328,8 @@ def _cmd_report(ns: argparse.Namespace) -> int:
         raise UsageError(
             f"no saved run at {path}; pass the folder written by gradprobe compare or Probe.save"
         )
-    try:
-        report_module = importlib.import_module("gradprobe.report")
-    except ImportError as exc:
-        print(f"error: gradprobe's report module is not available ({exc})", file=sys.stderr)
-        return 1
     from .records import load
+    from .reporting import report
 
     out = Path(ns.out) if ns.out is not None else path
     if out.exists() and not out.is_dir():
@@ -384,9 +341,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
     same = out.exists() and out.resolve() == path.resolve()
     _output_folder(out, None if same else run.meta.get("run_id"), ns.force or same, "--out")
     try:
-        index = report_module.report(
-            path if same else run, out, progress=not ns.no_progress, overwrite=ns.force
-        )
+        index = report(path if same else run, out, progress=not ns.no_progress, overwrite=ns.force)
     except (OSError, ValueError) as exc:
         raise UsageError(f"writing the report into {out} failed: {exc}") from None
     print(f"wrote {index}")
@@ -421,7 +376,7 @@ def _cmd_blocks(ns: argparse.Namespace) -> int:
         }
     )
     print(f"{type(model).__name__}: {len(selected)} blocks selected by blocks={_blocks_arg(ns)!r}")
-    print(format_table(frame, ["index", "block", "class", "params", "run"]))
+    print(frame_table(frame, ["index", "block", "class", "params", "run"]))
     return 0
 
 
@@ -449,11 +404,7 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     param = next(iter(model.parameters()), None)
     if param is not None and inputs.is_floating_point():
         inputs = inputs.to(param.dtype)
-    try:
-        analyze = importlib.import_module("gradprobe.analysis").analyze
-    except (ImportError, AttributeError) as exc:
-        print(f"error: gradprobe.analyze is not available in this installation ({exc})", file=sys.stderr)
-        return 1
+    from .analysis import analyze
     from .blocks import select_blocks
 
     blocks = _blocks_arg(ns)
@@ -478,7 +429,7 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     columns = ["index", "block", "gain", "cum_gain", "skip_grad", "branch_grad", "res_ratio", "out_rms"]
     if not ns.no_jacobian:
         columns += ["jac_fro", "jac_spec", "jac_id"]
-    print(format_table(frame, columns))
+    print(frame_table(frame, columns))
     if ns.csv:
         from .records import atomic_write
 
@@ -566,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-zero-init",
-        dest="zero_init",
+        dest="zero_init_residual",
         action="store_false",
         default=DEFAULTS["zero_init_residual"],
         help="plain He init for residual nets (default: zero-init the last BN of every residual branch)",
@@ -585,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-paths",
-        action="store_true",
+        dest="paths",
+        action="store_false",
         help="skip the path-length decomposition (default: at the first and the last step of each model)",
     )
     p.add_argument(

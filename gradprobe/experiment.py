@@ -25,7 +25,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -35,12 +35,22 @@ from torch.nn import functional as F
 from . import data as _data
 from . import models as _models
 from ._version import __version__
-from .records import MODEL_COLUMNS, Run, check_destination, new_run_id
+from .records import Run, check_destination, new_run_id
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["DEFAULTS", "DEFAULT_MODELS", "ModelSpec", "build_model", "compare", "parse_spec", "summary"]
+__all__ = [
+    "DEFAULTS",
+    "DEFAULT_MODELS",
+    "ModelSpec",
+    "TrainConfig",
+    "build_model",
+    "compare",
+    "parse_spec",
+    "summary",
+    "train_one",
+]
 
 #: The models of ``gradprobe compare`` without arguments.
 DEFAULT_MODELS: tuple[str, ...] = ("plain-20", "plain-56", "resnet-20", "resnet-56")
@@ -211,86 +221,149 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]])
 
 
-def compare(
-    models: str | Sequence[str] | Mapping[str, nn.Module] = DEFAULT_MODELS,
-    data: str | _data.Dataset = "digits",
-    *,
-    epochs: int = DEFAULTS["epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    lr: float = DEFAULTS["lr"],
-    seed: int = 0,
-    every: int = 1,
-    jacobian: bool | int = False,
-    out: str | os.PathLike[str] | None = None,
-    momentum: float = DEFAULTS["momentum"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    warmup: int = DEFAULTS["warmup"],
-    schedule: Literal["cosine", "constant"] = DEFAULTS["schedule"],
-    zero_init_residual: bool = DEFAULTS["zero_init_residual"],
-    width: int | None = None,
-    blocks: Any = "auto",
-    jacobian_options: Mapping[str, Any] | None = None,
-    data_root: str | os.PathLike[str] | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    command: str | None = None,
-    callback: Callable[[str, nn.Module], None] | None = None,
-    tensorboard: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-    paths: bool | int = True,
-) -> Run:
-    """Train plain and residual nets on the same data with a probe attached; return their tables as a Run.
+@dataclass(frozen=True)
+class TrainConfig:
+    """How :func:`compare` and :func:`train_one` train each model: checked once, when it is built.
 
-    Args:
-        models: spec strings (``"plain-56"``, ``"resnet-56"``, ``"plain-mlp-30"``,
-            ``"resnet-mlp-30"``; see :func:`parse_spec`) or a dict name -> module.
-        data: ``"digits"`` (default), ``"synthetic"``, ``"cifar10"`` (with ``data_root``
-            or as ``"cifar10:FOLDER"``) or a :class:`gradprobe.data.Dataset`.
-        epochs, batch_size, lr, momentum, weight_decay: SGD with momentum on the
-            cross-entropy loss. The learning rate warms up linearly over ``warmup``
-            steps, then follows ``schedule`` (cosine decay to 0, or constant).
+    SGD with momentum on the cross-entropy loss; the learning rate warms up linearly over
+    ``warmup`` steps to ``lr``, then follows ``schedule`` (cosine decay to 0, or constant).
+    Defaults: :data:`DEFAULTS`.
+
+    Attributes:
+        epochs, batch_size, lr, momentum, weight_decay, warmup, schedule: the optimisation.
         seed: seeds the weights of spec models and the data order (the same for every model).
+        zero_init_residual: zero the last BN scale of each residual branch of spec
+            models, so every identity block starts as exactly the identity.
+        width: width of spec models (default 16 channels for CNNs, 128 units for MLPs).
         every: record every ``every``-th step (see :func:`gradprobe.attach`).
+        blocks: which blocks to probe (``blocks=`` of :func:`gradprobe.attach`).
         jacobian: add the Jacobian columns. ``True``: at the first and the last recorded
             step of each model (initialisation and end of training), spectral columns
             included; an int N: every N-th recorded step, with the defaults of
             :func:`gradprobe.attach` (spectral columns on every 20th of those steps).
         jacobian_options: passed to :func:`gradprobe.attach` (``probes``, ``prod_spec``, ...).
-        out: save the run into this folder (read it back with :func:`gradprobe.load`). It is
-            checked before training (a writable folder, not holding another run unless
-            ``overwrite=True``), so a bad ``out`` never costs a training run.
-        zero_init_residual: zero the last BN scale of each residual branch of spec
-            models, so every identity block starts as exactly the identity.
-        width: width of spec models (default 16 channels for CNNs, 128 units for MLPs).
-        blocks: which blocks to probe (``blocks=`` of :func:`gradprobe.attach`).
+        paths: the path-length decomposition (:func:`gradprobe.paths`, on the Jacobian
+            sub-batch): ``True`` at the first and the last recorded step of each model,
+            an int N every N-th recorded step, ``False`` never.
+        device: where the models train.
         progress: show a tqdm progress bar per model (epoch, loss, ETA) on stderr.
-        command: the command line stored in the run's metadata (default: ``sys.argv``).
-        callback: called as ``callback(name, model)`` after each model has trained.
         tensorboard: stream each model's ``gradprobe/<column>/<block>`` scalars (``cum_gain``,
             ``gain``, ``res_ratio``), summaries and training curves into this TensorBoard log
             folder while it trains, one subfolder per model (see :mod:`gradprobe.export`).
-        paths: the path-length decomposition (:func:`gradprobe.paths`, on the Jacobian
-            sub-batch): ``True`` (default) at the first and the last recorded step of each
-            model, an int N every N-th recorded step, ``False`` never. ``run.paths()`` holds it.
 
-    The run's ``frame()`` is the probes' frames with ``model``, ``depth`` and
-    ``residual`` columns first; ``scalars()`` has one row per step with model,
-    depth, residual, step, epoch, train_loss and train_acc (of the step's batch, in
-    training mode), test_acc (measured after the last step of each epoch, NaN
-    elsewhere) and lr. Dict models keep their own weights (and are trained in
-    place), get the inputs in the dataset's own shape (images for digits), and take
-    ``depth``/``residual`` from the model's attributes of those names, else the
-    number of probed blocks and whether the name starts with "plain".
-
-    >>> run = compare(["plain-mlp-4", "resnet-mlp-4"], "synthetic", epochs=1, progress=False)
-    >>> run.models, sorted(run.frame()["block"].unique())
-    (['plain-mlp-4', 'resnet-mlp-4'], ['blocks.0', 'blocks.1'])
+    >>> TrainConfig(epochs=2, lr=0.1).batch_size
+    128
+    >>> TrainConfig(schedule="step")
+    Traceback (most recent call last):
+    ...
+    ValueError: schedule must be 'cosine' or 'constant', got 'step'
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
 
-    from .probe import attach
+    epochs: int = DEFAULTS["epochs"]
+    batch_size: int = DEFAULTS["batch_size"]
+    lr: float = DEFAULTS["lr"]
+    momentum: float = DEFAULTS["momentum"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    warmup: int = DEFAULTS["warmup"]
+    schedule: Literal["cosine", "constant"] = DEFAULTS["schedule"]
+    seed: int = 0
+    zero_init_residual: bool = DEFAULTS["zero_init_residual"]
+    width: int | None = None
+    every: int = 1
+    blocks: Any = "auto"
+    jacobian: bool | int = False
+    jacobian_options: Mapping[str, Any] | None = None
+    paths: bool | int = True
+    device: str | torch.device = "cpu"
+    progress: bool = True
+    tensorboard: str | os.PathLike[str] | None = None
 
+    def __post_init__(self) -> None:
+        for name, value, minimum in (
+            ("epochs", self.epochs, 1),
+            ("batch_size", self.batch_size, 1),
+            ("every", self.every, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a number of steps >= 0, got {self.warmup!r}")
+        for name, number in (
+            ("lr", self.lr),
+            ("momentum", self.momentum),
+            ("weight_decay", self.weight_decay),
+        ):
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+                raise ValueError(f"{name} must be a finite number, got {number!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"momentum and weight_decay must be >= 0, got {self.momentum} and {self.weight_decay}"
+            )
+        for name, value in (("jacobian", self.jacobian), ("paths", self.paths)):
+            if not isinstance(value, int) or (not isinstance(value, bool) and value < 1):
+                raise ValueError(f"{name} must be True, False or a positive int, got {value!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.width is not None and (
+            isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1
+        ):
+            raise ValueError(f"width must be a positive int (or None for the default), got {self.width!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.jacobian_options is not None and not isinstance(self.jacobian_options, Mapping):
+            raise ValueError(
+                f"jacobian_options must be a mapping, got {type(self.jacobian_options).__name__}"
+            )
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device {self.device!r} is not a torch device ({exc})") from None
+
+    @classmethod
+    def of(cls, config: TrainConfig | None = None, **options: Any) -> TrainConfig:
+        """``config`` (default: the defaults) with ``options`` replaced; unknown names are a TypeError.
+
+        >>> TrainConfig.of(TrainConfig(epochs=3), lr=0.1).epochs
+        3
+        """
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(
+                f"unknown training options {unknown}; the options are the fields of TrainConfig: "
+                f"{', '.join(f.name for f in fields(cls))}"
+            )
+        return replace(config or cls(), **options)
+
+    def probe_options(self, total: int) -> dict[str, Any]:
+        """Keyword arguments of :func:`gradprobe.attach` for a run of ``total`` steps.
+
+        ``True`` for ``jacobian``/``paths`` becomes "every (recorded steps - 1)-th recorded step":
+        the first and the last one.
+
+        >>> TrainConfig(jacobian=True, paths=False).probe_options(10)["jacobian"]
+        9
+        """
+        recorded = len(range(0, total, self.every))
+        options = dict(self.jacobian_options or {})
+        if self.jacobian is True:
+            # Two Jacobian steps only (initialisation, end): both get the spectral columns,
+            # not just the first as under the probe's every-20th-Jacobian-step default.
+            options.setdefault("spec", True)
+        return {
+            "every": self.every,
+            "jacobian": max(1, recorded - 1) if self.jacobian is True else self.jacobian,
+            "probes": options.pop("probes", 4),
+            "jacobian_options": options or None,
+            "paths": max(1, recorded - 1) if self.paths is True else self.paths,
+        }
+
+
+def _entries(
+    models: str | Sequence[str] | Mapping[str, nn.Module],
+) -> list[tuple[str, ModelSpec | None, nn.Module | None]]:
+    """(name, spec, given module) per model of :func:`compare`'s ``models``, checked."""
     if isinstance(models, str):
         models = [models]
     if isinstance(models, Mapping):
@@ -300,187 +373,270 @@ def compare(
                 raise TypeError(f"models[{name!r}] is a {type(module).__name__}, not a torch.nn.Module")
             entries.append((str(name), None, module))
     else:
-        specs = [parse_spec(s) for s in models]
-        entries = [(s.name, s, None) for s in specs]
+        entries = [(s.name, s, None) for s in map(parse_spec, models)]
     if not entries:
         raise ValueError("compare() needs at least one model")
     names = [e[0] for e in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
-    for name, value, minimum in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("every", every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a number of steps >= 0, got {warmup!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    if isinstance(jacobian, int) and not isinstance(jacobian, bool) and jacobian < 1:
-        raise ValueError(f"jacobian must be True, False or a positive int, got {jacobian!r}")
-    if isinstance(paths, int) and not isinstance(paths, bool) and paths < 1:
-        raise ValueError(f"paths must be True, False or a positive int, got {paths!r}")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-        raise ValueError(f"width must be a positive int (or None for the default), got {width!r}")
-    run_id = new_run_id()
-    if out is not None:  # before training: a bad folder must not cost the results
-        check_destination(out, run_id, overwrite=overwrite)
+    return entries
 
-    dev = torch.device(device)
-    # the split stays fixed (seed 0) whatever the training seed: seeds vary training, not the data
-    image_data = _data.load(data, root=data_root)
-    flat_data = image_data.flat()
-    started = time.perf_counter()
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    frames: list[pd.DataFrame] = []
-    scalar_frames: list[pd.DataFrame] = []
-    per_model: dict[str, dict[str, Any]] = {}
-    path_frames: list[pd.DataFrame] = []
 
-    for name, spec, given in entries:
-        ds = flat_data if spec is not None and spec.family == "mlp" else image_data
-        if given is None:
-            assert spec is not None
-            model = build_model(spec, ds, seed=seed, zero_init_residual=zero_init_residual, width=width)
-        else:
-            model = given
-        model.to(dev).train()
-        # the same data order for every model, so the comparison differs only in the model
-        order = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-        n = ds.n_train
-        steps_per_epoch = len(_batches(n, batch_size, torch.arange(n)))
-        total = epochs * steps_per_epoch
-        recorded = len(range(0, total, every))
-        jac: bool | int = max(1, recorded - 1) if jacobian is True else jacobian
-        pth: bool | int = max(1, recorded - 1) if paths is True else paths
-        test_acc: dict[int, float] = {}
-        t0 = time.perf_counter()
-        bar = tqdm(
-            total=total, desc=f"{name:>14}", unit="step", disable=not progress, leave=True, dynamic_ncols=True
-        )
-        stream = _tensorboard_stream(tensorboard, name)
-        try:
-            options = dict(jacobian_options or {})
-            if jacobian is True:
-                # Two Jacobian steps only (initialisation, end): both get the spectral columns,
-                # not just the first as under the probe's every-20th-Jacobian-step default.
-                options.setdefault("spec", True)
-            probes = options.pop("probes", 4)
-            with attach(
-                model,
-                blocks,
-                every=every,
-                jacobian=jac,
-                probes=probes,
-                jacobian_options=options or None,
-                paths=pth,
-            ) as probe:
-                step = 0
-                for epoch in range(epochs):
-                    perm = torch.randperm(n, generator=order)
-                    epoch_loss = 0.0
-                    last_step = step
-                    for idx in _batches(n, batch_size, perm):
-                        rate = _lr_at(step, lr=lr, warmup=warmup, total=total, schedule=schedule)
-                        for group in optimizer.param_groups:
-                            group["lr"] = rate
-                        xb, yb = ds.x_train[idx].to(dev), ds.y_train[idx].to(dev)
-                        logits = model(xb)
-                        loss = F.cross_entropy(logits, yb)
-                        last_step = probe.current_step
-                        loss_value = float(loss.detach())
-                        probe.log(
-                            epoch=epoch,
-                            train_loss=loss_value,
-                            train_acc=float((logits.detach().argmax(1) == yb).float().mean()),
-                            lr=rate,
-                        )
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        if stream is not None:
-                            stream.update(probe)
-                            stream.scalars(last_step, train_loss=loss_value, lr=rate)
-                        epoch_loss += loss_value
-                        step += 1
-                        bar.update(1)
-                    test_acc[last_step] = _accuracy(model, ds.x_test, ds.y_test, 512, dev)
-                    if stream is not None:
-                        stream.scalars(last_step, test_acc=test_acc[last_step])
-                    bar.set_postfix_str(
-                        f"epoch {epoch + 1}/{epochs} loss {epoch_loss / steps_per_epoch:.4f} "
-                        f"test acc {test_acc[last_step]:.3f}"
+def train_one(
+    model: nn.Module, data: _data.Dataset, config: TrainConfig | None = None, *, name: str = "model"
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Train ``model`` on ``data`` as ``config`` says, with a probe attached; return its tables.
+
+    The model is trained in place, in training mode, on ``data`` as it is (flatten it with
+    :meth:`gradprobe.data.Dataset.flat` for an MLP). The data order is drawn from a generator
+    seeded with ``config.seed``; the global RNG is never touched.
+
+    Returns ``(frame, scalars, info)``: the probe's frame; one row per step with step, epoch,
+    train_loss and train_acc (of the step's batch, in training mode), test_acc (after the last
+    step of each epoch, NaN elsewhere) and lr; and a dict with ``blocks`` (probed block names),
+    ``parameters``, ``model_class``, ``seconds`` and ``paths`` (the probe's path-length table).
+    ``name`` labels the progress bar and the TensorBoard subfolder.
+
+    >>> ds = _data.synthetic(shape=(6,), num_classes=3)
+    >>> model = build_model("resnet-mlp-4", ds)
+    >>> frame, scalars, info = train_one(model, ds, TrainConfig(epochs=1, progress=False))
+    >>> info["blocks"], len(scalars), frame["step"].nunique()
+    (['blocks.0', 'blocks.1'], 2, 2)
+    """
+    from tqdm.auto import tqdm
+
+    from .probe import attach
+
+    config = config or TrainConfig()
+    dev = torch.device(config.device)
+    model.to(dev).train()
+    # the same data order for every model, so a comparison differs only in the model
+    order = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    n, epochs = data.n_train, config.epochs
+    steps_per_epoch = len(_batches(n, config.batch_size, torch.arange(n)))
+    total = epochs * steps_per_epoch
+    test_acc: dict[int, float] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=total,
+        desc=f"{name:>14}",
+        unit="step",
+        disable=not config.progress,
+        leave=True,
+        dynamic_ncols=True,
+    )
+    stream = _tensorboard_stream(config.tensorboard, name)
+    try:
+        with attach(model, config.blocks, **config.probe_options(total)) as probe:
+            step = 0
+            for epoch in range(epochs):
+                perm = torch.randperm(n, generator=order)
+                epoch_loss = 0.0
+                last_step = step
+                for idx in _batches(n, config.batch_size, perm):
+                    rate = _lr_at(
+                        step, lr=config.lr, warmup=config.warmup, total=total, schedule=config.schedule
                     )
-                frame = probe.frame()
-                scalars = probe.scalars()
-                path_frame = probe.paths_frame()
-                block_names = probe.blocks
+                    for group in optimizer.param_groups:
+                        group["lr"] = rate
+                    xb, yb = data.x_train[idx].to(dev), data.y_train[idx].to(dev)
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, yb)
+                    last_step = probe.current_step
+                    loss_value = float(loss.detach())
+                    probe.log(
+                        epoch=epoch,
+                        train_loss=loss_value,
+                        train_acc=float((logits.detach().argmax(1) == yb).float().mean()),
+                        lr=rate,
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if stream is not None:
+                        stream.update(probe)
+                        stream.scalars(last_step, train_loss=loss_value, lr=rate)
+                    epoch_loss += loss_value
+                    step += 1
+                    bar.update(1)
+                test_acc[last_step] = _accuracy(model, data.x_test, data.y_test, 512, dev)
                 if stream is not None:
-                    stream.update(probe)
-        finally:
-            bar.close()
+                    stream.scalars(last_step, test_acc=test_acc[last_step])
+                bar.set_postfix_str(
+                    f"epoch {epoch + 1}/{epochs} loss {epoch_loss / steps_per_epoch:.4f} "
+                    f"test acc {test_acc[last_step]:.3f}"
+                )
+            frame, scalars, path_frame, block_names = (
+                probe.frame(),
+                probe.scalars(),
+                probe.paths_frame(),
+                probe.blocks,
+            )
             if stream is not None:
-                stream.close()
-        seconds = time.perf_counter() - t0
-        depth, residual = _describe(name, model, spec, len(block_names))
-        scalars["test_acc"] = scalars["step"].map(test_acc).astype("float64")
-        scalars = scalars[["step", "epoch", "train_loss", "train_acc", "test_acc", "lr"]]
-        for table in (frame, scalars, path_frame):
-            table.insert(0, "model", name)
-            table.insert(1, "depth", int(depth))
-            table.insert(2, "residual", bool(residual))
-        frames.append(frame)
-        scalar_frames.append(scalars)
-        path_frames.append(path_frame)
-        per_model[name] = {
-            "depth": int(depth),
-            "residual": bool(residual),
-            "blocks": block_names,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "spec": spec.name if spec is not None else None,
-            "seconds": round(seconds, 2),
-        }
-        if callback is not None:
-            callback(name, model)
+                stream.update(probe)
+    finally:
+        bar.close()
+        if stream is not None:
+            stream.close()
+    scalars["test_acc"] = scalars["step"].map(test_acc).astype("float64")
+    scalars = scalars[["step", "epoch", "train_loss", "train_acc", "test_acc", "lr"]]
+    info: dict[str, Any] = {
+        "blocks": block_names,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "seconds": round(time.perf_counter() - t0, 2),
+        "paths": path_frame,
+    }
+    return frame, scalars, info
 
-    frame = pd.concat(frames, ignore_index=True)
-    scalars = pd.concat(scalar_frames, ignore_index=True)
+
+def _label(table: pd.DataFrame, name: str, depth: int, residual: bool) -> pd.DataFrame:
+    """``table`` with the ``model``, ``depth`` and ``residual`` columns first."""
+    table.insert(0, "model", name)
+    table.insert(1, "depth", int(depth))
+    table.insert(2, "residual", bool(residual))
+    return table
+
+
+def _train_entry(
+    name: str, spec: ModelSpec | None, given: nn.Module | None, data: _data.Dataset, config: TrainConfig
+) -> tuple[nn.Module, tuple[pd.DataFrame, ...], dict[str, Any]]:
+    """Build (or take) one model of :func:`compare` and train it: the model, its labelled tables, its info."""
+    if given is None:
+        assert spec is not None
+        model = build_model(
+            spec, data, seed=config.seed, zero_init_residual=config.zero_init_residual, width=config.width
+        )
+    else:
+        model = given
+    frame, scalars, info = train_one(model, data, config, name=name)
+    depth, residual = _describe(name, model, spec, len(info["blocks"]))
+    tables = tuple(_label(t, name, depth, residual) for t in (frame, scalars, info.pop("paths")))
+    seconds = info.pop("seconds")
+    spec_name = spec.name if spec is not None else None
+    return (
+        model,
+        tables,
+        {"depth": depth, "residual": residual, **info, "spec": spec_name, "seconds": seconds},
+    )
+
+
+def _gather(tables: Sequence[tuple[pd.DataFrame, ...]]) -> tuple[pd.DataFrame, ...]:
+    """One frame, scalars and paths table from the labelled tables of each model."""
+    import pandas as pd
+
+    frame, scalars, paths = (pd.concat(parts, ignore_index=True) for parts in zip(*tables, strict=True))
     frame = frame.astype({"model": "object", "depth": "int64", "residual": "bool"})
     scalars = scalars.astype({"model": "object", "depth": "int64", "residual": "bool", "epoch": "int64"})
-    meta = {
+    return frame, scalars, paths
+
+
+def _run_meta(
+    config: TrainConfig,
+    data: _data.Dataset,
+    model_info: dict[str, dict[str, Any]],
+    *,
+    run_id: str,
+    created: str,
+    started: float,
+    command: str | None,
+) -> dict[str, Any]:
+    """The ``meta`` of a compare run: what ran, on what, how, and how long."""
+    return {
         "kind": "compare",
         "run_id": run_id,
         "gradprobe_version": __version__,
         "torch_version": torch.__version__,
         "created": created,
-        "seed": seed,
+        "seed": config.seed,
         "command": command if command is not None else _command_line(),
-        "models": names,
-        "model_info": per_model,
-        "data": image_data.name,
-        "data_shape": list(image_data.input_shape),
-        "n_train": image_data.n_train,
-        "n_test": image_data.n_test,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "warmup": warmup,
-        "schedule": schedule,
-        "zero_init_residual": zero_init_residual,
-        "width": width,
-        "every": every,
-        "jacobian": jacobian,
-        "paths": paths,
-        "device": str(dev),
+        "models": list(model_info),
+        "model_info": model_info,
+        "data": data.name,
+        "data_shape": list(data.input_shape),
+        "n_train": data.n_train,
+        "n_test": data.n_test,
+        **{key: getattr(config, key) for key in _META_OPTIONS},
+        "device": str(torch.device(config.device)),
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    path_table = pd.concat(path_frames, ignore_index=True) if paths else None
-    run = Run(frame, scalars, meta, paths=path_table)
+
+
+#: The TrainConfig fields a compare run records in its meta, in this order.
+_META_OPTIONS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup",
+    "schedule",
+    "zero_init_residual",
+    "width",
+    "every",
+    "jacobian",
+    "paths",
+)
+
+
+def compare(
+    models: str | Sequence[str] | Mapping[str, nn.Module] = DEFAULT_MODELS,
+    data: str | _data.Dataset = "digits",
+    *,
+    config: TrainConfig | None = None,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    data_root: str | os.PathLike[str] | None = None,
+    command: str | None = None,
+    callback: Callable[[str, nn.Module], None] | None = None,
+    **options: Any,
+) -> Run:
+    """Train plain and residual nets on the same data with a probe attached; return their tables as a Run.
+
+    Every model is built (spec strings) or taken as given (a dict name -> module, trained in
+    place), then trained by :func:`train_one` as ``config`` (default :class:`TrainConfig`)
+    says, with ``options`` (its fields: ``epochs=``, ``lr=``, ``jacobian=``, ...) replacing
+    its values. Spec models (:func:`parse_spec`) are seeded with ``config.seed``, and MLPs get
+    flattened inputs; given models take ``depth``/``residual`` from their attributes of those
+    names, else the number of probed blocks and whether the name starts with "plain".
+    ``data`` is ``"digits"``, ``"synthetic"``, ``"cifar10"`` (with ``data_root`` or as
+    ``"cifar10:FOLDER"``) or a :class:`gradprobe.data.Dataset`. The run's tables are those of
+    :func:`train_one`, with ``model``, ``depth`` and ``residual`` columns first. ``out``: save
+    the run there, checked before training (a writable folder not holding another run unless
+    ``overwrite=True``), so a bad ``out`` never costs a training run. ``command`` (default
+    ``sys.argv``) goes into the run's metadata; ``callback(name, model)`` runs after each model.
+
+    >>> run = compare(["plain-mlp-4", "resnet-mlp-4"], "synthetic", epochs=1, progress=False)
+    >>> run.models, sorted(run.frame()["block"].unique())
+    (['plain-mlp-4', 'resnet-mlp-4'], ['blocks.0', 'blocks.1'])
+    """
+    entries = _entries(models)
+    config = TrainConfig.of(config, **options)
+    run_id = new_run_id()
+    if out is not None:  # before training: a bad folder must not cost the results
+        check_destination(out, run_id, overwrite=overwrite)
+    # the split stays fixed (seed 0) whatever the training seed: seeds vary training, not the data
+    image_data = _data.load(data, root=data_root)
+    flat_data = image_data.flat()
+    started = time.perf_counter()
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    tables: list[tuple[pd.DataFrame, ...]] = []
+    model_info: dict[str, dict[str, Any]] = {}
+    for name, spec, given in entries:
+        ds = flat_data if spec is not None and spec.family == "mlp" else image_data
+        model, labelled, model_info[name] = _train_entry(name, spec, given, ds, config)
+        tables.append(labelled)
+        if callback is not None:
+            callback(name, model)
+    frame, scalars, path_table = _gather(tables)
+    meta = _run_meta(
+        config, image_data, model_info, run_id=run_id, created=created, started=started, command=command
+    )
+    run = Run(frame, scalars, meta, paths=path_table if config.paths else None)
     if out is not None:
         run.save(out, overwrite=overwrite)
     return run
@@ -496,65 +652,18 @@ def _tensorboard_stream(logdir: str | os.PathLike[str] | None, name: str) -> Any
 
 
 def summary(run: Run) -> pd.DataFrame:
-    """One row per model of a compare run: the numbers that tell the story.
+    """One row per model of a compare run: :func:`gradprobe.summary.summary` of its tables.
 
-    Columns: model, depth, residual; ``train_loss`` (mean training loss of the
+    Among its columns: model, depth, residual; ``train_loss`` (mean training loss of the
     last epoch), ``test_acc`` (after the last epoch); ``cum_gain_init`` and
     ``cum_gain_end`` (``cum_gain`` of the first block at the first and the last
-    recorded step: how much the gradient reaching the input end is amplified
-    (>1) or shrunk (<1) relative to the output end); ``res_ratio_init`` and
-    ``res_ratio_end`` (largest ``res_ratio`` over the blocks whose input and
-    output have the same shape, at the first and last recorded step; 0 means
-    every such block is exactly the identity); ``effective_length_init`` and
-    ``effective_length_end`` (the share-weighted mean path length of the gradient,
-    :func:`gradprobe.paths`, of the stack with the most branching blocks, at the first and
-    the last step with a decomposition; NaN without one).
+    recorded step); ``res_ratio_init`` and ``res_ratio_end``; ``effective_length_init``
+    and ``effective_length_end`` (NaN without a path-length decomposition).
 
     >>> run = compare(["resnet-mlp-4"], "synthetic", epochs=1, progress=False)
     >>> list(summary(run).columns)[:5]
-    ['model', 'depth', 'residual', 'train_loss', 'test_acc']
+    ['model', 'depth', 'residual', 'blocks', 'steps']
     """
-    import pandas as pd
+    from .summary import summary as model_summary
 
-    frame, scalars = run.frame(), run.scalars()
-    rows = []
-    for model in run.models:
-        part = frame[frame["model"] == model]
-        logged = scalars[scalars["model"] == model] if "model" in scalars.columns else scalars.iloc[0:0]
-        row: dict[str, Any] = {"model": model}
-        for col in MODEL_COLUMNS[1:]:
-            row[col] = part[col].iloc[0] if len(part) else math.nan
-        if len(logged) and "epoch" in logged.columns:
-            last = logged[logged["epoch"] == logged["epoch"].max()]
-            row["train_loss"] = float(last["train_loss"].mean())
-            acc = logged["test_acc"].dropna()
-            row["test_acc"] = float(acc.iloc[-1]) if len(acc) else math.nan
-        else:
-            row["train_loss"] = row["test_acc"] = math.nan
-        first_block = part[part["index"] == part["index"].min()] if len(part) else part
-        steps = sorted(part["step"].unique())
-        for tag, step in (("init", steps[0] if steps else None), ("end", steps[-1] if steps else None)):
-            at = first_block[first_block["step"] == step]
-            row[f"cum_gain_{tag}"] = float(at["cum_gain"].iloc[0]) if len(at) else math.nan
-        identity = part[part["skip_grad"].notna()] if len(part) else part
-        for tag, step in (("init", steps[0] if steps else None), ("end", steps[-1] if steps else None)):
-            at = identity[identity["step"] == step]["res_ratio"]
-            row[f"res_ratio_{tag}"] = float(at.max()) if len(at) else math.nan
-        row.update(_effective_lengths(run.paths(), model))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _effective_lengths(table: pd.DataFrame, model: str) -> dict[str, float]:
-    """``effective_length`` of a model's main stack at its first and last decomposed step."""
-    from .paths import summary as path_summary
-
-    part = table[table["model"] == model] if "model" in table.columns else table.iloc[0:0]
-    if not len(part):
-        return {"effective_length_init": math.nan, "effective_length_end": math.nan}
-    lengths = path_summary(part).sort_values(["step", "branching"], ascending=[True, False], kind="stable")
-    main = lengths.drop_duplicates("step")  # per step, the stack with the most branching blocks
-    return {
-        "effective_length_init": float(main["effective_length"].iloc[0]),
-        "effective_length_end": float(main["effective_length"].iloc[-1]),
-    }
+    return model_summary(run.frame(), run.scalars(), run.paths())

@@ -210,7 +210,7 @@ def paths_decomposition(
 ) -> Any:
     """The path-length decomposition (a frame) of one training call, on the Jacobian sub-batch
     in a second forward pass of its own (the training graph is not used)."""
-    from .paths import sub_batch_decomposition
+    from .path_lengths import sub_batch_decomposition
 
     args, kwargs = call
     with mute():

@@ -1484,7 +1484,7 @@ def plot_path_lengths(
     data: pd.DataFrame,
     *,
     steps: Sequence[Step] = ("first", "last"),
-    stack: int | None = None,
+    stack: str | int | None = None,
     hue: str = "model",
     palette: Mapping[str, Any] | str | None = None,
     reference: bool = True,
@@ -1494,10 +1494,10 @@ def plot_path_lengths(
     per model and step (dashed: the first of ``steps``, solid: the others), from a paths frame
     (``gradprobe.paths``, ``probe.paths_frame()``, ``run.paths()``).
 
-    ``stack``: which stack (default: each model's stack with the most branching blocks). With
-    ``reference``, the binomial distribution of the number of paths, C(L, k) / 2^L, is drawn in
-    faint grey for each distinct L: what the shares would be if every path carried the same
-    gradient.
+    ``stack``: which stack, by name as in the frame (default: each model's stack with the most
+    branching blocks). With ``reference``, the binomial distribution of the number of paths,
+    C(L, k) / 2^L, is drawn in faint grey for each distinct L: what the shares would be if every
+    path carried the same gradient.
 
     >>> import pandas as pd
     >>> f = pd.DataFrame({"step": 0, "stack": 0, "length": [0, 1, 2], "share": [0.5, 0.4, 0.1],
@@ -1519,8 +1519,8 @@ def plot_path_lengths(
     drawn = 0
     for model, rows in frame.groupby("model", sort=False):
         if stack is None:  # the stack with the most branching blocks (n_paths at k = 1 is L)
-            per_stack = rows[rows["length"] == 1].groupby("stack")["n_paths"].max()
-            chosen = int(cast(Any, per_stack.idxmax())) if len(per_stack) else int(rows["stack"].iloc[0])
+            per_stack = rows[rows["length"] == 1].groupby("stack", sort=False)["n_paths"].max()
+            chosen = cast(Any, per_stack.idxmax()) if len(per_stack) else rows["stack"].iloc[0]
         else:
             chosen = stack
         rows = rows[rows["stack"] == chosen]

@@ -243,7 +243,7 @@ class Probe(RecordedTables):
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    _mute = staticmethod(mute)  # gradprobe.paths still mutes through it (to become _tensors.mute)
+    _mute = staticmethod(mute)  # gradprobe.path_lengths still mutes through it (to become _tensors.mute)
 
     # ------------------------------------------------------------------ public API
     @property

@@ -27,18 +27,19 @@ The ``gradprobe`` fixture
     For every failing test that used the fixture or a :mod:`gradprobe.testing`
     assertion (or :func:`gradprobe.testing.check`), write a report of each frame it
     looked at into ``DIR/<test id>/NN-<source>/``: the HTML report of
-    :func:`gradprobe.report.report` (``index.html``, figures and tables), or only the
+    :func:`gradprobe.report` (``index.html``, figures and tables), or only the
     tables (:func:`gradprobe.records.save_run`) when the report cannot be made.
     ``<test id>`` is the test's node id with every character other than letters,
     digits, ``.``, ``-`` and ``_`` replaced by ``_``; the folder is replaced on every
-    run. The path appears in the failure's "gradprobe report" section and in the
-    terminal summary.
+    run. The path appears in the failure's "gradprobe report" section, with the
+    run's summary (:func:`gradprobe.summary.summary`), and in the terminal summary.
 
 There is no marker: the fixture and the option cover what a marker would switch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator, Iterator
+    from collections.abc import Generator, Iterator
 
     from torch import nn
 
@@ -198,7 +199,6 @@ class _State:
     frames: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     fixtures: dict[str, GradprobeFixture] = field(default_factory=dict)
     written: dict[str, Path] = field(default_factory=dict)
-    remove_listener: Callable[[], None] | None = None
 
     def on_frame(self, source: str, frame: Any) -> None:
         if self.current is not None:
@@ -228,6 +228,7 @@ class _State:
             out = folder / f"{k:02d}-{_safe(label)}"
             run.meta.setdefault("test", nodeid)
             notes.append(_write_one(run, out))
+            notes += [f"  {line}" for line in _summary_lines(run)]
         self.written[nodeid] = folder
         return folder, notes
 
@@ -253,18 +254,40 @@ def _folder_name(nodeid: str, limit: int = 120) -> str:
 
 def _write_one(run: Any, out: Path) -> str:
     """Write the HTML report of ``run`` into ``out``, or its tables when that fails; say which."""
-    error = ""
-    try:
-        from .report import report
+    from .reporting import report
 
-        path = report(run, out, progress=False)
-        return str(path)
-    except ImportError:
-        error = "gradprobe.report is not available"
+    try:
+        return str(report(run, out, progress=False))
     except Exception as exc:  # a broken report must not hide the test's own failure
         error = f"the HTML report failed ({type(exc).__name__}: {exc})"
     run.save(out)
     return f"{out} (tables only: {error})"
+
+
+#: Columns of the summary the failure's "gradprobe report" section shows for each run.
+SUMMARY_COLUMNS = (
+    "model",
+    "blocks",
+    "steps",
+    "cum_gain_init",
+    "cum_gain_end",
+    "cum_gain_min_end",
+    "cum_gain_max_end",
+    "res_ratio_end",
+    "gain_outside",
+)
+
+
+def _summary_lines(run: Any) -> list[str]:
+    """The run's summary (the numbers of its HTML report's summary table) as text lines."""
+    from ._format import frame_table
+    from .summary import summary
+
+    try:
+        table = summary(run.frame(), run.scalars(), run.paths())
+    except Exception as exc:  # a broken summary must not hide the test's own failure
+        return [f"(no summary: {type(exc).__name__}: {exc})"]
+    return frame_table(table, SUMMARY_COLUMNS).splitlines()
 
 
 _KEY = pytest.StashKey[_State]()
@@ -302,26 +325,22 @@ def pytest_configure(config: pytest.Config) -> None:
     report_dir = config.getoption("gradprobe_report", None)
     state = _State(Path(report_dir).resolve() if report_dir else None)
     config.stash[_KEY] = state
-    if state.report_dir is not None:
-        from .testing import add_frame_listener
-
-        state.remove_listener = add_frame_listener(state.on_frame)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    state = config.stash.get(_KEY, None)
-    if state is not None and state.remove_listener is not None:
-        state.remove_listener()
-        state.remove_listener = None
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     state = item.config.stash.get(_KEY, None)
+    listening: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if state is not None:
         state.current = item.nodeid
+        if state.report_dir is not None:
+            from .testing import frame_listener
+
+            # the frames the test's checks look at, from setup to teardown (its context only)
+            listening = frame_listener(state.on_frame)
     try:
-        yield
+        with listening:
+            yield
     finally:
         if state is not None:
             state.current = None

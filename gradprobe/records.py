@@ -71,7 +71,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
 #: Signal propagation columns (Brock et al. 2021; see ``metrics.py``): per-channel moments of the output.
 SIGNAL_COLUMNS: tuple[str, ...] = ("chan_mean_sq", "chan_var", "branch_var")
 
-#: Jacobian columns (see ``jacobian.py``); NaN on steps where they were not computed.
+#: Jacobian columns (see ``jacobian/estimate.py``); NaN on steps where they were not computed.
 JACOBIAN_COLUMNS: tuple[str, ...] = ("jac_fro", "jac_spec", "jac_id", "prod_fro", "prod_spec", "jac_batch")
 
 #: Book-keeping columns: how many calls of the block were pooled into the row, and the
@@ -90,7 +90,7 @@ _FORMAT_VERSION = 1
 
 
 #: One line per column: what it measures. The README's glossary and the HTML report show these.
-#: The formulas live in ``metrics.py`` (gradient/identity columns) and ``jacobian.py``.
+#: The formulas live in ``metrics.py`` (gradient/identity columns) and ``jacobian/estimate.py``.
 GLOSSARY: dict[str, str] = {
     "step": "training step (each backward pass, or each explicit probe.step()); only recorded steps appear",
     "block": "qualified module name of the block, as in model.named_modules()",
@@ -584,7 +584,7 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
 
 
 # ---------------------------------------------------------------------- path-length tables
-#: Columns of a paths table (``probe.paths_frame()``, ``Run.paths()``); see ``gradprobe/paths.py``.
+#: Columns of a paths table (``probe.paths_frame()``, ``Run.paths()``); see ``gradprobe/path_lengths.py``.
 PATHS_COLUMNS: tuple[str, ...] = (
     "step",
     "stack",
@@ -608,15 +608,15 @@ def paths_table(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
     parts = [p for p in parts if len(p)]
     if not parts:
         frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in PATHS_COLUMNS})
-        return frame.astype({"step": "int64", "stack": "int64", "length": "int64"})
+        return frame.astype({"step": "int64", "stack": "object", "length": "int64"})
     return pd.concat(parts, ignore_index=True)
 
 
 def _read_paths(folder: Path, dtypes: Mapping[str, Any], fmt: str | None = None) -> pd.DataFrame | None:
     if not (folder / "paths.parquet").exists() and not (folder / "paths.csv").exists():
         return None
-    # a sink writes no dtypes for its paths table: its keys are integers
-    default = {"step": "int64", "stack": "int64", "length": "int64"}
+    # a sink writes no dtypes for its paths table: step and length are integers, stack a name
+    default = {"step": "int64", "stack": "object", "length": "int64"}
     return _read_table(folder / "paths", dtypes.get("paths") or default, fmt)
 
 

@@ -171,7 +171,7 @@ def injected(folder: Path, fmt: str, point: str, nth: int, report: int) -> None:
 
 def report_kill(folder: Path, nth: int, report: int) -> None:
     """Save a run, then die at the ``nth`` file written by a report into that run's folder."""
-    import gradprobe.report as report_module
+    import gradprobe.reporting as report_module
 
     calls = {"n": 0}
     atomic_write = records.atomic_write
@@ -253,7 +253,7 @@ def main() -> None:
     import matplotlib.pyplot  # noqa: F401
     import seaborn  # noqa: F401
 
-    import gradprobe.report
+    import gradprobe.reporting
 
     torch.set_num_threads(1)  # before any work: forked grandchildren must not inherit a thread pool
     out = Path(sys.argv[1])

@@ -9,9 +9,12 @@ The model must not use in-place ops (use the in-place-free twin of a net).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from gradprobe.jacobian import BlockCapture, dense_jacobian
 
 
 def first_tensor(out):
@@ -143,3 +146,28 @@ def block_gradients(model: nn.Module, block: str, run) -> dict:
         "grad_in": math.sqrt(sum(g.abs().pow(2).sum().item() for g in g_xs)),
         "calls": len(xs),
     }
+
+
+def exact_columns(captures: Sequence[BlockCapture]) -> dict[str, dict[str, float]]:
+    """Exact values of the Jacobian columns from dense Jacobians (float64 SVD): the oracle of the
+    Jacobian tests and of ``benchmarks/jacobian_accuracy.py``. One VJP per output element per block:
+    small nets only."""
+    caps = list(captures)
+    out: dict[str, dict[str, float]] = {}
+    if not caps:
+        return out
+    last_of = {c.stack: c for c in caps}  # products end at the last capture of each stack
+    for c in caps:
+        last = last_of[c.stack]
+        j = dense_jacobian(c.output, c.input, y_like=c.y, x_like=c.x).double()
+        jp = dense_jacobian(last.output, c.input, y_like=last.y, x_like=c.x).double()
+        n, n_last = j.shape[0], jp.shape[0]
+        eye = torch.eye(n, dtype=torch.float64) if c.same_shape else None
+        out[c.name] = {
+            "jac_fro": float(torch.linalg.matrix_norm(j)) / math.sqrt(n),
+            "jac_spec": float(torch.linalg.svdvals(j)[0]),
+            "jac_id": math.nan if eye is None else float(torch.linalg.matrix_norm(j - eye)) / math.sqrt(n),
+            "prod_fro": float(torch.linalg.matrix_norm(jp)) / math.sqrt(n_last),
+            "prod_spec": float(torch.linalg.svdvals(jp)[0]),
+        }
+    return out

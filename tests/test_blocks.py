@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BasicBlock, ResCNN, ResMLPBlock, make
+from nets import BasicBlock, ResCNN, ResMLPBlock, make
 from torch import nn
 
 from gradprobe.blocks import auto_blocks, select_blocks

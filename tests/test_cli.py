@@ -138,9 +138,8 @@ def test_quick_compare_writes_the_run_and_the_report(quick_run):
     assert run.models == ["plain-8", "plain-14", "resnet-8", "resnet-14"]
     assert run.meta["command"].startswith("gradprobe compare --quick")
     assert run.meta["epochs"] == 2 and run.meta["data"] == "digits"
-    if importlib.util.find_spec("gradprobe.report") is not None:
-        assert (out / "index.html").is_file()
-        assert f"report {out / 'index.html'}" in stdout
+    assert (out / "index.html").is_file()
+    assert f"report {out / 'index.html'}" in stdout
     assert f"run tables in {out}/" in stdout
 
 
@@ -176,8 +175,6 @@ def test_quick_compare_shows_identity_init_and_the_highway(quick_run):
 
 
 def test_report_command_regenerates_a_report(quick_run, tmp_path):
-    if importlib.util.find_spec("gradprobe.report") is None:
-        pytest.skip("gradprobe.report is not part of this checkout")
     _, _, _, out = quick_run
     code, stdout, stderr = run_cli("report", str(out), "--out", str(tmp_path / "rep"), "--no-progress")
     assert code == 0, stderr
@@ -320,3 +317,37 @@ def test_inspect_wrong_input_shape_is_a_usage_error(factory_file):
 
 def test_load_factory_resolves_dotted_attributes():
     assert load_factory("gradprobe.models:ResNetCIFAR.forward").__name__ == "forward"
+
+
+def test_compare_arguments_map_onto_one_train_config():
+    from gradprobe.cli import _train_config, build_parser
+    from gradprobe.experiment import TrainConfig
+
+    argv = ["compare", "--lr", "0.1", "--warmup", "5", "--batch-size", "32", "--seed", "3", "--width", "8"]
+    argv += [
+        "--every",
+        "2",
+        "--jacobian",
+        "--no-zero-init",
+        "--no-paths",
+        "--no-progress",
+        "--tensorboard",
+        "tb",
+    ]
+    config = _train_config(build_parser().parse_args(argv), 7)
+    assert config == TrainConfig(
+        epochs=7,
+        lr=0.1,
+        warmup=5,
+        batch_size=32,
+        seed=3,
+        width=8,
+        every=2,
+        jacobian=True,
+        zero_init_residual=False,
+        paths=False,
+        progress=False,
+        tensorboard="tb",
+    )
+    # without options the command trains exactly as compare() does by default
+    assert _train_config(build_parser().parse_args(["compare"]), 20) == TrainConfig()

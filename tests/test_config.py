@@ -8,7 +8,7 @@ import inspect
 import pandas as pd
 import pytest
 import torch
-from conftest import make, make_input
+from nets import make, make_input
 
 import gradprobe
 from gradprobe.config import JacobianOptions, ProbeConfig

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -14,7 +16,15 @@ from torch.nn import functional as F
 import gradprobe
 from gradprobe import data, experiment
 from gradprobe.analysis import analyze
-from gradprobe.experiment import DEFAULT_MODELS, ModelSpec, build_model, compare, parse_spec, summary
+from gradprobe.experiment import (
+    DEFAULT_MODELS,
+    ModelSpec,
+    TrainConfig,
+    build_model,
+    compare,
+    parse_spec,
+    summary,
+)
 from gradprobe.records import FRAME_COLUMNS, MODEL_COLUMNS
 
 TINY = data.synthetic(n_train=40, n_test=12, shape=(1, 6, 6), num_classes=3, seed=1)
@@ -255,6 +265,112 @@ def test_compare_jacobian_true_records_the_first_and_last_step():
 def test_compare_rejects_bad_arguments(models, kwargs, error, match):
     with pytest.raises(error, match=match):
         compare(models, TINY, progress=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- TrainConfig and train_one
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"epochs": 0}, "epochs must be an int >= 1, got 0"),
+        ({"epochs": True}, "epochs must be an int"),
+        ({"batch_size": 2.0}, "batch_size must be an int >= 1"),
+        ({"every": 0}, "every must be an int >= 1"),
+        ({"warmup": -1}, "warmup must be a number of steps >= 0"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"lr": math.nan}, "lr must be a finite number"),
+        ({"momentum": -0.5}, "momentum and weight_decay must be >= 0"),
+        ({"weight_decay": "1e-4"}, "weight_decay must be a finite number"),
+        ({"schedule": "step"}, "schedule must be 'cosine' or 'constant', got 'step'"),
+        ({"jacobian": 0}, "jacobian must be True, False or a positive int"),
+        ({"jacobian": None}, "jacobian must be True, False or a positive int"),
+        ({"paths": -2}, "paths must be True, False or a positive int"),
+        ({"width": 0}, "width must be a positive int"),
+        ({"seed": 1.5}, "seed must be an int"),
+        ({"jacobian_options": ["probes"]}, "jacobian_options must be a mapping"),
+        ({"device": "no-such-device"}, "device 'no-such-device' is not a torch device"),
+    ],
+)
+def test_train_config_rejects_bad_values_with_a_message(options, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        TrainConfig(**options)
+
+
+def test_train_config_is_frozen_and_of_replaces_fields():
+    config = TrainConfig(epochs=3, lr=0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 4  # type: ignore[misc]
+    changed = TrainConfig.of(config, lr=0.2)
+    assert (changed.epochs, changed.lr, config.lr) == (3, 0.2, 0.1)
+    assert TrainConfig.of() == TrainConfig()
+    assert TrainConfig().epochs == experiment.DEFAULTS["epochs"]
+    with pytest.raises(ValueError, match="lr must be positive"):
+        TrainConfig.of(config, lr=-1.0)  # replaced values are checked too
+
+
+def test_unknown_training_options_are_a_type_error_naming_them():
+    with pytest.raises(TypeError, match=r"unknown training options \['epoch'\].*epochs"):
+        TrainConfig.of(epoch=3)
+    with pytest.raises(TypeError, match="unknown training options"):
+        compare(["plain-mlp-4"], TINY, epoch=3)
+
+
+def test_train_config_gives_attach_its_schedule_for_the_first_and_last_step():
+    assert TrainConfig(jacobian=True).probe_options(10) == {
+        "every": 1,
+        "jacobian": 9,  # steps 0 and 9
+        "probes": 4,
+        "jacobian_options": {"spec": True},
+        "paths": 9,
+    }
+    options = TrainConfig(jacobian=3, paths=False, every=2, jacobian_options={"probes": 8}).probe_options(10)
+    assert options == {"every": 2, "jacobian": 3, "probes": 8, "jacobian_options": None, "paths": False}
+
+
+def test_compare_with_a_config_equals_compare_with_keywords():
+    config = TrainConfig(epochs=1, batch_size=16, width=8, progress=False)
+    by_config = compare(["resnet-mlp-4"], TINY, config=config, command="x")
+    by_keywords = compare(
+        ["resnet-mlp-4"], TINY, epochs=1, batch_size=16, width=8, progress=False, command="x"
+    )
+    pd.testing.assert_frame_equal(by_config.frame(), by_keywords.frame())
+    pd.testing.assert_frame_equal(by_config.scalars(), by_keywords.scalars())
+    # keywords replace the config's values
+    one_more = compare(["resnet-mlp-4"], TINY, config=config, epochs=2)
+    assert one_more.meta["epochs"] == 2 and one_more.scalars()["epoch"].max() == 1
+
+
+def test_train_one_trains_in_place_and_returns_the_tables_of_one_model():
+    ds = TINY.flat()
+    model = build_model("resnet-mlp-4", ds, seed=0, width=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = torch.random.get_rng_state()
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.05, warmup=2, progress=False)
+    frame, scalars, info = experiment.train_one(model, ds, config, name="m")
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert list(frame.columns) == list(FRAME_COLUMNS) and sorted(frame["step"].unique()) == list(range(6))
+    assert list(scalars.columns) == ["step", "epoch", "train_loss", "train_acc", "test_acc", "lr"]
+    assert scalars["epoch"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert scalars["test_acc"].notna().tolist() == [False, False, True, False, False, True]
+    assert scalars["lr"].tolist()[:2] == [0.025, 0.05]  # warm-up over 2 steps
+    assert info["blocks"] == ["blocks.0", "blocks.1"] and info["parameters"] == sum(
+        p.numel() for p in model.parameters()
+    )
+    assert info["model_class"] == "gradprobe.models.MLP" and info["seconds"] >= 0
+    assert sorted(info["paths"]["step"].unique()) == [0, 5]  # paths=True: first and last step
+
+
+def test_train_one_losses_equal_the_same_model_trained_by_compare():
+    ds = TINY.flat()
+    config = TrainConfig(epochs=1, batch_size=16, width=8, progress=False, paths=False)
+    _, scalars, _ = experiment.train_one(
+        build_model("plain-mlp-4", ds, zero_init_residual=True, width=8), ds, config
+    )
+    run = compare(["plain-mlp-4"], TINY, config=config)
+    assert scalars["train_loss"].tolist() == run.scalars()["train_loss"].tolist()
+    assert len(run.paths()) == 0
 
 
 # ----------------------------------------------------------------------------- the facts

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from reference import exact_columns
 from torch import nn
 
 from gradprobe.jacobian import (
@@ -17,7 +18,6 @@ from gradprobe.jacobian import (
     BlockCapture,
     capture_blocks,
     dense_jacobian,
-    exact_columns,
     jacobian_columns,
     spectrum,
 )

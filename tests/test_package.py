@@ -21,6 +21,6 @@ def test_import_gradprobe_does_not_import_torch_or_pandas():
 
 
 def test_report_stays_callable_after_the_submodule_is_imported():
-    code = "import gradprobe.report, gradprobe; print(callable(gradprobe.report))"
+    code = "import gradprobe.reporting, gradprobe; print(callable(gradprobe.report))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

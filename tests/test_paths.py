@@ -10,15 +10,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ResMLPBlock, make, make_input
+from nets import ResMLPBlock, make, make_input
 from torch import nn
 
 import gradprobe
 from gradprobe.blocks import select_blocks
-from gradprobe.jacobian import _capturing
+from gradprobe.capture import capturing
 
-# the module, not the function of the same name that `gradprobe.paths` is
-paths_module = importlib.import_module("gradprobe.paths")
+paths_module = importlib.import_module("gradprobe.path_lengths")
 
 
 class Scale(nn.Module):
@@ -49,7 +48,7 @@ def coefficients(model, x, loss_fn, blocks="auto", max_length=None):
     named = select_blocks(model, blocks)
     sc = paths_module.shortcut_modules(named)
     extra = [(n + paths_module._SHORTCUT, m) for n, m in sc.items()]
-    with torch.enable_grad(), _capturing(lambda: model(x), [*named, *extra]) as (out, got):
+    with torch.enable_grad(), capturing(lambda: model(x), [*named, *extra]) as (out, got):
         caps = [c for c in got if not c.name.endswith(paths_module._SHORTCUT)]
         scs = {
             c.name[: -len(paths_module._SHORTCUT)]: c for c in got if c.name.endswith(paths_module._SHORTCUT)
@@ -133,7 +132,7 @@ def test_frame_reports_the_sum_check_and_the_norms():
     assert info["blocks"] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
     eff = float((frame["length"] * frame["share"]).sum())
     assert frame.attrs["effective_length"] == pytest.approx(eff)
-    assert paths_module.summary(frame)["effective_length"].iloc[0] == pytest.approx(eff)
+    assert gradprobe.paths_summary(frame)["effective_length"].iloc[0] == pytest.approx(eff)
 
 
 @pytest.mark.parametrize("a", [0.3, -0.7])
@@ -200,7 +199,7 @@ def test_max_length_truncates_and_reports_the_remainder():
     dropped = float(torch.linalg.vector_norm(torch.stack(coeffs[2:]).sum(0)))
     assert info["remainder"] == pytest.approx(dropped, rel=1e-9)
     assert cut["n_paths"].tolist() == [1.0, 4.0]
-    assert paths_module.summary(cut)["branching"].iloc[0] == 4.0
+    assert gradprobe.paths_summary(cut)["branching"].iloc[0] == 4.0
     with pytest.raises(ValueError, match="max_length"):
         gradprobe.paths(model, x, max_length=-1)
 
@@ -234,7 +233,8 @@ def test_independent_chains_are_separate_stacks():
         torch.manual_seed(0)
         model = TwoStacks().double()
     frame = gradprobe.paths(model, make_input("res_mlp"))
-    assert frame.groupby("stack")["length"].max().tolist() == [3, 2]
+    assert frame.groupby("stack", sort=False)["length"].max().tolist() == [3, 2]
+    assert frame["stack"].unique().tolist() == ["enc", "dec"]  # named as in the probe's frame
     assert [s["blocks"] for s in frame.attrs["stacks"]] == [
         ["enc.0", "enc.1", "enc.2"],
         ["dec.0", "dec.1"],
@@ -307,13 +307,13 @@ def test_summary_of_several_steps_and_models():
             "n_paths": [1.0, 1.0] * 3,
         }
     )
-    s = paths_module.summary(f)
+    s = gradprobe.paths_summary(f)
     assert s[["model", "step"]].values.tolist() == [["a", 0], ["a", 5], ["b", 0]]
     np.testing.assert_allclose(s["effective_length"], [0.1, 0.8, 0.5])
 
 
 def test_shortcut_block_splits_into_shortcut_and_the_rest():
-    from conftest import BasicBlock
+    from nets import BasicBlock
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -331,13 +331,14 @@ def test_shortcut_block_splits_into_shortcut_and_the_rest():
 
 
 def test_paths_stays_callable_after_the_submodule_is_imported():
-    assert callable(gradprobe.paths) and callable(gradprobe.paths.summary)
+    assert callable(gradprobe.paths) and callable(gradprobe.paths_summary)
     import subprocess
     import sys
 
-    code = "import gradprobe.paths, gradprobe; print(callable(gradprobe.paths))"
+    code = "import gradprobe.path_lengths, gradprobe as g; print(callable(g.paths), g.paths.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"
+    assert out.stdout.strip() == "True gradprobe.path_lengths"
+    assert not isinstance(gradprobe.paths, type(gradprobe))  # a function, no module swap
 
 
 def test_path_length_plot_has_a_line_per_step_and_the_binomial_reference():
@@ -396,6 +397,19 @@ def test_attach_paths_records_the_sub_batch_decomposition_every_nth_step(tmp_pat
     assert list(loaded.columns) == list(frame.columns)
     np.testing.assert_array_equal(loaded.to_numpy(), frame.to_numpy())
     assert run.meta["paths"] == 2
+
+
+def test_paths_stacks_are_named_as_in_the_probe_frame(tmp_path):
+    """Regression (issue 14): the paths table's ``stack`` held 0, 1, ... while the frame held names."""
+    batches = [make_input("res_cnn", seed=s, batch=6) for s in range(2)]
+    _, probe, _ = train(make("res_cnn"), batches, paths=1, jacobian_options={"sub_batch": 4})
+    table, frame = probe.paths_frame(), probe.frame()
+    assert len(table) and set(table["stack"]) <= set(frame["stack"])
+    assert all(isinstance(name, str) for name in table["stack"])
+    one_shot = gradprobe.paths(make("res_cnn"), batches[0])
+    assert set(one_shot["stack"]) == set(table["stack"])
+    loaded = gradprobe.load(probe.save(tmp_path / "run")).paths()
+    assert loaded["stack"].tolist() == table["stack"].tolist()
 
 
 def test_attach_paths_with_a_sink_and_without_paths(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make, make_input
+from nets import make, make_input
 from reference import reference_rows
 from torch import nn
 
@@ -75,11 +75,34 @@ def test_every_metric_matches_float64_autograd_reference(kind, no_leaks):
 
 def test_residual_cnn_reads_projection_blocks_against_their_shortcut():
     net = make("res_cnn")
+    x = make_input("res_cnn")
+    # by hand, in float64, on a copy: the block's input, its 1x1 projection shortcut s(x), its output
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        block_in = twin.layer1(twin.stem(x))
+        s, y = twin.layer2[0].shortcut(block_in), twin.layer2[0](block_in)
     with gradprobe.attach(net) as probe:
-        loss_of(net(make_input("res_cnn"))).backward()
+        loss_of(net(x)).backward()
     row = probe.frame().set_index("block").loc["layer2.0"]
     assert math.isnan(row["skip_grad"]) and math.isnan(row["branch_grad"])  # shapes differ
-    assert 0 < row["res_ratio"] < 10 and -1 <= row["cos_xy"] <= 1  # compared with shortcut(x)
+    assert 0 < row["res_ratio"] < 10
+    # compared with shortcut(x): the values of s, not NaN and not anything near
+    assert row["res_ratio"] == pytest.approx(float((y - s).norm() / s.norm()), rel=1e-10)
+    cos = float((s * y).sum() / (s.norm() * y.norm()))
+    assert row["cos_xy"] == pytest.approx(cos, rel=1e-10)
+
+
+def test_a_projection_block_that_does_not_apply_its_shortcut_is_nan_with_one_warning():
+    net = make("plain_cnn")  # the same blocks, with a shortcut child that forward never calls
+    with (
+        pytest.warns(RuntimeWarning, match=r"\['layer2.0'\].*no shortcut applied") as caught,
+        gradprobe.attach(net) as probe,
+    ):
+        loss_of(net(make_input("plain_cnn"))).backward()
+    assert sum("no shortcut applied" in str(w.message) for w in caught) == 1
+    f = probe.frame().set_index("block")
+    assert math.isnan(f.loc["layer2.0", "res_ratio"]) and math.isnan(f.loc["layer2.0", "cos_xy"])
+    assert f.drop(index="layer2.0")[["res_ratio", "cos_xy"]].notna().all().all()
 
 
 class Scale(nn.Module):
@@ -106,7 +129,7 @@ def test_chain_of_scaling_blocks_has_gain_point_eight_to_the_l(depth):
 
 
 def test_zero_initialised_residual_branch_is_exactly_the_identity():
-    from conftest import ResMLPBlock
+    from nets import ResMLPBlock
 
     net = nn.Sequential(*[ResMLPBlock(6, zero_init=True) for _ in range(5)])
     with gradprobe.attach(net) as probe:
@@ -419,7 +442,7 @@ def _run_training(net, probe_kwargs=None, steps=20, seed=0):
 class DropoutResCNN(nn.Module):
     def __init__(self):
         super().__init__()
-        from conftest import ResCNN
+        from nets import ResCNN
 
         self.body = ResCNN(inplace=True)
         self.drop = nn.Dropout(0.3)

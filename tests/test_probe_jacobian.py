@@ -9,11 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make, make_input
+from nets import make, make_input
+from reference import exact_columns
 from torch import nn
 
 import gradprobe
-from gradprobe.jacobian import capture_blocks, exact_columns
+from gradprobe.jacobian import capture_blocks
 
 
 def _assert_close_to_exact(frame, exact):
@@ -51,7 +52,7 @@ def test_analyze_leaves_the_model_unchanged():
 
 
 def test_zero_initialised_branch_has_jac_id_zero_through_analyze():
-    from conftest import ResMLPBlock
+    from nets import ResMLPBlock
 
     net = nn.Sequential(*[ResMLPBlock(6, zero_init=True) for _ in range(3)]).double()
     f = gradprobe.analyze(net, make_input("res_mlp"), probes=4, power_iters=5)

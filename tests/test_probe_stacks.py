@@ -8,11 +8,12 @@ import warnings
 
 import pytest
 import torch
+from reference import exact_columns
 from test_capture import _norm, chain_reference
 from torch import nn
 
 import gradprobe
-from gradprobe.jacobian import capture_blocks, exact_columns
+from gradprobe.jacobian import capture_blocks
 
 F64 = torch.float64
 

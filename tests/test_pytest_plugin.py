@@ -162,6 +162,9 @@ def test_passing_and_failing_suites_with_reports(suite: pytest.Pytester):
             "E*advice: the gradient vanishes on its way to the input: plain nets of this depth (40 blocks)*",
             "*- gradprobe report -*",
             "written to *test_deep.py_test_deep_plain_net",
+            "  *01-assert_gradient_flow*index.html",
+            "    model  blocks  steps  cum_gain_init  cum_gain_end  cum_gain_min_end  cum_gain_max_end  *",
+            "    run        40      1  *",  # the summary of the frame the assertion checked
         ]
     )
     result.stdout.fnmatch_lines(
@@ -223,12 +226,12 @@ def test_leaked_hooks_fail_the_test_and_nothing_is_written_without_the_option(su
 def test_tables_are_written_when_the_html_report_fails(suite: pytest.Pytester):
     suite.makeconftest(
         """
-        import gradprobe.report
+        import gradprobe.reporting
 
         def broken(*args, **kwargs):
             raise RuntimeError("no figures today")
 
-        gradprobe.report.report = broken
+        gradprobe.reporting.report = broken
         """
     )
     suite.makepyfile(test_deep=FAILING)
@@ -310,8 +313,8 @@ def test_plugin_source_is_importable_without_side_effects():
     # importing the plugin module registers nothing by itself; only pytest's registration does
     import gradprobe.testing as testing
 
-    before = list(testing._FRAME_LISTENERS)
+    before = testing.bands._LISTENERS.get()
     import gradprobe.pytest_plugin as plugin
 
-    assert before == testing._FRAME_LISTENERS
+    assert before == testing.bands._LISTENERS.get()
     assert Path(plugin.__file__).name == "pytest_plugin.py"

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from gradprobe import records
-from gradprobe.report import FIGURES, report, summary_table
+from gradprobe.reporting import FIGURES, report
+from gradprobe.summary import summary as summary_table
 
 HOSTILE = "<script>alert(1)</script>"
 
@@ -365,7 +366,7 @@ def test_summary_table_matches_the_tables(run):
         row = table.loc[model]
         last_epoch = logged[logged["epoch"] == logged["epoch"].max()]
         assert len(last_epoch) == 10
-        assert row["final_train_loss"] == pytest.approx(last_epoch["train_loss"].mean(), rel=1e-12)
+        assert row["train_loss"] == pytest.approx(last_epoch["train_loss"].mean(), rel=1e-12)
         assert row["test_acc"] == logged["test_acc"].dropna().iloc[-1]
         first = rows[rows["step"] == 0]["cum_gain"]
         last = rows[rows["step"] == rows["step"].max()]["cum_gain"]
@@ -397,10 +398,10 @@ def test_summary_table_on_a_hand_made_frame():
     assert (row["cum_gain_min_init"], row["cum_gain_max_init"]) == (0.2, 1.0)
     assert (row["cum_gain_min_end"], row["cum_gain_max_end"]) == (3.0, 3.0)
     assert row["max_res_ratio"] == inf and row["max_res_ratio_block"] == "a"
-    assert math.isnan(row["final_train_loss"]) and math.isnan(row["test_acc"])
+    assert math.isnan(row["train_loss"]) and math.isnan(row["test_acc"])
     probe_scalars = pd.DataFrame({"step": [0, 1, 2], "loss": [3.0, 2.0, nan], "acc": [0.1, nan, 0.5]})
     row = summary_table(frame, probe_scalars).iloc[0]  # no epochs: the last values logged
-    assert (row["final_train_loss"], row["test_acc"]) == (2.0, 0.5)
+    assert (row["train_loss"], row["test_acc"]) == (2.0, 0.5)
     with pytest.raises(ValueError, match="0 < low < high"):
         summary_table(frame, band=(2.0, 0.5))
 

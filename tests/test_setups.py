@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ResMLPBlock, make, make_input
+from nets import ResMLPBlock, make, make_input
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -282,46 +282,3 @@ def test_distributed_data_parallel_each_rank_records_its_rows_and_gather_collect
     assert not np.allclose(local0["grad_out"], local1["grad_out"])
     np.testing.assert_allclose(local0["param_grad_norm"], local1["param_grad_norm"], rtol=1e-6)
     assert (local0["jac_batch"] == 2).all() and (local0["jac_fro"] > 0).all()
-
-
-def test_sink_streams_chunks_and_load_reads_the_whole_run(tmp_path):
-    net = make("res_mlp")
-    x = make_input("res_mlp")
-    with gradprobe.attach(net, sink=tmp_path / "run", sink_options={"chunk_rows": 8}) as probe:
-        for i in range(7):
-            (net(x) ** 2).sum().backward()
-            probe.log(loss=float(i))
-        in_memory = probe._out.store.nbytes
-    chunks = sorted((tmp_path / "run").glob("frame-*"))
-    assert len(chunks) >= 3
-    assert in_memory == 0  # nothing kept in memory with a sink
-    run = gradprobe.load(tmp_path / "run")
-    f = run.frame()
-    assert len(f) == 7 * 4 and f["step"].tolist() == sorted(f["step"].tolist())
-    pd.testing.assert_frame_equal(f, probe.frame())
-    assert run.scalars()["loss"].tolist() == [float(i) for i in range(7)]
-    assert run.meta["blocks"] == ["0", "1", "2", "3"]
-
-
-def test_interrupted_run_keeps_every_chunk_written_before_the_interruption(tmp_path):
-    net = make("res_mlp")
-    x = make_input("res_mlp")
-    with (
-        pytest.raises(KeyboardInterrupt),
-        gradprobe.attach(net, sink=tmp_path / "run", sink_options={"chunk_rows": 4}),
-    ):
-        for i in range(5):
-            (net(x) ** 2).sum().backward()
-            if i == 3:
-                raise KeyboardInterrupt
-    f = gradprobe.load(tmp_path / "run").frame()
-    assert sorted(f["step"].unique()) == [0, 1, 2, 3]
-    assert not list((tmp_path / "run").glob(".*.tmp"))
-
-
-def test_sink_that_cannot_be_written_fails_at_attach_time(tmp_path, no_leaks):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    net = no_leaks(make("res_mlp"))
-    with pytest.raises(OSError, match="cannot be written"):
-        gradprobe.attach(net, sink=blocker / "run")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ResMLPBlock, make, make_input
+from nets import ResMLPBlock, make, make_input
 from torch import nn
 
 import gradprobe

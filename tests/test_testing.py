@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make, make_input
+from nets import make, make_input
 from torch import nn
 
 import gradprobe

@@ -142,7 +142,7 @@ class Recorder:
         if not write:
             return None
         run.meta["framework"] = framework
-        from ..report import report
+        from ..reporting import report
 
         folder = Path(self.report_dir if self.report_dir is not None else default_dir)
         return report(run, folder, progress=False)

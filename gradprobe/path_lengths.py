@@ -29,7 +29,8 @@ input (without truncation the remainder is the rounding error of the decompositi
 
 Columns of :func:`paths`, one row per (stack, length):
 
-* ``stack`` (0, 1, ... in forward order), ``length`` = k;
+* ``stack``: the stack's name, as in the probe's frame (the blocks' longest common dotted
+  prefix, see :func:`gradprobe.capture.stack_labels`), ``length`` = k;
 * ``path_grad`` = |c_k| (Euclidean norm over the whole batch tensor), ``share`` =
   |c_k| / sum_j |c_j|, ``cum_share`` its running sum over k;
 * ``n_paths`` = C(L_s, k), L_s the number of branching blocks of the stack, and
@@ -39,15 +40,13 @@ Columns of :func:`paths`, one row per (stack, length):
 branching blocks), ``central_90`` (the lengths that carry the central 90% of its share:
 the first k where ``cum_share`` reaches 5% and 95%), and ``stacks``, one dict per stack with
 those numbers plus its blocks, the blocks that do not branch, ``grad_norm`` (|g|) and
-``remainder``. :func:`summary` computes the same numbers from any frame with these columns
+``remainder``. :func:`paths_summary` computes the same numbers from any frame with these columns
 (a loaded one included, where attrs are gone).
 """
 
 from __future__ import annotations
 
 import math
-import sys
-import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -57,13 +56,12 @@ from torch import nn
 
 from .analysis import preserved, projection_loss
 from .blocks import BlockSpec, select_blocks, shortcut_modules
-from .capture import reaches
-from .jacobian import BlockCapture, _capturing
+from .capture import BlockCapture, capturing, node_continues, stack_labels
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["PATH_COLUMNS", "decompose", "group_stacks", "paths", "sub_batch_decomposition", "summary"]
+__all__ = ["PATH_COLUMNS", "decompose", "group_stacks", "paths", "paths_summary", "sub_batch_decomposition"]
 
 Tensor = torch.Tensor
 
@@ -85,8 +83,9 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
     """Group the captured blocks of one forward pass (in forward order) into chains.
 
     Block i continues block i-1's stack when its input is reachable in the autograd graph
-    from block i-1's output; otherwise it starts a new stack (an encoder and a decoder
-    are two stacks). Blocks whose output has no graph are left out.
+    from block i-1's output (:func:`gradprobe.capture.continues`, the probe's rule);
+    otherwise it starts a new stack (an encoder and a decoder are two stacks). Blocks whose
+    output has no graph are left out.
 
     >>> x = torch.randn(2, 3, requires_grad=True)
     >>> a = BlockCapture("a", x, 2 * x, same_shape=True)
@@ -99,8 +98,8 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
     for cap in caps:
         if cap.y_edge is None and not cap.y.requires_grad:
             continue
-        # the walk of capture.reaches, the probe's stack rule; a graph it cannot tell starts a new stack
-        if stacks and reaches(_node(cap.input), _node(stacks[-1][-1].output)):
+        # the probe's stack rule (capture.continues): a graph too large to tell continues the stack
+        if stacks and node_continues(_node(cap.input), _node(stacks[-1][-1].output)):
             stacks[-1].append(cap)
         else:
             stacks.append([cap])
@@ -186,7 +185,10 @@ def decompose(
         return pd.DataFrame({c: [] for c in PATH_COLUMNS}), info
     grads = torch.autograd.grad([loss], [s[-1].output for s in stacks], retain_graph=True, allow_unused=True)
     batched = [True]
-    for number, (stack, g) in enumerate(zip(stacks, grads, strict=True)):
+    # stacks named as in the probe's frame (its ``stack`` column): common dotted prefix of the blocks
+    labels = stack_labels([c.name for s in stacks for c in s], {s[0].name: False for s in stacks})
+    for stack, g in zip(stacks, grads, strict=True):
+        number = labels[stack[0].name]
         if g is None:
             g = torch.zeros_like(stack[-1].y)
         coeffs, branching, still = _propagate(stack, g.detach(), shortcuts, max_length, batched)
@@ -229,8 +231,8 @@ def decompose(
             }
         )
     frame = pd.DataFrame.from_records(rows, columns=list(PATH_COLUMNS))
-    frame = frame.astype({"stack": "int64", "length": "int64"})
-    for item, (_, part) in zip(info, frame.groupby("stack", sort=True), strict=True):
+    frame = frame.astype({"stack": "object", "length": "int64"})
+    for item, (_, part) in zip(info, frame.groupby("stack", sort=False), strict=True):
         item.update(_stack_summary(part["length"].to_numpy(), part["share"].to_numpy()))
     return frame, info
 
@@ -292,16 +294,18 @@ def _stack_summary(lengths: Any, shares: Any) -> dict[str, float]:
     }
 
 
-def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per stack (and per ``model``/``step`` where the frame has them): ``effective_length``,
+def paths_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """The summary of a paths frame (:func:`paths`, ``probe.paths_frame()``, ``run.paths()``).
+
+    Per stack (and per ``model``/``step`` where the frame has them): ``effective_length``,
     the share-weighted mean length, and ``length_lo``/``length_hi``, the lengths that carry
     the central 90% of the share (the first lengths where the cumulative share reaches 5% and
     95%), plus ``branching``, the number of branching blocks.
 
     >>> import pandas as pd
-    >>> f = pd.DataFrame({"stack": 0, "length": [0, 1, 2], "share": [0.25, 0.5, 0.25],
+    >>> f = pd.DataFrame({"stack": "layer1", "length": [0, 1, 2], "share": [0.25, 0.5, 0.25],
     ...                   "n_paths": [1.0, 2.0, 1.0]})
-    >>> summary(f)[["effective_length", "length_lo", "length_hi", "branching"]].values.tolist()
+    >>> paths_summary(f)[["effective_length", "length_lo", "length_hi", "branching"]].values.tolist()
     [[1.0, 0.0, 2.0, 2.0]]
     """
     import pandas as pd
@@ -331,7 +335,7 @@ def captured_decomposition(
     """Run ``forward()`` once with the blocks and their shortcut modules captured, and decompose
     ``loss_of(output)``. The caller provides the no-side-effect guarantees around it."""
     extra = [(name + _SHORTCUT, module) for name, module in shortcut_of.items()]
-    with torch.enable_grad(), _capturing(forward, [*named, *extra]) as (output, got):
+    with torch.enable_grad(), capturing(forward, [*named, *extra]) as (output, got):
         blocks = [c for c in got if not c.name.endswith(_SHORTCUT)]
         shortcuts = {c.name[: -len(_SHORTCUT)]: c for c in got if c.name.endswith(_SHORTCUT)}
         loss = loss_of(output)
@@ -410,7 +414,7 @@ def _warn_cancellation(info: list[dict[str, Any]]) -> None:
                 "(model.double()) for an exact sum. (A ReLU after the addition, y = relu(x + F(x)), "
                 "makes F' = H' - I carry the ReLU's mask: such cancellation is typical there.)",
                 RuntimeWarning,
-                stacklevel=4,  # past paths() and the module's __call__: gradprobe.paths(...) is the module
+                stacklevel=3,  # past paths(): the caller's line
             )
             return
 
@@ -446,7 +450,7 @@ def sub_batch_decomposition(
     so that steps are comparable. Returns None when the call cannot be re-run safely (an
     argument that is not a tensor, a plain value or a container of those).
     """
-    from .jacobian import _seeded_rng, batch_size, sub_batch_forward
+    from .jacobian.rerun import _seeded_rng, batch_size, sub_batch_forward
 
     batch = batch_size(args, kwargs)
     if batch is None:
@@ -460,14 +464,3 @@ def sub_batch_decomposition(
             forward, named, shortcut_of, lambda out: projection_loss(out, seed), max_length
         )
     return frame
-
-
-class _CallableModule(types.ModuleType):
-    """``gradprobe.paths`` is both this module and the function ``paths``: whichever the import
-    system binds on the package, a call ``gradprobe.paths(model, x)`` reaches the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
-        return paths(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

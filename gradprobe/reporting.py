@@ -1,6 +1,7 @@
 """The self-contained HTML report of a run: summary table, figures with captions, glossary.
 
-:func:`report` reads only tables (a :class:`~gradprobe.records.Run`, a saved
+The function is ``gradprobe.report``; this module is named ``reporting`` so that the
+two never collide. :func:`report` reads only tables (a :class:`~gradprobe.records.Run`, a saved
 run folder, a frame, or any object with ``frame()``/``scalars()`` such as a
 probe) and writes into one folder::
 
@@ -28,11 +29,9 @@ import base64
 import datetime as _dt
 import io
 import json
-import math
 import os
 import shutil
 import sys
-import types
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,20 +40,18 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from . import plot, records
+from . import _format, plot, records
 from ._version import __version__
+from .summary import GAIN_BAND, summary
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-__all__ = ["FIGURES", "FigureSpec", "report", "summary_table"]
+__all__ = ["FIGURES", "FigureSpec", "report"]
 
 #: Largest change of a colour channel (0..255) that PNG palette quantisation may make.
 _MAX_QUANTIZE_ERROR = 24
-
-#: Default band for the block gain: blocks whose gain leaves it at some step are listed.
-GAIN_BAND: tuple[float, float] = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -249,133 +246,12 @@ def _as_run(run: Any) -> records.Run:
     )
 
 
-# ----------------------------------------------------------------------------- summary
-
-
-def _last_finite(values: Any) -> float:
-    arr = np.asarray(values, dtype="float64")
-    arr = arr[~np.isnan(arr)]
-    return float(arr[-1]) if arr.size else math.nan
-
-
-def _final_loss(logged: pd.DataFrame, column: str) -> float:
-    """Mean loss over the last epoch (as ``gradprobe compare`` prints it); the last value without epochs.
-
-    One batch's loss is noisy; the epoch mean is what the degradation comparison needs.
-    """
-    if "epoch" in logged.columns and logged["epoch"].notna().any():
-        last = logged[logged["epoch"] == logged["epoch"].max()][column].to_numpy(dtype="float64")
-        last = last[~np.isnan(last)]
-        if last.size:
-            return float(last.mean())
-    return _last_finite(logged[column])
-
-
-def _at_step(rows: pd.DataFrame, which: str) -> pd.DataFrame:
-    recorded = rows[~rows["cum_gain"].isna()] if "cum_gain" in rows.columns else rows
-    if recorded.empty:
-        return recorded
-    step = recorded["step"].min() if which == "first" else recorded["step"].max()
-    return recorded[recorded["step"] == step]
-
-
-def _min_max(values: Any) -> tuple[float, float]:
-    arr = np.asarray(values, dtype="float64")
-    arr = arr[~np.isnan(arr)]
-    return (float(arr.min()), float(arr.max())) if arr.size else (math.nan, math.nan)
-
-
-def summary_table(
-    frame: pd.DataFrame,
-    scalars: pd.DataFrame | None = None,
-    *,
-    band: tuple[float, float] = GAIN_BAND,
-) -> pd.DataFrame:
-    """One row per model: final loss and accuracy, cum_gain range, blocks out of the gain band, max res_ratio.
-
-    Columns: model (plus depth and residual when present), blocks, steps,
-    final_train_loss (mean over the last epoch when ``scalars`` has an
-    ``epoch`` column, else the last value logged) and test_acc (the last
-    value logged),
-    cum_gain_min/max_init and _end (over blocks at the first and last
-    recorded step), gain_outside (how many blocks had a gain outside ``band``
-    at some recorded step) and gain_outside_blocks (their names),
-    max_res_ratio and max_res_ratio_block.
-
-    >>> import pandas as pd
-    >>> f = pd.DataFrame({"step": [0, 0], "block": ["a", "b"], "index": [0, 1],
-    ...                   "gain": [0.1, 1.0], "cum_gain": [0.1, 1.0], "res_ratio": [0.3, 0.2]})
-    >>> row = summary_table(f).iloc[0]
-    >>> int(row["gain_outside"]), row["gain_outside_blocks"], float(row["max_res_ratio"])
-    (1, 'a', 0.3)
-    """
-    import pandas as pd
-
-    lo, hi = band
-    if not 0 < lo < hi:
-        raise ValueError(f"band must be (low, high) with 0 < low < high, got {band}")
-    frame = frame.copy()
-    if "model" not in frame.columns:
-        frame["model"] = plot.SINGLE_MODEL
-    scalars = scalars if scalars is not None else pd.DataFrame()
-    if "model" not in scalars.columns:
-        scalars = scalars.assign(model=plot.SINGLE_MODEL)
-    loss_col = plot.loss_column(scalars) if len(scalars) else None
-    acc_col = plot.accuracy_column(scalars) if len(scalars) else None
-    models = list(dict.fromkeys(frame["model"].astype(str).tolist()))
-    models += [m for m in dict.fromkeys(scalars["model"].astype(str).tolist()) if m not in models]
-    rows = []
-    for model in models:
-        part = frame[frame["model"].astype(str) == model].sort_values(["step", "index"], kind="stable")
-        logged = scalars[scalars["model"].astype(str) == model]
-        if "step" in logged.columns:
-            logged = logged.sort_values("step", kind="stable")
-        row: dict[str, Any] = {"model": model}
-        for extra in ("depth", "residual"):
-            if extra in frame.columns and len(part):
-                row[extra] = part[extra].iloc[0]
-        row["blocks"] = int(part["block"].nunique()) if "block" in part.columns else 0
-        row["steps"] = int(part["step"].nunique()) if "step" in part.columns else 0
-        row["final_train_loss"] = _final_loss(logged, loss_col) if loss_col else math.nan
-        row["test_acc"] = _last_finite(logged[acc_col]) if acc_col else math.nan
-        for which, tag in (("first", "init"), ("last", "end")):
-            at = _at_step(part, which)
-            low, high = _min_max(at["cum_gain"]) if "cum_gain" in at.columns else (math.nan, math.nan)
-            row[f"cum_gain_min_{tag}"], row[f"cum_gain_max_{tag}"] = low, high
-        if "gain" in part.columns:
-            gain = part["gain"].to_numpy(dtype="float64")
-            outside = part[(gain < lo) | (gain > hi)]  # NaN compares False: unmeasured is not "outside"
-            names = list(dict.fromkeys(outside["block"].astype(str).tolist()))
-        else:
-            names = []
-        row["gain_outside"] = len(names)
-        row["gain_outside_blocks"] = ", ".join(names)
-        ratio = part["res_ratio"].to_numpy(dtype="float64") if "res_ratio" in part.columns else np.array([])
-        if ratio.size and not np.isnan(ratio).all():
-            at_max = int(np.nanargmax(np.where(np.isinf(ratio), np.inf, ratio)))
-            row["max_res_ratio"] = float(ratio[at_max])
-            row["max_res_ratio_block"] = str(part["block"].iloc[at_max])
-        else:
-            row["max_res_ratio"], row["max_res_ratio_block"] = math.nan, ""
-        rows.append(row)
-    return pd.DataFrame(rows)
+#: How the report shows a missing value.
+_NAN = "–"
 
 
 def _num(value: Any) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if math.isnan(v):
-        return "–"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return f"{v:.3g}"
-
-
-def _pct(value: Any) -> str:
-    v = float(value)
-    return "–" if math.isnan(v) else f"{100 * v:.1f}%"
+    return _format.number(value, nan=_NAN)
 
 
 def _hex(colour: Any) -> str:
@@ -383,13 +259,18 @@ def _hex(colour: Any) -> str:
 
 
 def _summary_rows(table: pd.DataFrame, band: tuple[float, float]) -> tuple[list[str], list[list[str]]]:
+    """The report's summary table: the columns of :func:`gradprobe.summary.summary`, as text."""
     has = set(table.columns)
     header = ["model"] + [c for c in ("depth", "residual") if c in has]
     header += [
-        "final train loss",
+        "train loss",
         "test accuracy",
-        "cum_gain at init (min – max)",
-        "cum_gain at end (min – max)",
+        "cum_gain at init: first block (all blocks min – max)",
+        "cum_gain at end: first block (all blocks min – max)",
+        "res_ratio at init",
+        "res_ratio at end",
+        "effective length at init",
+        "effective length at end",
         f"blocks with gain outside [{band[0]:g}, {band[1]:g}]",
         "max res_ratio (block)",
     ]
@@ -403,11 +284,15 @@ def _summary_rows(table: pd.DataFrame, band: tuple[float, float]) -> tuple[list[
         outside = str(r["gain_outside_blocks"])
         if len(outside) > 120:
             outside = outside[:117] + "..."
+        cells += [_num(r["train_loss"]), _format.percent(r["test_acc"], nan=_NAN)]
+        for tag in ("init", "end"):
+            cells.append(
+                f"{_num(r[f'cum_gain_{tag}'])} "
+                f"({_num(r[f'cum_gain_min_{tag}'])} – {_num(r[f'cum_gain_max_{tag}'])})"
+            )
+        cells += [_num(r[c]) for c in ("res_ratio_init", "res_ratio_end")]
+        cells += [_num(r[c]) for c in ("effective_length_init", "effective_length_end")]
         cells += [
-            _num(r["final_train_loss"]),
-            _pct(r["test_acc"]),
-            f"{_num(r['cum_gain_min_init'])} – {_num(r['cum_gain_max_init'])}",
-            f"{_num(r['cum_gain_min_end'])} – {_num(r['cum_gain_max_end'])}",
             f"{int(r['gain_outside'])}" + (f": {outside}" if outside else ""),
             _num(r["max_res_ratio"]) + (f" ({r['max_res_ratio_block']})" if r["max_res_ratio_block"] else ""),
         ]
@@ -649,7 +534,7 @@ def _write_report(
             )
 
     generated = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    header, body = _summary_rows(summary_table(frame, scalars, band=band), band)
+    header, body = _summary_rows(summary(frame, scalars, the_run.paths(), band=band), band)
     swatches = [_hex(inputs.palette.get(row[0], (0.5, 0.5, 0.5))) for row in body]
     html = _template().render(
         title=title or ("gradprobe report: " + ", ".join(models) if models else "gradprobe report"),
@@ -666,15 +551,3 @@ def _write_report(
         table_format="Parquet" if records.has_parquet() else "CSV",
     )
     return records.atomic_write_text(folder / "index.html", html)  # last: the report is complete
-
-
-class _CallableModule(types.ModuleType):
-    """``gradprobe.report`` is both this module and the function ``report``: whichever the
-    import system binds on the package (the submodule, once anything imports it), a call
-    ``gradprobe.report(run, out)`` reaches the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Path:
-        return report(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
