@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._tensors import mute
 from .analysis import preserved, projection_loss
 from .blocks import BlockSpec, select_blocks, shortcut_modules
 from .capture import BlockCapture, capturing, node_continues, stack_labels
@@ -392,10 +393,8 @@ def paths(
     def loss_of(output: Any) -> Tensor:
         return loss_fn(output) if loss_fn is not None else projection_loss(output, seed)
 
-    from .probe import Probe
-
     # Muted: a probe attached to the model must not record this pass as a training step.
-    with preserved(model, args), Probe._mute():
+    with preserved(model, args), mute():
         frame, info = captured_decomposition(lambda: model(*args), named, shortcut_of, loss_of, max_length)
     _annotate(frame, info)
     _warn_cancellation(info)

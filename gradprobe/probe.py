@@ -39,12 +39,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import capture as _rule
-from ._tensors import in_backward, mute, muted
+from ._tensors import in_backward, muted
 from ._version import __version__
 from .blocks import BlockSpec, StackTracker, no_shortcut_message, select_blocks, shortcut_modules
 from .capture import alias_view, find_output, swap_input
 from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
-from .jacobian_schedule import JacobianSchedule, block_capture, paths_decomposition
+from .jacobian.schedule import JacobianSchedule, block_capture, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id
 from .rows import CallStats, ParamSnapshots, loss_scale, non_finite, step_rows
 
@@ -243,7 +243,6 @@ class Probe(RecordedTables):
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    _mute = staticmethod(mute)  # gradprobe.path_lengths still mutes through it (to become _tensors.mute)
 
     # ------------------------------------------------------------------ public API
     @property

@@ -5,7 +5,9 @@
   (:func:`jacobian_columns`);
 * :mod:`.rerun`: the training call re-run on a slice of its batch without touching the
   model, the RNG or ``.grad`` (:func:`sub_batch_captures`, :func:`sub_batch_forward`);
-* :mod:`.spectrum`: the singular values between two blocks (:func:`spectrum`).
+* :mod:`.spectrum`: the singular values between two blocks (:func:`spectrum`);
+* :mod:`.schedule`: during training, which steps get the Jacobian columns and the path
+  decomposition, on the sub-batch or the whole batch (used by the probe).
 
 Blocks are captured by :mod:`gradprobe.capture` (:class:`BlockCapture`,
 :func:`capture_blocks`), the one rule the probe uses too. Definitions, knobs, accuracy

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._tensors import mute
-from .config import JacobianOptions
-from .jacobian import BlockCapture, batch_size, differentiable_twice, jacobian_columns, sub_batch_captures
+from .._tensors import mute
+from ..capture import BlockCapture
+from ..config import JacobianOptions
+from .estimate import jacobian_columns
+from .rerun import batch_size, differentiable_twice, sub_batch_captures
 
 Columns = dict[str, dict[str, float]]
 
@@ -210,7 +212,7 @@ def paths_decomposition(
 ) -> Any:
     """The path-length decomposition (a frame) of one training call, on the Jacobian sub-batch
     in a second forward pass of its own (the training graph is not used)."""
-    from .path_lengths import sub_batch_decomposition
+    from ..path_lengths import sub_batch_decomposition
 
     args, kwargs = call
     with mute():
