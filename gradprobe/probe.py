@@ -243,7 +243,6 @@ class Probe(RecordedTables):
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-
     # ------------------------------------------------------------------ public API
     @property
     def blocks(self) -> list[str]:
