@@ -41,6 +41,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 NAN = math.nan
@@ -66,10 +67,23 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return acc.to_real() if acc.is_complex else acc
 
 
+#: Dtypes that are their own accumulation dtype: the common case needs no promote_types call.
+_WIDE = frozenset({torch.float32, torch.float64, torch.complex64, torch.complex128})
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    # The probe calls these functions under no_grad, where detach is one more op for nothing.
+    return t.detach() if torch.is_grad_enabled() else t
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # ``t.to(dtype)`` with t's own dtype returns t, but still goes through the dispatcher.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().reshape(-1)
-    acc = accumulation_dtype(t.dtype)
-    return t if t.dtype == acc else t.to(acc)
+    t = _detached(t).reshape(-1)
+    return t if t.dtype in _WIDE else _as(t, accumulation_dtype(t.dtype))
 
 
 def _sq(a: torch.Tensor) -> torch.Tensor:
@@ -83,7 +97,7 @@ def _re_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``Re <a, b>``: the real inner product, also of complex vectors (C^n as R^2n)."""
     if a.is_complex() or b.is_complex():
         dtype = torch.promote_types(a.dtype, b.dtype)
-        return torch.vdot(a.to(dtype), b.to(dtype)).real
+        return torch.vdot(_as(a, dtype), _as(b, dtype)).real
     return torch.dot(a, b)
 
 
@@ -98,19 +112,18 @@ def forward_stats(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) ->
     """
     fx, fy = _flat(x), _flat(y)
     xx, yy = _sq(fx), _sq(fy)
+    common = xx.dtype if xx.dtype == yy.dtype else torch.promote_types(xx.dtype, yy.dtype)
     if ref is None or ref.shape != y.shape:
-        common = torch.promote_types(xx.dtype, yy.dtype)
         nan = torch.full((), NAN, dtype=common, device=xx.device)
-        return torch.stack([xx.to(common), yy.to(common), nan, nan])
+        return torch.stack([_as(xx, common), _as(yy, common), nan, nan])
     fr = fx if ref is x else _flat(ref)
     rr = xx if ref is x else _sq(fr)
     # The difference is formed explicitly, not as |y|^2 + |r|^2 - 2<y, r>: near the
     # identity that expansion cancels catastrophically (res_ratio would read 1e-4
     # for a block that is exactly the identity).
-    d = fy.to(torch.promote_types(fy.dtype, fr.dtype)) - fr
+    d = (fy if fy.dtype == fr.dtype else fy.to(torch.promote_types(fy.dtype, fr.dtype))) - fr
     dd = _sq(d)
-    common = torch.promote_types(xx.dtype, yy.dtype)
-    return torch.stack([xx.to(common), yy.to(common), dd.to(common), rr.to(common)])
+    return torch.stack([_as(xx, common), _as(yy, common), _as(dd, common), _as(rr, common)])
 
 
 def grad_out_stats(g_y: torch.Tensor) -> torch.Tensor:
@@ -126,9 +139,10 @@ def grad_in_stats(g_x: torch.Tensor, g_y: torch.Tensor | None) -> torch.Tensor:
         nan = torch.full((), NAN, dtype=gxx.dtype, device=gxx.device)
         return torch.stack([gxx, nan, nan])
     fy = _flat(g_y)
-    dtype = torch.promote_types(fx.dtype, fy.dtype)
-    b = fx.to(dtype) - fy.to(dtype)
-    return torch.stack([gxx.to(b.real.dtype), _sq(b), _re_dot(b, fy.to(dtype))])
+    dtype = fx.dtype if fx.dtype == fy.dtype else torch.promote_types(fx.dtype, fy.dtype)
+    fy = _as(fy, dtype)
+    b = _as(fx, dtype) - fy
+    return torch.stack([_as(gxx, b.real.dtype), _sq(b), _re_dot(b, fy)])
 
 
 def channel_axis(t: torch.Tensor, channel_dim: int | None = None) -> int | None:
@@ -152,10 +166,9 @@ def _channel_moments(t: torch.Tensor, axis: int, scratch: bool = False) -> torch
     that the variance is not the difference of two large numbers when the mean is large.
     ``scratch``: ``t`` is a temporary of the caller's that may be shifted in place.
     """
-    t = t.detach()
-    acc = accumulation_dtype(t.dtype)
-    if t.dtype != acc:
-        t, scratch = t.to(acc), True
+    t = _detached(t)
+    if t.dtype not in _WIDE:
+        t, scratch = t.to(accumulation_dtype(t.dtype)), True
     c = t.shape[axis]
     rows = math.prod(t.shape[axis + 1 :])
     view = t.reshape(-1, c, rows)
@@ -189,7 +202,7 @@ def signal_stats(
     own = _channel_moments(y, axis)
     if ref is None or ref.shape != y.shape:
         return torch.stack([own, torch.full_like(own, NAN)])
-    diff = y.detach() - ref.detach()
+    diff = _detached(y) - _detached(ref)
     return torch.stack([own, _channel_moments(diff, axis, scratch=True)])
 
 
@@ -263,6 +276,49 @@ def safe_sqrt(a: float) -> float:
     return math.sqrt(a)
 
 
+def _div_many(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise ``a / b``: NaN for 0/0, NaN in and inf/inf; +-inf for x/0 (rounded as ``math``)."""
+    out = a / b
+    zero = (b == 0.0) & ~np.isnan(a)
+    if zero.any():
+        out = np.where(zero, np.where(a == 0.0, NAN, np.copysign(np.inf, a)), out)
+    return out
+
+
+def finalize_many(
+    fwd: np.ndarray, numel_x: np.ndarray, numel_y: np.ndarray, gyy: np.ndarray, bwd_x: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The columns of many (step, block) rows at once: ``fwd`` (n, 4), ``bwd_x`` (n, 3), the rest (n,).
+
+    ``fwd`` holds pooled :func:`forward_stats`, ``gyy`` pooled :func:`grad_out_stats`,
+    ``bwd_x`` pooled :func:`grad_in_stats` (NaN where no gradient arrived). One numpy
+    pass instead of Python work per statistic; :func:`finalize` is the one-row case.
+
+    >>> cols = finalize_many(np.array([[4.0, 16.0, 4.0, 4.0]]), np.array([4]), np.array([4]),
+    ...                      np.array([1.0]), np.array([[4.0, 1.0, 1.0]]))
+    >>> cols["gain"].tolist(), cols["res_ratio"].tolist(), cols["branch_cos"].tolist()
+    ([2.0], [1.0], [1.0])
+    """
+    with np.errstate(all="ignore"):  # NaN/inf in and out, and sqrt of negatives -> NaN
+        xx, yy, dd, rr = np.asarray(fwd, dtype=np.float64).T
+        gxx, bb, bg = np.asarray(bwd_x, dtype=np.float64).T
+        grad_out, grad_in = np.sqrt(np.asarray(gyy, dtype=np.float64)), np.sqrt(gxx)
+        branch, sqrt_rr = np.sqrt(bb), np.sqrt(rr)
+        return {
+            "grad_out": grad_out,
+            "grad_in": grad_in,
+            "gain": _div_many(grad_in, grad_out),
+            "skip_grad": np.where(np.isnan(bb), NAN, grad_out),  # same-shape blocks only
+            "branch_grad": branch,
+            "branch_cos": _div_many(bg, branch * grad_out),
+            "res_ratio": _div_many(np.sqrt(dd), sqrt_rr),
+            # <r, y> = (|r|^2 + |y|^2 - |y - r|^2) / 2: no extra pass over the tensors.
+            "cos_xy": _div_many(0.5 * (rr + yy - dd), sqrt_rr * np.sqrt(yy)),
+            "in_rms": np.sqrt(_div_many(xx, np.asarray(numel_x, dtype=np.float64))),
+            "out_rms": np.sqrt(_div_many(yy, np.asarray(numel_y, dtype=np.float64))),
+        }
+
+
 def finalize(
     fwd: Sequence[float],
     numel_x: int,
@@ -270,33 +326,16 @@ def finalize(
     gyy: float,
     bwd_x: Sequence[float],
 ) -> dict[str, float]:
-    """Columns of one (step, block) row from pooled statistics.
-
-    ``fwd`` is the sum of :func:`forward_stats`, ``gyy`` of :func:`grad_out_stats`,
-    ``bwd_x`` of :func:`grad_in_stats` (NaN when no gradient arrived).
+    """Columns of one (step, block) row from pooled statistics (see :func:`finalize_many`).
 
     >>> row = finalize([4.0, 16.0, 4.0, 4.0], 4, 4, 1.0, [4.0, 1.0, 1.0])
     >>> row["gain"], row["res_ratio"], row["branch_cos"]
     (2.0, 1.0, 1.0)
     """
-    xx, yy, dd, rr = fwd
-    gxx, bb, bg = bwd_x
-    grad_out, grad_in = safe_sqrt(gyy), safe_sqrt(gxx)
-    branch = safe_sqrt(bb)
-    same_shape = not math.isnan(bb)
-    return {
-        "grad_out": grad_out,
-        "grad_in": grad_in,
-        "gain": safe_div(grad_in, grad_out),
-        "skip_grad": grad_out if same_shape else NAN,
-        "branch_grad": branch,
-        "branch_cos": safe_div(bg, branch * grad_out),
-        "res_ratio": safe_div(safe_sqrt(dd), safe_sqrt(rr)),
-        # <r, y> = (|r|^2 + |y|^2 - |y - r|^2) / 2: no extra pass over the tensors.
-        "cos_xy": safe_div(0.5 * (rr + yy - dd), safe_sqrt(rr) * safe_sqrt(yy)),
-        "in_rms": safe_sqrt(safe_div(xx, float(numel_x))),
-        "out_rms": safe_sqrt(safe_div(yy, float(numel_y))),
-    }
+    cols = finalize_many(
+        np.array([fwd]), np.array([numel_x]), np.array([numel_y]), np.array([gyy]), np.array([bwd_x])
+    )
+    return {k: float(v[0]) for k, v in cols.items()}
 
 
 def cum_gain(grad_in: float, grad_out_last: float) -> float:
@@ -365,33 +404,35 @@ def block_param_stats(
         )
     (device,) = devices
     acc = real_dtype(flat[0].dtype)
-    owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=device, dtype=torch.long)
     n = len(groups)
-
-    def per_block(tensors: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(n, device=device, dtype=acc)
-        if tensors:
-            sq = torch.stack(torch._foreach_norm([_as_real(t) for t in tensors], 2, dtype=acc)).square()
-            out.index_add_(0, idx, sq)
-        return out
-
-    sq = per_block([p.detach() for p in flat], owner)
+    # One fused _foreach_norm over parameters, then gradients, then differences to the
+    # previous snapshot, summed per block into one (3 * blocks) vector by one index_add_.
+    # (Per target the additions run in the same order as one index_add_ per kind: same values.)
+    tensors = [_detached(p) for p in flat]
+    owner = [i for i, g in enumerate(groups) for _ in g]
     with_grad = [i for i, p in enumerate(flat) if p.grad is not None]
-    gsq = per_block([flat[i].grad for i in with_grad], owner[with_grad])  # type: ignore[misc]
-    has_grad = torch.zeros(n, device=device, dtype=torch.bool)
-    has_grad[owner[with_grad]] = True
-    gsq = torch.where(has_grad, gsq, torch.full_like(gsq, NAN))
+    tensors += [flat[i].grad for i in with_grad]  # type: ignore[misc]
+    owner += [n + owner[i] for i in with_grad]
     known = [i for i, prev in enumerate(previous) if prev is not None]
     if known:
-        cur = [p.detach() for i in known for p in groups[i]]
+        cur = [_detached(p) for i in known for p in groups[i]]
         old = [q for i in known for q in previous[i]]  # type: ignore[union-attr]
-        idx = torch.tensor([i for i in known for _ in groups[i]], device=device, dtype=torch.long)
-        dsq = per_block(list(torch._foreach_sub(cur, old)), idx)
-        has_prev = torch.zeros(n, device=device, dtype=torch.bool)
-        has_prev[known] = True
-        dsq = torch.where(has_prev, dsq, torch.full_like(dsq, NAN))
-    else:
-        dsq = torch.full((n,), NAN, device=device, dtype=acc)
-    empty = torch.tensor([not g for g in groups], device=device)
-    sq = torch.where(empty, torch.full_like(sq, NAN), sq)
-    return torch.stack([sq, gsq, dsq], dim=1)
+        tensors += list(torch._foreach_sub(cur, old))
+        owner += [2 * n + i for i in known for _ in groups[i]]
+    sums = torch.zeros(3 * n, device=device, dtype=acc)
+    if tensors:
+        sq = torch.stack(torch._foreach_norm([_as_real(t) for t in tensors], 2, dtype=acc)).square_()
+        # Made from a host list and copied without blocking: no device-to-host sync on a GPU.
+        sums.index_add_(0, torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True), sq)
+    # NaN where a block has no parameter, no gradient, or no previous snapshot.
+    has_grad = {owner[i] for i in with_grad}
+    has_prev = set(known)
+    missing = (
+        [not g for g in groups]
+        + [i not in has_grad for i in range(n)]
+        + [i not in has_prev for i in range(n)]
+    )
+    if any(missing):
+        mask = torch.tensor(missing).to(device, non_blocking=True)
+        sums = torch.where(mask, torch.full_like(sums, NAN), sums)
+    return sums.view(3, n).t()
