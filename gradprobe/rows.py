@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import metrics
@@ -117,12 +118,14 @@ def to_host(tensors: Sequence[torch.Tensor]) -> dict[int, list[float]]:
     >>> values[id(a)], values[id(b)]
     ([1.0, 2.0], [3.0])
     """
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    # One cat per (device, dtype) and one conversion to float64 for each: a float32 value
+    # converts exactly, so this is the per-tensor .double() of every value, in fewer ops.
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
     out: dict[int, list[float]] = {}
-    for group in by_device.values():
-        flat = torch.cat([t.reshape(-1).double() for t in group]).tolist()
+    for group in by_kind.values():
+        flat = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in group]).double().tolist()
         i = 0
         for t in group:
             n = t.numel()
@@ -168,21 +171,34 @@ def param_columns(psq: float, gsq: float, dsq: float) -> Row:
     }
 
 
-def _block_row(calls: Sequence[CallStats], values: Mapping[int, list[float]]) -> Row:
-    """The metric columns of one block: its calls' statistics pooled (calls without a backward
-    pass left out when others have one)."""
+def _pooled_block(calls: Sequence[CallStats], values: Mapping[int, list[float]]) -> tuple[Any, ...]:
+    """One block's calls pooled: (calls, fwd, numel_x, numel_y, gyy, bwd_x, signal moments); calls
+    without a backward pass are left out when others have one."""
     complete = [c for c in calls if c.gyy is not None] or list(calls)
     fwd = pooled([values[id(c.fwd)] if c.fwd is not None else None for c in complete], 4)
     scales = [values[id(c.scale)][0] if isinstance(c.scale, torch.Tensor) else c.scale for c in complete]
     gyy = pooled([scaled(values, c.gyy, k) for c, k in zip(complete, scales, strict=True)], 1)
     bwd = pooled([scaled(values, c.bwd_x, k) for c, k in zip(complete, scales, strict=True)], 3)
+    sig = metrics.pool_moments([values[id(c.sig)] if c.sig is not None else [] for c in complete])
     numel_x = sum(c.numel_x for c in complete)
     numel_y = sum(c.numel_y for c in complete)
-    row: Row = {"calls": len(complete)}
-    row.update(metrics.finalize(fwd, numel_x, numel_y, gyy[0], bwd))
-    sig = [values[id(c.sig)] if c.sig is not None else [] for c in complete]
-    row.update(metrics.signal_columns(metrics.pool_moments(sig)))
-    return row
+    return len(complete), fwd, numel_x, numel_y, gyy[0], bwd, sig
+
+
+def _metric_rows(pooled_blocks: Sequence[tuple[Any, ...]]) -> list[Row]:
+    """The metric columns of every block of a step, finalized together (one numpy pass)."""
+    calls, fwd, numel_x, numel_y, gyy, bwd, sig = zip(*pooled_blocks, strict=True)
+    cols = metrics.finalize_many(
+        np.array(fwd), np.array(numel_x), np.array(numel_y), np.array(gyy), np.array(bwd)
+    )
+    values = {k: v.tolist() for k, v in cols.items()}
+    rows = [{"calls": n} for n in calls]
+    for k, column in values.items():
+        for row, v in zip(rows, column, strict=True):
+            row[k] = v
+    for row, moments in zip(rows, sig, strict=True):
+        row.update(metrics.signal_columns(moments))
+    return rows
 
 
 def step_rows(
@@ -208,14 +224,12 @@ def step_rows(
     stats = [t for c in calls for t in (c.fwd, c.sig, c.gyy, c.bwd_x) if t is not None]
     scales = {id(c.scale): c.scale for c in calls if isinstance(c.scale, torch.Tensor)}
     values = to_host(stats + list(params.values()) + list(scales.values()))
-    rows = []
-    for name, block_calls in by_block.items():
-        row: Row = {"step": step, "block": name, "index": index.get(name, -1)}
-        row.update(_block_row(block_calls, values))
+    rows = _metric_rows([_pooled_block(block_calls, values) for block_calls in by_block.values()])
+    for name, row in zip(by_block, rows, strict=True):
+        row.update(step=step, block=name, index=index.get(name, -1))
         p = params.get(name)
         row.update(param_columns(*(values[id(p)] if p is not None else (math.nan,) * 3)))
         row.update(jacobian.get(name, {}))
-        rows.append(row)
     rows.sort(key=lambda r: r["index"])
     names = stacks([r["block"] for r in rows])
     last_out: dict[str, float] = {}
