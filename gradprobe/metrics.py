@@ -110,12 +110,19 @@ def forward_stats(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) ->
     >>> x = torch.ones(4); forward_stats(x, 2 * x, x).tolist()
     [4.0, 16.0, 4.0, 4.0]
     """
+    return _forward(x, y, ref)[0]
+
+
+def _forward(
+    x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`forward_stats` and the flat residual ``y - r`` it formed (None without ``r``)."""
     fx, fy = _flat(x), _flat(y)
     xx, yy = _sq(fx), _sq(fy)
     common = xx.dtype if xx.dtype == yy.dtype else torch.promote_types(xx.dtype, yy.dtype)
     if ref is None or ref.shape != y.shape:
         nan = torch.full((), NAN, dtype=common, device=xx.device)
-        return torch.stack([_as(xx, common), _as(yy, common), nan, nan])
+        return torch.stack([_as(xx, common), _as(yy, common), nan, nan]), None
     fr = fx if ref is x else _flat(ref)
     rr = xx if ref is x else _sq(fr)
     # The difference is formed explicitly, not as |y|^2 + |r|^2 - 2<y, r>: near the
@@ -123,7 +130,28 @@ def forward_stats(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) ->
     # for a block that is exactly the identity).
     d = (fy if fy.dtype == fr.dtype else fy.to(torch.promote_types(fy.dtype, fr.dtype))) - fr
     dd = _sq(d)
-    return torch.stack([_as(xx, common), _as(yy, common), _as(dd, common), _as(rr, common)])
+    return torch.stack([_as(xx, common), _as(yy, common), _as(dd, common), _as(rr, common)]), d
+
+
+def call_stats(
+    x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None, channel_dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`forward_stats` and :func:`signal_stats` of one call (None for complex ``y``), the
+    residual ``y - r`` formed once for both where that gives the same values (one pass fewer
+    over the block output).
+
+    >>> fwd, sig = call_stats(torch.ones(2, 2), torch.full((2, 2), 3.0), torch.ones(2, 2))
+    >>> fwd.tolist(), sig[1, 2].tolist()  # |y - x|^2 = 16; the residual's M2 per channel
+    ([4.0, 36.0, 16.0, 4.0], [0.0, 0.0])
+    """
+    fwd, d = _forward(x, y, ref)
+    if y.is_complex():  # Brock et al.'s channel moments are defined for real activations
+        return fwd, None
+    # signal_stats forms y - r in y's dtype and layout: the same values as the flat residual
+    # only when that dtype is y's and neither tensor needs a copy to be flattened.
+    same = d is not None and ref is not None and d.dtype == y.dtype == ref.dtype
+    shared = d.view(y.shape) if same and y.is_contiguous() and ref.is_contiguous() else None  # type: ignore[union-attr]
+    return fwd, signal_stats(y, ref, channel_dim, residual=shared)
 
 
 def grad_out_stats(g_y: torch.Tensor) -> torch.Tensor:
@@ -188,7 +216,11 @@ def _channel_moments(t: torch.Tensor, axis: int, scratch: bool = False) -> torch
 
 
 def signal_stats(
-    y: torch.Tensor, ref: torch.Tensor | None, channel_dim: int | None = None
+    y: torch.Tensor,
+    ref: torch.Tensor | None,
+    channel_dim: int | None = None,
+    *,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Per-channel moments of ``y`` and of ``y - ref``: a ``(2, 3, C)`` tensor (count, mean, M2 for
     each channel), the second half NaN without a ``ref`` of y's shape; None when y has no channel axis.
@@ -202,7 +234,8 @@ def signal_stats(
     own = _channel_moments(y, axis)
     if ref is None or ref.shape != y.shape:
         return torch.stack([own, torch.full_like(own, NAN)])
-    diff = _detached(y) - _detached(ref)
+    # ``residual``: y - ref already formed by the caller, a scratch tensor (shifted in place).
+    diff = _detached(y) - _detached(ref) if residual is None else residual
     return torch.stack([own, _channel_moments(diff, axis, scratch=True)])
 
 

@@ -53,9 +53,7 @@ class CallStats:
     ) -> None:
         """The forward statistics of the call (``ref``: the tensor ``y - ref`` is the residual of)."""
         with torch.no_grad(), full_precision(y.device.type):
-            self.fwd = metrics.forward_stats(x, y, ref)
-            if not y.is_complex():  # Brock et al.'s channel moments are defined for real activations
-                self.sig = metrics.signal_stats(y, ref, channel_dim)
+            self.fwd, self.sig = metrics.call_stats(x, y, ref, channel_dim)
             self.numel_x, self.numel_y = x.numel(), y.numel()
 
     def add_grad_out(self, g_y: torch.Tensor) -> None:

@@ -313,3 +313,30 @@ def test_real_dtype_of_statistics():
     assert metrics.real_dtype(torch.bfloat16) == torch.float32
     assert metrics.real_dtype(torch.complex64) == torch.float32
     assert metrics.real_dtype(torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_call_stats_sharing_the_residual_equals_the_two_functions_bit_for_bit(dtype, layout):
+    # call_stats forms y - r once for forward_stats and signal_stats; the values must be the
+    # ones of the two functions called apart, for every dtype and memory layout.
+    g = torch.Generator().manual_seed(3)
+    shape = (6, 4, 5, 5) if layout != "transposed" else (12, 7)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    y = (torch.randn(shape, generator=g, dtype=torch.float64) + 3).to(dtype)
+    if layout == "channels_last":
+        x, y = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
+    elif layout == "transposed":
+        x = x.t().contiguous().t()
+    for ref in (x, None, y * 0.5):
+        with torch.no_grad():
+            fwd, sig = metrics.call_stats(x, y, ref)
+            assert torch.equal(fwd.nan_to_num(7.0), metrics.forward_stats(x, y, ref).nan_to_num(7.0))
+            assert torch.equal(sig.nan_to_num(7.0), metrics.signal_stats(y, ref).nan_to_num(7.0))
+
+
+def test_call_stats_of_a_complex_block_has_no_signal_moments():
+    z = torch.randn(3, 4, dtype=torch.complex64)
+    fwd, sig = metrics.call_stats(z, 2 * z, z)
+    assert sig is None
+    assert torch.equal(fwd, metrics.forward_stats(z, 2 * z, z))
