@@ -535,7 +535,8 @@ def test_a_failing_metric_warns_once_records_nan_and_training_goes_on(monkeypatc
     def broken(*args, **kwargs):
         raise ValueError("metric exploded")
 
-    monkeypatch.setattr(metrics, "forward_stats", broken)
+    # call_stats: the forward statistics of a block call (forward_stats and signal_stats)
+    monkeypatch.setattr(metrics, "call_stats", broken)
     net = make("res_mlp")
     x = make_input("res_mlp")
     with pytest.warns(RuntimeWarning, match="metric exploded") as record, gradprobe.attach(net) as probe:
