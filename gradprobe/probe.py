@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -32,6 +31,7 @@ from torch import nn
 from . import capture as _rule
 from ._tensors import in_backward, muted
 from ._version import __version__
+from .alerts import Alerts
 from .blocks import BlockSpec, StackTracker, no_shortcut_message, select_blocks, shortcut_modules
 from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
 from .hooks import Handles
@@ -86,6 +86,7 @@ class Probe(RecordedTables):
         elif options or not isinstance(config, ProbeConfig):
             raise TypeError("Probe(model, config) takes a gradprobe.ProbeConfig, or the keywords of attach()")
         self.config = config
+        self._alerts = Alerts(config.strict)
         selected = select_blocks(model, config.blocks)
         names = [n for n, _ in selected]
         self._rules = _rule.rules(names, config.input, config.output)
@@ -96,13 +97,12 @@ class Probe(RecordedTables):
         self._params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in selected}
         self._snapshots = ParamSnapshots(enabled=config.update_ratio)
         self._jacobian = JacobianSchedule(
-            config.jacobian_every, config.probes, config.jacobian_options, config.strict, self._warn_once
+            config.jacobian_every, config.probes, config.jacobian_options, config.strict, self._alerts.once
         )
         self._state, self._step, self._buf = _State.IDLE, 0, _Step()
         self._recording_of = (-1, False)  # (step, schedule(step)): the schedule is asked once per step
         self._recorded_steps, self._paths_step = 0, -1
         self._index: dict[str, int] = {}  # forward order
-        self._warned: set[str] = set()
         self._taps = Taps(
             self._rules,
             self._stacks,
@@ -111,8 +111,8 @@ class Probe(RecordedTables):
             forward_kind=self._forward_kind,
             recording=self._recording,
             backward_started=self._backward_started,
-            fail=self._fail,
-            warn_once=self._warn_once,
+            fail=self._alerts.fail,
+            warn_once=self._alerts.once,
         )
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         self._hooks = Handles()
@@ -229,21 +229,6 @@ class Probe(RecordedTables):
         )
 
     # ------------------------------------------------------------------ helpers
-    def _fail(self, where: str, exc: BaseException) -> None:
-        if self.config.strict:
-            raise exc
-        # Once per kind of failure (not per block and step): later ones would flood the log.
-        self._warn_once(
-            where.split(" of block ")[0],
-            f"gradprobe: {where} failed ({type(exc).__name__}: {exc}); recording NaN there and "
-            "carrying on. Pass strict=True to attach() to raise instead.",
-        )
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-
     def _recording(self) -> bool:
         """Whether the current step is recorded (the schedule, asked once per step)."""
         if self._recording_of[0] != self._step:
@@ -289,7 +274,7 @@ class Probe(RecordedTables):
             )
             self._buf.jacobian.update(cols)
         except Exception as exc:
-            self._fail("Jacobian columns", exc)
+            self._alerts.fail("Jacobian columns", exc)
 
     def _paths_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """End of a recorded training forward pass: the path-length decomposition, every N-th."""
@@ -309,7 +294,7 @@ class Probe(RecordedTables):
             frame.insert(0, "step", self._step)
             self._out.paths_parts.append(frame)
         except Exception as exc:
-            self._fail("path-length decomposition", exc)
+            self._alerts.fail("path-length decomposition", exc)
 
     # ------------------------------------------------------------------ backward: -> BACKWARD -> DONE
     def _backward_started(self) -> None:
@@ -337,7 +322,7 @@ class Probe(RecordedTables):
                     for call in self._taps.calls:
                         call.scale = scale
         except Exception as exc:
-            self._fail("parameter metrics", exc)
+            self._alerts.fail("parameter metrics", exc)
         finally:
             self._state = _State.DONE
 
@@ -359,7 +344,9 @@ class Probe(RecordedTables):
         self._step += 1
         self._taps.captures.clear()
         self._stacks.forget()
-        self._warn_shapeless()
+        by_index = sorted(self._taps.no_shortcut, key=lambda n: self._index.get(n, -1))
+        self._taps.no_shortcut.clear()
+        self._alerts.once_each("shape", by_index, no_shortcut_message)
         if buf.scalars:  # scalars are cheap: kept for every step, recorded or not
             self._out.add_scalars(step, buf.scalars)
         if not recorded:
@@ -369,22 +356,14 @@ class Probe(RecordedTables):
         try:
             rows = step_rows(step, calls, buf.params, buf.jacobian, self._index, self._stacks.names)
             self._out.add_rows(rows)
-            if "non-finite" not in self._warned:
-                excused = lambda b: f"input:{b}" in self._warned or f"output:{b}" in self._warned  # noqa: E731
+            if "non-finite" not in self._alerts:
+                excused = lambda b: f"input:{b}" in self._alerts or f"output:{b}" in self._alerts  # noqa: E731
                 message = non_finite(step, rows, excused)  # recorded as is, but never silently
                 if message is not None:
-                    self._warn_once("non-finite", message)
+                    self._alerts.once("non-finite", message)
         except Exception as exc:
-            self._fail("closing a step", exc)
+            self._alerts.fail("closing a step", exc)
         self._snapshots.commit(buf.snapshot)  # for the next recorded step's update_ratio
-
-    def _warn_shapeless(self) -> None:
-        by_index = sorted(self._taps.no_shortcut, key=lambda n: self._index.get(n, -1))
-        self._taps.no_shortcut.clear()
-        shapeless = [n for n in by_index if f"shape:{n}" not in self._warned]
-        if shapeless:
-            self._warned.update(f"shape:{n}" for n in shapeless)
-            warnings.warn(no_shortcut_message(shapeless), RuntimeWarning, stacklevel=4)
 
 
 def attach(model: nn.Module, blocks: BlockSpec = "auto", **options: Any) -> Probe:
