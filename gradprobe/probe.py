@@ -14,7 +14,8 @@ Steps (``Probe._state``)::
     any      --step()-->                                    closed, IDLE  (explicit stepping from then on)
 
 An unrecorded step (``every=``) runs the same machine with bare hooks that only notice the
-backward pass; a recorded one keeps statistics.
+backward pass; a recorded one keeps statistics. The taps enter the machine through
+``_forward_kind`` (a forward call) and ``_backward_started`` (a gradient hook).
 """
 
 from __future__ import annotations
