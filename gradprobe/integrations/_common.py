@@ -3,7 +3,7 @@ the steps numbered as the trainer numbers them, live scalars, and the run and re
 
 No framework is imported here; the framework modules only translate their hooks into
 :meth:`Recorder.start`, :meth:`Recorder.close_step`, :meth:`Recorder.finish` and
-:meth:`Recorder.abort`.
+:meth:`Recorder.abort`. :class:`CallbackOptions` is the constructor both callbacks share.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..export import step_scalars
+from ..export import LOG_COLUMNS, step_scalars
 
 if TYPE_CHECKING:
     from torch import nn
@@ -181,3 +181,31 @@ class Recorder:
             )
         finally:
             self.probe = None
+
+
+class CallbackOptions:
+    """The options of both gradprobe callbacks (the one spelling of their signature), and the
+    live probe. Framework classes derive from it and from the framework's callback class."""
+
+    def __init__(
+        self,
+        blocks: Any = "auto",
+        *,
+        every: int | Schedule = 1,
+        jacobian: bool | int = False,
+        module: str | None = None,
+        report_dir: str | os.PathLike[str] | None = None,
+        log_columns: Sequence[str] = LOG_COLUMNS,
+        log_every: int | None = None,
+        **attach_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self._rec = Recorder(
+            blocks, every, jacobian, module, report_dir, log_columns, log_every, attach_kwargs
+        )
+        self.report: Path | None = None
+
+    @property
+    def probe(self) -> Probe | None:
+        """The probe while training runs."""
+        return self._rec.probe

@@ -9,16 +9,10 @@ install one with ``pip install 'gradprobe[lightning]'``.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..export import LOG_COLUMNS
-from ._common import Recorder
-
-if TYPE_CHECKING:
-    from ..probe import Probe, Schedule
+from ._common import CallbackOptions
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -43,7 +37,7 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-class _GradprobeLightning:
+class _GradprobeLightning(CallbackOptions):
     """Probe the blocks of a LightningModule while ``Trainer.fit`` trains it.
 
     * At fit start a probe is attached to the LightningModule, or to its submodule named
@@ -72,29 +66,6 @@ class _GradprobeLightning:
     ``callback.probe`` is the live probe during training (None before and after); ``report``
     is the path of the written report.
     """
-
-    def __init__(
-        self,
-        blocks: Any = "auto",
-        *,
-        every: int | Schedule = 1,
-        jacobian: bool | int = False,
-        module: str | None = None,
-        report_dir: str | os.PathLike[str] | None = None,
-        log_columns: Sequence[str] = LOG_COLUMNS,
-        log_every: int | None = None,
-        **attach_kwargs: Any,
-    ) -> None:
-        super().__init__()
-        self._rec = Recorder(
-            blocks, every, jacobian, module, report_dir, log_columns, log_every, attach_kwargs
-        )
-        self.report: Path | None = None
-
-    @property
-    def probe(self) -> Probe | None:
-        """The probe while training runs."""
-        return self._rec.probe
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.report = None

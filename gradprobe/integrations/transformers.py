@@ -8,19 +8,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..export import LOG_COLUMNS
-from ._common import Recorder
-
-if TYPE_CHECKING:
-    from ..probe import Probe, Schedule
+from ._common import CallbackOptions
 
 try:
     from transformers import TrainerCallback
@@ -57,7 +51,7 @@ def _integration_types() -> tuple[type, ...]:
     return tuple({cls for cls in mapping.values() if isinstance(cls, type)})
 
 
-class GradprobeCallback(TrainerCallback):
+class GradprobeCallback(CallbackOptions, TrainerCallback):
     """Probe the blocks of the model that a Hugging Face ``Trainer`` trains.
 
     * At train begin a probe is attached to the model the trainer passes in, or to its
@@ -83,28 +77,7 @@ class GradprobeCallback(TrainerCallback):
       probe stays attached until ``callback.detach()`` or the next ``train()``.
     """
 
-    def __init__(
-        self,
-        blocks: Any = "auto",
-        *,
-        every: int | Schedule = 1,
-        jacobian: bool | int = False,
-        module: str | None = None,
-        report_dir: str | os.PathLike[str] | None = None,
-        log_columns: Sequence[str] = LOG_COLUMNS,
-        log_every: int | None = None,
-        **attach_kwargs: Any,
-    ) -> None:
-        self._rec = Recorder(
-            blocks, every, jacobian, module, report_dir, log_columns, log_every, attach_kwargs
-        )
-        self._handler: Any = None
-        self.report: Path | None = None
-
-    @property
-    def probe(self) -> Probe | None:
-        """The probe while training runs."""
-        return self._rec.probe
+    _handler: Any = None  # the Trainer's CallbackHandler, found at train begin
 
     def detach(self) -> None:
         """Remove the probe's hooks (after a failed ``train()``); safe to call at any time."""

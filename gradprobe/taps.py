@@ -1,0 +1,237 @@
+"""The taps: what the probe's hooks do at each call of a probed block, forward and backward.
+
+A forward pre-hook swaps the block's input ``x`` for an alias (:func:`gradprobe.capture.alias_view`)
+whose tensor hook sees this block's ``g_x`` only; the forward hook takes the forward
+statistics and hooks the output ``y`` (a tensor hook stays with the node that made ``y``, so
+a later in-place op does not fool it; ``register_full_backward_hook`` breaks on those,
+pytorch#61519). The gradient hooks reduce ``g_y`` and ``g_x`` to a few scalars at once
+(:mod:`gradprobe.metrics`). The taps hold no step state of their own beyond the calls they
+recorded; they ask the probe that owns them five things, passed in as callables: the
+forward transition of a call (:class:`Fwd`), whether the step is recorded, that a backward
+pass started, and how to report a failure or warn once.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import capture as _rule
+from ._tensors import muted
+from .blocks import StackTracker
+from .capture import alias_view, find_output, swap_input
+from .jacobian.schedule import block_capture
+from .rows import CallStats
+
+
+@dataclass
+class Call(CallStats):
+    """One block call of the current step: its statistics and what its hooks hold meanwhile."""
+
+    x: torch.Tensor | None = None  # alias, held only between the pre-hook and the forward hook
+    x_version: int = 0
+    x_node: Any = None  # grad_fn of the caller's input and its output_nr (in-place fallback)
+    x_output_nr: int = 0
+    same_shape: bool = False
+    g_y: torch.Tensor | None = None  # held only between the g_y and the g_x hooks
+
+
+#: The placeholder call of unrecorded steps: never recorded (its x stays None).
+UNRECORDED = Call(block="")
+
+
+class Fwd(enum.Enum):
+    """What a forward call of a probed block is to the probe."""
+
+    IGNORE = 0  # no grad, eval mode, a probe's own pass, or a no-grad run under checkpointing
+    RECOMPUTE = 1  # activation checkpointing re-running a block it already saw: alias, no hooks
+    COUNT = 2  # unrecorded step: only notice the backward pass
+    CAPTURE = 3  # recorded step
+
+
+class Taps:
+    """The per-call hooks of the probed blocks (``pre_hook``, ``post_hook``, ``shortcut_hook``
+    take the block's name first). ``calls`` are the calls recorded in this step, ``captures``
+    the Jacobian captures of this forward pass (taken while ``jacobian_due``), ``no_shortcut``
+    the shape-changing blocks seen without a shortcut; the owner empties them."""
+
+    def __init__(
+        self,
+        rules: Mapping[str, _rule.Rule],
+        stacks: StackTracker,
+        index: dict[str, int],
+        channel_dim: int | None,
+        *,
+        forward_kind: Callable[[str, nn.Module], Fwd],
+        recording: Callable[[], bool],
+        backward_started: Callable[[], None],
+        fail: Callable[[str, BaseException], None],
+        warn_once: Callable[[str, str], None],
+    ) -> None:
+        self._rules, self._stacks, self._index, self._channel_dim = rules, stacks, index, channel_dim
+        self._forward_kind, self._recording, self._backward_started = (
+            forward_kind,
+            recording,
+            backward_started,
+        )
+        self._fail, self._warn_once = fail, warn_once
+        self.calls: list[Call] = []
+        self.captures: list[Any] = []  # jacobian.BlockCapture
+        self.no_shortcut: set[str] = set()
+        self.jacobian_due = False
+        self._stack: dict[str, list[Call]] = {name: [] for name in rules}  # pre -> post hook
+        self._shortcut_out: dict[str, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        """Drop what the hooks hold between calls (on detach)."""
+        self.captures.clear()
+        self._shortcut_out.clear()
+        for stack in self._stack.values():
+            stack.clear()
+
+    # ------------------------------------------------------------------ forward
+    def pre_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kind = self._forward_kind(name, module)
+        if kind is Fwd.RECOMPUTE:
+            return swap_input(args, kwargs, alias_view, self._rules[name].input, module)
+        if kind is Fwd.CAPTURE:
+            try:
+                return self._capture_input(name, module, args, kwargs)
+            except Exception as exc:  # never break the user's forward pass
+                self._fail(f"input capture of block {name}", exc)
+        if kind is Fwd.COUNT:  # placeholders keep pre/post hooks paired
+            self._stack[name].append(UNRECORDED)  # nothing allocated on unrecorded steps
+        elif kind is Fwd.CAPTURE:
+            self._stack[name].append(Call(block=name))
+        return None
+
+    def _capture_input(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        call = Call(block=name)
+
+        def capture(x: torch.Tensor) -> torch.Tensor:
+            if not x.requires_grad and not any(p.requires_grad for p in module.parameters()):
+                # A frozen block on an input without grad: its output needs no grad, and a probe
+                # must not add one (a backward() that should raise would succeed).
+                return x
+            self._stacks.link(name, x, self._index)
+            alias = alias_view(x)
+            alias.register_hook(partial(self._grad_x_hook, call))
+            call.x_node, call.x_output_nr = x.grad_fn, x.output_nr
+            call.x, call.x_version = alias, alias._version
+            return alias
+
+        swapped = swap_input(args, kwargs, capture, self._rules[name].input, module)
+        self._stack[name].append(call)
+        if swapped is None:
+            self._warn_once(f"input:{name}", _rule.no_input_message(name, args, kwargs))
+        return swapped
+
+    def shortcut_hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        stack = self._stack[name]
+        # A shortcut only if this call applied it to the block's own input (the alias the
+        # block received): a "downsample" applied to the block's result is not one.
+        if stack and stack[-1].x is not None and any(a is stack[-1].x for a in args):
+            out = find_output(output)
+            if out is not None:
+                self._shortcut_out[name] = out
+
+    def post_hook(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        stack = self._stack.get(name)
+        if not stack:
+            return
+        call = stack.pop()
+        shortcut_out = self._shortcut_out.pop(name, None)
+        try:
+            if output is None and sys.exc_info()[1] is not None:
+                return  # the block raised (always_call): record nothing for this call
+            y = find_output(output, self._rules[name].output)
+            if y is None:
+                if self._recording() and torch.is_grad_enabled():
+                    self._warn_once(f"output:{name}", _rule.no_output_message(name, output))
+                    if call.x is not None:  # a row of NaN (its input gradient still arrives)
+                        call.x = None
+                        self.calls.append(call)
+            elif y.requires_grad:
+                self._record_forward(call, y, shortcut_out)
+        except Exception as exc:
+            self._fail(f"forward metrics of block {name}", exc)
+        finally:
+            # Drop the alias and its node: its tensor hook would keep the whole graph alive.
+            call.x = call.x_node = None
+
+    def _record_forward(self, call: Call, y: torch.Tensor, shortcut_out: torch.Tensor | None) -> None:
+        if shortcut_out is not None and (
+            shortcut_out is y or (shortcut_out.data_ptr() == y.data_ptr() and shortcut_out.shape == y.shape)
+        ):
+            shortcut_out = None  # the "shortcut" computed the block's output: it is its last layer
+        if call is UNRECORDED or not self._recording():
+            y.register_hook(self._count_hook)  # unrecorded step: only notice the backward pass
+            return
+        self._stacks.output(call.block, y.grad_fn)
+        x = call.x
+        if x is not None and self.jacobian_due:
+            self.captures.append(
+                block_capture(call.block, x, y, call.x_version, call.x_node, call.x_output_nr)
+            )
+        if x is not None:
+            call.same_shape = x.shape == y.shape
+            ref = x if call.same_shape else shortcut_out
+            if ref is None or ref.shape != y.shape:
+                self.no_shortcut.add(call.block)
+            call.add_forward(x, y, ref, self._channel_dim)
+            if y.is_complex():
+                self._warn_once(
+                    f"signal:{call.block}",
+                    f"gradprobe: block {call.block} has a complex output: chan_mean_sq, chan_var and "
+                    "branch_var are NaN there (signal propagation statistics are defined for real "
+                    "activations).",
+                )
+            if x._version != call.x_version and call.x_node is not None:
+                # The block modified its input in place: the alias's node left the graph and its
+                # hook will not fire. Read g_x on the node that made the caller's input instead.
+                call.x_node.register_prehook(partial(self._grad_x_node_hook, call))
+        else:
+            call.numel_y = y.numel()
+        self.calls.append(call)
+        y.register_hook(partial(self._grad_y_hook, call))
+
+    # ------------------------------------------------------------------ backward
+    def _count_hook(self, grad: torch.Tensor) -> None:
+        if not muted():
+            self._backward_started()
+
+    def _grad_y_hook(self, call: Call, grad: torch.Tensor) -> None:
+        if muted():
+            return
+        self._backward_started()
+        try:
+            call.add_grad_out(grad)
+            if call.same_shape:
+                call.g_y = grad
+        except Exception as exc:
+            self._fail(f"output gradient of block {call.block}", exc)
+
+    def _grad_x_hook(self, call: Call, grad: torch.Tensor) -> None:
+        if muted():
+            return
+        self._backward_started()
+        try:
+            call.add_grad_in(grad, call.g_y if call.same_shape else None)
+        except Exception as exc:
+            self._fail(f"input gradient of block {call.block}", exc)
+        finally:
+            call.g_y = None
+
+    def _grad_x_node_hook(self, call: Call, grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+        grad = grad_outputs[call.x_output_nr]
+        if grad is not None:
+            self._grad_x_hook(call, grad)
