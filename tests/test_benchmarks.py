@@ -60,3 +60,12 @@ def test_peers_report_a_missing_peer_instead_of_failing(capsys):
     peers.main(["--model", "mlp", "--tools", "naive", "--pairs", "2", "--chunk", "9", "--threads", "1"])
     out = capsys.readouterr().out
     assert "| naive |" in out
+
+
+def test_jacobian10_is_not_refused_for_a_median_and_total_that_differ_by_design(overhead):
+    # One Jacobian step in ten moves the total ratio, not the median: that is no noise.
+    steps = [1.5] * 9 + [6.0]
+    periodic = overhead.Result("jacobian10", [[1.0] * 10] * 2, [steps] * 2, blocks=2, recorded=1.0)
+    assert periodic.consistent()
+    assert periodic.median_text().startswith("1.500") and periodic.total_text().startswith("1.950")
+    assert not overhead.Result("default", [[1.0] * 10] * 2, [steps] * 2, blocks=2, recorded=1.0).consistent()
