@@ -63,8 +63,8 @@ from overhead import (  # a script beside this one, not a package
 from gradprobe.blocks import select_blocks
 
 WHAT = {
-    "gradprobe": "per block: 14 gradient/identity columns (norms, gain, residual ratio, cosines, "
-    "parameter and update norms) on every step",
+    "gradprobe": "per block: 17 gradient/identity/signal columns (norms, gain, residual ratio, "
+    "cosines, parameter and update norms, channel moments) on every step",
     "naive": "per block: norms of grad_output and grad_input (full backward hooks, .item() each)",
     "backpack": "per parameter: per-sample squared gradient norms (BatchL2Grad)",
     "cockpit-economy": "per parameter group: economy quantities (alpha, distance, gradient histogram, "
