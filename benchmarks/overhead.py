@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()[0]
     print(
         f"{args.model}, batch {work.batch}, device {device}, CPU threads {torch.get_num_threads()}, "
-        f"torch {torch.__version__}, {args.pairs} chunk pairs of {args.chunk} steps (first dropped), "
+        f"torch {torch.__version__}, {args.pairs} chunk pairs of {args.chunk} steps (first dropped; "
+        "every10/jacobian10 round to 1 + 10k, paths50 to 1 + 50k), "
         f"load average {load_start:.2f} at the start"
     )
     results = []
