@@ -90,7 +90,7 @@ def _output_folder(path: Path, run_id: str | None, force: bool, what: str) -> No
 
 def _output_file(path: Path, what: str) -> None:
     """Check at start-up that the file ``path`` can be written (its folder exists and is writable)."""
-    import tempfile
+    from .records import try_write
 
     if path.is_dir():
         raise UsageError(f"{what} {path} is a folder; pass a file name")
@@ -98,9 +98,7 @@ def _output_file(path: Path, what: str) -> None:
     if not folder.is_dir():
         raise UsageError(f"{what} {path}: the folder {folder} does not exist; create it first")
     try:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".gradprobe-write-test-")
-        os.close(fd)
-        os.unlink(name)
+        try_write(folder)
     except OSError as exc:
         raise UsageError(f"{what} {path} cannot be written ({exc.strerror or exc})") from None
 

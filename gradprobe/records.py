@@ -429,14 +429,22 @@ def check_destination(
     if not parent.is_dir():
         raise NotADirectoryError(f"{out} cannot be created: {parent} is a file, not a folder")
     try:
-        fd, name = tempfile.mkstemp(dir=parent, prefix=".gradprobe-write-test-")
-        os.close(fd)
-        os.unlink(name)
+        try_write(parent)
     except OSError as exc:
         raise PermissionError(
             f"{out} cannot be written ({exc.strerror or exc}); pass a writable folder"
         ) from None
     return out
+
+
+def try_write(folder: str | os.PathLike[str]) -> None:
+    """Create and remove a temporary file in ``folder``: raises the ``OSError`` a write would.
+
+    (Permission bits do not tell: root, ACLs and read-only mounts decide.)
+    """
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".gradprobe-write-test-")
+    os.close(fd)
+    os.unlink(name)
 
 
 def save_run(

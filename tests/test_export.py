@@ -19,17 +19,8 @@ from gradprobe.cli import main
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _frozen_heap():
-    """The suite's autouse gc.collect() after every test walks every object of transformers,
-    Lightning and tensorboard once they are imported (about 0.8 s a test here). Objects alive now
-    are moved out of the collector's reach for this module's tests, and back afterwards."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+# transformers, Lightning and tensorboard: see conftest.frozen_heap
+pytestmark = pytest.mark.usefixtures("frozen_heap")
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

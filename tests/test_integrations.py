@@ -37,17 +37,8 @@ README = (ROOT / "README.md").read_text()
 ACCUMULATE = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _frozen_heap():
-    """The suite's autouse gc.collect() after every test walks every object of transformers,
-    Lightning and tensorboard once they are imported (about 0.8 s a test here). Objects alive now
-    are moved out of the collector's reach for this module's tests, and back afterwards."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+# transformers, Lightning and tensorboard: see conftest.frozen_heap
+pytestmark = pytest.mark.usefixtures("frozen_heap")
 
 
 class GradOuts:
