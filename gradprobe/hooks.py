@@ -30,17 +30,22 @@ class ModuleHook:
     apart by identity. Under ``torch.compile`` Dynamo breaks the graph around the hook and
     runs it eagerly: traced tensor hooks double-count gradients."""
 
-    __slots__ = ("__weakref__", "_eager", "_fn", "_module")
+    __slots__ = ("__weakref__", "_eager", "_fn", "_module", "compiled")
 
     def __init__(self, fn: Callable[..., Any], module: nn.Module) -> None:
-        self._fn, self._eager = fn, torch.compiler.disable(fn, recursive=True)
+        self._fn, self._eager = fn, torch.compiler.disable(self._compiled_call, recursive=True)
         self._module = weakref.ref(module)
+        self.compiled = False  # called from a frame Dynamo compiled
 
     def __call__(self, module: nn.Module, *args: Any) -> Any:
         if module is not self._module():
             return None
         # Outside Dynamo the plain call: the disable wrapper costs about 40 us per call.
         return self._eager(module, *args) if torch.compiler.is_compiling() else self._fn(module, *args)
+
+    def _compiled_call(self, module: nn.Module, *args: Any) -> Any:
+        self.compiled = True  # runs eagerly (a graph break): a plain attribute write
+        return self._fn(module, *args)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (getattr, (contextlib.nullcontext(), "__exit__"))
@@ -57,17 +62,28 @@ class Handles:
 
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
+        self._module_hooks: list[ModuleHook] = []
+        self._compiled = False
 
     def __bool__(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether Dynamo ever compiled a frame that called one of these hooks (also removed ones)."""
+        return self._compiled or any(getattr(h, "compiled", False) for h in self._module_hooks)
+
     def forward_pre(self, module: nn.Module, fn: Callable[..., Any], **options: Any) -> None:
         """``module.register_forward_pre_hook`` with ``fn`` wrapped in a :class:`ModuleHook`."""
-        self._handles.append(module.register_forward_pre_hook(ModuleHook(fn, module), **options))
+        hook = ModuleHook(fn, module)
+        self._handles.append(module.register_forward_pre_hook(hook, **options))
+        self._module_hooks.append(hook)
 
     def forward(self, module: nn.Module, fn: Callable[..., Any], **options: Any) -> None:
         """``module.register_forward_hook`` with ``fn`` wrapped in a :class:`ModuleHook`."""
-        self._handles.append(module.register_forward_hook(ModuleHook(fn, module), **options))
+        hook = ModuleHook(fn, module)
+        self._handles.append(module.register_forward_hook(hook, **options))
+        self._module_hooks.append(hook)
 
     def add(self, handle: RemovableHandle) -> None:
         """Keep a handle registered some other way."""
@@ -84,6 +100,7 @@ class Handles:
 
     def remove(self) -> None:
         """Remove every handle (safe to call twice)."""
-        handles, self._handles = self._handles, []
+        self._compiled = self.compiled
+        handles, self._handles, self._module_hooks = self._handles, [], []
         for handle in handles:
             handle.remove()

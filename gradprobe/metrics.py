@@ -101,6 +101,25 @@ def _re_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a, b)
 
 
+#: One statistic of one call: a 0-d tensor, or None where it does not exist (NaN in the frame).
+#: The probe keeps them apart and stacks a whole step's at once (one kernel, not one per call).
+Stat = torch.Tensor | None
+
+
+def stacked(stats: Sequence[Stat]) -> torch.Tensor:
+    """Statistics as one 1-d tensor of their widest dtype, NaN for the missing ones.
+
+    >>> stacked([torch.tensor(2.0), None]).tolist()
+    [2.0, nan]
+    """
+    present = [s for s in stats if s is not None]
+    dtype = present[0].dtype
+    for s in present[1:]:
+        dtype = torch.promote_types(dtype, s.dtype)
+    nan = torch.full((), NAN, dtype=dtype, device=present[0].device)
+    return torch.stack([nan if s is None else _as(s, dtype) for s in stats])
+
+
 def forward_stats(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
     """``[|x|^2, |y|^2, |y - r|^2, |r|^2]`` for one call; ``r`` is ``ref`` (NaN entries if None).
 
@@ -110,19 +129,18 @@ def forward_stats(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) ->
     >>> x = torch.ones(4); forward_stats(x, 2 * x, x).tolist()
     [4.0, 16.0, 4.0, 4.0]
     """
-    return _forward(x, y, ref)[0]
+    return stacked(_forward(x, y, ref)[0])
 
 
 def _forward(
     x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`forward_stats` and the flat residual ``y - r`` it formed (None without ``r``)."""
+) -> tuple[tuple[Stat, ...], torch.Tensor | None]:
+    """:func:`forward_stats` as four :data:`Stat`, and the flat residual ``y - r`` it formed (None
+    without ``r``)."""
     fx, fy = _flat(x), _flat(y)
     xx, yy = _sq(fx), _sq(fy)
-    common = xx.dtype if xx.dtype == yy.dtype else torch.promote_types(xx.dtype, yy.dtype)
     if ref is None or ref.shape != y.shape:
-        nan = torch.full((), NAN, dtype=common, device=xx.device)
-        return torch.stack([_as(xx, common), _as(yy, common), nan, nan]), None
+        return (xx, yy, None, None), None
     fr = fx if ref is x else _flat(ref)
     rr = xx if ref is x else _sq(fr)
     # The difference is formed explicitly, not as |y|^2 + |r|^2 - 2<y, r>: near the
@@ -130,47 +148,58 @@ def _forward(
     # for a block that is exactly the identity).
     d = (fy if fy.dtype == fr.dtype else fy.to(torch.promote_types(fy.dtype, fr.dtype))) - fr
     dd = _sq(d)
-    return torch.stack([_as(xx, common), _as(yy, common), _as(dd, common), _as(rr, common)]), d
+    common = xx.dtype if xx.dtype == yy.dtype else torch.promote_types(xx.dtype, yy.dtype)
+    return (xx, yy, _as(dd, common), _as(rr, common)), d  # |y - r|^2 in the dtype of |x|^2, |y|^2
 
 
 def call_stats(
-    x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None, channel_dim: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`forward_stats` and :func:`signal_stats` of one call (None for complex ``y``), the
-    residual ``y - r`` formed once for both where that gives the same values (one pass fewer
-    over the block output).
+    x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None
+) -> tuple[tuple[Stat, ...], torch.Tensor | None]:
+    """:func:`forward_stats` of one call (as :data:`Stat`) and the residual ``y - r`` for
+    :func:`signal_many`, formed once for both where that gives the same values (one pass fewer
+    over the block output); None without a reference of y's shape or for a complex ``y``.
 
-    >>> fwd, sig = call_stats(torch.ones(2, 2), torch.full((2, 2), 3.0), torch.ones(2, 2))
-    >>> fwd.tolist(), sig[1, 2].tolist()  # |y - x|^2 = 16; the residual's M2 per channel
-    ([4.0, 36.0, 16.0, 4.0], [0.0, 0.0])
+    >>> fwd, d = call_stats(torch.ones(2, 2), torch.full((2, 2), 3.0), torch.ones(2, 2))
+    >>> stacked(fwd).tolist(), d.tolist()  # |y - x|^2 = 16
+    ([4.0, 36.0, 16.0, 4.0], [2.0, 2.0, 2.0, 2.0])
     """
     fwd, d = _forward(x, y, ref)
-    if y.is_complex():  # Brock et al.'s channel moments are defined for real activations
+    if d is None or ref is None or y.is_complex():  # Brock et al.'s moments are of real activations
         return fwd, None
-    # signal_stats forms y - r in y's dtype and layout: the same values as the flat residual
-    # only when that dtype is y's and neither tensor needs a copy to be flattened.
-    same = d is not None and ref is not None and d.dtype == y.dtype == ref.dtype
-    shared = d.view(y.shape) if same and y.is_contiguous() and ref.is_contiguous() else None  # type: ignore[union-attr]
-    return fwd, signal_stats(y, ref, channel_dim, residual=shared)
+    # The residual of signal_stats is formed in y - ref's dtype and layout (the reductions' order
+    # follows the layout): the flat one above is the same tensor only when that dtype is y's and
+    # ref's own and neither needed a copy to be flattened.
+    if d.dtype == y.dtype == ref.dtype and y.is_contiguous() and ref.is_contiguous():
+        return fwd, d
+    return fwd, _detached(y) - _detached(ref)
 
 
 def grad_out_stats(g_y: torch.Tensor) -> torch.Tensor:
     """``[|g_y|^2]`` for one call."""
-    return _sq(_flat(g_y)).reshape(1)
+    return grad_out_stat(g_y).reshape(1)
+
+
+def grad_out_stat(g_y: torch.Tensor) -> torch.Tensor:
+    """``|g_y|^2`` as a 0-d tensor."""
+    return _sq(_flat(g_y))
 
 
 def grad_in_stats(g_x: torch.Tensor, g_y: torch.Tensor | None) -> torch.Tensor:
     """``[|g_x|^2, |g_x - g_y|^2, <g_x - g_y, g_y>]``; the last two NaN without a same-shape ``g_y``."""
+    return stacked(grad_in_stat(g_x, g_y))
+
+
+def grad_in_stat(g_x: torch.Tensor, g_y: torch.Tensor | None) -> tuple[Stat, Stat, Stat]:
+    """:func:`grad_in_stats` as three :data:`Stat` (None without a same-shape ``g_y``)."""
     fx = _flat(g_x)
     gxx = _sq(fx)
     if g_y is None or g_y.shape != g_x.shape:
-        nan = torch.full((), NAN, dtype=gxx.dtype, device=gxx.device)
-        return torch.stack([gxx, nan, nan])
+        return gxx, None, None
     fy = _flat(g_y)
     dtype = fx.dtype if fx.dtype == fy.dtype else torch.promote_types(fx.dtype, fy.dtype)
     fy = _as(fy, dtype)
     b = _as(fx, dtype) - fy
-    return torch.stack([_as(gxx, b.real.dtype), _sq(b), _re_dot(b, fy)])
+    return gxx, _sq(b), _re_dot(b, fy)
 
 
 def channel_axis(t: torch.Tensor, channel_dim: int | None = None) -> int | None:
@@ -186,41 +215,72 @@ def channel_axis(t: torch.Tensor, channel_dim: int | None = None) -> int | None:
     return 1 if t.dim() >= 4 else t.dim() - 1
 
 
-def _channel_moments(t: torch.Tensor, axis: int, scratch: bool = False) -> torch.Tensor:
-    """(3, C) float64: count, mean and M2 (sum of squared deviations from the mean) of each channel.
+def _moments(v: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """(n, 3, C) float64: count, mean and M2 (sum of squared deviations from the mean) of each
+    channel of each of n tensors stacked as ``v`` of shape (n, B, C, rows).
 
     Shifted sums, not ``torch.var_mean``: over non-inner axes that is ~100x slower than a sum
     and a norm over contiguous rows. Each channel is shifted by one of its own values first, so
     that the variance is not the difference of two large numbers when the mean is large.
-    ``scratch``: ``t`` is a temporary of the caller's that may be shifted in place.
+    ``scratch``: ``v`` is a temporary of the caller's that may be shifted in place. Every
+    reduction runs per tensor along the same axes as for one tensor alone: the moments of a
+    tensor are the same bits whether it is reduced alone or stacked with others.
     """
-    t = _detached(t)
-    if t.dtype not in _WIDE:
-        t, scratch = t.to(accumulation_dtype(t.dtype)), True
-    c = t.shape[axis]
-    rows = math.prod(t.shape[axis + 1 :])
-    view = t.reshape(-1, c, rows)
-    shift = view[0, :, 0].clone().view(1, c, 1)
-    d = view.sub_(shift) if scratch and view.data_ptr() == t.data_ptr() else view - shift
+    v = _detached(v)
+    if v.dtype not in _WIDE:
+        v, scratch = v.to(accumulation_dtype(v.dtype)), True
+    n, _, c, rows = v.shape
+    shift = v[:, 0, :, 0].clone().view(n, 1, c, 1)
+    d = v.sub_(shift) if scratch else v - shift
     if rows > 1:
-        s1 = d.sum(-1).sum(0, dtype=torch.float64)
-        s2 = torch.linalg.vector_norm(d, dim=-1).square().sum(0, dtype=torch.float64)
+        s1 = d.sum(-1).sum(1, dtype=torch.float64)
+        s2 = torch.linalg.vector_norm(d, dim=-1).square().sum(1, dtype=torch.float64)
     else:
-        flat = d.view(-1, c)
-        s1 = flat.sum(0, dtype=torch.float64)
-        s2 = torch.linalg.vector_norm(flat, dim=0, dtype=torch.float64).square()
-    n = view.shape[0] * rows
-    offset = s1 / n
-    m2 = (s2 - n * offset * offset).clamp_(min=0.0)
-    return torch.stack([torch.full_like(offset, n), shift.view(c).double() + offset, m2])
+        # Channels last: the reduction runs down a strided axis, where vector_norm is ~5x
+        # slower than a sum. Squares of float32 values are exact in float64, so their float64
+        # sum is also closer than the squared norm (rounded at its sqrt and at its square).
+        flat = d.view(n, -1, c).double()
+        s1 = flat.sum(1)
+        s2 = flat.square_().sum(1)
+    count = v.shape[1] * rows
+    offset = s1 / count
+    m2 = (s2 - count * offset * offset).clamp_(min=0.0)
+    return torch.stack([torch.full_like(offset, count), shift.view(n, c).double() + offset, m2], 1)
+
+
+def signal_many(
+    ys: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor | None], axis: int
+) -> torch.Tensor:
+    """:func:`signal_stats` of n calls at once: an ``(n, 2, 3, C)`` tensor, one reduction per kind for
+    all of them (the per-block cost of small blocks is the number of kernels, not their size).
+
+    ``ys``: block outputs of one shape and dtype; ``residuals``: each one's ``y - r``
+    (:func:`call_stats`; y's shape, or flat when y is contiguous), all None (NaN halves) or all
+    of one shape; ``axis``: the channel axis of the ys (:func:`channel_axis`). Each row equals
+    the call's :func:`signal_stats` bit for bit, for a single tensor in any layout and for
+    several contiguous ones (reductions follow the layout, and stacking makes it contiguous).
+
+    >>> y = torch.tensor([[1.0, 2.0], [3.0, 2.0]])
+    >>> signal_many([y, 2 * y], [None, None], 1)[1, 0].tolist()  # count, mean, M2 per channel
+    [[2.0, 2.0], [4.0, 4.0], [8.0, 0.0]]
+    """
+    first = ys[0]
+    c, rows = first.shape[axis], math.prod(first.shape[axis + 1 :])
+    n = len(ys)
+    # One tensor reduces through a view of itself (a copy only where its layout needs one); many
+    # are stacked once into a scratch copy that can be shifted in place.
+    v = _detached(first).reshape(1, -1, c, rows) if n == 1 else torch.stack([_detached(y) for y in ys])
+    own = _moments(v.view(n, -1, c, rows), scratch=n > 1)
+    if residuals[0] is None:
+        return torch.stack([own, torch.full_like(own, NAN)], 1)
+    r = residuals[0].reshape(1, -1, c, rows) if n == 1 else torch.stack(residuals)  # type: ignore[arg-type]
+    return torch.stack([own, _moments(r.view(n, -1, c, rows), scratch=True)], 1)
 
 
 def signal_stats(
     y: torch.Tensor,
     ref: torch.Tensor | None,
     channel_dim: int | None = None,
-    *,
-    residual: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Per-channel moments of ``y`` and of ``y - ref``: a ``(2, 3, C)`` tensor (count, mean, M2 for
     each channel), the second half NaN without a ``ref`` of y's shape; None when y has no channel axis.
@@ -231,12 +291,8 @@ def signal_stats(
     axis = channel_axis(y, channel_dim)
     if axis is None:
         return None
-    own = _channel_moments(y, axis)
-    if ref is None or ref.shape != y.shape:
-        return torch.stack([own, torch.full_like(own, NAN)])
-    # ``residual``: y - ref already formed by the caller, a scratch tensor (shifted in place).
-    diff = _detached(y) - _detached(ref) if residual is None else residual
-    return torch.stack([own, _channel_moments(diff, axis, scratch=True)])
+    diff = _detached(y) - _detached(ref) if ref is not None and ref.shape == y.shape else None
+    return signal_many([y], [diff], axis)[0]
 
 
 def pool_moments(parts: Sequence[Sequence[float]]) -> Any:
@@ -246,10 +302,10 @@ def pool_moments(parts: Sequence[Sequence[float]]) -> Any:
     >>> pool_moments([[1, 1, 4, 4, 0, 0] + [0.0] * 6, [1, 1, 2, 6, 0, 0] + [0.0] * 6])[0].tolist()
     [[2.0, 2.0], [3.0, 5.0], [2.0, 2.0]]
     """
-    import numpy as np
-
     if not parts or len({len(p) for p in parts}) != 1 or len(parts[0]) % 6:
         return None
+    if len(parts) == 1:  # one call: nothing to pool
+        return np.asarray(parts[0], dtype=np.float64).reshape(2, 3, -1)
     arrays = [np.asarray(p, dtype=np.float64).reshape(2, 3, -1) for p in parts]
     n, mean, m2 = (v.copy() for v in np.moveaxis(arrays[0], 1, 0))
     with np.errstate(invalid="ignore", divide="ignore"):  # NaN halves (no reference) stay NaN
@@ -271,15 +327,19 @@ def signal_columns(pooled: Any) -> dict[str, float]:
     {'chan_mean_sq': 2.0, 'chan_var': 1.0, 'branch_var': 2.0}
     """
     if pooled is None or pooled.shape[-1] == 0:
-        return {"chan_mean_sq": NAN, "chan_var": NAN, "branch_var": NAN}
-    import numpy as np
+        pooled = np.full((2, 3, 1), NAN)
+    return {k: float(v[0]) for k, v in signal_columns_many(pooled[None]).items()}
 
-    (n, mean, m2), (dn, _, dm2) = pooled
+
+def signal_columns_many(pooled: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`signal_columns` of n rows at once: ``pooled`` is ``(n, 2, 3, C)``, one numpy pass."""
+    n, mean, m2 = pooled[:, 0, 0], pooled[:, 0, 1], pooled[:, 0, 2]
+    dn, dm2 = pooled[:, 1, 0], pooled[:, 1, 2]
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
-            "chan_mean_sq": float((mean * mean).mean()),
-            "chan_var": float((m2 / n).mean()),
-            "branch_var": float((dm2 / dn).mean()),
+            "chan_mean_sq": (mean * mean).mean(-1),
+            "chan_var": (m2 / n).mean(-1),
+            "branch_var": (dm2 / dn).mean(-1),
         }
 
 
@@ -349,6 +409,23 @@ def finalize_many(
             "cos_xy": _div_many(0.5 * (rr + yy - dd), sqrt_rr * np.sqrt(yy)),
             "in_rms": np.sqrt(_div_many(xx, np.asarray(numel_x, dtype=np.float64))),
             "out_rms": np.sqrt(_div_many(yy, np.asarray(numel_y, dtype=np.float64))),
+        }
+
+
+def param_columns_many(squares: np.ndarray) -> dict[str, np.ndarray]:
+    """``param_norm``, ``param_grad_norm`` and ``update_ratio`` of n blocks from ``(n, 3)`` squared
+    sums ``[|theta|^2, |grad theta|^2, |theta - theta_prev|^2]`` (:func:`block_param_stats`).
+
+    >>> param_columns_many(np.array([[4.0, 9.0, 1.0]]))["update_ratio"].tolist()
+    [0.5]
+    """
+    with np.errstate(all="ignore"):  # NaN in, NaN out; the root of a negative sum is NaN
+        psq, gsq, dsq = np.asarray(squares, dtype=np.float64).T
+        norm = np.sqrt(psq)
+        return {
+            "param_norm": norm,
+            "param_grad_norm": np.sqrt(gsq),
+            "update_ratio": _div_many(np.sqrt(dsq), norm),
         }
 
 

@@ -116,7 +116,9 @@ class Probe(RecordedTables):
             warn_once=self._alerts.once,
         )
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
-        self._hooks = Handles()
+        self._hooks = Handles()  # on the model, while attached
+        self._block_hooks = Handles()  # on the blocks and shortcuts, taken off on unrecorded steps
+        self._sleepy = False  # _may_sleep() as of the last recorded step
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._shortcut_modules = shortcut_modules(list(self._modules.items()), config.shortcuts)
         self._run_id = new_run_id()
@@ -133,7 +135,24 @@ class Probe(RecordedTables):
 
     # ------------------------------------------------------------------ lifecycle
     def _register(self) -> None:
-        hooks, taps = self._hooks, self._taps
+        hooks = self._hooks
+        with hooks.all_or_none():
+            # The whole model's calls: where steps close, and where the block hooks are put
+            # back before the blocks of a recorded step run.
+            hooks.forward_pre(self._model, self._model_enter)
+            hooks.forward(self._model, self._model_exit, always_call=True)
+            if self.config.jacobian_every:
+                hooks.forward(self._model, self._jacobian_hook, with_kwargs=True)
+            if self.config.paths_every:
+                hook = torch.compiler.disable(self._paths_hook, recursive=True)
+                hooks.add(self._model.register_forward_hook(hook, with_kwargs=True))
+            self._wake()
+
+    def _wake(self) -> None:
+        """Put the block hooks in place (all or none)."""
+        if self._block_hooks:
+            return
+        hooks, taps = self._block_hooks, self._taps
         with hooks.all_or_none():
             for name, module in self._modules.items():
                 hooks.forward_pre(module, partial(taps.pre_hook, name), with_kwargs=True)
@@ -141,11 +160,20 @@ class Probe(RecordedTables):
                 hooks.forward(module, partial(taps.post_hook, name), with_kwargs=True, always_call=True)
             for name, shortcut in self._shortcut_modules.items():
                 hooks.forward(shortcut, partial(taps.shortcut_hook, name))
-            if self.config.jacobian_every:
-                hooks.forward(self._model, self._jacobian_hook, with_kwargs=True)
-            if self.config.paths_every:
-                hook = torch.compiler.disable(self._paths_hook, recursive=True)
-                hooks.add(self._model.register_forward_hook(hook, with_kwargs=True))
+
+    def _sleep(self) -> None:
+        """Take the block hooks off for an unrecorded step: its only cost is then the model's hooks
+        and one gradient hook on the model's output. Only from outside the blocks' calls (a
+        hook cannot be removed while its module iterates over its hooks)."""
+        if self._block_hooks and not self._block_hooks.compiled:  # Dynamo would recompile
+            self._block_hooks.remove()
+
+    def _may_sleep(self) -> bool:
+        """Whether the next unrecorded steps can do without block hooks: explicit stepping, or
+        automatic stepping where the last recorded step's blocks ran inside the model's own
+        calls and its backward pass went through the model's output (so the output's gradient
+        hook notices every backward pass the block hooks would)."""
+        return not self._auto or (self._taps.through_model and not self._taps.outside)
 
     def detach(self) -> None:
         """Remove every hook; recorded tables stay available. Safe to call twice."""
@@ -155,6 +183,7 @@ class Probe(RecordedTables):
         finally:
             self._out.close()  # never raises: a sink that cannot write warns and keeps its rows
             self._hooks.remove()
+            self._block_hooks.remove()
             self._taps.clear()
             self._stacks.forget()
 
@@ -202,6 +231,18 @@ class Probe(RecordedTables):
         """Close the current step now and switch to explicit stepping (see the class docstring)."""
         self._auto = False
         self._close_step()
+        if self._hooks:
+            self._hooks_for_step()
+
+    def _hooks_for_step(self) -> None:
+        """Block hooks on for a recorded step, off for an unrecorded one where that is safe."""
+        try:
+            if self._recording() or not self._sleepy:
+                self._wake()
+            else:
+                self._sleep()
+        except Exception as exc:
+            self._alerts.fail("switching the block hooks", exc)
 
     def meta(self) -> dict[str, Any]:
         """Metadata stored with a saved run."""
@@ -263,6 +304,25 @@ class Probe(RecordedTables):
             self._state = _State.FORWARD
         return Fwd.CAPTURE if self._recording() else Fwd.COUNT
 
+    def _counts(self, module: nn.Module) -> bool:
+        """Whether a call of the whole model belongs to a step (as :meth:`_forward_kind` for blocks)."""
+        if in_backward() or muted() or not torch.is_grad_enabled():
+            return False
+        return module.training or self.config.record_eval
+
+    def _model_enter(self, module: nn.Module, args: Any) -> None:
+        """A call of the whole model: close a done step (automatic stepping), then hooks for the step."""
+        if self._taps.model_enter() > 1 or not self._counts(module):
+            return
+        if self._auto and self._state is _State.DONE:
+            self._close_step()
+        self._hooks_for_step()
+        if not self._block_hooks and self._state is not _State.BACKWARD:
+            self._state = _State.FORWARD  # the blocks' hooks would have said so
+
+    def _model_exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._taps.model_exit(output, counts=self._counts(module))
+
     def _jacobian_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """End of a training forward pass: the Jacobian columns of the blocks it captured."""
         captures, self._taps.captures = self._taps.captures, []
@@ -311,6 +371,10 @@ class Probe(RecordedTables):
 
     def _backward_ended(self) -> None:
         try:
+            self._taps.flush_signal()
+        except Exception as exc:
+            self._alerts.fail("signal propagation metrics", exc)
+        try:
             if self._recording():
                 # Before the optimizer moves the weights; with accumulation the last pass wins.
                 names = sorted({c.block for c in self._taps.calls}, key=lambda n: self._index.get(n, -1))
@@ -352,7 +416,15 @@ class Probe(RecordedTables):
             self._out.add_scalars(step, buf.scalars)
         if not recorded:
             return
+        try:
+            self._taps.flush_signal()  # a step without a backward pass
+        except Exception as exc:
+            self._alerts.fail("signal propagation metrics", exc)
         self._recorded_steps += 1
+        self._sleepy = self._may_sleep()
+        taps = self._taps
+        taps.per_block_count = not taps.through_model or taps.outside
+        taps.through_model = taps.outside = False
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         try:
             rows = step_rows(step, calls, buf.params, buf.jacobian, self._index, self._stacks.names)

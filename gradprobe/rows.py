@@ -9,8 +9,8 @@ tested on hand-made statistics. :class:`ParamSnapshots` keeps the parameter copi
 ``update_ratio`` needs between recorded steps.
 
 >>> import torch
->>> call = CallStats("b", fwd=torch.tensor([4.0, 4.0, 1.0, 4.0]), numel_x=4, numel_y=4,
-...                  gyy=torch.tensor(1.0), bwd_x=torch.tensor([4.0, 1.0, 1.0]))
+>>> f, g, b = ([torch.tensor(v) for v in vs] for vs in ([4.0, 4.0, 1.0, 4.0], [1.0], [4.0, 1.0, 1.0]))
+>>> call = CallStats("b", fwd=tuple(f), numel_x=4, numel_y=4, gyy=g[0], bwd_x=tuple(b))
 >>> row = step_rows(0, [call], {}, {}, {"b": 0}, lambda names: dict.fromkeys(names, "s"))[0]
 >>> row["gain"], row["res_ratio"], row["in_rms"]
 (2.0, 0.5, 1.0)
@@ -28,45 +28,51 @@ import numpy as np
 import torch
 
 from . import metrics
-from .records import FRAME_COLUMNS
+from .records import FRAME_COLUMNS, SIGNAL_COLUMNS
 
 Row = dict[str, Any]
 
 
 @dataclass
 class CallStats:
-    """Statistics of one call of one block within a step (tensors without a graph)."""
+    """Statistics of one call of one block within a step (0-d tensors without a graph, None where a
+    statistic does not exist; the step's are stacked and copied to the host together)."""
 
     block: str
-    fwd: torch.Tensor | None = None  # metrics.forward_stats: |x|^2, |y|^2, |y - r|^2, |r|^2
-    sig: torch.Tensor | None = None  # per-channel moments of y and y - r (metrics.signal_stats)
+    fwd: tuple[metrics.Stat, ...] | None = None  # metrics.forward_stats: |x|^2, |y|^2, |y - r|^2, |r|^2
+    # per-channel moments of y and y - r: row ``i`` of a (n, 2, 3, C) batch (metrics.signal_many)
+    sig: tuple[torch.Tensor, int] | None = None
     numel_x: int = 0
     numel_y: int = 0
-    gyy: torch.Tensor | None = None  # metrics.grad_out_stats, summed over backward passes
-    bwd_x: torch.Tensor | None = None  # metrics.grad_in_stats, summed over backward passes
+    gyy: metrics.Stat = None  # metrics.grad_out_stats, summed over backward passes
+    bwd_x: tuple[metrics.Stat, ...] | None = None  # metrics.grad_in_stats, summed over backward passes
     # GradScaler's loss scale (squared gradient statistics carry scale**2); a 1-element tensor
     # until the step's transfer to the host (see loss_scale)
     scale: float | torch.Tensor = 1.0
 
-    def add_forward(
-        self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None, channel_dim: int | None
-    ) -> None:
-        """The forward statistics of the call (``ref``: the tensor ``y - ref`` is the residual of)."""
+    def add_forward(self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor | None:
+        """The forward statistics of the call (``ref``: the tensor ``y - ref`` is the residual of);
+        returns that residual for the signal moments (:func:`metrics.call_stats`)."""
         with torch.no_grad(), full_precision(y.device.type):
-            self.fwd, self.sig = metrics.call_stats(x, y, ref, channel_dim)
+            self.fwd, residual = metrics.call_stats(x, y, ref)
             self.numel_x, self.numel_y = x.numel(), y.numel()
+        return residual
 
     def add_grad_out(self, g_y: torch.Tensor) -> None:
         """Add one backward pass's ``|g_y|^2``."""
         with _no_grad(), full_precision(g_y.device.type):
-            stats = metrics.grad_out_stats(g_y)
-            self.gyy = stats if self.gyy is None else self.gyy + stats
+            stat = metrics.grad_out_stat(g_y)
+            self.gyy = stat if self.gyy is None else self.gyy + stat
 
     def add_grad_in(self, g_x: torch.Tensor, g_y: torch.Tensor | None) -> None:
         """Add one backward pass's input-gradient statistics (``g_y`` None: shapes differ)."""
         with _no_grad(), full_precision(g_x.device.type):
-            stats = metrics.grad_in_stats(g_x, g_y)
-            self.bwd_x = stats if self.bwd_x is None else self.bwd_x + stats
+            stats: tuple[metrics.Stat, ...] = metrics.grad_in_stat(g_x, g_y)
+            if self.bwd_x is not None:  # a NaN (None) in any pass stays NaN
+                stats = tuple(
+                    None if a is None or b is None else a + b for a, b in zip(self.bwd_x, stats, strict=True)
+                )
+            self.bwd_x = stats
 
 
 _NULL = contextlib.nullcontext()  # reusable: nothing allocated per hook call
@@ -108,51 +114,40 @@ def loss_scale(scaler: Any) -> float | torch.Tensor:
     return float(scaler.get_scale())
 
 
-def to_host(tensors: Sequence[torch.Tensor]) -> dict[int, list[float]]:
-    """``{id(tensor): float64 values}``, each device's tensors leaving it in one transfer.
+def to_host(tensors: Sequence[torch.Tensor]) -> dict[int, Any]:
+    """``{id(tensor): float64 values}``, each device's tensors leaving it in one transfer: a list
+    for 0-d and 1-d tensors, a flat numpy array for larger ones (moments of many channels).
 
     >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor(3.0)
     >>> values = to_host([a, b])
     >>> values[id(a)], values[id(b)]
     ([1.0, 2.0], [3.0])
     """
-    # One cat per (device, dtype) and one conversion to float64 for each: a float32 value
-    # converts exactly, so this is the per-tensor .double() of every value, in fewer ops.
-    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    # One stack of the 0-d tensors and one cat per (device, dtype), one conversion to float64
+    # for each: a float32 value converts exactly, so this is the per-tensor .double() of every
+    # value, in a few ops instead of one per statistic.
+    by_kind: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], ...]] = {}
     for t in tensors:
-        by_kind.setdefault((t.device, t.dtype), []).append(t)
-    out: dict[int, list[float]] = {}
-    for group in by_kind.values():
-        flat = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in group]).double().tolist()
-        i = 0
-        for t in group:
+        scalars, vectors, arrays = by_kind.setdefault((t.device, t.dtype), ([], [], []))
+        (scalars if t.dim() == 0 else vectors if t.dim() == 1 else arrays).append(t)
+    out: dict[int, Any] = {}
+    for scalars, vectors, arrays in by_kind.values():
+        parts = ([torch.stack(scalars)] if scalars else []) + vectors + [t.reshape(-1) for t in arrays]
+        flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).double().cpu().numpy()
+        i = len(scalars) + sum(t.numel() for t in vectors)
+        listed = flat[:i].tolist()
+        for i, t in enumerate(scalars):
+            out[id(t)] = listed[i : i + 1]
+        i = len(scalars)
+        for t in vectors:
+            n = t.numel()
+            out[id(t)] = listed[i : i + n]
+            i += n
+        for t in arrays:
             n = t.numel()
             out[id(t)] = flat[i : i + n]
             i += n
     return out
-
-
-def scaled(values: Mapping[int, list[float]], t: torch.Tensor | None, scale: float) -> list[float] | None:
-    """The squared gradient statistics of ``t`` divided by ``scale**2`` (a GradScaler's loss scale).
-
-    >>> t = torch.tensor([8.0])
-    >>> scaled(to_host([t]), t, 2.0)
-    [2.0]
-    """
-    if t is None:
-        return None
-    return [v / scale**2 for v in values[id(t)]]
-
-
-def pooled(parts: Sequence[Sequence[float] | None], width: int) -> list[float]:
-    """Element-wise sum over calls; NaN when any call lacks the statistic.
-
-    >>> pooled([[1.0, 2.0], [3.0, 4.0]], 2), pooled([[1.0], None], 1)
-    ([4.0, 6.0], [nan])
-    """
-    if not parts or any(p is None for p in parts):
-        return [math.nan] * width
-    return [sum(col) for col in zip(*parts, strict=True)]
 
 
 def param_columns(psq: float, gsq: float, dsq: float) -> Row:
@@ -161,42 +156,55 @@ def param_columns(psq: float, gsq: float, dsq: float) -> Row:
     >>> param_columns(4.0, 9.0, 1.0)
     {'param_norm': 2.0, 'param_grad_norm': 3.0, 'update_ratio': 0.5}
     """
-    norm = metrics.safe_sqrt(psq)
-    return {
-        "param_norm": norm,
-        "param_grad_norm": metrics.safe_sqrt(gsq),
-        "update_ratio": metrics.safe_div(metrics.safe_sqrt(dsq), norm),
-    }
+    cols = metrics.param_columns_many(np.array([[psq, gsq, dsq]], dtype=np.float64))
+    return {k: float(v[0]) for k, v in cols.items()}
 
 
-def _pooled_block(calls: Sequence[CallStats], values: Mapping[int, list[float]]) -> tuple[Any, ...]:
-    """One block's calls pooled: (calls, fwd, numel_x, numel_y, gyy, bwd_x, signal moments); calls
-    without a backward pass are left out when others have one."""
-    complete = [c for c in calls if c.gyy is not None] or list(calls)
-    fwd = pooled([values[id(c.fwd)] if c.fwd is not None else None for c in complete], 4)
-    scales = [values[id(c.scale)][0] if isinstance(c.scale, torch.Tensor) else c.scale for c in complete]
-    gyy = pooled([scaled(values, c.gyy, k) for c, k in zip(complete, scales, strict=True)], 1)
-    bwd = pooled([scaled(values, c.bwd_x, k) for c, k in zip(complete, scales, strict=True)], 3)
-    sig = metrics.pool_moments([values[id(c.sig)] if c.sig is not None else [] for c in complete])
-    numel_x = sum(c.numel_x for c in complete)
-    numel_y = sum(c.numel_y for c in complete)
-    return len(complete), fwd, numel_x, numel_y, gyy[0], bwd, sig
+#: The statistics of a call, one column each in :func:`_call_matrix`.
+_FWD, _GYY, _BWD = slice(0, 4), 4, slice(5, 8)
 
 
-def _metric_rows(pooled_blocks: Sequence[tuple[Any, ...]]) -> list[Row]:
-    """The metric columns of every block of a step, finalized together (one numpy pass)."""
-    calls, fwd, numel_x, numel_y, gyy, bwd, sig = zip(*pooled_blocks, strict=True)
-    cols = metrics.finalize_many(
-        np.array(fwd), np.array(numel_x), np.array(numel_y), np.array(gyy), np.array(bwd)
-    )
-    values = {k: v.tolist() for k, v in cols.items()}
-    rows = [{"calls": n} for n in calls]
-    for k, column in values.items():
-        for row, v in zip(rows, column, strict=True):
-            row[k] = v
-    for row, moments in zip(rows, sig, strict=True):
-        row.update(metrics.signal_columns(moments))
-    return rows
+def _call_matrix(calls: Sequence[CallStats], values: Mapping[int, Any]) -> np.ndarray:
+    """``(calls, 8)``: each call's forward statistics, ``|g_y|^2`` and input-gradient statistics
+    (:mod:`gradprobe.metrics`), the gradient ones divided by the square of the call's loss
+    scale; NaN where a statistic is missing."""
+    nan = math.nan
+    none4, none3 = (None,) * 4, (None,) * 3
+    flat: list[float] = []
+    scale: list[float] = []
+    for c in calls:
+        for t in (*(c.fwd or none4), c.gyy, *(c.bwd_x or none3)):
+            flat.append(nan if t is None else values[id(t)][0])
+        scale.append(values[id(c.scale)][0] if isinstance(c.scale, torch.Tensor) else c.scale)
+    m = np.array(flat, dtype=np.float64).reshape(len(calls), 8)
+    s = np.array(scale, dtype=np.float64)
+    m[:, 4:] /= (s * s)[:, None]  # squared statistics carry scale**2 (GradScaler)
+    return m
+
+
+def _signal_values(values: Mapping[int, Any], sig: tuple[torch.Tensor, int] | None) -> Any:
+    """One call's row of a signal moments batch (``[]``: none, which pools to NaN)."""
+    if sig is None:
+        return []
+    batch, i = sig
+    width = batch.numel() // batch.shape[0]
+    return values[id(batch)][i * width : (i + 1) * width]
+
+
+def _signal_columns(moments: Sequence[Any]) -> dict[str, list[float]]:
+    """The signal columns of every block (pooled moments or None), all blocks with moments of one
+    shape in one numpy pass."""
+    out = {k: [math.nan] * len(moments) for k in SIGNAL_COLUMNS}
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(moments):
+        if m is not None and m.shape[-1]:
+            by_shape.setdefault(m.shape, []).append(i)
+    for members in by_shape.values():
+        cols = metrics.signal_columns_many(np.stack([moments[i] for i in members]))
+        for k, column in cols.items():
+            for i, v in zip(members, column.tolist(), strict=True):
+                out[k][i] = v
+    return out
 
 
 def step_rows(
@@ -212,31 +220,70 @@ def step_rows(
     ``params``: ``{block: [|theta|^2, |grad|^2, |delta|^2]}`` tensors; ``jacobian``: the
     Jacobian columns of the blocks that have them; ``index``: forward position of each block;
     ``stacks(names)``: ``{block: stack name}``. Every statistic, of every block, is copied to
-    the host in one transfer per device. Missing values are NaN.
+    the host in one transfer per device. The calls of a block are pooled by adding their
+    statistics (calls without a backward pass are left out when others have one); every
+    column is then computed for all blocks at once. Missing values are NaN.
     """
-    by_block: dict[str, list[CallStats]] = {}
-    for call in calls:
-        by_block.setdefault(call.block, []).append(call)
+    by_block: dict[str, list[int]] = {}
+    for i, call in enumerate(calls):
+        by_block.setdefault(call.block, []).append(i)
     if not by_block:
         return []
-    stats = [t for c in calls for t in (c.fwd, c.sig, c.gyy, c.bwd_x) if t is not None]
-    scales = {id(c.scale): c.scale for c in calls if isinstance(c.scale, torch.Tensor)}
-    values = to_host(stats + list(params.values()) + list(scales.values()))
-    rows = _metric_rows([_pooled_block(block_calls, values) for block_calls in by_block.values()])
-    for name, row in zip(by_block, rows, strict=True):
-        row.update(step=step, block=name, index=index.get(name, -1))
-        p = params.get(name)
-        row.update(param_columns(*(values[id(p)] if p is not None else (math.nan,) * 3)))
-        row.update(jacobian.get(name, {}))
-    rows.sort(key=lambda r: r["index"])
-    names = stacks([r["block"] for r in rows])
-    last_out: dict[str, float] = {}
-    for row in rows:  # in forward order: the last row of a stack wins
-        row["stack"] = names[row["block"]]
-        last_out[row["stack"]] = row["grad_out"]
-    for row in rows:
-        row["cum_gain"] = metrics.cum_gain(row["grad_in"], last_out[row["stack"]])
-    return [{c: r.get(c, math.nan) for c in FRAME_COLUMNS} for r in rows]
+    # Each statistic once (|r|^2 is |x|^2 itself where r is x), one entry per moments batch.
+    tensors = {id(t): t for c in calls for t in (*(c.fwd or ()), c.gyy, *(c.bwd_x or ())) if t is not None}
+    tensors.update((id(c.sig[0]), c.sig[0]) for c in calls if c.sig is not None)
+    tensors.update((id(c.scale), c.scale) for c in calls if isinstance(c.scale, torch.Tensor))
+    tensors.update((id(p), p) for p in params.values())
+    values = to_host(list(tensors.values()))
+    matrix = _call_matrix(calls, values)
+
+    # Rows in forward order; pooled sums start from 0.0 and add the calls in order (np.add.at
+    # is unbuffered), as Python's sum does.
+    names = sorted(by_block, key=lambda n: index.get(n, -1))
+    owner: list[int] = []
+    members: list[int] = []
+    moments = []
+    for b, name in enumerate(names):
+        idx = by_block[name]
+        complete = [i for i in idx if calls[i].gyy is not None] or idx
+        owner += [b] * len(complete)
+        members += complete
+        moments.append(metrics.pool_moments([_signal_values(values, calls[i].sig) for i in complete]))
+    n = len(names)
+    sums = np.zeros((n, 8))
+    np.add.at(sums, owner, matrix[members])
+    numel = np.zeros((n, 2), dtype=np.int64)
+    np.add.at(numel, owner, np.array([(calls[i].numel_x, calls[i].numel_y) for i in members], dtype=np.int64))
+    cols: dict[str, Any] = {
+        k: v.tolist()
+        for k, v in metrics.finalize_many(
+            sums[:, _FWD], numel[:, 0], numel[:, 1], sums[:, _GYY], sums[:, _BWD]
+        ).items()
+    }
+    cols["calls"] = np.bincount(owner, minlength=n).tolist()
+    cols.update(_signal_columns(moments))
+    nan3 = [math.nan] * 3
+    p = np.array([values[id(params[b])] if b in params else nan3 for b in names], dtype=np.float64)
+    cols.update({k: v.tolist() for k, v in metrics.param_columns_many(p.reshape(n, 3)).items()})
+    # cum_gain: grad_in over grad_out of the last block (in forward order) of the row's stack.
+    stack_of = stacks(names)
+    cols["stack"] = [stack_of[b] for b in names]
+    last_out = dict(zip(cols["stack"], cols["grad_out"], strict=True))  # the last row of a stack wins
+    cols["cum_gain"] = [
+        metrics.cum_gain(g, last_out[s]) for g, s in zip(cols["grad_in"], cols["stack"], strict=True)
+    ]
+    cols.update(step=[step] * n, block=names, index=[index.get(b, -1) for b in names])
+    for k in FRAME_COLUMNS:
+        if k not in cols:
+            cols[k] = [math.nan] * n
+    for i, name in enumerate(names):
+        for k, v in jacobian.get(name, {}).items():
+            if k in cols:
+                cols[k][i] = v
+    return [
+        dict(zip(FRAME_COLUMNS, row, strict=True))
+        for row in zip(*(cols[k] for k in FRAME_COLUMNS), strict=True)
+    ]
 
 
 FINITE_COLUMNS = ("in_rms", "out_rms", "grad_out", "grad_in")

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from . import capture as _rule
-from ._tensors import muted
+from . import metrics
+from ._tensors import in_backward, muted
+from .batching import SignalQueue
 from .blocks import StackTracker
 from .capture import alias_view, find_output, swap_input
 from .jacobian.schedule import block_capture
@@ -88,17 +90,55 @@ class Taps:
         self.jacobian_due = False
         self._stack: dict[str, list[Call]] = {name: [] for name in rules}  # pre -> post hook
         self._shortcut_out: dict[str, torch.Tensor] = {}
+        self._signal = SignalQueue()
+        self._model_calls = 0  # calls of the whole model in progress
+        self._count_y: torch.Tensor | None = None  # the last unrecorded block output in them
+        self.through_model = False  # a backward pass went through the model's output
+        self.outside = False  # a block was called outside the model's own forward
+        # One count hook per unrecorded block call, not per model call: until a recorded step
+        # showed that backward passes go through the model's output.
+        self.per_block_count = True
 
     def clear(self) -> None:
         """Drop what the hooks hold between calls (on detach)."""
+        self._signal.clear()
+        self._model_calls, self._count_y = 0, None
         self.captures.clear()
         self._shortcut_out.clear()
         for stack in self._stack.values():
             stack.clear()
 
     # ------------------------------------------------------------------ forward
+    def model_enter(self) -> int:
+        """A call of the whole model begins; the number of them in progress."""
+        self._model_calls += 1
+        return self._model_calls
+
+    def model_exit(self, output: Any, *, counts: bool) -> None:
+        """A call of the whole model ends. On an unrecorded step the backward pass is noticed by
+        gradient hooks on the model's output (where a loss starts) and on the last probed
+        block's output, two per model call instead of one per block (a hook costs about as
+        much as the rest of an unrecorded block call); blocks called outside the model's own
+        forward get one each, and with the block hooks off the output's hook is the only one.
+        It also tells :attr:`through_model`: that a backward pass went through the output.
+        ``counts``: the call is one a step counts (with grad, in training mode, not the probe's own)."""
+        self._model_calls = max(self._model_calls - 1, 0)
+        y, self._count_y = self._count_y, None
+        if self._model_calls:
+            return
+        try:
+            out = find_output(output) if counts else None
+            if out is not None and out.requires_grad:
+                out.register_hook(self._output_hook)
+            if y is not None and y is not out:
+                y.register_hook(self._count_hook)
+        except Exception as exc:
+            self._fail("the end of a forward pass", exc)
+
     def pre_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         kind = self._forward_kind(name, module)
+        if not self._model_calls and kind in (Fwd.COUNT, Fwd.CAPTURE) and not in_backward():
+            self.outside = True  # (a recomputation under checkpointing runs in backward, alone)
         if kind is Fwd.RECOMPUTE:
             return swap_input(args, kwargs, alias_view, self._rules[name].input, module)
         if kind is Fwd.CAPTURE:
@@ -149,6 +189,15 @@ class Taps:
         if not stack:
             return
         call = stack.pop()
+        if call is UNRECORDED:  # unrecorded step: only notice the backward pass (the common path)
+            try:
+                if output is not None:  # None: the block raised (always_call)
+                    y = find_output(output, self._rules[name].output)
+                    if y is not None and y.requires_grad:
+                        self._count(y)
+            except Exception as exc:
+                self._fail(f"forward pass of block {name}", exc)
+            return
         shortcut_out = self._shortcut_out.pop(name, None)
         try:
             if output is None and sys.exc_info()[1] is not None:
@@ -173,8 +222,8 @@ class Taps:
             shortcut_out is y or (shortcut_out.data_ptr() == y.data_ptr() and shortcut_out.shape == y.shape)
         ):
             shortcut_out = None  # the "shortcut" computed the block's output: it is its last layer
-        if call is UNRECORDED or not self._recording():
-            y.register_hook(self._count_hook)  # unrecorded step: only notice the backward pass
+        if not self._recording():
+            self._count(y)
             return
         self._stacks.output(call.block, y.grad_fn)
         x = call.x
@@ -187,8 +236,11 @@ class Taps:
             ref = x if call.same_shape else shortcut_out
             if ref is None or ref.shape != y.shape:
                 self.no_shortcut.add(call.block)
-            call.add_forward(x, y, ref, self._channel_dim)
-            if y.is_complex():
+            residual = call.add_forward(x, y, ref)
+            axis = metrics.channel_axis(y, self._channel_dim)
+            if axis is not None and not y.is_complex():
+                self._after_flush(self._signal.add(call, y, residual, axis))
+            elif y.is_complex():
                 self._warn_once(
                     f"signal:{call.block}",
                     f"gradprobe: block {call.block} has a complex output: chan_mean_sq, chan_var and "
@@ -204,9 +256,34 @@ class Taps:
         self.calls.append(call)
         y.register_hook(partial(self._grad_y_hook, call))
 
+    def flush_signal(self) -> None:
+        """Reduce the held block outputs to their signal moments (end of a backward pass, step close)."""
+        self._after_flush(self._signal.flush())
+
+    def _after_flush(self, changed: list[str]) -> None:
+        for block in changed:
+            self._warn_once(
+                f"signal-inplace:{block}",
+                f"gradprobe: the output of block {block} was changed in place after the block "
+                "returned, before the probe reduced it: its chan_mean_sq, chan_var and branch_var "
+                "are NaN in this step, and are taken when the block returns from now on.",
+            )
+
     # ------------------------------------------------------------------ backward
+    def _count(self, y: torch.Tensor) -> None:
+        """Have the backward pass through ``y`` noticed (on an unrecorded step)."""
+        if self._model_calls and not self.per_block_count:
+            self._count_y = y  # one hook when the model returns (model_exit)
+        else:
+            y.register_hook(self._count_hook)
+
     def _count_hook(self, grad: torch.Tensor) -> None:
         if not muted():
+            self._backward_started()
+
+    def _output_hook(self, grad: torch.Tensor) -> None:
+        if not muted():
+            self.through_model = True
             self._backward_started()
 
     def _grad_y_hook(self, call: Call, grad: torch.Tensor) -> None:

@@ -328,15 +328,51 @@ def test_call_stats_sharing_the_residual_equals_the_two_functions_bit_for_bit(dt
         x, y = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
     elif layout == "transposed":
         x = x.t().contiguous().t()
+    axis = metrics.channel_axis(y)
     for ref in (x, None, y * 0.5):
         with torch.no_grad():
-            fwd, sig = metrics.call_stats(x, y, ref)
-            assert torch.equal(fwd.nan_to_num(7.0), metrics.forward_stats(x, y, ref).nan_to_num(7.0))
+            fwd, residual = metrics.call_stats(x, y, ref)
+            assert torch.equal(
+                metrics.stacked(fwd).nan_to_num(7.0), metrics.forward_stats(x, y, ref).nan_to_num(7.0)
+            )
+            sig = metrics.signal_many([y], [residual], axis)[0]
             assert torch.equal(sig.nan_to_num(7.0), metrics.signal_stats(y, ref).nan_to_num(7.0))
 
 
 def test_call_stats_of_a_complex_block_has_no_signal_moments():
     z = torch.randn(3, 4, dtype=torch.complex64)
-    fwd, sig = metrics.call_stats(z, 2 * z, z)
-    assert sig is None
-    assert torch.equal(fwd, metrics.forward_stats(z, 2 * z, z))
+    fwd, residual = metrics.call_stats(z, 2 * z, z)
+    assert residual is None
+    assert torch.equal(metrics.stacked(fwd), metrics.forward_stats(z, 2 * z, z))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("shape", [(6, 4, 5, 5), (12, 7), (3, 9, 10), (4, 3, 5, 5, 2), (999, 3)])
+def test_signal_many_equals_signal_stats_of_each_call_bit_for_bit(dtype, shape):
+    # The batch of a step's small blocks must give each call the bits it gets alone, with and
+    # without a reference, for every rank (channel axis 1 or last) and dtype.
+    g = torch.Generator().manual_seed(5)
+    ys = [
+        (torch.randn(shape, generator=g, dtype=torch.float64) * (i + 1) + 3 * i).to(dtype) for i in range(5)
+    ]
+    refs = [(torch.randn(shape, generator=g, dtype=torch.float64) + 2).to(dtype) for _ in range(5)]
+    axis = metrics.channel_axis(ys[0])
+    residuals = [metrics.call_stats(r, y, r)[1] for y, r in zip(ys, refs, strict=True)]
+    with_ref = metrics.signal_many(ys, residuals, axis)
+    without = metrics.signal_many(ys, [None] * 5, axis)
+    for i, (y, r) in enumerate(zip(ys, refs, strict=True)):
+        assert torch.equal(with_ref[i], metrics.signal_stats(y, r))
+        assert torch.equal(without[i].nan_to_num(7.0), metrics.signal_stats(y, None).nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (16, 8, 24)])
+def test_channels_last_signal_moments_match_numpy_to_float64_rounding(shape):
+    # The channel-last path sums exact float64 squares: equal to numpy's float64 moments to a
+    # few ulps, also under a large mean.
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(shape, generator=g) * 0.01 + 1000.0
+    moments = metrics.signal_stats(y, None)[0].numpy()
+    a = y.double().numpy().reshape(-1, shape[-1])
+    np.testing.assert_array_equal(moments[0], a.shape[0])
+    np.testing.assert_allclose(moments[1], a.mean(0), rtol=1e-15)
+    np.testing.assert_allclose(moments[2] / a.shape[0], a.var(0), rtol=1e-9)

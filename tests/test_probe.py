@@ -548,7 +548,7 @@ def test_a_failing_metric_warns_once_records_nan_and_training_goes_on(monkeypatc
 
 
 def test_strict_mode_raises_metric_errors(monkeypatch):
-    monkeypatch.setattr(metrics, "grad_out_stats", lambda g: (_ for _ in ()).throw(ValueError("bad grad")))
+    monkeypatch.setattr(metrics, "grad_out_stat", lambda g: (_ for _ in ()).throw(ValueError("bad grad")))
     net = make("res_mlp")
     with pytest.raises(ValueError, match="bad grad"), gradprobe.attach(net, strict=True):
         loss_of(net(make_input("res_mlp"))).backward()
