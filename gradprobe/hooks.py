@@ -71,7 +71,7 @@ class Handles:
     @property
     def compiled(self) -> bool:
         """Whether Dynamo ever compiled a frame that called one of these hooks (also removed ones)."""
-        return self._compiled or any(getattr(h, "compiled", False) for h in self._module_hooks)
+        return self._compiled or any(h.compiled for h in self._module_hooks)
 
     def forward_pre(self, module: nn.Module, fn: Callable[..., Any], **options: Any) -> None:
         """``module.register_forward_pre_hook`` with ``fn`` wrapped in a :class:`ModuleHook`."""

@@ -74,7 +74,8 @@ class Probe(RecordedTables):
 
     Create it with :func:`gradprobe.attach` (``Probe(model, config)`` takes a
     :class:`gradprobe.ProbeConfig`). Each backward pass that reaches the probed blocks is
-    one step, closed lazily when the next forward pass through a probed block begins (or on
+    one step, closed lazily when the next forward pass through the model or a probed block
+    begins (or on
     ``frame()``, ``save()``, ``detach()``), so ``probe.log(loss=...)`` anywhere between a
     forward pass and the next one belongs to its step. The first call of :meth:`step`
     switches to explicit stepping: only ``step()`` closes a step, and every backward pass in

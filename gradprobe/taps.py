@@ -6,9 +6,13 @@ statistics and hooks the output ``y`` (a tensor hook stays with the node that ma
 a later in-place op does not fool it; ``register_full_backward_hook`` breaks on those,
 pytorch#61519). The gradient hooks reduce ``g_y`` and ``g_x`` to a few scalars at once
 (:mod:`gradprobe.metrics`). The taps hold no step state of their own beyond the calls they
-recorded; they ask the probe that owns them five things, passed in as callables: the
+recorded, what waits for the backward pass, and what the last recorded step showed about
+the model's calls; they ask the probe that owns them five things, passed in as callables: the
 forward transition of a call (:class:`Fwd`), whether the step is recorded, that a backward
-pass started, and how to report a failure or warn once.
+pass started, and how to report a failure or warn once. The signal moments of a block's
+output wait in a :class:`gradprobe.batching.SignalQueue` for the end of the backward pass.
+On unrecorded steps a call only has its backward pass noticed, and with the block hooks off
+(:class:`gradprobe.probe.Probe`) the model's own hooks (:meth:`Taps.model_exit`) do that.
 """
 
 from __future__ import annotations
