@@ -123,25 +123,38 @@ def to_host(tensors: Sequence[torch.Tensor]) -> dict[int, Any]:
     >>> values[id(a)], values[id(b)]
     ([1.0, 2.0], [3.0])
     """
-    # One stack of the 0-d tensors and one cat per (device, dtype), one conversion to float64
-    # for each: a float32 value converts exactly, so this is the per-tensor .double() of every
-    # value, in a few ops instead of one per statistic.
-    by_kind: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], ...]] = {}
+    # Per device: one stack of the 0-d tensors and one cat per dtype, each converted to float64
+    # on the device (a float32 value converts exactly: the per-tensor .double() of every value,
+    # in a few ops instead of one per statistic), then one cat and one copy to the host: one
+    # synchronisation per device and step.
+    by_device: dict[torch.device, dict[torch.dtype, list[torch.Tensor]]] = {}
     for t in tensors:
-        scalars, vectors, arrays = by_kind.setdefault((t.device, t.dtype), ([], [], []))
-        (scalars if t.dim() == 0 else vectors if t.dim() == 1 else arrays).append(t)
+        by_device.setdefault(t.device, {}).setdefault(t.dtype, []).append(t)
     out: dict[int, Any] = {}
-    for scalars, vectors, arrays in by_kind.values():
-        parts = ([torch.stack(scalars)] if scalars else []) + vectors + [t.reshape(-1) for t in arrays]
-        flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).double().cpu().numpy()
-        i = len(scalars) + sum(t.numel() for t in vectors)
-        listed = flat[:i].tolist()
-        for i, t in enumerate(scalars):
-            out[id(t)] = listed[i : i + 1]
-        i = len(scalars)
-        for t in vectors:
+    for kinds in by_device.values():
+        head: list[torch.Tensor] = []  # 0-d and 1-d, as lists
+        tail: list[torch.Tensor] = []  # larger, as arrays
+        listed: list[torch.Tensor] = []
+        arrays: list[torch.Tensor] = []
+        for same in kinds.values():
+            scalars = [t for t in same if t.dim() == 0]
+            vectors = [t for t in same if t.dim() == 1]
+            larger = [t for t in same if t.dim() > 1]
+            chunk = ([torch.stack(scalars)] if scalars else []) + vectors
+            if chunk:
+                head.append((chunk[0] if len(chunk) == 1 else torch.cat(chunk)).double())
+            if larger:
+                tail.append(torch.cat([t.reshape(-1) for t in larger]).double())
+            listed += scalars + vectors
+            arrays += larger
+        parts = head + tail
+        flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu().numpy()
+        i = sum(t.numel() for t in listed)
+        values = flat[:i].tolist()
+        i = 0
+        for t in listed:
             n = t.numel()
-            out[id(t)] = listed[i : i + n]
+            out[id(t)] = values[i : i + n]
             i += n
         for t in arrays:
             n = t.numel()

@@ -191,3 +191,19 @@ def test_finalize_is_the_one_definition_rows_use():
     (row,) = step_rows(0, [call("b", fwd, [1.0], bwd)], {}, {}, {"b": 0}, one_stack)
     expected = metrics.finalize(fwd, 4, 4, 1.0, bwd)
     assert {k: row[k] for k in expected} == expected
+
+
+def test_to_host_copies_each_device_once_whatever_the_dtypes(monkeypatch):
+    # One transfer per device and step (one synchronisation on a GPU), also with float32
+    # statistics beside float64 signal moments.
+    copies = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(
+        torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.dtype) or cpu(self, *a, **k)
+    )
+    a, b = torch.tensor(0.5), torch.tensor([1.0, 2.0])
+    c, d = torch.tensor(1 / 3, dtype=torch.float64), torch.full((1, 2, 3, 2), 0.25, dtype=torch.float64)
+    values = to_host([a, b, c, d])
+    assert copies == [torch.float64]
+    assert values[id(a)] == [0.5] and values[id(b)] == [1.0, 2.0] and values[id(c)] == [1 / 3]
+    assert list(values[id(d)]) == [0.25] * 12
