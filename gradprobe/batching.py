@@ -5,8 +5,8 @@ call whatever the tensor's size; on small blocks that fixed cost was half of the
 a block output of at most ``DEFER_BYTES`` is held (detached, with the residual ``y - r`` the
 forward statistics formed anyway) until :meth:`SignalQueue.flush`, which the probe calls when
 a backward pass ends, and all held outputs of one shape and dtype are reduced in one batch.
-Larger outputs are reduced at once, as a batch of one, so what is held stays small: past
-``BUDGET_BYTES`` the queue is reduced early. The values are the same bits either way.
+Larger outputs are reduced at once, as a batch of one, and so is every output once
+``BUDGET_BYTES`` are held: what is held stays small. The values are the same bits either way.
 
 Holding is safe only if nothing changes the output in place before the batch runs (the next
 block's ``ReLU(inplace=True)`` would). So a block's outputs are first reduced at once and
@@ -30,7 +30,7 @@ from .rows import CallStats, full_precision
 #: Outputs up to this size are held for a batch (1 MiB: a GPT-2 block at width 128, sequence 64,
 #: batch 16 is 512 KiB); larger ones cost more in memory traffic than in kernel launches.
 DEFER_BYTES = 1 << 20
-#: At most this much is held (outputs and residuals) before the queue is reduced early.
+#: At most this much is held (outputs and residuals); past it, outputs are reduced at once.
 BUDGET_BYTES = 64 << 20
 
 
@@ -48,10 +48,10 @@ class SignalQueue:
 
     >>> queue, y = SignalQueue(), torch.tensor([[1.0, 2.0], [3.0, 2.0]])
     >>> first, second = CallStats("b"), CallStats("b")
-    >>> _ = queue.add(first, y, None, 1)  # a new block: reduced at once, and watched
+    >>> queue.add(first, y, None, 1)  # a new block: reduced at once, and watched
     >>> first.sig is None, queue.flush()
     (False, [])
-    >>> _ = queue.add(second, y, None, 1)  # its output was left alone: now held
+    >>> queue.add(second, y, None, 1)  # its output was left alone: now held
     >>> second.sig is None, queue.flush(), second.sig[0].shape
     (True, [], torch.Size([1, 2, 3, 2]))
     """
@@ -61,7 +61,7 @@ class SignalQueue:
         self.budget = BUDGET_BYTES if budget is None else budget
         self._held: list[_Held] = []
         self._watched: list[tuple[str, torch.Tensor, int]] = []
-        self._bytes = 0
+        self._bytes = 0  # held and watched: never more than the budget
         self._hold: set[str] = set()  # blocks whose outputs were left alone until a flush
         self._never: set[str] = set()  # blocks whose outputs something changed in place
 
@@ -69,32 +69,30 @@ class SignalQueue:
         """Outputs held or watched now."""
         return len(self._held) + len(self._watched)
 
-    def add(self, call: CallStats, y: torch.Tensor, residual: torch.Tensor | None, axis: int) -> list[str]:
-        """Queue the moments of ``y`` (and ``residual``) for ``call``, or reduce them at once.
-
-        Returns what :meth:`flush` returns when the queue had to be reduced early, else ``[]``.
-        """
+    def add(self, call: CallStats, y: torch.Tensor, residual: torch.Tensor | None, axis: int) -> None:
+        """Queue the moments of ``y`` (and ``residual``) for ``call``, or reduce them at once."""
         block = call.block
         size = y.numel() * y.element_size()
+        held = size + (0 if residual is None else residual.numel() * residual.element_size())
         # Stacking makes tensors contiguous, which would change the order of a strided
         # tensor's reductions (and its last bits): those are reduced alone, in their layout.
         strided = not y.is_contiguous() or (residual is not None and not residual.is_contiguous())
-        if strided or size > self.defer_bytes or block in self._never or self._bytes + size > self.budget:
+        full = self._bytes + held > self.budget
+        if strided or size > self.defer_bytes or block in self._never or full:
             _reduce([_Held(call, y, 0, residual, axis)])
-            return []
-        size += 0 if residual is None else residual.numel() * residual.element_size()
+            return
         # Detached: a held output must not keep its graph (and the saved tensors) alive.
         if block not in self._hold:
             _reduce([_Held(call, y, 0, residual, axis)])
             self._watched.append((block, y.detach(), y._version))
-            self._bytes += y.numel() * y.element_size()
-            return []
+            self._bytes += size
+            return
         self._held.append(_Held(call, y.detach(), y._version, residual, axis))
-        self._bytes += size
-        return self.flush() if self._bytes > self.budget else []
+        self._bytes += held
 
     def flush(self) -> list[str]:
-        """Reduce every held output; the blocks whose held output changed in place meanwhile (no moments)."""
+        """End of a backward pass: judge the watched outputs and reduce the held ones; the blocks
+        whose held output changed in place meanwhile (no moments)."""
         held, self._held = self._held, []
         watched, self._watched = self._watched, []
         self._bytes = 0

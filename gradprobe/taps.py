@@ -243,7 +243,7 @@ class Taps:
             residual = call.add_forward(x, y, ref)
             axis = metrics.channel_axis(y, self._channel_dim)
             if axis is not None and not y.is_complex():
-                self._after_flush(self._signal.add(call, y, residual, axis))
+                self._signal.add(call, y, residual, axis)
             elif y.is_complex():
                 self._warn_once(
                     f"signal:{call.block}",
@@ -262,10 +262,7 @@ class Taps:
 
     def flush_signal(self) -> None:
         """Reduce the held block outputs to their signal moments (end of a backward pass, step close)."""
-        self._after_flush(self._signal.flush())
-
-    def _after_flush(self, changed: list[str]) -> None:
-        for block in changed:
+        for block in self._signal.flush():
             self._warn_once(
                 f"signal-inplace:{block}",
                 f"gradprobe: the output of block {block} was changed in place after the block "

@@ -16,6 +16,7 @@ from torch import nn
 
 import gradprobe
 from gradprobe import batching
+from gradprobe.rows import CallStats
 
 SIGNAL = ["chan_mean_sq", "chan_var", "branch_var"]
 
@@ -262,3 +263,16 @@ def test_block_hooks_stay_on_when_the_loss_does_not_come_from_the_model_output()
         assert probe.current_step == 4  # every backward pass counted
     handle.remove()
     assert sorted(probe.frame().step.unique()) == [0, 2, 4]
+
+
+def test_past_the_budget_outputs_are_reduced_at_once_and_nothing_more_is_held():
+    y = torch.ones(2, 4)  # 32 bytes
+    queue = batching.SignalQueue(budget=80)
+    queue.add(CallStats("h"), y.clone(), None, 1)
+    assert queue.flush() == []  # block h left its output alone: held from now on
+    calls = [CallStats("h") for _ in range(4)]
+    for call in calls:
+        queue.add(call, y.clone(), None, 1)
+    assert [call.sig is None for call in calls] == [True, True, False, False]  # 2 x 32 <= 80
+    assert len(queue) == 2
+    assert queue.flush() == [] and all(call.sig is not None for call in calls)
