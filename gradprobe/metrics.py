@@ -256,7 +256,8 @@ def signal_many(
 
     ``ys``: block outputs of one shape and dtype; ``residuals``: each one's ``y - r``
     (:func:`call_stats`; y's shape, or flat when y is contiguous), all None (NaN halves) or all
-    of one shape; ``axis``: the channel axis of the ys (:func:`channel_axis`). Each row equals
+    of one shape, scratch the caller gives up (shifted in place); ``axis``: the channel axis of
+    the ys (:func:`channel_axis`). Each row equals
     the call's :func:`signal_stats` bit for bit, for a single tensor in any layout and for
     several contiguous ones (reductions follow the layout, and stacking makes it contiguous).
 
