@@ -119,7 +119,6 @@ class Probe(RecordedTables):
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         self._hooks = Handles()  # on the model, while attached
         self._block_hooks = Handles()  # on the blocks and shortcuts, taken off on unrecorded steps
-        self._sleepy = False  # _may_sleep() as of the last recorded step
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._shortcut_modules = shortcut_modules(list(self._modules.items()), config.shortcuts)
         self._run_id = new_run_id()
@@ -170,11 +169,11 @@ class Probe(RecordedTables):
             self._block_hooks.remove()
 
     def _may_sleep(self) -> bool:
-        """Whether the next unrecorded steps can do without block hooks: explicit stepping, or
-        automatic stepping where the last recorded step's blocks ran inside the model's own
-        calls and its backward pass went through the model's output (so the output's gradient
-        hook notices every backward pass the block hooks would)."""
-        return not self._auto or (self._taps.through_model and not self._taps.outside)
+        """Whether unrecorded steps can do without block hooks, once a recorded step has closed:
+        with explicit stepping, or with automatic stepping where that step showed that the
+        model's output hook notices every backward pass the block hooks would
+        (:attr:`Taps.model_counts`)."""
+        return self._recorded_steps > 0 and (not self._auto or self._taps.model_counts)
 
     def detach(self) -> None:
         """Remove every hook; recorded tables stay available. Safe to call twice."""
@@ -238,7 +237,7 @@ class Probe(RecordedTables):
     def _hooks_for_step(self) -> None:
         """Block hooks on for a recorded step, off for an unrecorded one where that is safe."""
         try:
-            if self._recording() or not self._sleepy:
+            if self._recording() or not self._may_sleep():
                 self._wake()
             else:
                 self._sleep()
@@ -422,9 +421,8 @@ class Probe(RecordedTables):
         except Exception as exc:
             self._alerts.fail("signal propagation metrics", exc)
         self._recorded_steps += 1
-        self._sleepy = self._may_sleep()
         taps = self._taps
-        taps.per_block_count = not taps.through_model or taps.outside
+        taps.model_counts = taps.through_model and not taps.outside
         taps.through_model = taps.outside = False
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         try:

@@ -99,9 +99,9 @@ class Taps:
         self._count_y: torch.Tensor | None = None  # the last unrecorded block output in them
         self.through_model = False  # a backward pass went through the model's output
         self.outside = False  # a block was called outside the model's own forward
-        # One count hook per unrecorded block call, not per model call: until a recorded step
-        # showed that backward passes go through the model's output.
-        self.per_block_count = True
+        # The last recorded step's blocks ran inside the model's calls and its backward pass went
+        # through the model's output: one count hook per model call will do, not one per block.
+        self.model_counts = False
 
     def clear(self) -> None:
         """Drop what the hooks hold between calls (on detach)."""
@@ -273,7 +273,7 @@ class Taps:
     # ------------------------------------------------------------------ backward
     def _count(self, y: torch.Tensor) -> None:
         """Have the backward pass through ``y`` noticed (on an unrecorded step)."""
-        if self._model_calls and not self.per_block_count:
+        if self._model_calls and self.model_counts:
             self._count_y = y  # one hook when the model returns (model_exit)
         else:
             y.register_hook(self._count_hook)
