@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, Union
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -416,104 +416,3 @@ def no_shortcut_message(blocks: list[str]) -> str:
         "applies it to its own input and its output is not the block's output): res_ratio and "
         "cos_xy are NaN there. Name the shortcut with attach(..., shortcuts={block: child})."
     )
-
-
-def resolve_stacks(names: list[str], stacks: Any) -> dict[str, str] | None:
-    """``{block: stack name}`` from ``attach(..., stacks=...)``; None: detect them.
-
-    Accepted: a mapping ``{stack name: pattern or list of patterns}``, or a list whose
-    items (a pattern or a list of patterns) are the stacks in order, named by their
-    blocks' common dotted prefix (or their position). Patterns are block names or globs
-    as in ``blocks=``; every probed block must be in exactly one stack.
-
-    >>> resolve_stacks(["enc.0", "enc.1", "dec.0"], [["enc.*"], ["dec.*"]])
-    {'enc.0': 'enc', 'enc.1': 'enc', 'dec.0': 'dec.0'}
-    """
-    if stacks is None:
-        return None
-    from .capture import common_prefix  # lazily: capture's rule is not needed to select blocks
-
-    if isinstance(stacks, Mapping):
-        items = [(str(k), v) for k, v in stacks.items()]
-    elif isinstance(stacks, (list, tuple)):
-        items = [("", v) for v in stacks]
-    else:
-        raise TypeError(
-            "stacks= must be a mapping {stack name: block names/patterns} or a list of such lists, got "
-            f"{type(stacks).__name__}"
-        )
-    out: dict[str, str] = {}
-    for k, (label, spec) in enumerate(items):
-        patterns = [spec] if isinstance(spec, str) else list(spec)
-        regexes = [glob_to_regex(p) for p in patterns]
-        members = [n for n in names if any(r.match(n) for r in regexes)]
-        if not members:
-            raise ValueError(f"stacks=: {spec!r} matches none of the probed blocks {names}")
-        twice = [n for n in members if n in out]
-        if twice:
-            raise ValueError(f"stacks=: blocks {twice} are in two stacks")
-        label = label or common_prefix(members) or str(k)
-        out.update(dict.fromkeys(members, label))
-    missing = [n for n in names if n not in out]
-    if missing:
-        raise ValueError(f"stacks=: blocks {missing} are in no stack; every probed block must be in one")
-    return out
-
-
-class StackTracker:
-    """Which stack (the chain ``cum_gain`` and the products run along) each probed block is in.
-
-    Given ``stacks=`` (:func:`resolve_stacks`): as given. Otherwise detected during the first
-    forward passes: a block continues the stack of the block before it in forward order when
-    its input is computed, in that pass, from that block's output (a walk back through the
-    autograd graph, :func:`gradprobe.capture.continues`); an input without a graph while the
-    previous output has one starts a new stack; where the walk cannot tell, the chain goes on.
-    Each block is decided once; output nodes are held only until all are (never across steps).
-    """
-
-    def __init__(self, names: list[str], stacks: Any = None) -> None:
-        self._given = resolve_stacks(names, stacks)
-        self._count = len(names)
-        self._linked: dict[str, bool] = {}
-        self._out_node: dict[str, Any] = {}
-
-    @property
-    def detecting(self) -> bool:
-        """Whether some block is not decided yet."""
-        return len(self._linked) < self._count
-
-    def output(self, name: str, node: Any) -> None:
-        """The autograd node of block ``name``'s output in this pass (for the next block's decision)."""
-        if self.detecting:
-            self._out_node[name] = node
-
-    def link(self, name: str, x: Any, index: Mapping[str, int]) -> None:
-        """Decide, once, whether block ``name`` (input ``x``) continues the previous block's stack."""
-        if name in self._linked:
-            return
-        from .capture import continues
-
-        position = index.get(name, -1)
-        prev = next((n for n, i in index.items() if i == position - 1), None)
-        if position <= 0 or prev is None:
-            self._linked[name] = False  # the first block starts the first stack
-        elif prev in self._out_node:
-            self._linked[name] = continues(x, self._out_node[prev])
-        else:
-            return  # the previous block has not run in this pass yet: decide on a later call
-        if not self.detecting:
-            self._out_node.clear()
-
-    def forget(self) -> None:
-        """Drop the output nodes of this pass (a step closed or the probe detached)."""
-        self._out_node.clear()
-
-    def names(self, blocks: list[str]) -> dict[str, str]:
-        """``{block: stack name}`` for these blocks, in forward order: named by the longest dotted
-        prefix a detected stack's blocks share, the block's own name for a stack of one, or its
-        position (``"0"``, ``"1"``, ...) when they share none."""
-        if self._given is not None:
-            return {n: self._given[n] for n in blocks}
-        from .capture import stack_labels
-
-        return stack_labels(blocks, self._linked)

@@ -34,12 +34,10 @@ need the missing tensor.
 
 Also here: the input aliases that make ``g_x`` the gradient through one block
 (:func:`alias_view` for the probe's hooks, :func:`alias_pinned` with pinned gradient
-edges for the Jacobian passes), and the stack rule (:func:`continues`,
-:func:`stack_labels`): a block continues the stack of the block before it when its
-input is computed from that block's output, found by a bounded walk back through the
-input's autograd graph (:func:`reaches`). :func:`capturing` runs a forward pass with
-every named block's input replaced by :func:`alias_pinned` and its output found by
-:func:`find_output`, and yields a :class:`BlockCapture` per block, stacks labelled.
+edges for the Jacobian passes). :func:`capturing` runs a forward pass with every named
+block's input replaced by :func:`alias_pinned` and its output found by
+:func:`find_output`, and yields a :class:`BlockCapture` per block, stacks labelled by
+the probe's stack rule (:mod:`gradprobe.stacking`).
 """
 
 from __future__ import annotations
@@ -57,6 +55,8 @@ import torch
 from torch import nn
 
 from ._tensors import in_backward
+from .blocks import select_blocks
+from .stacking import continues, stack_labels
 
 Tensor = torch.Tensor
 
@@ -418,113 +418,6 @@ def alias_pinned(x: Tensor) -> Pending:
     return Pending(alias, leaf, leaf, alias._version)
 
 
-# ---------------------------------------------------------------------- graph reachability
-#: Autograd nodes a reachability walk visits at most (between consecutive blocks it is a few).
-MAX_WALK = 20_000
-
-
-def reaches(start: Any, target: Any, limit: int = MAX_WALK) -> bool | None:
-    """Whether the autograd node ``target`` is reachable from node ``start`` (``grad_fn``s).
-
-    Breadth-first through ``next_functions``; None when more than ``limit`` nodes were
-    visited without an answer, or when ``start`` is None (no graph: cannot tell).
-
-    >>> a = torch.ones(2, requires_grad=True); b = a * 2; c = (b + 1).sum()
-    >>> reaches(c.grad_fn, b.grad_fn), reaches(b.grad_fn, c.grad_fn)
-    (True, False)
-    """
-    if start is None or target is None:
-        return None
-    from collections import deque
-
-    seen = {start}
-    queue = deque([start])
-    while queue:
-        node = queue.popleft()
-        if node is target:
-            return True
-        if len(seen) > limit:
-            return None
-        for child, _ in getattr(node, "next_functions", ()):
-            if child is not None and child not in seen:
-                seen.add(child)
-                queue.append(child)
-    return False
-
-
-def common_prefix(names: list[str]) -> str:
-    """The longest dotted prefix shared by these names (a single name: itself).
-
-    >>> common_prefix(["encoder.block.0", "encoder.block.1"]), common_prefix(["a.0", "b.0"])
-    ('encoder.block', '')
-    """
-    if len(names) == 1:
-        return names[0]
-    parts = [n.split(".") for n in names]
-    common: list[str] = []
-    for segs in zip(*parts, strict=False):
-        if any(s != segs[0] for s in segs):
-            break
-        common.append(segs[0])
-    return ".".join(common)
-
-
-def stack_labels(names: list[str], linked: Mapping[str, bool]) -> dict[str, str]:
-    """``{block: stack name}``: consecutive blocks (forward order) form a stack while each is
-    ``linked`` to the one before it (undecided counts as linked).
-
-    A stack is named by its blocks' longest common dotted prefix, by the block's own name
-    for a stack of one, or by its position (``"0"``, ``"1"``, ...) when the names share no
-    prefix; a repeated name gets ``#k`` appended.
-
-    >>> stack_labels(["enc.0", "enc.1", "dec.0", "dec.1"], {"dec.0": False})
-    {'enc.0': 'enc', 'enc.1': 'enc', 'dec.0': 'dec', 'dec.1': 'dec'}
-    >>> stack_labels(["layer1.0", "layer2.0"], {})
-    {'layer1.0': '0', 'layer2.0': '0'}
-    """
-    groups: list[list[str]] = []
-    for n in names:
-        if not groups or linked.get(n, True) is False:
-            groups.append([])
-        groups[-1].append(n)
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for k, group in enumerate(groups):
-        label = common_prefix(group) or str(k)
-        if label in used:
-            label = f"{label}#{k}"
-        used.add(label)
-        out.update(dict.fromkeys(group, label))
-    return out
-
-
-def continues(x: Tensor, previous_output: Any) -> bool:
-    """Whether a block input ``x`` continues the stack of the block whose output's autograd node
-    is ``previous_output``: ``x`` is computed from it (a bounded walk back through ``x``'s graph).
-
-    An ``x`` without a graph while the previous output has one is not computed from it
-    differentiably (False); where the walk cannot tell (too large a graph), True: the
-    chain goes on.
-
-    >>> a = torch.ones(2, requires_grad=True); y = a * 2
-    >>> continues(y + 1, y.grad_fn), continues(a.detach(), y.grad_fn)
-    (True, False)
-    """
-    return node_continues(x.grad_fn, previous_output)
-
-
-def node_continues(start: Any, previous_output: Any) -> bool:
-    """:func:`continues` for an autograd node ``start`` (None: no graph) instead of a tensor.
-
-    >>> a = torch.ones(2, requires_grad=True); y = a * 2
-    >>> node_continues((y + 1).grad_fn, y.grad_fn), node_continues(None, y.grad_fn)
-    (True, False)
-    """
-    if start is None:
-        return previous_output is None
-    return reaches(start, previous_output) is not False
-
-
 # ---------------------------------------------------------------------- capturing blocks in one pass
 # What autograd accepts as an input or output: a tensor, or a GradientEdge pinned before an in-place op.
 GradNode = Tensor | Any
@@ -631,7 +524,7 @@ def capturing(
     replaced: set[str] = set()  # blocks whose input this pass replaced by an alias
     state = {"started": start is None}
     rule = dict(rules or {})
-    linked: dict[str, bool] = {}  # stacks, as the probe detects them (capture.continues)
+    linked: dict[str, bool] = {}  # stacks, as the probe detects them (stacking.continues)
 
     def pre(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in caps or name in pending:
@@ -720,8 +613,6 @@ def capture_blocks(
     >>> [c.name for c in caps], caps[0].same_shape
     (['0', '2'], True)
     """
-    from .blocks import select_blocks
-
     named = select_blocks(model, blocks)
     given = rules([n for n, _ in named], input, output)
     with torch.enable_grad():

@@ -30,7 +30,7 @@ input (without truncation the remainder is the rounding error of the decompositi
 Columns of :func:`paths`, one row per (stack, length):
 
 * ``stack``: the stack's name, as in the probe's frame (the blocks' longest common dotted
-  prefix, see :func:`gradprobe.capture.stack_labels`), ``length`` = k;
+  prefix, see :func:`gradprobe.stacking.stack_labels`), ``length`` = k;
 * ``path_grad`` = |c_k| (Euclidean norm over the whole batch tensor), ``share`` =
   |c_k| / sum_j |c_j|, ``cum_share`` its running sum over k;
 * ``n_paths`` = C(L_s, k), L_s the number of branching blocks of the stack, and
@@ -57,7 +57,8 @@ from torch import nn
 from ._tensors import mute
 from .analysis import preserved, projection_loss
 from .blocks import BlockSpec, select_blocks, shortcut_modules
-from .capture import BlockCapture, capturing, node_continues, stack_labels
+from .capture import BlockCapture, capturing
+from .stacking import node_continues, stack_labels
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,7 +85,7 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
     """Group the captured blocks of one forward pass (in forward order) into chains.
 
     Block i continues block i-1's stack when its input is reachable in the autograd graph
-    from block i-1's output (:func:`gradprobe.capture.continues`, the probe's rule);
+    from block i-1's output (:func:`gradprobe.stacking.continues`, the probe's rule);
     otherwise it starts a new stack (an encoder and a decoder are two stacks). Blocks whose
     output has no graph are left out.
 
@@ -99,7 +100,7 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
     for cap in caps:
         if cap.y_edge is None and not cap.y.requires_grad:
             continue
-        # the probe's stack rule (capture.continues): a graph too large to tell continues the stack
+        # the probe's stack rule (stacking.continues): a graph too large to tell continues the stack
         if stacks and node_continues(_node(cap.input), _node(stacks[-1][-1].output)):
             stacks[-1].append(cap)
         else:

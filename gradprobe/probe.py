@@ -33,12 +33,13 @@ from . import capture as _rule
 from ._tensors import in_backward, muted
 from ._version import __version__
 from .alerts import Alerts
-from .blocks import BlockSpec, StackTracker, no_shortcut_message, select_blocks, shortcut_modules
+from .blocks import BlockSpec, no_shortcut_message, select_blocks, shortcut_modules
 from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
 from .hooks import Handles
 from .jacobian.schedule import JacobianSchedule, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id
 from .rows import ParamSnapshots, loss_scale, non_finite, step_rows
+from .stacking import StackTracker
 from .taps import Fwd, Taps
 
 __all__ = [

@@ -31,10 +31,10 @@ from . import capture as _rule
 from . import metrics
 from ._tensors import in_backward, muted
 from .batching import SignalQueue
-from .blocks import StackTracker
 from .capture import alias_view, find_output, swap_input
 from .jacobian.schedule import block_capture
 from .rows import CallStats
+from .stacking import StackTracker
 
 
 @dataclass
