@@ -20,12 +20,12 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # the names as the type checker and IDEs see them
     from . import data, export, metrics, models, plot, summary, testing
-    from .analysis import analyze
+    from .analysis import analyze, paths
     from .blocks import select_blocks
     from .config import JacobianOptions, ProbeConfig
     from .experiment import compare
     from .jacobian import spectrum
-    from .path_lengths import paths, paths_summary
+    from .path_lengths import paths_summary
     from .probe import Probe, attach, every_n
     from .records import Run, load
     from .reporting import report
@@ -41,7 +41,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "spectrum": ("jacobian", "spectrum"),
     "compare": ("experiment", "compare"),
     "report": ("reporting", "report"),
-    "paths": ("path_lengths", "paths"),
+    "paths": ("analysis", "paths"),
     "paths_summary": ("path_lengths", "paths_summary"),
     "load": ("records", "load"),
     "Run": ("records", "Run"),

@@ -1,66 +1,33 @@
-"""One-shot analysis: one forward and backward pass, without training and without changing the model."""
+"""The one-shot functions: :func:`analyze` and :func:`paths`, one forward and backward pass each,
+without training and without changing the model (``spectrum`` is in :mod:`gradprobe.jacobian`).
+
+They sit above the probe (``analyze`` attaches one) and above what they share with it:
+the model-state guard and the default loss (:mod:`gradprobe.passes`) and the path-length
+decomposition over captured blocks (:mod:`gradprobe.path_lengths`).
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import math
+import warnings
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .blocks import BlockSpec
-from .capture import find_output
+from ._tensors import mute
+from .blocks import BlockSpec, select_blocks, shortcut_modules
 from .jacobian import ACCURATE_SPECTRA, differentiable_twice
+from .passes import preserved, projection_loss
+from .path_lengths import captured_decomposition
 from .probe import attach
 
 if TYPE_CHECKING:
     import pandas as pd
 
-
-@contextlib.contextmanager
-def preserved(model: nn.Module, tensors: tuple[Any, ...] = ()) -> Iterator[None]:
-    """Restore on exit what a forward/backward pass may change: buffers (BatchNorm running
-    statistics), ``.grad`` of parameters and input tensors, and the global RNG states."""
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
-    inputs = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
-    input_grads = [t.grad for t in inputs]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        try:
-            for p in params:
-                p.grad = None
-            for t in inputs:
-                t.grad = None
-            yield
-        finally:
-            with torch.no_grad():
-                for buf, saved in buffers:
-                    buf.copy_(saved)
-            for p, g in zip(params, grads, strict=False):
-                p.grad = g
-            for t, g in zip(inputs, input_grads, strict=False):
-                t.grad = g
-
-
-def projection_loss(output: Any, seed: int) -> torch.Tensor:
-    """The default loss of :func:`analyze`: ``<output, u>`` with u standard normal from ``seed``.
-
-    >>> out = torch.ones(2, 3)
-    >>> bool(projection_loss(out, 0) == projection_loss(out, 0))
-    True
-    """
-    out = find_output(output)
-    if out is None:
-        raise TypeError(
-            f"the model returned {type(output).__name__} with no tensor in it; pass loss_fn= "
-            "to turn its output into a scalar loss"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-    return (out * u).sum()
+Tensor = torch.Tensor
 
 
 def analyze(
@@ -123,3 +90,84 @@ def analyze(
         finally:
             probe.detach()
     return probe.frame()
+
+
+def paths(
+    model: nn.Module,
+    inputs: Tensor | tuple[Any, ...],
+    *,
+    loss_fn: Callable[[Any], Tensor] | None = None,
+    blocks: BlockSpec = "auto",
+    seed: int = 0,
+    max_length: int | None = None,
+    shortcuts: Mapping[str, str | nn.Module] | None = None,
+) -> pd.DataFrame:
+    """The gradient at each stack's input split by path length: one row per (stack, length).
+
+    One forward pass on ``inputs`` (a tensor or a tuple of positional arguments); the loss
+    is ``loss_fn(output)``, or with ``loss_fn=None`` the projection of the model's first
+    output tensor onto a fixed standard-normal direction drawn from ``seed`` (as in
+    :func:`gradprobe.analyze`). Then, backward through each stack, the coefficients c_k of
+    :mod:`gradprobe.path_lengths`: ``path_grad`` = |c_k|, ``share``, ``n_paths`` = C(L_s, k),
+    ``per_path``, ``cum_share``; ``attrs`` holds ``effective_length``, ``central_90`` and
+    per-stack details (see :mod:`gradprobe.path_lengths`). ``max_length`` drops longer paths
+    (cost about L * max_length VJPs instead of L^2 / 2; what they carried is the stack's
+    ``remainder``). ``shortcuts``: ``{block: child name or module}`` as in
+    :func:`gradprobe.attach` (default: a child named ``shortcut`` or ``downsample``).
+
+    The model is left as it was: parameters, ``.grad``, buffers (BatchNorm running
+    statistics), train/eval mode and the global RNG.
+
+    >>> import torch, torch.nn as nn, gradprobe
+    >>> class Res(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.fc = nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         return x + self.fc(x)
+    >>> net = nn.Sequential(Res(), Res(), Res())
+    >>> frame = gradprobe.paths(net, torch.randn(8, 4))
+    >>> frame["length"].tolist(), frame["n_paths"].tolist()
+    ([0, 1, 2, 3], [1.0, 3.0, 3.0, 1.0])
+    >>> round(float(frame["share"].sum()), 6)
+    1.0
+    """
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    named = select_blocks(model, blocks)
+    shortcut_of = shortcut_modules(named, shortcuts)
+
+    def loss_of(output: Any) -> Tensor:
+        return loss_fn(output) if loss_fn is not None else projection_loss(output, seed)
+
+    # Muted: a probe attached to the model must not record this pass as a training step.
+    with preserved(model, args), mute():
+        frame, info = captured_decomposition(lambda: model(*args), named, shortcut_of, loss_of, max_length)
+    _annotate(frame, info)
+    _warn_cancellation(info)
+    return frame
+
+
+def _warn_cancellation(info: list[dict[str, Any]]) -> None:
+    for item in info:
+        g, rem = item["grad_norm"], item["remainder"]
+        if item["max_length"] is None and g > 0 and rem > 1e-3 * g:
+            warnings.warn(
+                f"gradprobe.paths: in stack {item['stack']} the paths of different lengths cancel "
+                f"(sum_k |c_k| = {item['cancellation']:.3g} |g|), so sum_k c_k matches the autograd "
+                f"gradient only to {rem / g:.2g} of |g| at this precision; each |c_k| (path_grad, share) "
+                "is still right to the rounding of its own size. Run the model and inputs in float64 "
+                "(model.double()) for an exact sum. (A ReLU after the addition, y = relu(x + F(x)), "
+                "makes F' = H' - I carry the ReLU's mask: such cancellation is typical there.)",
+                RuntimeWarning,
+                stacklevel=3,  # past paths(): the caller's line
+            )
+            return
+
+
+def _annotate(frame: pd.DataFrame, info: list[dict[str, Any]]) -> None:
+    frame.attrs["stacks"] = info
+    if not info:
+        frame.attrs.update(effective_length=math.nan, central_90=(math.nan, math.nan))
+        return
+    main = max(info, key=lambda s: s["branching"])  # first of the longest
+    frame.attrs["effective_length"] = main["effective_length"]
+    frame.attrs["central_90"] = (main["length_lo"], main["length_hi"])

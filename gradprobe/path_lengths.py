@@ -1,5 +1,9 @@
 """Path-length decomposition of the gradient (Veit, Wilber and Belongie, NeurIPS 2016).
 
+The decomposition over captured blocks, which the probe records during training
+(:func:`sub_batch_decomposition`) and the one-shot :func:`gradprobe.paths` runs
+(:mod:`gradprobe.analysis`), and :func:`paths_summary` of its frame.
+
 Definition
 ----------
 Read every branching block of a *stack* (a chain of blocks, each one's input computed
@@ -27,7 +31,7 @@ coefficients beyond it as soon as they appear; what they carried is reported as 
 ``remainder``: |g - sum_{k <= max_length} c_k|, with g the autograd gradient at the stack
 input (without truncation the remainder is the rounding error of the decomposition).
 
-Columns of :func:`paths`, one row per (stack, length):
+Columns of :func:`gradprobe.paths`, one row per (stack, length):
 
 * ``stack``: the stack's name, as in the probe's frame (the blocks' longest common dotted
   prefix, see :func:`gradprobe.stacking.stack_labels`), ``length`` = k;
@@ -47,27 +51,31 @@ those numbers plus its blocks, the blocks that do not branch, ``grad_norm`` (|g|
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ._tensors import mute
-from .analysis import preserved, projection_loss
-from .blocks import BlockSpec, select_blocks, shortcut_modules
 from .capture import BlockCapture, capturing
+from .passes import projection_loss
 from .stacking import node_continues, stack_labels
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["PATH_COLUMNS", "decompose", "group_stacks", "paths", "paths_summary", "sub_batch_decomposition"]
+__all__ = [
+    "PATH_COLUMNS",
+    "captured_decomposition",
+    "decompose",
+    "group_stacks",
+    "paths_summary",
+    "sub_batch_decomposition",
+]
 
 Tensor = torch.Tensor
 
-#: Columns of the frame :func:`paths` returns (``probe.paths_frame()`` puts ``step`` first).
+#: Columns of the frame :func:`gradprobe.paths` returns (``probe.paths_frame()`` puts ``step`` first).
 PATH_COLUMNS: tuple[str, ...] = ("stack", "length", "path_grad", "share", "n_paths", "per_path", "cum_share")
 
 #: Coefficient vectors pushed back through a block per autograd call. Above 1, several go in
@@ -167,7 +175,7 @@ def decompose(
     ``caps``: the blocks of one forward pass in forward order (from the capture machinery of
     :mod:`gradprobe.jacobian`); ``shortcuts``: block name -> capture of its shortcut module
     in the same pass; ``loss``: a scalar of that pass's graph (kept: ``retain_graph``).
-    Returns the frame of :func:`paths` (without attrs) and one dict per stack.
+    Returns the frame of :func:`gradprobe.paths` (without attrs) and one dict per stack.
 
     >>> x = torch.randn(3, 2, requires_grad=True)
     >>> a = BlockCapture("a", x, 1.5 * x, same_shape=True)  # y = x + 0.5 x
@@ -297,7 +305,7 @@ def _stack_summary(lengths: Any, shares: Any) -> dict[str, float]:
 
 
 def paths_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """The summary of a paths frame (:func:`paths`, ``probe.paths_frame()``, ``run.paths()``).
+    """The summary of a paths frame (:func:`gradprobe.paths`, ``probe.paths_frame()``, ``run.paths()``).
 
     Per stack (and per ``model``/``step`` where the frame has them): ``effective_length``,
     the share-weighted mean length, and ``length_lo``/``length_hi``, the lengths that carry
@@ -324,9 +332,7 @@ def paths_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=[*keys, "effective_length", "length_lo", "length_hi", "branching"])
 
 
-# ---------------------------------------------------------------------- the public function
-
-
+# ---------------------------------------------------------------------- one captured pass
 def captured_decomposition(
     forward: Callable[[], Any],
     named: Sequence[tuple[str, nn.Module]],
@@ -348,87 +354,6 @@ def captured_decomposition(
         return decompose(blocks, loss.reshape(()), shortcuts=shortcuts, max_length=max_length)
 
 
-def paths(
-    model: nn.Module,
-    inputs: Tensor | tuple[Any, ...],
-    *,
-    loss_fn: Callable[[Any], Tensor] | None = None,
-    blocks: BlockSpec = "auto",
-    seed: int = 0,
-    max_length: int | None = None,
-    shortcuts: Mapping[str, str | nn.Module] | None = None,
-) -> pd.DataFrame:
-    """The gradient at each stack's input split by path length: one row per (stack, length).
-
-    One forward pass on ``inputs`` (a tensor or a tuple of positional arguments); the loss
-    is ``loss_fn(output)``, or with ``loss_fn=None`` the projection of the model's first
-    output tensor onto a fixed standard-normal direction drawn from ``seed`` (as in
-    :func:`gradprobe.analyze`). Then, backward through each stack, the coefficients c_k of
-    the module docstring: ``path_grad`` = |c_k|, ``share``, ``n_paths`` = C(L_s, k),
-    ``per_path``, ``cum_share``; ``attrs`` holds ``effective_length``, ``central_90`` and
-    per-stack details (see the module docstring). ``max_length`` drops longer paths
-    (cost about L * max_length VJPs instead of L^2 / 2; what they carried is the stack's
-    ``remainder``). ``shortcuts``: ``{block: child name or module}`` as in
-    :func:`gradprobe.attach` (default: a child named ``shortcut`` or ``downsample``).
-
-    The model is left as it was: parameters, ``.grad``, buffers (BatchNorm running
-    statistics), train/eval mode and the global RNG.
-
-    >>> import torch, torch.nn as nn, gradprobe
-    >>> class Res(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__(); self.fc = nn.Linear(4, 4)
-    ...     def forward(self, x):
-    ...         return x + self.fc(x)
-    >>> net = nn.Sequential(Res(), Res(), Res())
-    >>> frame = gradprobe.paths(net, torch.randn(8, 4))
-    >>> frame["length"].tolist(), frame["n_paths"].tolist()
-    ([0, 1, 2, 3], [1.0, 3.0, 3.0, 1.0])
-    >>> round(float(frame["share"].sum()), 6)
-    1.0
-    """
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    named = select_blocks(model, blocks)
-    shortcut_of = shortcut_modules(named, shortcuts)
-
-    def loss_of(output: Any) -> Tensor:
-        return loss_fn(output) if loss_fn is not None else projection_loss(output, seed)
-
-    # Muted: a probe attached to the model must not record this pass as a training step.
-    with preserved(model, args), mute():
-        frame, info = captured_decomposition(lambda: model(*args), named, shortcut_of, loss_of, max_length)
-    _annotate(frame, info)
-    _warn_cancellation(info)
-    return frame
-
-
-def _warn_cancellation(info: list[dict[str, Any]]) -> None:
-    for item in info:
-        g, rem = item["grad_norm"], item["remainder"]
-        if item["max_length"] is None and g > 0 and rem > 1e-3 * g:
-            warnings.warn(
-                f"gradprobe.paths: in stack {item['stack']} the paths of different lengths cancel "
-                f"(sum_k |c_k| = {item['cancellation']:.3g} |g|), so sum_k c_k matches the autograd "
-                f"gradient only to {rem / g:.2g} of |g| at this precision; each |c_k| (path_grad, share) "
-                "is still right to the rounding of its own size. Run the model and inputs in float64 "
-                "(model.double()) for an exact sum. (A ReLU after the addition, y = relu(x + F(x)), "
-                "makes F' = H' - I carry the ReLU's mask: such cancellation is typical there.)",
-                RuntimeWarning,
-                stacklevel=3,  # past paths(): the caller's line
-            )
-            return
-
-
-def _annotate(frame: pd.DataFrame, info: list[dict[str, Any]]) -> None:
-    frame.attrs["stacks"] = info
-    if not info:
-        frame.attrs.update(effective_length=math.nan, central_90=(math.nan, math.nan))
-        return
-    main = max(info, key=lambda s: s["branching"])  # first of the longest
-    frame.attrs["effective_length"] = main["effective_length"]
-    frame.attrs["central_90"] = (main["length_lo"], main["length_hi"])
-
-
 # ---------------------------------------------------------------------- during training
 def sub_batch_decomposition(
     model: nn.Module,
@@ -446,7 +371,7 @@ def sub_batch_decomposition(
     the probe's Jacobian sub-batch, with the same guarantees as :func:`gradprobe.jacobian.
     sub_batch_captures`: BatchNorm buffers swapped for clones, dropout from a forked global RNG
     seeded with ``seed``, no ``.grad`` written. The loss is the projection of the model's first
-    output onto a fixed direction drawn from ``seed`` (:func:`gradprobe.analysis.projection_loss`),
+    output onto a fixed direction drawn from ``seed`` (:func:`gradprobe.passes.projection_loss`),
     so that steps are comparable. Returns None when the call cannot be re-run safely (an
     argument that is not a tensor, a plain value or a container of those).
     """

@@ -142,7 +142,7 @@ class GradprobeFixture:
 
     def attach(self, model: nn.Module, blocks: Any = "auto", **kwargs: Any) -> Probe:
         """:func:`gradprobe.attach`, detached automatically when the test ends."""
-        from . import attach
+        from .probe import attach
 
         self.watch(model)
         probe = attach(model, blocks, **kwargs)

@@ -14,7 +14,7 @@ from nets import ResMLPBlock, make, make_input
 from torch import nn
 
 import gradprobe
-from gradprobe.blocks import select_blocks
+from gradprobe.blocks import select_blocks, shortcut_modules
 from gradprobe.capture import capturing
 
 paths_module = importlib.import_module("gradprobe.path_lengths")
@@ -46,7 +46,7 @@ class LinearRes(nn.Module):
 def coefficients(model, x, loss_fn, blocks="auto", max_length=None):
     """c_0..c_m of the first stack (tensors), straight from the decomposition's internals."""
     named = select_blocks(model, blocks)
-    sc = paths_module.shortcut_modules(named)
+    sc = shortcut_modules(named)
     extra = [(n + paths_module._SHORTCUT, m) for n, m in sc.items()]
     with torch.enable_grad(), capturing(lambda: model(x), [*named, *extra]) as (out, got):
         caps = [c for c in got if not c.name.endswith(paths_module._SHORTCUT)]
@@ -337,7 +337,7 @@ def test_paths_stays_callable_after_the_submodule_is_imported():
 
     code = "import gradprobe.path_lengths, gradprobe as g; print(callable(g.paths), g.paths.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True gradprobe.path_lengths"
+    assert out.stdout.strip() == "True gradprobe.analysis"
     assert not isinstance(gradprobe.paths, type(gradprobe))  # a function, no module swap
 
 

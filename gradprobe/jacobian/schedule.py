@@ -21,6 +21,7 @@ from torch import nn
 from .._tensors import mute
 from ..capture import BlockCapture
 from ..config import JacobianOptions
+from ..path_lengths import sub_batch_decomposition
 from .estimate import jacobian_columns
 from .rerun import batch_size, differentiable_twice, sub_batch_captures
 
@@ -212,8 +213,6 @@ def paths_decomposition(
 ) -> Any:
     """The path-length decomposition (a frame) of one training call, on the Jacobian sub-batch
     in a second forward pass of its own (the training graph is not used)."""
-    from ..path_lengths import sub_batch_decomposition
-
     args, kwargs = call
     with mute():
         frame = sub_batch_decomposition(

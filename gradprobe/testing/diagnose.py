@@ -240,7 +240,8 @@ def assert_finite_gradients(
         return frame
     import torch
 
-    from ..analysis import analyze, projection_loss
+    from ..analysis import analyze
+    from ..passes import projection_loss
 
     if inputs is None:
         raise TypeError(
