@@ -21,8 +21,10 @@ The exception carries ``.violations`` and ``.frame``.
 :func:`check` applies the same rules to any frame and returns the violations
 instead of raising, e.g. on every step of a recorded training run.
 
-Two rooms: :mod:`gradprobe.testing.bands` (band checks on frames, and the
-listeners of the frames they check) and :mod:`gradprobe.testing.diagnose`
+Three rooms: :mod:`gradprobe.testing.bands` (band checks on frames, and the
+listeners of the frames they check; it never runs a model),
+:mod:`gradprobe.testing.asserts` (the band assertions, on a frame or on a model
+measured through :func:`gradprobe.analyze`) and :mod:`gradprobe.testing.diagnose`
 (diagnoses that run the model: :func:`assert_finite_gradients`). Neither imports
 pytest, nor (at import time) pandas or torch; the pytest plugin
 (:mod:`gradprobe.pytest_plugin`) learns which frames a test looked at through
@@ -31,6 +33,7 @@ pytest, nor (at import time) pandas or torch; the pytest plugin
 
 from __future__ import annotations
 
+from .asserts import assert_gradient_flow, assert_jacobian_bounded, assert_near_identity
 from .bands import (
     BAND_ALIASES,
     FINITE_COLUMNS,
@@ -39,9 +42,6 @@ from .bands import (
     GradientAssertionError,
     Violation,
     add_frame_listener,
-    assert_gradient_flow,
-    assert_jacobian_bounded,
-    assert_near_identity,
     check,
     format_violations,
     frame_listener,

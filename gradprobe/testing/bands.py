@@ -1,8 +1,9 @@
-"""Band checks on block frames: :func:`check`, the ``assert_*`` band assertions and their messages.
+"""Band checks on block frames: :func:`check`, the violations and their messages.
 
 A band is a bound on a column of the frame (``min_cum_gain=1e-3``); every row
-outside it is a :class:`Violation`. The assertions take a frame, a run or a
-probe, or a model and its inputs (measured once through :func:`gradprobe.analyze`).
+outside it is a :class:`Violation`. Everything here reads frames and never runs a
+model: the ``assert_*`` assertions, which may also measure a model and its inputs
+first, are in :mod:`gradprobe.testing.asserts`.
 Every frame checked is passed to the listeners of the current context
 (:func:`frame_listener`): that is how the pytest plugin learns what a test looked at.
 """
@@ -21,19 +22,13 @@ from .. import _format
 
 if TYPE_CHECKING:
     import pandas as pd
-    import torch
-    from torch import nn
 
-    from ..blocks import BlockSpec
 
 __all__ = [
     "FINITE_COLUMNS",
     "GradientAssertionError",
     "Violation",
     "add_frame_listener",
-    "assert_gradient_flow",
-    "assert_jacobian_bounded",
-    "assert_near_identity",
     "check",
     "format_violations",
     "frame_listener",
@@ -495,37 +490,6 @@ def _filter_blocks(frame: pd.DataFrame, blocks: Any, who: str) -> pd.DataFrame:
     return frame.loc[keep]
 
 
-def _obtain(
-    who: str,
-    model: Any,
-    inputs: Any,
-    *,
-    loss_fn: Any,
-    blocks: Any,
-    jacobian: bool,
-    seed: int,
-    options: dict[str, Any],
-) -> tuple[pd.DataFrame, str]:
-    """The frame to check and how to call it in messages: analyze(model, inputs), or the given frame."""
-    if not _is_module(model):
-        if inputs is not None or loss_fn is not None or options:
-            raise TypeError(
-                f"{who}: inputs=, loss_fn= and analysis options apply to a model; with a frame or a run, "
-                "pass only the frame (and blocks=)"
-            )
-        frame = _filter_blocks(_as_frame(model, f"{who}()"), blocks, who)
-        return frame, "the given frame"
-    if inputs is None:
-        raise TypeError(
-            f"{who}(model, inputs) needs the inputs of the model: a batch tensor, or a tuple of the "
-            "positional arguments of model(...)"
-        )
-    from ..analysis import analyze
-
-    frame = analyze(model, inputs, loss_fn=loss_fn, blocks=blocks, jacobian=jacobian, seed=seed, **options)
-    return frame, type(model).__name__
-
-
 def _band_text(bands: dict[str, Any]) -> str:
     """``0.001 <= cum_gain <= 1000; gain >= 0.1`` from keyword bands."""
     limits: dict[str, list[str | None]] = {}
@@ -653,189 +617,3 @@ def _assert_bands(
         advice=_advice(violations, frame),
         notes=[*_glossary_lines(columns), *notes],
     )
-
-
-# ----------------------------------------------------------------------------- assertions
-
-
-def assert_gradient_flow(
-    model: nn.Module | pd.DataFrame | Any,
-    inputs: Any = None,
-    *,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    blocks: BlockSpec = "auto",
-    min_cum_gain: float | None = 1e-3,
-    max_cum_gain: float | None = 1e3,
-    min_gain: float | None = None,
-    max_gain: float | None = None,
-    seed: int = 0,
-    **options: Any,
-) -> pd.DataFrame:
-    """Assert that no block's gradient vanishes or explodes: ``cum_gain`` (and ``gain``) stay in a band.
-
-    ``cum_gain`` of a block is the norm of the loss gradient at its input over
-    the norm at the output of the last block of its stack (an encoder and a decoder
-    are checked as two chains): ``min_cum_gain`` catches a gradient that
-    vanishes on its way back to the input, ``max_cum_gain`` one that explodes.
-    ``min_gain``/``max_gain`` bound each block's own gain. One forward/backward
-    pass of :func:`gradprobe.analyze` (``loss_fn``, ``seed`` and ``**options`` go
-    there; without ``loss_fn`` the loss is a fixed random projection of the output);
-    or pass a frame / :class:`gradprobe.Run` as ``model`` to check every recorded
-    step. Returns the frame; raises :class:`GradientAssertionError`.
-
-    >>> import torch, torch.nn as nn
-    >>> deep = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(40)])
-    >>> assert_gradient_flow(deep, torch.randn(32, 16))  # doctest: +IGNORE_EXCEPTION_DETAIL
-    Traceback (most recent call last):
-    gradprobe.testing.GradientAssertionError: ...
-    """
-    __tracebackhide__ = True  # pytest shows the test's line, not gradprobe's internals
-    bands = {
-        "min_cum_gain": min_cum_gain,
-        "max_cum_gain": max_cum_gain,
-        "min_gain": min_gain,
-        "max_gain": max_gain,
-    }
-    who = "assert_gradient_flow"
-    frame, label = _obtain(
-        who, model, inputs, loss_fn=loss_fn, blocks=blocks, jacobian=False, seed=seed, options=options
-    )
-    _notify(who, frame)
-    _assert_bands(who, frame, label, bands)
-    return frame
-
-
-def _identity_shaped(frame: pd.DataFrame) -> Any:
-    """Rows of blocks whose output has their input's shape (those that can be the identity).
-
-    The frame says so indirectly: ``skip_grad`` (and ``jac_id``) are NaN exactly for
-    blocks that change shape. Without gradient information (a nan gradient) the
-    block is kept, so that nothing is skipped by mistake.
-    """
-    import numpy as np
-    import pandas as pd
-
-    def col(name: str) -> pd.Series:
-        return frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)
-
-    if "skip_grad" not in frame.columns and "jac_id" not in frame.columns:
-        return pd.Series(True, index=frame.index)
-    unknown = ~np.isfinite(col("grad_out").astype(float))
-    return col("skip_grad").notna() | col("jac_id").notna() | unknown
-
-
-def assert_near_identity(
-    model: nn.Module | pd.DataFrame | Any,
-    inputs: Any = None,
-    *,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    blocks: BlockSpec = "auto",
-    max_res_ratio: float | None = 0.05,
-    max_jac_id: float | None = None,
-    seed: int = 0,
-    **options: Any,
-) -> pd.DataFrame:
-    """Assert that every identity-shaped block starts near the identity map.
-
-    Checks ``res_ratio = |y - x| / |x| <= max_res_ratio`` (forward: the block's
-    output is close to its input) and, with ``max_jac_id``, ``jac_id = |J - I|_F /
-    sqrt(n) <= max_jac_id`` (the block is close to the identity as a linear map;
-    computes the Jacobian columns). Blocks whose output shape differs from their
-    input shape cannot be the identity and are skipped (the message names them);
-    if every block changes shape, ``ValueError``. Meant for models at
-    initialisation built to start at the identity: zero-initialised residual
-    branches, ReZero, SkipInit, Fixup. Returns the whole frame; raises
-    :class:`GradientAssertionError`.
-
-    >>> import torch, torch.nn as nn
-    >>> class Block(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.fc = nn.Linear(8, 8)
-    ...         self.alpha = nn.Parameter(torch.zeros(()))  # ReZero: y = x + alpha * F(x)
-    ...     def forward(self, x):
-    ...         return x + self.alpha * torch.relu(self.fc(x))
-    >>> frame = assert_near_identity(nn.Sequential(*[Block() for _ in range(6)]), torch.randn(4, 8))
-    >>> float(frame["res_ratio"].max())
-    0.0
-    """
-    __tracebackhide__ = True  # pytest shows the test's line, not gradprobe's internals
-    if max_res_ratio is None and max_jac_id is None:
-        raise ValueError("assert_near_identity: pass max_res_ratio= and/or max_jac_id=; both are None")
-    who = "assert_near_identity"
-    frame, label = _obtain(
-        who,
-        model,
-        inputs,
-        loss_fn=loss_fn,
-        blocks=blocks,
-        jacobian=max_jac_id is not None,
-        seed=seed,
-        options=options,
-    )
-    _notify(who, frame)
-    same = _identity_shaped(frame)
-    skipped = list(dict.fromkeys(frame.loc[~same, "block"].astype(str)))
-    if not same.any():
-        raise ValueError(
-            f"{who}: every selected block of {label} changes the shape of its input ({_name_list(skipped)}), "
-            "so none of them can be the identity; pass blocks= naming the residual blocks"
-        )
-    notes = []
-    if skipped:
-        notes.append(f"skipped (output shape differs from input shape): {_name_list(skipped)}")
-    bands = {"max_res_ratio": max_res_ratio, "max_jac_id": max_jac_id}
-    scope = "block whose output has its input's shape"
-    _assert_bands(who, frame.loc[same], label, bands, notes, scope=scope)
-    return frame
-
-
-def assert_jacobian_bounded(
-    model: nn.Module | pd.DataFrame | Any,
-    inputs: Any = None,
-    *,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    blocks: BlockSpec = "auto",
-    max_spec: float | None = None,
-    max_prod_spec: float | None = None,
-    min_prod_spec: float | None = None,
-    probes: int = 8,
-    seed: int = 0,
-    **options: Any,
-) -> pd.DataFrame:
-    """Assert spectral bounds: each block's Jacobian, and the product from each block to the output.
-
-    ``max_spec`` bounds ``jac_spec``, the largest singular value of each block's
-    Jacobian (a Lipschitz constant of the block at this batch); ``max_prod_spec``
-    and ``min_prod_spec`` bound ``prod_spec``, the largest singular value of the
-    product of block Jacobians from each block's input to the last block's output.
-    The singular values are Lanczos estimates: each is a lower bound of the true
-    value that converges to it, so a failed ``max_`` bound is certain while a pass
-    is accurate to the estimator's tolerance (``power_iters=``, ``tol=`` go to
-    :func:`gradprobe.jacobian.jacobian_columns`). Returns the frame; raises
-    :class:`GradientAssertionError`.
-
-    >>> import torch, torch.nn as nn
-    >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
-    >>> with torch.no_grad():
-    ...     for block in net:
-    ...         _ = block[0].weight.copy_(0.5 * torch.eye(8))
-    >>> frame = assert_jacobian_bounded(net, torch.randn(4, 8), max_spec=0.6)
-    >>> bool(frame["jac_spec"].max() <= 0.5 + 1e-6)  # tanh' <= 1 times 0.5 I
-    True
-    """
-    __tracebackhide__ = True  # pytest shows the test's line, not gradprobe's internals
-    bands = {"max_jac_spec": max_spec, "max_prod_spec": max_prod_spec, "min_prod_spec": min_prod_spec}
-    if all(v is None for v in bands.values()):
-        raise ValueError(
-            "assert_jacobian_bounded: pass at least one of max_spec=, max_prod_spec=, min_prod_spec="
-        )
-    who = "assert_jacobian_bounded"
-    if _is_module(model):
-        options = {"probes": probes, **options}
-    frame, label = _obtain(
-        who, model, inputs, loss_fn=loss_fn, blocks=blocks, jacobian=True, seed=seed, options=options
-    )
-    _notify(who, frame)
-    _assert_bands(who, frame, label, bands)
-    return frame

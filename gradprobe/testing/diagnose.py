@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from .asserts import _obtain
 from .bands import (
     FINITE_COLUMNS,
     Violation,
@@ -23,7 +24,6 @@ from .bands import (
     _fmt,
     _is_module,
     _notify,
-    _obtain,
     _order,
 )
 
