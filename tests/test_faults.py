@@ -658,7 +658,7 @@ def test_resaving_a_run_that_fails_while_writing_its_scalars_leaves_the_old_run_
     old = run_at(0)
     folder = old.save(tmp_path / "run")
     new = run_at(1, old.meta)  # the same run id: saved into its own folder again
-    original = records._write_table
+    original = records.run._write_table  # the binding save_run calls
     written: list[str] = []
 
     def failing(frame, file, fmt):
@@ -667,10 +667,10 @@ def test_resaving_a_run_that_fails_while_writing_its_scalars_leaves_the_old_run_
             raise OSError(28, "No space left on device")
         original(frame, file, fmt)
 
-    monkeypatch.setattr(records, "_write_table", failing)
+    monkeypatch.setattr(records.run, "_write_table", failing)
     with pytest.raises(OSError, match="No space"):
         new.save(folder)
-    monkeypatch.setattr(records, "_write_table", original)
+    monkeypatch.setattr(records.run, "_write_table", original)
     back = gradprobe.load(folder)
     assert back.frame()["step"].tolist() == [0] and back.scalars()["step"].tolist() == [0]
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # nothing left behind

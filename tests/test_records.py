@@ -1,4 +1,4 @@
-"""gradprobe/records.py: atomic writes, saving and loading runs, output-folder checks, sinks.
+"""gradprobe/records/: atomic writes, saving and loading runs, output-folder checks, sinks.
 
 The crash and fault-injection tests of the same code (kills mid-write, full disks, locks,
 resume) are in ``tests/test_faults.py``.

@@ -1,0 +1,100 @@
+"""Tables of a run: the column schema, the :class:`Run` container, save/load, the row store and the sink.
+
+This is the hinge of gradprobe's one-way data flow: probes produce rows of
+Python floats, everything downstream (plots, reports, assertions) reads the
+frames built here and never touches a probe.
+
+A run on disk is a folder::
+
+    run/
+      frame.parquet    one row per (step, block)   (frame.csv without pyarrow)
+      scalars.parquet  one row per step            (scalars.csv without pyarrow)
+      paths.parquet    one row per (step, stack, path length), when the probe recorded
+                       path-length decompositions (``attach(..., paths=N)``; gradprobe.paths)
+      meta.json        versions, model class, block names, settings, dtypes, run id
+
+No pickle is used anywhere, so loading a run never executes code.
+
+Nothing lost: every file is written under a temporary name in its folder,
+flushed, fsynced and renamed (:func:`atomic_write`); a run saved into a new
+folder is built in a temporary folder and renamed into place. A run is never
+deleted to be rewritten, and a folder holding a *different* run (another
+``run_id`` in its ``meta.json``) is only replaced with ``overwrite=True``.
+A :class:`Sink` streams a run to disk from its first step (see its docstring
+for what a crash can lose and how :func:`load` reports damage).
+
+The rooms, one job each (every name is importable from ``gradprobe.records``):
+
+* :mod:`.schema`: the columns, their glossary, empty and row-built frames;
+* :mod:`.files`: atomic writes, table files, chunk names, destination checks;
+* :mod:`.run`: :class:`Run`, :func:`save_run`, :func:`load`;
+* :mod:`.store`: :class:`RowStore`, recorded rows in memory;
+* :mod:`.sink`: :class:`Sink`, a run streamed to disk under a lock;
+* :mod:`.recorder`: :class:`Recorder` and :class:`RecordedTables`, where a probe's steps go.
+"""
+
+from __future__ import annotations
+
+from .files import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_destination,
+    new_run_id,
+    run_id_at,
+    try_write,
+)
+from .recorder import RecordedTables, Recorder, rank_view
+from .run import Run, load, read_meta, save_run
+from .schema import (
+    EXTRA_COLUMNS,
+    FRAME_COLUMNS,
+    GLOSSARY,
+    JACOBIAN_COLUMNS,
+    KEY_COLUMNS,
+    METRIC_COLUMNS,
+    MODEL_COLUMNS,
+    PATHS_COLUMNS,
+    SIGNAL_COLUMNS,
+    VALUE_COLUMNS,
+    empty_frame,
+    has_parquet,
+    paths_table,
+    rows_to_frame,
+)
+from .sink import LOCK_FILE, Sink
+from .store import RowStore
+
+__all__ = [
+    "EXTRA_COLUMNS",
+    "FRAME_COLUMNS",
+    "GLOSSARY",
+    "JACOBIAN_COLUMNS",
+    "KEY_COLUMNS",
+    "LOCK_FILE",
+    "METRIC_COLUMNS",
+    "MODEL_COLUMNS",
+    "PATHS_COLUMNS",
+    "SIGNAL_COLUMNS",
+    "VALUE_COLUMNS",
+    "RecordedTables",
+    "Recorder",
+    "RowStore",
+    "Run",
+    "Sink",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_destination",
+    "empty_frame",
+    "has_parquet",
+    "load",
+    "new_run_id",
+    "paths_table",
+    "rank_view",
+    "read_meta",
+    "rows_to_frame",
+    "run_id_at",
+    "save_run",
+    "try_write",
+]

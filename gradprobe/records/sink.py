@@ -1,0 +1,420 @@
+"""The :class:`Sink`: a run streamed to its folder from the first step, under a lock."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .files import _CHUNK, _TABLE_FILES, _meta_text, _write_table, atomic_write, atomic_write_text, new_run_id
+from .run import Run, _load_streamed, load, read_meta
+from .schema import _FORMAT_VERSION, _empty_scalars, empty_frame, has_parquet
+from .store import RowStore
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: Sinks not closed yet: written out at interpreter exit (a script that never called detach()).
+_OPEN_SINKS: weakref.WeakSet[Sink] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_sinks() -> None:
+    for sink in list(_OPEN_SINKS):
+        with contextlib.suppress(Exception):
+            sink.close()
+
+
+#: The lock file of a sink folder in use: pid, host and run id of the probe holding it.
+LOCK_FILE = ".gradprobe.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _release_lock(lock: Path, token: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(lock.read_text()).get("token") == token:
+            lock.unlink()
+
+
+class Sink:
+    """Streams recorded rows to a run folder from the first step, so memory stays bounded and a
+    crash loses at most one flush interval.
+
+    The folder holds ``meta.json`` (written at attach and replaced atomically at every
+    flush) and pairs of chunks ``frame-<run>-<seq>-r<rows>.<fmt>`` /
+    ``scalars-<run>-<seq>-r<rows>.<fmt>``, each written atomically. A chunk pair holds
+    whole steps (a step's rows and scalars are never split) and is written when
+    ``chunk_rows`` rows are buffered or ``flush_seconds`` have passed since the last
+    flush, at the end of a step. :func:`load` reads every complete pair and reports
+    the rest. A lock file (:data:`LOCK_FILE`) keeps a second probe out of the folder;
+    ``resume=True`` appends to the run already there (same model class and blocks).
+
+    When a write fails (a full disk), the sink warns once with the path and the error,
+    keeps rows in memory up to ``max_buffer_rows`` (later steps are dropped and
+    counted in ``meta.json`` as ``dropped_steps``/``dropped_rows``) and retries with
+    a growing delay (1 s, 2 s, ... up to a minute) rather than at every step. It never
+    raises during training.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        chunk_rows: int = 50_000,
+        fmt: str | None = None,
+        flush_seconds: float = 5.0,
+        max_buffer_rows: int = 1_000_000,
+        resume: bool = False,
+        meta: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ):
+        self.path = Path(path)
+        self.fmt = fmt if fmt is not None else ("parquet" if has_parquet() else "csv")
+        if self.fmt not in ("parquet", "csv"):
+            raise ValueError(f"sink_options['fmt'] must be 'parquet' or 'csv', got {fmt!r}")
+        if self.fmt == "parquet" and not has_parquet():
+            raise ImportError("sink_options['fmt']='parquet' needs pyarrow; install it or pass fmt='csv'")
+        self.chunk_rows = int(chunk_rows)
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be positive, got {chunk_rows!r}")
+        if not isinstance(flush_seconds, (int, float)) or not flush_seconds >= 0:
+            raise ValueError(f"flush_seconds must be a number >= 0, got {flush_seconds!r}")
+        self.flush_seconds = float(flush_seconds)
+        self.max_buffer_rows = max(int(max_buffer_rows), self.chunk_rows)
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.run_id = run_id or new_run_id()
+        self.resumed_steps = 0  # steps already in the folder when resuming
+        self._seq = 0
+        self._rows = RowStore()
+        self._scalars: list[dict[str, Any]] = []
+        self._step_rows: list[Mapping[str, Any]] = []
+        self._step_scalars: list[dict[str, Any]] = []
+        self._steps_written = 0
+        self._last_flush = time.monotonic()
+        self._failures = 0
+        self._retry_at: float | None = None
+        self._orphan: Path | None = None
+        self._warned = False
+        self.dropped_steps = 0
+        self.dropped_rows = 0
+        self.closed = False
+        self._lock: Path | None = None
+        try:
+            if self.path.exists() and not self.path.is_dir():
+                raise NotADirectoryError(f"{self.path} exists and is not a folder")
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"sink={str(path)!r} cannot be written ({exc}); pass a writable folder") from exc
+        self._take_lock()
+        try:
+            self._adopt_folder(resume)
+            atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
+            _OPEN_SINKS.add(self)
+        except OSError as exc:
+            self._drop_lock()
+            if isinstance(exc, FileExistsError):
+                raise
+            raise OSError(f"sink={str(path)!r} cannot be written ({exc}); pass a writable folder") from exc
+        except BaseException:
+            self._drop_lock()
+            raise
+
+    # -------------------------------------------------------------- the folder
+    def _take_lock(self) -> None:
+        lock = self.path / LOCK_FILE
+        token = uuid.uuid4().hex
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run_id": self.run_id,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "token": token,
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(lock.read_text())
+                    if not isinstance(holder, dict):
+                        raise ValueError(holder)
+                except (OSError, ValueError):
+                    holder = None
+                stale = (
+                    (holder is None and time.time() - lock.stat().st_mtime > 10)  # a lock cut short long ago
+                    or (
+                        holder is not None
+                        and holder.get("host") == info["host"]
+                        and not _pid_alive(int(holder.get("pid", 0)))
+                    )
+                )
+                if stale:
+                    with contextlib.suppress(OSError):
+                        lock.unlink()
+                    continue
+                who = (
+                    f"run {holder.get('run_id')} of process {holder.get('pid')} on {holder.get('host')}, "
+                    f"since {holder.get('since')}"
+                    if holder
+                    else "a probe starting up"
+                )
+                raise FileExistsError(
+                    f"sink folder {self.path} is in use by another probe ({who}); detach that probe first, "
+                    f"or pass another folder (a stale lock of a dead process is removed automatically; "
+                    f"delete {lock} by hand only if no probe writes there)"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info))
+                f.flush()
+                os.fsync(f.fileno())
+            self._lock = lock
+            self._lock_token = token
+            # A probe dropped without detach() still frees the folder (at garbage collection or exit).
+            self._finalizer = weakref.finalize(self, _release_lock, lock, token)
+            return
+        raise FileExistsError(f"sink folder {self.path}: cannot take its lock file {lock}")
+
+    def _drop_lock(self) -> None:
+        if self._lock is not None:
+            self._finalizer()
+            self._lock = None
+
+    def _adopt_folder(self, resume: bool) -> None:
+        names = [p.name for p in self.path.iterdir()]
+        chunks = [m for m in map(_CHUNK.match, names) if m]
+        has_tables = any(n in _TABLE_FILES for n in names)
+        meta: dict[str, Any] | None = None
+        if "meta.json" in names:
+            try:
+                meta = read_meta(self.path)
+            except ValueError as exc:
+                raise FileExistsError(
+                    f"{self.path} holds a damaged run ({exc}); choose an empty folder"
+                ) from None
+        if meta is None and not chunks and not has_tables:
+            return  # a new folder
+        if meta is None or not meta.get("streamed") or has_tables:
+            raise FileExistsError(
+                f"sink folder {self.path} holds a saved run (meta.json/frame tables); a sink never writes "
+                "over one: choose an empty folder"
+            )
+        desc = f"run {meta.get('run_id')} of {meta.get('model_class', '?')}, {len(chunks)} chunk files"
+        if not resume:
+            raise FileExistsError(
+                f"sink folder {self.path} already holds a streamed run ({desc}); pass "
+                "sink_options={'resume': True} to append to it, or choose an empty folder"
+            )
+        for key in ("model_class", "blocks"):
+            mine, theirs = self.meta.get(key), meta.get(key)
+            if key == "blocks" and mine is not None and theirs is not None:
+                mine, theirs = sorted(mine), sorted(theirs)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(
+                    f"resume: the run in {self.path} was recorded with {key}={meta.get(key)!r}, this probe "
+                    f"has {self.meta.get(key)!r}; resume appends only to a run of the same model and blocks"
+                )
+        if meta.get("table_format") not in (None, self.fmt):
+            self.fmt = str(meta["table_format"])
+        self.run_id = str(meta.get("run_id") or self.run_id)
+        own = [m for m in chunks if m[2] == self.run_id]
+        self._seq = max((int(m[3]) for m in own), default=-1) + 1
+        self.resumed_steps = max(int(meta.get("steps_written", 0) or 0), int(meta.get("steps", 0) or 0))
+        # A kill between a chunk pair and the meta.json that counts it leaves steps on disk that
+        # meta.json does not know of: number on from the last step the complete chunks hold.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # load reports the damage to whoever reads the run
+            on_disk = _load_streamed(self.path, {**meta, "run_id": self.run_id}, strict=False)
+        for table in (on_disk.frame(), on_disk.scalars()):
+            if len(table) and "step" in table:
+                self.resumed_steps = max(self.resumed_steps, int(table["step"].max()) + 1)
+        self._steps_written = self.resumed_steps
+        self.dropped_steps = int(meta.get("dropped_steps", 0) or 0)
+        self.dropped_rows = int(meta.get("dropped_rows", 0) or 0)
+        if self._lock is not None:  # the lock names the run it writes
+            _release_lock(self._lock, self._lock_token)
+            self._finalizer.detach()
+            self._lock = None
+            self._take_lock()
+        for name in names:  # writes a dead process left unfinished
+            if name.startswith((".frame-", ".scalars-", ".meta.json.")) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    (self.path / name).unlink()
+
+    def _full_meta(self) -> dict[str, Any]:
+        meta = dict(self.meta)
+        meta.update(
+            {
+                "format_version": _FORMAT_VERSION,
+                "table_format": self.fmt,
+                "streamed": True,
+                "run_id": self.run_id,
+                "chunks": self._seq,
+                "steps_written": self._steps_written,
+                "dropped_steps": self.dropped_steps,
+                "dropped_rows": self.dropped_rows,
+            }
+        )
+        return meta
+
+    # -------------------------------------------------------------- recording
+    def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Buffer the rows of the step being closed (written with :meth:`end_step`)."""
+        self._step_rows.extend(rows)
+
+    def append_scalars(self, row: Mapping[str, Any]) -> None:
+        """Buffer the scalars of the step being closed."""
+        self._step_scalars.append(dict(row))
+
+    def end_step(self) -> None:
+        """The step is complete: buffer it as one unit and flush when a chunk is due. Never raises."""
+        rows, self._step_rows = self._step_rows, []
+        scalars, self._step_scalars = self._step_scalars, []
+        if (not rows and not scalars) or self.closed:
+            return
+        if self._retry_at is not None and len(self._rows) + len(rows) > self.max_buffer_rows:
+            self.dropped_steps += 1
+            self.dropped_rows += len(rows)
+            return
+        self._rows.append(rows)
+        self._scalars.extend(scalars)
+        steps = [int(r["step"]) for r in (*rows, *scalars)]
+        self._steps_written = max(self._steps_written, max(steps) + 1)
+        now = time.monotonic()
+        if self._retry_at is not None:
+            if now >= self._retry_at:
+                self.flush()
+        elif len(self._rows) >= self.chunk_rows or now - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def write_paths(self, frame: pd.DataFrame) -> None:
+        """Write the whole paths table (small: one row per recorded step, stack and length), atomically.
+        Never raises: a failed write warns once, like a chunk's."""
+        try:
+            atomic_write(self.path / f"paths.{self.fmt}", lambda tmp: _write_table(frame, tmp, self.fmt))
+        except OSError as exc:
+            warnings.warn(
+                f"gradprobe: cannot write the paths table into the sink folder {self.path} ({exc}); "
+                "it stays in memory (probe.paths_frame())",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    @property
+    def buffered_rows(self) -> int:
+        """Rows held in memory, not yet on disk."""
+        return len(self._rows)
+
+    def _chunk_name(self, stem: str, rows: int) -> Path:
+        return self.path / f"{stem}-{self.run_id}-{self._seq:06d}-r{rows}.{self.fmt}"
+
+    def flush(self) -> bool:
+        """Write what is buffered as one chunk pair, then ``meta.json``. Never raises on a write error:
+        warns once, keeps the rows and schedules a retry; returns whether everything was written."""
+        import pandas as pd
+
+        try:
+            if self._orphan is not None:  # a frame chunk whose scalars could not be written
+                self._orphan.unlink(missing_ok=True)
+                self._orphan = None
+            if len(self._rows) or self._scalars:
+                frame = self._rows.frame()
+                scalars = (
+                    pd.DataFrame.from_records(self._scalars) if self._scalars else pd.DataFrame({"step": []})
+                ).astype({"step": "int64"})
+                first = self._chunk_name("frame", len(frame))
+                atomic_write(first, lambda tmp: _write_table(frame, tmp, self.fmt))
+                self._orphan = first
+                second = self._chunk_name("scalars", len(scalars))
+                atomic_write(second, lambda tmp: _write_table(scalars, tmp, self.fmt))
+                self._orphan = None
+                self._seq += 1
+                self._rows.clear()
+                self._scalars.clear()
+            atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
+        except OSError as exc:
+            self._write_failed(exc)
+            with contextlib.suppress(OSError):  # the counts of dropped steps, if a small file still fits
+                atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
+            return False
+        if self._retry_at is not None:
+            warnings.warn(
+                f"gradprobe: writing the sink folder {self.path} works again; every buffered row is on disk "
+                f"({self.dropped_steps} steps were dropped meanwhile, counted in meta.json)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._retry_at = None
+        self._failures = 0
+        self._last_flush = time.monotonic()
+        return True
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._failures += 1
+        delay = min(60.0, 2.0 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"gradprobe: cannot write the sink folder {self.path} ({type(exc).__name__}: {exc}). Keeping up "
+            f"to {self.max_buffer_rows} rows in memory and retrying with a growing delay; later steps are "
+            "dropped and counted in meta.json (dropped_steps). Free space there, or save what is recorded "
+            "with probe.save(OTHER_FOLDER).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def close(self) -> bool:
+        """Write what is left and free the folder's lock; never raises. Rows that could not be
+        written stay readable through :meth:`run`."""
+        if self.closed:
+            return not len(self._rows)
+        self.end_step()
+        ok = self.flush()
+        self.closed = True
+        _OPEN_SINKS.discard(self)
+        self._drop_lock()
+        if not ok:
+            warnings.warn(
+                f"gradprobe: {len(self._rows)} rows could not be written to the sink folder {self.path}; "
+                "they are still in probe.frame() -- save them elsewhere with probe.save(OTHER_FOLDER)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return ok
+
+    def run(self) -> Run:
+        """The whole run: what is on disk plus what is still buffered in memory. Never raises on
+        a write error (the buffered rows come from memory then)."""
+        import pandas as pd
+
+        if not self.closed and (self._retry_at is None or time.monotonic() >= self._retry_at):
+            self.flush()
+        try:
+            disk = load(self.path)
+        except (OSError, ValueError):
+            disk = Run(empty_frame(), _empty_scalars(), self._full_meta())
+        if not len(self._rows) and not self._scalars:
+            return disk
+        frame = pd.concat([disk.frame(), self._rows.frame()], ignore_index=True)
+        frame = frame.astype({"step": "int64", "index": "int64", "calls": "int64"})
+        scalars = pd.concat([disk.scalars(), pd.DataFrame.from_records(self._scalars)], ignore_index=True)
+        return Run(frame, scalars.astype({"step": "int64"}), disk.meta)
