@@ -165,6 +165,22 @@ _CHUNK = re.compile(r"^(frame|scalars)-([0-9a-f]{12})-(\d{6})-r(\d+)\.(parquet|c
 _LEGACY_CHUNK = re.compile(r"^(frame|scalars)-(\d{6})\.(parquet|csv)$")
 
 
+def chunk_name(folder: Path, stem: str, run_id: str, seq: int, rows: int, fmt: str) -> Path:
+    """The file of chunk ``seq`` (``rows`` rows) of a sink's ``stem`` table, ``"frame"`` or ``"scalars"``.
+
+    >>> name = chunk_name(Path("run"), "frame", "0123456789ab", 7, 40, "csv").name
+    >>> name, bool(_CHUNK.match(name))
+    ('frame-0123456789ab-000007-r40.csv', True)
+    """
+    return folder / f"{stem}-{run_id}-{seq:06d}-r{rows}.{fmt}"
+
+
+def unfinished_write(name: str) -> bool:
+    """Whether the file ``name`` in a sink folder is a chunk or ``meta.json`` write cut short
+    (the temporary file of :func:`atomic_write`)."""
+    return name.startswith((".frame-", ".scalars-", ".meta.json.")) and name.endswith(".tmp")
+
+
 def run_id_at(path: str | os.PathLike[str]) -> str | None:
     """The run id of the run saved or streamed in the folder ``path``.
 

@@ -28,6 +28,7 @@ from .files import (
     check_destination,
     new_run_id,
     run_id_at,
+    unfinished_write,
 )
 from .schema import _FORMAT_VERSION, _dtypes, _empty_scalars, empty_frame, has_parquet, paths_table
 
@@ -289,7 +290,7 @@ def _load_streamed(folder: Path, meta: dict[str, Any], strict: bool) -> Run:
                 pair[m[1]] = (p, int(m[4]))
         elif legacy:  # no row count in the name: complete as far as can be told
             found.setdefault(int(legacy[2]), {})[legacy[1]] = (p, -1)
-        elif p.name.startswith((".frame-", ".scalars-", ".meta.json.")) and p.name.endswith(".tmp"):
+        elif unfinished_write(p.name):
             incomplete.append(p.name)
         elif p.name.startswith(("frame", "scalars")) and p.name not in _TABLE_FILES:
             stray.append(p.name)

@@ -1,4 +1,10 @@
-"""The :class:`Sink`: a run streamed to its folder from the first step, under a lock."""
+"""The :class:`Sink`: a run streamed to its folder from the first step, under a lock.
+
+Its pieces, each named: :class:`FolderLock` (the lock file that keeps a second probe out),
+:func:`resume_point` (what a sink takes over from the streamed run already in its folder,
+checked to be of the same model and blocks), :class:`Backoff` (when a failed write is
+retried) and :class:`Sink` itself (buffering whole steps and flushing chunk pairs).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,21 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import _CHUNK, _TABLE_FILES, _meta_text, _write_table, atomic_write, atomic_write_text, new_run_id
+from .files import (
+    _CHUNK,
+    _TABLE_FILES,
+    _meta_text,
+    _write_table,
+    atomic_write,
+    atomic_write_text,
+    chunk_name,
+    new_run_id,
+    unfinished_write,
+)
 from .run import Run, _load_streamed, load, read_meta
 from .schema import _FORMAT_VERSION, _empty_scalars, empty_frame, has_parquet
 from .store import RowStore
@@ -34,6 +51,7 @@ def _close_open_sinks() -> None:
             sink.close()
 
 
+# ---------------------------------------------------------------------- the lock
 #: The lock file of a sink folder in use: pid, host and run id of the probe holding it.
 LOCK_FILE = ".gradprobe.lock"
 
@@ -52,6 +70,200 @@ def _release_lock(lock: Path, token: str) -> None:
     with contextlib.suppress(OSError, ValueError):
         if json.loads(lock.read_text()).get("token") == token:
             lock.unlink()
+
+
+class FolderLock:
+    """The lock file (:data:`LOCK_FILE`) of a sink folder: created exclusively, naming the pid,
+    host and run id of its holder, and removed only by its holder (a token in the file says
+    whose it is). A lock of a dead process on this host, or one cut short long ago, is stale
+    and taken over. Dropped without :meth:`release`, the lock is freed when this object is
+    garbage collected or at exit."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / LOCK_FILE
+        self._finalizer: weakref.finalize[Any, FolderLock] | None = None
+
+    def take(self, run_id: str) -> None:
+        """Create the lock file for ``run_id``; ``FileExistsError`` (one line) if another probe holds it."""
+        lock = self.path
+        token = uuid.uuid4().hex
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run_id": run_id,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "token": token,
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if self._stale(holder, str(info["host"])):
+                    with contextlib.suppress(OSError):
+                        lock.unlink()
+                    continue
+                who = (
+                    f"run {holder.get('run_id')} of process {holder.get('pid')} on {holder.get('host')}, "
+                    f"since {holder.get('since')}"
+                    if holder
+                    else "a probe starting up"
+                )
+                raise FileExistsError(
+                    f"sink folder {self.folder} is in use by another probe ({who}); detach that probe first, "
+                    f"or pass another folder (a stale lock of a dead process is removed automatically; "
+                    f"delete {lock} by hand only if no probe writes there)"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info))
+                f.flush()
+                os.fsync(f.fileno())
+            self._finalizer = weakref.finalize(self, _release_lock, lock, token)
+            return
+        raise FileExistsError(f"sink folder {self.folder}: cannot take its lock file {lock}")
+
+    def _holder(self) -> dict[str, Any] | None:
+        """What the lock file says about its holder; None when it cannot be read (being written)."""
+        try:
+            holder = json.loads(self.path.read_text())
+            if not isinstance(holder, dict):
+                raise ValueError(holder)
+        except (OSError, ValueError):
+            return None
+        return holder
+
+    def _stale(self, holder: dict[str, Any] | None, host: str) -> bool:
+        if holder is None:
+            return time.time() - self.path.stat().st_mtime > 10  # a lock cut short long ago
+        return holder.get("host") == host and not _pid_alive(int(holder.get("pid", 0)))
+
+    def release(self) -> None:
+        """Remove the lock file if this object holds it."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+
+
+# ---------------------------------------------------------------------- resuming
+@dataclass(frozen=True)
+class Resumed:
+    """What a sink takes over from the streamed run already in its folder."""
+
+    run_id: str
+    fmt: str
+    seq: int  # the number of the next chunk pair
+    steps: int  # steps already on disk
+    dropped_steps: int
+    dropped_rows: int
+
+
+def resume_point(
+    folder: Path, mine: Mapping[str, Any], fmt: str, run_id: str, resume: bool
+) -> Resumed | None:
+    """None for a new folder; the run to append to with ``resume``; ``FileExistsError`` for a
+    folder holding a saved or damaged run, or a streamed one without ``resume``; ``ValueError``
+    for a streamed run of another model class or other blocks than ``mine`` (the sink's meta)."""
+    names = [p.name for p in folder.iterdir()]
+    chunks = [m for m in map(_CHUNK.match, names) if m]
+    has_tables = any(n in _TABLE_FILES for n in names)
+    meta: dict[str, Any] | None = None
+    if "meta.json" in names:
+        try:
+            meta = read_meta(folder)
+        except ValueError as exc:
+            raise FileExistsError(f"{folder} holds a damaged run ({exc}); choose an empty folder") from None
+    if meta is None and not chunks and not has_tables:
+        return None  # a new folder
+    if meta is None or not meta.get("streamed") or has_tables:
+        raise FileExistsError(
+            f"sink folder {folder} holds a saved run (meta.json/frame tables); a sink never writes "
+            "over one: choose an empty folder"
+        )
+    desc = f"run {meta.get('run_id')} of {meta.get('model_class', '?')}, {len(chunks)} chunk files"
+    if not resume:
+        raise FileExistsError(
+            f"sink folder {folder} already holds a streamed run ({desc}); pass "
+            "sink_options={'resume': True} to append to it, or choose an empty folder"
+        )
+    for key in ("model_class", "blocks"):
+        ours, theirs = mine.get(key), meta.get(key)
+        if key == "blocks" and ours is not None and theirs is not None:
+            ours, theirs = sorted(ours), sorted(theirs)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ValueError(
+                f"resume: the run in {folder} was recorded with {key}={meta.get(key)!r}, this probe "
+                f"has {mine.get(key)!r}; resume appends only to a run of the same model and blocks"
+            )
+    run_id = str(meta.get("run_id") or run_id)
+    own = [m for m in chunks if m[2] == run_id]
+    steps = max(int(meta.get("steps_written", 0) or 0), int(meta.get("steps", 0) or 0))
+    # A kill between a chunk pair and the meta.json that counts it leaves steps on disk that
+    # meta.json does not know of: number on from the last step the complete chunks hold.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load reports the damage to whoever reads the run
+        on_disk = _load_streamed(folder, {**meta, "run_id": run_id}, strict=False)
+    for table in (on_disk.frame(), on_disk.scalars()):
+        if len(table) and "step" in table:
+            steps = max(steps, int(table["step"].max()) + 1)
+    return Resumed(
+        run_id=run_id,
+        fmt=str(meta["table_format"]) if meta.get("table_format") not in (None, fmt) else fmt,
+        seq=max((int(m[3]) for m in own), default=-1) + 1,
+        steps=steps,
+        dropped_steps=int(meta.get("dropped_steps", 0) or 0),
+        dropped_rows=int(meta.get("dropped_rows", 0) or 0),
+    )
+
+
+# ---------------------------------------------------------------------- retrying
+class Backoff:
+    """When to retry after failed writes: 1 s after the first, then 2 s, 4 s, ... up to a minute."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.retry_at: float | None = None
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last write failed (and none has worked since)."""
+        return self.retry_at is not None
+
+    def due(self) -> bool:
+        """Whether a write may be tried now: none failed, or the delay has passed."""
+        return self.retry_at is None or time.monotonic() >= self.retry_at
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.retry_at = time.monotonic() + min(60.0, 2.0 ** (self.failures - 1))
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.retry_at = None
+
+
+# ---------------------------------------------------------------------- the sink
+def _options(fmt: str | None, chunk_rows: int, flush_seconds: float) -> tuple[str, int, float]:
+    """A sink's table format, chunk size and flush interval, checked (one-line errors)."""
+    fmt_ = fmt if fmt is not None else ("parquet" if has_parquet() else "csv")
+    if fmt_ not in ("parquet", "csv"):
+        raise ValueError(f"sink_options['fmt'] must be 'parquet' or 'csv', got {fmt!r}")
+    if fmt_ == "parquet" and not has_parquet():
+        raise ImportError("sink_options['fmt']='parquet' needs pyarrow; install it or pass fmt='csv'")
+    if int(chunk_rows) < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows!r}")
+    if not isinstance(flush_seconds, (int, float)) or not flush_seconds >= 0:
+        raise ValueError(f"flush_seconds must be a number >= 0, got {flush_seconds!r}")
+    return fmt_, int(chunk_rows), float(flush_seconds)
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} exists and is not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"sink={str(path)!r} cannot be written ({exc}); pass a writable folder") from exc
 
 
 class Sink:
@@ -87,17 +299,7 @@ class Sink:
         run_id: str | None = None,
     ):
         self.path = Path(path)
-        self.fmt = fmt if fmt is not None else ("parquet" if has_parquet() else "csv")
-        if self.fmt not in ("parquet", "csv"):
-            raise ValueError(f"sink_options['fmt'] must be 'parquet' or 'csv', got {fmt!r}")
-        if self.fmt == "parquet" and not has_parquet():
-            raise ImportError("sink_options['fmt']='parquet' needs pyarrow; install it or pass fmt='csv'")
-        self.chunk_rows = int(chunk_rows)
-        if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be positive, got {chunk_rows!r}")
-        if not isinstance(flush_seconds, (int, float)) or not flush_seconds >= 0:
-            raise ValueError(f"flush_seconds must be a number >= 0, got {flush_seconds!r}")
-        self.flush_seconds = float(flush_seconds)
+        self.fmt, self.chunk_rows, self.flush_seconds = _options(fmt, chunk_rows, flush_seconds)
         self.max_buffer_rows = max(int(max_buffer_rows), self.chunk_rows)
         self.meta: dict[str, Any] = dict(meta or {})
         self.run_id = run_id or new_run_id()
@@ -109,154 +311,43 @@ class Sink:
         self._step_scalars: list[dict[str, Any]] = []
         self._steps_written = 0
         self._last_flush = time.monotonic()
-        self._failures = 0
-        self._retry_at: float | None = None
+        self._backoff = Backoff()
         self._orphan: Path | None = None
         self._warned = False
         self.dropped_steps = 0
         self.dropped_rows = 0
         self.closed = False
-        self._lock: Path | None = None
-        try:
-            if self.path.exists() and not self.path.is_dir():
-                raise NotADirectoryError(f"{self.path} exists and is not a folder")
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OSError(f"sink={str(path)!r} cannot be written ({exc}); pass a writable folder") from exc
-        self._take_lock()
+        _make_folder(self.path)
+        self._lock = FolderLock(self.path)
+        self._lock.take(self.run_id)
         try:
             self._adopt_folder(resume)
             atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
             _OPEN_SINKS.add(self)
         except OSError as exc:
-            self._drop_lock()
+            self._lock.release()
             if isinstance(exc, FileExistsError):
                 raise
             raise OSError(f"sink={str(path)!r} cannot be written ({exc}); pass a writable folder") from exc
         except BaseException:
-            self._drop_lock()
+            self._lock.release()
             raise
 
     # -------------------------------------------------------------- the folder
-    def _take_lock(self) -> None:
-        lock = self.path / LOCK_FILE
-        token = uuid.uuid4().hex
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "run_id": self.run_id,
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "token": token,
-        }
-        for _ in range(3):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(lock.read_text())
-                    if not isinstance(holder, dict):
-                        raise ValueError(holder)
-                except (OSError, ValueError):
-                    holder = None
-                stale = (
-                    (holder is None and time.time() - lock.stat().st_mtime > 10)  # a lock cut short long ago
-                    or (
-                        holder is not None
-                        and holder.get("host") == info["host"]
-                        and not _pid_alive(int(holder.get("pid", 0)))
-                    )
-                )
-                if stale:
-                    with contextlib.suppress(OSError):
-                        lock.unlink()
-                    continue
-                who = (
-                    f"run {holder.get('run_id')} of process {holder.get('pid')} on {holder.get('host')}, "
-                    f"since {holder.get('since')}"
-                    if holder
-                    else "a probe starting up"
-                )
-                raise FileExistsError(
-                    f"sink folder {self.path} is in use by another probe ({who}); detach that probe first, "
-                    f"or pass another folder (a stale lock of a dead process is removed automatically; "
-                    f"delete {lock} by hand only if no probe writes there)"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(info))
-                f.flush()
-                os.fsync(f.fileno())
-            self._lock = lock
-            self._lock_token = token
-            # A probe dropped without detach() still frees the folder (at garbage collection or exit).
-            self._finalizer = weakref.finalize(self, _release_lock, lock, token)
-            return
-        raise FileExistsError(f"sink folder {self.path}: cannot take its lock file {lock}")
-
-    def _drop_lock(self) -> None:
-        if self._lock is not None:
-            self._finalizer()
-            self._lock = None
-
     def _adopt_folder(self, resume: bool) -> None:
-        names = [p.name for p in self.path.iterdir()]
-        chunks = [m for m in map(_CHUNK.match, names) if m]
-        has_tables = any(n in _TABLE_FILES for n in names)
-        meta: dict[str, Any] | None = None
-        if "meta.json" in names:
-            try:
-                meta = read_meta(self.path)
-            except ValueError as exc:
-                raise FileExistsError(
-                    f"{self.path} holds a damaged run ({exc}); choose an empty folder"
-                ) from None
-        if meta is None and not chunks and not has_tables:
-            return  # a new folder
-        if meta is None or not meta.get("streamed") or has_tables:
-            raise FileExistsError(
-                f"sink folder {self.path} holds a saved run (meta.json/frame tables); a sink never writes "
-                "over one: choose an empty folder"
-            )
-        desc = f"run {meta.get('run_id')} of {meta.get('model_class', '?')}, {len(chunks)} chunk files"
-        if not resume:
-            raise FileExistsError(
-                f"sink folder {self.path} already holds a streamed run ({desc}); pass "
-                "sink_options={'resume': True} to append to it, or choose an empty folder"
-            )
-        for key in ("model_class", "blocks"):
-            mine, theirs = self.meta.get(key), meta.get(key)
-            if key == "blocks" and mine is not None and theirs is not None:
-                mine, theirs = sorted(mine), sorted(theirs)
-            if mine is not None and theirs is not None and mine != theirs:
-                raise ValueError(
-                    f"resume: the run in {self.path} was recorded with {key}={meta.get(key)!r}, this probe "
-                    f"has {self.meta.get(key)!r}; resume appends only to a run of the same model and blocks"
-                )
-        if meta.get("table_format") not in (None, self.fmt):
-            self.fmt = str(meta["table_format"])
-        self.run_id = str(meta.get("run_id") or self.run_id)
-        own = [m for m in chunks if m[2] == self.run_id]
-        self._seq = max((int(m[3]) for m in own), default=-1) + 1
-        self.resumed_steps = max(int(meta.get("steps_written", 0) or 0), int(meta.get("steps", 0) or 0))
-        # A kill between a chunk pair and the meta.json that counts it leaves steps on disk that
-        # meta.json does not know of: number on from the last step the complete chunks hold.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # load reports the damage to whoever reads the run
-            on_disk = _load_streamed(self.path, {**meta, "run_id": self.run_id}, strict=False)
-        for table in (on_disk.frame(), on_disk.scalars()):
-            if len(table) and "step" in table:
-                self.resumed_steps = max(self.resumed_steps, int(table["step"].max()) + 1)
-        self._steps_written = self.resumed_steps
-        self.dropped_steps = int(meta.get("dropped_steps", 0) or 0)
-        self.dropped_rows = int(meta.get("dropped_rows", 0) or 0)
-        if self._lock is not None:  # the lock names the run it writes
-            _release_lock(self._lock, self._lock_token)
-            self._finalizer.detach()
-            self._lock = None
-            self._take_lock()
-        for name in names:  # writes a dead process left unfinished
-            if name.startswith((".frame-", ".scalars-", ".meta.json.")) and name.endswith(".tmp"):
+        """Take over the streamed run in the folder (with ``resume``), or refuse the folder."""
+        resumed = resume_point(self.path, self.meta, self.fmt, self.run_id, resume)
+        if resumed is None:
+            return
+        self.fmt, self.run_id, self._seq = resumed.fmt, resumed.run_id, resumed.seq
+        self.resumed_steps = self._steps_written = resumed.steps
+        self.dropped_steps, self.dropped_rows = resumed.dropped_steps, resumed.dropped_rows
+        self._lock.release()  # the lock names the run it writes
+        self._lock.take(self.run_id)
+        for file in self.path.iterdir():  # writes a dead process left unfinished
+            if unfinished_write(file.name):
                 with contextlib.suppress(OSError):
-                    (self.path / name).unlink()
+                    file.unlink()
 
     def _full_meta(self) -> dict[str, Any]:
         meta = dict(self.meta)
@@ -289,7 +380,7 @@ class Sink:
         scalars, self._step_scalars = self._step_scalars, []
         if (not rows and not scalars) or self.closed:
             return
-        if self._retry_at is not None and len(self._rows) + len(rows) > self.max_buffer_rows:
+        if self._backoff.failing and len(self._rows) + len(rows) > self.max_buffer_rows:
             self.dropped_steps += 1
             self.dropped_rows += len(rows)
             return
@@ -297,11 +388,10 @@ class Sink:
         self._scalars.extend(scalars)
         steps = [int(r["step"]) for r in (*rows, *scalars)]
         self._steps_written = max(self._steps_written, max(steps) + 1)
-        now = time.monotonic()
-        if self._retry_at is not None:
-            if now >= self._retry_at:
+        if self._backoff.failing:
+            if self._backoff.due():
                 self.flush()
-        elif len(self._rows) >= self.chunk_rows or now - self._last_flush >= self.flush_seconds:
+        elif len(self._rows) >= self.chunk_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def write_paths(self, frame: pd.DataFrame) -> None:
@@ -322,54 +412,55 @@ class Sink:
         """Rows held in memory, not yet on disk."""
         return len(self._rows)
 
-    def _chunk_name(self, stem: str, rows: int) -> Path:
-        return self.path / f"{stem}-{self.run_id}-{self._seq:06d}-r{rows}.{self.fmt}"
-
+    # -------------------------------------------------------------- writing
     def flush(self) -> bool:
         """Write what is buffered as one chunk pair, then ``meta.json``. Never raises on a write error:
         warns once, keeps the rows and schedules a retry; returns whether everything was written."""
-        import pandas as pd
-
         try:
-            if self._orphan is not None:  # a frame chunk whose scalars could not be written
-                self._orphan.unlink(missing_ok=True)
-                self._orphan = None
-            if len(self._rows) or self._scalars:
-                frame = self._rows.frame()
-                scalars = (
-                    pd.DataFrame.from_records(self._scalars) if self._scalars else pd.DataFrame({"step": []})
-                ).astype({"step": "int64"})
-                first = self._chunk_name("frame", len(frame))
-                atomic_write(first, lambda tmp: _write_table(frame, tmp, self.fmt))
-                self._orphan = first
-                second = self._chunk_name("scalars", len(scalars))
-                atomic_write(second, lambda tmp: _write_table(scalars, tmp, self.fmt))
-                self._orphan = None
-                self._seq += 1
-                self._rows.clear()
-                self._scalars.clear()
+            self._write_chunk_pair()
             atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
         except OSError as exc:
             self._write_failed(exc)
             with contextlib.suppress(OSError):  # the counts of dropped steps, if a small file still fits
                 atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
             return False
-        if self._retry_at is not None:
+        if self._backoff.failing:
             warnings.warn(
                 f"gradprobe: writing the sink folder {self.path} works again; every buffered row is on disk "
                 f"({self.dropped_steps} steps were dropped meanwhile, counted in meta.json)",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._retry_at = None
-        self._failures = 0
+        self._backoff.succeeded()
         self._last_flush = time.monotonic()
         return True
 
+    def _write_chunk_pair(self) -> None:
+        """The buffered rows and scalars as chunk pair ``_seq``: the frame chunk first, and removed
+        again on the next try if its scalars could not be written (a frame chunk alone is an orphan)."""
+        import pandas as pd
+
+        if self._orphan is not None:  # a frame chunk whose scalars could not be written
+            self._orphan.unlink(missing_ok=True)
+            self._orphan = None
+        if not len(self._rows) and not self._scalars:
+            return
+        frame = self._rows.frame()
+        scalars = (
+            pd.DataFrame.from_records(self._scalars) if self._scalars else pd.DataFrame({"step": []})
+        ).astype({"step": "int64"})
+        first = chunk_name(self.path, "frame", self.run_id, self._seq, len(frame), self.fmt)
+        atomic_write(first, lambda tmp: _write_table(frame, tmp, self.fmt))
+        self._orphan = first
+        second = chunk_name(self.path, "scalars", self.run_id, self._seq, len(scalars), self.fmt)
+        atomic_write(second, lambda tmp: _write_table(scalars, tmp, self.fmt))
+        self._orphan = None
+        self._seq += 1
+        self._rows.clear()
+        self._scalars.clear()
+
     def _write_failed(self, exc: OSError) -> None:
-        self._failures += 1
-        delay = min(60.0, 2.0 ** (self._failures - 1))
-        self._retry_at = time.monotonic() + delay
+        self._backoff.failed()
         if self._warned:
             return
         self._warned = True
@@ -382,6 +473,7 @@ class Sink:
             stacklevel=4,
         )
 
+    # -------------------------------------------------------------- closing and reading back
     def close(self) -> bool:
         """Write what is left and free the folder's lock; never raises. Rows that could not be
         written stay readable through :meth:`run`."""
@@ -391,7 +483,7 @@ class Sink:
         ok = self.flush()
         self.closed = True
         _OPEN_SINKS.discard(self)
-        self._drop_lock()
+        self._lock.release()
         if not ok:
             warnings.warn(
                 f"gradprobe: {len(self._rows)} rows could not be written to the sink folder {self.path}; "
@@ -406,7 +498,7 @@ class Sink:
         a write error (the buffered rows come from memory then)."""
         import pandas as pd
 
-        if not self.closed and (self._retry_at is None or time.monotonic() >= self._retry_at):
+        if not self.closed and self._backoff.due():
             self.flush()
         try:
             disk = load(self.path)
