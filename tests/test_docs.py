@@ -1,0 +1,84 @@
+"""Every Python example of the documentation site runs as written, and the site's pages are current.
+
+Each page's ```python blocks run in order in one namespace (a page reads like one session),
+in a fresh working folder. Blocks that cannot run here use another fence (```text).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)
+
+# Pages whose examples train for longer than a few seconds (CI runs them; -m "not slow" skips them).
+SLOW_PAGES = {"quickstart.md", "integrations.md", "reports.md"}
+
+
+def python_blocks(text: str) -> list[str]:
+    """The ```python fenced blocks of a Markdown text, in order."""
+    return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+
+
+def _page_params() -> list[object]:
+    params: list[object] = []
+    for page in PAGES:
+        if not python_blocks(page.read_text()):
+            continue
+        marks = [pytest.mark.slow] if page.name in SLOW_PAGES else []
+        params.append(pytest.param(page, id=str(page.relative_to(DOCS)), marks=marks))
+    return params
+
+
+def run_blocks(blocks: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> dict:
+    """Run the blocks in order in one fresh namespace, in ``cwd``, figures off screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    namespace: dict = {"__name__": "__docs_example__"}
+    try:
+        for i, block in enumerate(blocks):
+            code = compile(block, f"<{name} block {i + 1}>", "exec")
+            exec(code, namespace)
+    finally:
+        plt.close("all")
+    return namespace
+
+
+@pytest.mark.parametrize("page", _page_params())
+def test_examples_run_as_written(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_blocks(python_blocks(page.read_text()), tmp_path, monkeypatch, page.name)
+
+
+def test_every_page_is_in_a_toctree() -> None:
+    text = "\n".join(p.read_text() for p in PAGES)
+    for page in PAGES:
+        rel = page.relative_to(DOCS).with_suffix("").as_posix()
+        if rel == "index":
+            continue
+        name = rel.rsplit("/", 1)[-1]
+        assert re.search(rf"^{re.escape(name)}$|^{re.escape(rel)}$|^{re.escape(name)}/index$", text, re.M) or (
+            rel.endswith("/index") and re.search(rf"^{re.escape(rel)}$", text, re.M)
+        ), f"{rel} is in no toctree"
+
+
+# Words that narrate change or point at the tracker; the pages state current facts only.
+HISTORY = re.compile(
+    r"\b(previous(ly)? (version|session|run)|today|no longer|used to|withdrawn|load average|earlier (run|version))\b"
+    r"|\bissues? #?\d+|(?<![\w&])#\d{2,}\b",
+    re.I,
+)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_pages_state_current_facts(page: Path) -> None:
+    hits = [line for line in page.read_text().splitlines() if HISTORY.search(line)]
+    assert not hits, f"{page.name} narrates history: {hits[:3]}"
