@@ -6,7 +6,10 @@ in a fresh working folder. Blocks that cannot run here use another fence (```tex
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,9 +56,37 @@ def run_blocks(blocks: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch, na
     return namespace
 
 
+def _is_test_file(block: str) -> bool:
+    """A block that starts with ``# test_<name>.py`` is a pytest file, run by pytest, not exec."""
+    return re.match(r"# test_\w+\.py\n", block) is not None
+
+
 @pytest.mark.parametrize("page", _page_params())
 def test_examples_run_as_written(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    run_blocks(python_blocks(page.read_text()), tmp_path, monkeypatch, page.name)
+    blocks = [b for b in python_blocks(page.read_text()) if not _is_test_file(b)]
+    run_blocks(blocks, tmp_path, monkeypatch, page.name)
+
+
+TEST_FILES = [
+    pytest.param(page, block, id=f"{page.relative_to(DOCS)}:{block.split(chr(10), 1)[0][2:]}")
+    for page in PAGES
+    for block in python_blocks(page.read_text())
+    if _is_test_file(block)
+]
+
+
+@pytest.mark.parametrize(("page", "block"), TEST_FILES)
+def test_example_test_files_pass_under_pytest(page: Path, block: str, tmp_path: Path) -> None:
+    name = block.split("\n", 1)[0][2:]
+    (tmp_path / name).write_text(block)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # The plugin by name: in a checkout without an installed entry point it is not registered.
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gradprobe.pytest_plugin", name],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "1 passed" in out.stdout
 
 
 def test_every_page_is_in_a_toctree() -> None:
