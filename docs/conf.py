@@ -5,7 +5,9 @@ Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html`` (``tox -e 
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +35,26 @@ exclude_patterns = ["_build"]
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
 
-# The integrations import their framework on use; the docs build needs none of them installed.
-autodoc_mock_imports = ["lightning", "pytorch_lightning", "transformers", "accelerate", "tensorboard"]
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+# The integrations need their framework to import; the docs build needs none of them
+# installed (tox -e docs installs only the docs extra). A missing framework is replaced:
+# transformers by autodoc's mock, Lightning by a module holding a plain ``Callback`` class,
+# because the Lightning callback's class is built with ``type()``, which a mock base breaks.
+autodoc_mock_imports = [name for name in ("transformers", "accelerate") if not _installed(name)]
+if not (_installed("pytorch_lightning") or _installed("lightning")):
+    _stub = types.ModuleType("pytorch_lightning")
+
+    class Callback:
+        """Stand-in for Lightning's ``Callback`` in a docs build without Lightning."""
+
+    Callback.__module__ = "pytorch_lightning"
+    _stub.Callback = Callback  # type: ignore[attr-defined]
+    sys.modules["pytorch_lightning"] = _stub
 autosummary_generate = True
 autodoc_default_options = {"members": True, "show-inheritance": False}
 autodoc_typehints = "description"
