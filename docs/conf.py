@@ -72,3 +72,23 @@ html_theme_options = {
     "show_toc_level": 2,
 }
 html_static_path: list[str] = []
+# The user guide pages have no section navigation of their own: no empty left sidebar there.
+html_sidebars = {
+    page: []
+    for page in (
+        "index",
+        "quickstart",
+        "measurements",
+        "blocks",
+        "jacobians",
+        "paths",
+        "reports",
+        "assertions",
+        "integrations",
+        "large-runs",
+        "compatibility",
+        "main-job",
+        "performance",
+        "development",
+    )
+}
