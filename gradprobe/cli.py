@@ -141,15 +141,16 @@ def _output_folder(path: Path, run_id: str | None, force: bool, label: str, kind
         raise UsageError(str(exc)) from None
 
 
-#: Dataset names of ``--data`` (see :func:`gradprobe.data.load`).
-_DATASETS = ("digits", "synthetic", "cifar10", "cifar-10")
-
-
 def _check_data(data: str, data_root: str | None) -> None:
-    """``--data`` in the command line's words: a known name, and CIFAR-10 with its folder."""
+    """``--data`` in the command line's words: a known name, and CIFAR-10 with its folder.
+
+    (:func:`gradprobe.data.load` checks the same in the Python API's words.)
+    """
+    from .data import DATASETS
+
     key, _, folder = data.partition(":")
     key = key.strip().lower()
-    if key not in _DATASETS:
+    if key not in (*DATASETS, "cifar-10"):
         raise UsageError(
             f"--data {data}: unknown dataset; choose digits, synthetic or cifar10 "
             "(with --data-root DIR, or as --data cifar10:DIR)"
@@ -364,9 +365,8 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
         index = report(run, out, progress=not ns.no_progress and progress_bars(), overwrite=ns.force)
         wrote.insert(0, f"report {index}")
     elif (out / "index.html").exists():
-        wrote.append(
-            f"{out / 'index.html'} is the report of an earlier run: gradprobe report {out} renews it"
-        )
+        stale = f"{out / 'index.html'} is the report of an earlier run; `gradprobe report {out}` renews it"
+        print(f"gradprobe compare: note: {stale}", file=sys.stderr)
     table = experiment.summary(run)
     print(f"\nTrained {len(specs)} models in {seconds:.0f} s ({torch.get_num_threads()} threads). Wrote:")
     for line in wrote:

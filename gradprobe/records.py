@@ -415,7 +415,7 @@ def _run_meta_at(folder: Path) -> dict[str, Any] | None:
 def run_kind(meta: Mapping[str, Any] | None) -> str | None:
     """The kind of run a ``meta.json`` describes (``"compare"``, ``"probe"``, ...), None if it does not say.
 
-    A ``gradprobe compare`` run saved before runs named their kind is recognised by its command.
+    A ``meta.json`` without a kind whose command is ``gradprobe compare ...`` describes a compare run.
 
     >>> run_kind({"kind": "compare"}), run_kind({"command": "gradprobe compare --no-progress"})
     ('compare', 'compare')
