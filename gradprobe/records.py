@@ -18,8 +18,9 @@ No pickle is used anywhere, so loading a run never executes code.
 Nothing lost: every file is written under a temporary name in its folder,
 flushed, fsynced and renamed (:func:`atomic_write`); a run saved into a new
 folder is built in a temporary folder and renamed into place. A run is never
-deleted to be rewritten, and a folder holding a *different* run (another
-``run_id`` in its ``meta.json``) is only replaced with ``overwrite=True``.
+deleted to be rewritten, a folder holding a *different* run (another
+``run_id`` in its ``meta.json``) is only replaced with ``overwrite=True``, and
+files gradprobe did not write are never removed.
 A :class:`Sink` streams a run to disk from its first step (see its docstring
 for what a crash can lose and how :func:`load` reports damage).
 """
@@ -86,7 +87,9 @@ FRAME_COLUMNS: tuple[str, ...] = (
 #: Columns that the runner adds when several models are gathered in one :class:`Run`.
 MODEL_COLUMNS: tuple[str, ...] = ("model", "depth", "residual")
 
-_FORMAT_VERSION = 1
+# Version of a run folder's layout, stored in its meta.json. 2: meta.json holds ``run_id``,
+# the path-length table is saved as paths.parquet|csv.
+_FORMAT_VERSION = 2
 
 
 #: One line per column: what it measures. The README's glossary and the HTML report show these.
@@ -338,8 +341,8 @@ def _read_table(base: Path, dtypes: Mapping[str, str], fmt: str | None = None) -
     file = parquet if use_parquet else csv
     if use_parquet and not has_parquet():
         raise ImportError(
-            f"{parquet} is Parquet but pyarrow is not installed; "
-            "install it with `pip install pyarrow` (or `pip install gradprobe[parquet]`)."
+            f"{parquet} is Parquet but pyarrow (a dependency of gradprobe) is not installed; "
+            "install it with `pip install pyarrow`."
         )
     try:
         frame = pd.read_parquet(file) if use_parquet else _read_csv(file, dtypes)
@@ -400,8 +403,86 @@ def run_id_at(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def _run_meta_at(folder: Path) -> dict[str, Any] | None:
+    """The parsed ``meta.json`` of ``folder``; None when it has none or it cannot be read."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def run_kind(meta: Mapping[str, Any] | None) -> str | None:
+    """The kind of run a ``meta.json`` describes (``"compare"``, ``"probe"``, ...), None if it does not say.
+
+    A ``meta.json`` without a kind whose command is ``gradprobe compare ...`` describes a compare run.
+
+    >>> run_kind({"kind": "compare"}), run_kind({"command": "gradprobe compare --no-progress"})
+    ('compare', 'compare')
+    """
+    if not meta:
+        return None
+    kind = meta.get("kind")
+    if isinstance(kind, str) and kind:
+        return kind
+    command = meta.get("command")
+    if isinstance(command, str) and command.split()[:2] == ["gradprobe", "compare"]:
+        return "compare"
+    return None
+
+
+def _describe_run(folder: Path) -> str:
+    """The run saved in ``folder`` in a few words, for messages: its kind, id and date."""
+    meta = _run_meta_at(folder)
+    if meta is None:
+        state = "an unreadable meta.json" if (folder / "meta.json").exists() else "no meta.json"
+        return f"tables with {state}"
+    kind = run_kind(meta)
+    details = [f"run {meta['run_id']}" if meta.get("run_id") else "no run id"]
+    if meta.get("created"):
+        details.append(f"created {meta['created']}")
+    return f"{f'a {kind} run' if kind else 'a gradprobe run'} ({', '.join(details)})"
+
+
+#: Names of the files gradprobe writes into a run folder besides the tables and chunks: the
+#: metadata, a sink's lock, the HTML report and its figures, and temporary files of writes.
+_OWNED_FILE = re.compile(
+    r"^(meta\.json|index\.html|[^/]+\.png|(frame|scalars|paths)\.(parquet|csv)|\.gradprobe\.lock"
+    r"|\..*\.tmp|\.gradprobe-write-test-.*)$"
+)
+
+
+def foreign_files(path: str | os.PathLike[str]) -> list[str]:
+    """Names in the folder ``path`` that gradprobe did not write (sorted; [] for a missing folder).
+
+    gradprobe's files are ``meta.json``, the tables, a sink's chunks and lock, the report
+    (``index.html``, PNG figures) and temporary files of interrupted writes.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "notes.txt").write_text("mine")
+    >>> _ = (d / "meta.json").write_text("{}"); foreign_files(d)
+    ['notes.txt']
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if not (
+            (p.is_file() or p.name.endswith(".tmp")) and (_OWNED_FILE.match(p.name) or _CHUNK.match(p.name))
+        )
+    )
+
+
 def check_destination(
-    path: str | os.PathLike[str], run_id: str | None = None, *, overwrite: bool = False
+    path: str | os.PathLike[str],
+    run_id: str | None = None,
+    *,
+    overwrite: bool = False,
+    kind: str | None = None,
+    name: str | None = None,
+    force: str = "overwrite=True",
 ) -> Path:
     """Check, before any work, that a run (or report) can be written into the folder ``path``.
 
@@ -409,30 +490,47 @@ def check_destination(
     another id than ``run_id`` unless ``overwrite``. Raises an ``OSError`` with a one-line
     message otherwise; creates nothing.
 
+    ``kind`` is the kind of the run to be written (``meta["kind"]``, e.g. ``"compare"``). Given,
+    a folder that holds an earlier run of that kind and no file gradprobe did not write may be
+    replaced without ``overwrite``, and a folder holding anything else (another kind of run,
+    files gradprobe did not write) is refused unless ``overwrite``. Files gradprobe did not
+    write are never removed, with ``overwrite`` neither. ``name`` (default: the path) and
+    ``force`` word the message: the command line passes ``"--out DIR"`` and ``"--force"``.
+
     >>> import tempfile
     >>> check_destination(tempfile.mkdtemp()).is_dir()
     True
     """
     out = Path(path)
+    label = name or str(out)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a folder; a run is written as a folder")
+        raise NotADirectoryError(f"{label} exists and is not a folder; a run is written as a folder")
     existing = run_id_at(out)
-    if existing is not None and (not existing or existing != run_id) and not overwrite:
-        named = f"run {existing}" if existing else "a run"
-        raise FileExistsError(
-            f"{out} holds another gradprobe run ({named}); pass overwrite=True (--force on the command "
-            "line) to replace it, or choose another folder"
-        )
+    if not overwrite and existing is not None and (not existing or existing != run_id):
+        earlier = kind is not None and run_kind(_run_meta_at(out)) == kind
+        if not earlier:
+            raise FileExistsError(
+                f"{label} holds another gradprobe run: {_describe_run(out)}; pass {force} to replace it "
+                "(files gradprobe did not write are kept), or choose another folder"
+            )
+    if not overwrite and kind is not None:
+        foreign = foreign_files(out)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise FileExistsError(
+                f"{label} holds files gradprobe did not write ({shown}); pass {force} to write the "
+                f"{kind} run beside them (they are kept), or choose another folder"
+            )
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(f"{out} cannot be created: {parent} is a file, not a folder")
+        raise NotADirectoryError(f"{label} cannot be created: {parent} is a file, not a folder")
     try:
         try_write(parent)
     except OSError as exc:
         raise PermissionError(
-            f"{out} cannot be written ({exc.strerror or exc}); pass a writable folder"
+            f"{label} cannot be written ({exc.strerror or exc}); pass a writable folder"
         ) from None
     return out
 
@@ -489,30 +587,35 @@ def save_run(
         atomic_write_text(folder / "meta.json", _meta_text(full_meta))  # last: it commits the run
 
     existing = run_id_at(out)
-    if (existing is None and out.is_dir()) or existing == run_id:
-        # This run, or a folder without one: files are replaced, never removed first. Every file is
-        # written and fsynced under a temporary name before the first rename, so a kill while a
-        # table is written leaves the old run whole; only the renames themselves (meta.json last,
-        # microseconds apart) stand between the old set of files and the new one.
+    if out.is_dir():
+        # This run, another one (overwrite=True) or a folder without one: files are replaced, never
+        # removed first, and files gradprobe did not write stay. Every file is written and fsynced
+        # under a temporary name before the first rename, so a kill while a table is written leaves
+        # the old run whole; only the renames themselves (meta.json last, microseconds apart) stand
+        # between the old set of files and the new one.
         _replace_together(out, fill)
         other = "csv" if fmt == "parquet" else "parquet"
-        stale_tables = ("frame", "scalars") if paths is None else ("frame", "scalars", "paths")
-        for stale in stale_tables:  # a table of the other format is a leftover now
+        replaced = existing is not None and existing != run_id  # another run's files give way
+        stale = [f"frame.{other}", f"scalars.{other}"]  # a table of the other format is a leftover now
+        if paths is not None:
+            stale.append(f"paths.{other}")
+        elif replaced:
+            stale += ["paths.parquet", "paths.csv"]  # the replaced run's path lengths are not this run's
+        for name in stale:
             with contextlib.suppress(OSError):
-                (out / f"{stale}.{other}").unlink()
+                (out / name).unlink()
+        if replaced:
+            for chunk in [p for p in out.iterdir() if _CHUNK.match(p.name) or _LEGACY_CHUNK.match(p.name)]:
+                with contextlib.suppress(OSError):
+                    chunk.unlink()  # a streamed run replaced by a saved one: its chunks would be read
+        _fsync_dir(out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     building = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
     building.mkdir()
     try:
         fill(building)
-        if out.exists():  # overwrite=True of another run: swap the complete new folder in
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:6]}.old")
-            os.rename(out, old)
-            os.rename(building, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(building, out)
+        os.rename(building, out)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
