@@ -108,7 +108,7 @@ def paths(
     is ``loss_fn(output)``, or with ``loss_fn=None`` the projection of the model's first
     output tensor onto a fixed standard-normal direction drawn from ``seed`` (as in
     :func:`gradprobe.analyze`). Then, backward through each stack, the coefficients c_k of
-    :mod:`gradprobe.path_lengths`: ``path_grad`` = |c_k|, ``share``, ``n_paths`` = C(L_s, k),
+    :mod:`gradprobe.path_lengths`: ``path_grad`` = ``|c_k|``, ``share``, ``n_paths`` = C(L_s, k),
     ``per_path``, ``cum_share``; ``attrs`` holds ``effective_length``, ``central_90`` and
     per-stack details (see :mod:`gradprobe.path_lengths`). ``max_length`` drops longer paths
     (cost about L * max_length VJPs instead of L^2 / 2; what they carried is the stack's

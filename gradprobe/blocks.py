@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -375,10 +375,11 @@ SHORTCUT_NAMES = ("shortcut", "downsample")
 
 
 def shortcut_modules(
-    named: Sequence[tuple[str, nn.Module]], given: Mapping[str, str | nn.Module] | None = None
+    named: Sequence[tuple[str, nn.Module]], given: Mapping[str, str | nn.Module | None] | None = None
 ) -> dict[str, nn.Module]:
     """Each block's shortcut module (the rule of the probe and ``paths``): ``given[name]`` (a
-    child name or a module), else a child named ``shortcut`` or ``downsample``.
+    child name or a module; ``None``: no shortcut by design), else a child named ``shortcut`` or
+    ``downsample``.
 
     >>> block = nn.Module(); block.downsample = nn.Identity()
     >>> list(shortcut_modules([("b", block)]))
@@ -393,6 +394,8 @@ def shortcut_modules(
             f"shortcuts= names blocks that are not probed (not selected): {unknown}; selected: {names}"
         )
     for name, module in named:
+        if name in given and given[name] is None:
+            continue  # no shortcut by design, whatever the block's children are called
         spec = given.get(name)
         if isinstance(spec, nn.Module):
             out[name] = spec
@@ -408,11 +411,32 @@ def shortcut_modules(
     return out
 
 
+def without_shortcut(
+    named: Sequence[tuple[str, nn.Module]], given: Mapping[str, Any] | None = None
+) -> set[str]:
+    """Blocks that have no shortcut by design, so a shape change without one is no surprise:
+    those given as ``shortcuts={name: None}``, and the plain blocks of gradprobe's own nets
+    (:class:`gradprobe.models.BasicBlock` and ``MLPBlock`` built with ``residual=False``).
+
+    >>> from gradprobe.models import BasicBlock
+    >>> sorted(without_shortcut([("a", BasicBlock(4, 8, 2, residual=False)), ("b", nn.Linear(2, 3))]))
+    ['a']
+    """
+    from .models import BasicBlock, MLPBlock  # the reference nets; models imports nothing of gradprobe
+
+    by_design = {name for name, spec in (given or {}).items() if spec is None}
+    by_design |= {
+        name for name, module in named if isinstance(module, (BasicBlock, MLPBlock)) and not module.residual
+    }
+    return by_design
+
+
 def no_shortcut_message(blocks: list[str]) -> str:
     """The warning for shape-changing blocks whose output has no shortcut to be compared with."""
     return (
         f"gradprobe: block(s) {blocks} change the shape of their input and have no shortcut "
         "applied to that input (a child named shortcut/downsample counts only when the block "
         "applies it to its own input and its output is not the block's output): res_ratio and "
-        "cos_xy are NaN there. Name the shortcut with attach(..., shortcuts={block: child})."
+        "cos_xy are NaN there. Name the shortcut with attach(..., shortcuts={block: child}), or "
+        "declare a block without one by design with shortcuts={block: None}."
     )

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib
 import importlib.util
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -36,6 +38,53 @@ __all__ = ["build_parser", "load_factory", "main"]
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors a user can read at a glance (exit code 2 either way).
+
+    A bad value (``--depths 20,abc``) is one line naming the option. Any other mistake (an
+    unknown option, a missing argument) is this (sub)command's one-line usage and one error
+    line; ``--help`` still shows everything. Subcommand parsers are of this class too.
+    """
+
+    def short_usage(self) -> str:
+        """``usage: gradprobe compare [options]``, with the positional arguments."""
+        words = [self.prog]
+        for action in self._actions:
+            if not action.option_strings:
+                words.append(str(action.metavar or action.dest.upper()))
+        if any(action.option_strings for action in self._actions):
+            words.append("[options]")
+        return f"usage: {' '.join(words)}   ({self.prog} --help lists them)"
+
+    def error(self, message: str) -> Any:  # argparse's signature: NoReturn
+        # argparse words a bad value "argument --depths: --depths must be ...": the option once
+        value = re.match(r"argument (\S+): (.*)", message, re.DOTALL)
+        if value:
+            option, detail = value.groups()
+            line = detail if option in detail else message
+            choice = re.match(r"invalid choice: '([^']*)' \(choose from (.*)\)", detail)
+            if choice:  # a typo of a command: name the nearest one
+                match = difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1)
+                line += f"; did you mean {match[0]!r}?" if match else ""
+            self.exit(2, f"{self.prog}: error: {' '.join(line.split())}\n")
+        self.exit(2, f"{self.short_usage()}\n{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: Sequence[str]) -> Any:
+    """Exit on arguments ``parser``'s (sub)command does not take, naming the option nearest a typo."""
+    known = [o for action in parser._actions for o in action.option_strings]
+    close = {
+        word: match[0]
+        for word in extra
+        if word.startswith("-") and (match := difflib.get_close_matches(word.split("=")[0], known, n=1))
+    }
+    if len(extra) == 1 and close:
+        hint = f" (did you mean {close[extra[0]]}?)"
+    else:
+        hint = f" ({'; '.join(f'{w}: did you mean {m}?' for w, m in close.items())})" if close else ""
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -78,14 +127,39 @@ def _positive(name: str, high: int | None = None) -> Any:
     return _number(int, name, 1, high)
 
 
-def _output_folder(path: Path, run_id: str | None, force: bool, what: str) -> None:
-    """Check an output folder at start-up, before any work: one line and exit 2 if it cannot be used."""
+def _output_folder(path: Path, run_id: str | None, force: bool, label: str, kind: str | None = None) -> None:
+    """Check an output folder at start-up, before any work: one line and exit 2 if it cannot be used.
+
+    ``label`` names the folder as the user gave it (``--out DIR``); ``kind``: see
+    :func:`gradprobe.records.check_destination`.
+    """
     from .records import check_destination
 
     try:
-        check_destination(path, run_id, overwrite=force)
+        check_destination(path, run_id, overwrite=force, kind=kind, name=label, force="--force")
     except OSError as exc:
-        raise UsageError(f"{what} {path}: {exc}") from None
+        raise UsageError(str(exc)) from None
+
+
+def _check_data(data: str, data_root: str | None) -> None:
+    """``--data`` in the command line's words: a known name, and CIFAR-10 with its folder.
+
+    (:func:`gradprobe.data.load` checks the same in the Python API's words.)
+    """
+    from .data import DATASETS
+
+    key, _, folder = data.partition(":")
+    key = key.strip().lower()
+    if key not in (*DATASETS, "cifar-10"):
+        raise UsageError(
+            f"--data {data}: unknown dataset; choose digits, synthetic or cifar10 "
+            "(with --data-root DIR, or as --data cifar10:DIR)"
+        )
+    if key.startswith("cifar") and not (folder or data_root):
+        raise UsageError(
+            f"--data {data} needs the folder that holds CIFAR-10: pass --data-root DIR "
+            "(or --data cifar10:DIR); gradprobe never downloads it"
+        )
 
 
 def _output_file(path: Path, what: str) -> None:
@@ -235,6 +309,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     import torch
 
     from . import experiment
+    from .experiment import progress_bars
 
     if ns.threads < 0:
         raise UsageError(f"--threads must be >= 0, got {ns.threads}")
@@ -260,7 +335,10 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     epochs = ns.epochs if ns.epochs is not None else (2 if quick else experiment.DEFAULTS["epochs"])
     out = Path(ns.out if ns.out is not None else ("reports/compare-quick" if quick else "reports/compare"))
-    _output_folder(out, None, ns.force, "--out")  # before training: a bad folder must not cost the results
+    _check_data(ns.data, ns.data_root)
+    label = f"--out {out}" if ns.out is not None else f"{out} (the default --out)"
+    # Before training: a bad folder must not cost the results. An earlier compare run there is replaced.
+    _output_folder(out, None, ns.force, label, kind="compare")
     command = "gradprobe " + " ".join(ns.argv)
     print(
         f"gradprobe compare: {', '.join(specs)} on {ns.data}, {epochs} epochs, lr {ns.lr}, seed {ns.seed}",
@@ -284,8 +362,11 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     if not ns.no_report:
         from .reporting import report
 
-        index = report(run, out, progress=not ns.no_progress, overwrite=ns.force)
+        index = report(run, out, progress=not ns.no_progress and progress_bars(), overwrite=ns.force)
         wrote.insert(0, f"report {index}")
+    elif (out / "index.html").exists():
+        stale = f"{out / 'index.html'} is the report of an earlier run; `gradprobe report {out}` renews it"
+        print(f"gradprobe compare: note: {stale}", file=sys.stderr)
     table = experiment.summary(run)
     print(f"\nTrained {len(specs)} models in {seconds:.0f} s ({torch.get_num_threads()} threads). Wrote:")
     for line in wrote:
@@ -326,20 +407,27 @@ def _cmd_report(ns: argparse.Namespace) -> int:
         raise UsageError(
             f"no saved run at {path}; pass the folder written by gradprobe compare or Probe.save"
         )
+    if not path.is_dir():
+        raise UsageError(
+            f"{path} is a file, not a saved run; pass the folder written by gradprobe compare or Probe.save"
+        )
+    from .experiment import progress_bars
     from .records import load
     from .reporting import report
 
     out = Path(ns.out) if ns.out is not None else path
+    label = f"--out {out}" if ns.out is not None else str(out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; the report is written into a folder")
+        raise UsageError(f"{label} is a file; the report is written into a folder")
     try:
         run = load(path)
     except (FileNotFoundError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     same = out.exists() and out.resolve() == path.resolve()
-    _output_folder(out, None if same else run.meta.get("run_id"), ns.force or same, "--out")
+    _output_folder(out, None if same else run.meta.get("run_id"), ns.force or same, label)
+    progress = not ns.no_progress and progress_bars()
     try:
-        index = report(path if same else run, out, progress=not ns.no_progress, overwrite=ns.force)
+        index = report(path if same else run, out, progress=progress, overwrite=ns.force)
     except (OSError, ValueError) as exc:
         raise UsageError(f"writing the report into {out} failed: {exc}") from None
     print(f"wrote {index}")
@@ -455,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
     from .experiment import DEFAULTS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradprobe",
         description="Measure gradient propagation and identity behaviour of the blocks of deep PyTorch nets.",
     )
@@ -545,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default 1; 0: torch's choice). The reference nets are too small to gain "
         "from more, and with other work on the machine extra threads made the default run 6x slower",
     )
-    p.set_defaults(func=_cmd_compare)
+    p.set_defaults(func=_cmd_compare, parser=p)
 
     p = sub.add_parser(
         "report",
@@ -556,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: the run folder)")
     p.add_argument("--force", action="store_true", help="replace another run already in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_cmd_report)
+    p.set_defaults(func=_cmd_report, parser=p)
 
     p = sub.add_parser(
         "export",
@@ -572,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--columns", type=_csv(str, "--columns"), help="columns to export (default: every metric with values)"
     )
-    q.set_defaults(func=_cmd_export_tensorboard)
+    q.set_defaults(func=_cmd_export_tensorboard, parser=q)
 
     target_help = "MODULE:FACTORY (e.g. torchvision.models:resnet18) or path/to/file.py:FACTORY"
     arg_help = "argument of the factory, positional (20) or KEY=VALUE (residual=False); repeatable"
@@ -611,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the input and the probes (default 0)")
     p.add_argument("--csv", help="also write the full table to this CSV file")
-    p.set_defaults(func=_cmd_inspect)
+    p.set_defaults(func=_cmd_inspect, parser=p)
 
     p = sub.add_parser(
         "blocks",
@@ -622,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help=target_help)
     p.add_argument("--arg", action="append", default=[], help=arg_help)
     p.add_argument("--blocks", nargs="+", help=blocks_help)
-    p.set_defaults(func=_cmd_blocks)
+    p.set_defaults(func=_cmd_blocks, parser=p)
     return parser
 
 
@@ -640,7 +728,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        ns = parser.parse_args(args)
+        ns, extra = parser.parse_known_args(args)
+        if extra:  # reported by the subcommand that did not take them, with its usage
+            owner = getattr(ns, "parser", None)
+            _unrecognized(owner if isinstance(owner, argparse.ArgumentParser) else parser, extra)
     except SystemExit as exc:  # argparse exits 2 on bad usage and 0 on --help
         return int(exc.code or 0)
     if ns.command is None:

@@ -161,7 +161,8 @@ class ProbeConfig:
         auto_step: ``None``/``True``: one step per backward pass until ``probe.step()`` is
             first called; ``False``: only ``probe.step()`` closes steps (gradient accumulation).
         shortcuts: ``{block name: child name or module}`` whose output a shape-changing block
-            is compared with (default: a child named ``shortcut`` or ``downsample``).
+            is compared with (default: a child named ``shortcut`` or ``downsample``); ``None``
+            for a block without a shortcut by design (no warning that it lacks one).
         scaler: a ``torch.amp.GradScaler``; recorded gradient norms are divided by its scale.
         record_eval: also record forward/backward passes of blocks in eval mode.
         update_ratio: record ``update_ratio``, which keeps a copy of the probed parameters

@@ -246,7 +246,9 @@ class TrainConfig:
             sub-batch): ``True`` at the first and the last recorded step of each model,
             an int N every N-th recorded step, ``False`` never.
         device: where the models train.
-        progress: show a tqdm progress bar per model (epoch, loss, ETA) on stderr.
+        progress: show progress on stderr: a tqdm bar per model (epoch, loss, ETA) on a
+            terminal or in a notebook, else one plain line per model and epoch (see
+            :func:`progress_bars`).
         tensorboard: stream each model's ``gradprobe/<column>/<block>`` scalars (``cum_gain``,
             ``gain``, ``res_ratio``), summaries and training curves into this TensorBoard log
             folder while it trains, one subfolder per model (see :mod:`gradprobe.export`).
@@ -420,11 +422,12 @@ def train_one(
     total = epochs * steps_per_epoch
     test_acc: dict[int, float] = {}
     t0 = time.perf_counter()
+    bars = config.progress and progress_bars()
     bar = tqdm(
         total=total,
         desc=f"{name:>14}",
         unit="step",
-        disable=not config.progress,
+        disable=not bars,
         leave=True,
         dynamic_ncols=True,
     )
@@ -465,10 +468,16 @@ def train_one(
                 test_acc[last_step] = _accuracy(model, data.x_test, data.y_test, 512, dev)
                 if stream is not None:
                     stream.scalars(last_step, test_acc=test_acc[last_step])
-                bar.set_postfix_str(
+                status = (
                     f"epoch {epoch + 1}/{epochs} loss {epoch_loss / steps_per_epoch:.4f} "
                     f"test acc {test_acc[last_step]:.3f}"
                 )
+                if bars:
+                    bar.set_postfix_str(status)
+                elif config.progress:  # a log file or a pipe: one plain line per epoch, no \r
+                    print(
+                        f"{name:>14} {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True
+                    )
             frame, scalars, path_frame, block_names = (
                 probe.frame(),
                 probe.scalars(),
@@ -491,6 +500,24 @@ def train_one(
         "paths": path_frame,
     }
     return frame, scalars, info
+
+
+def progress_bars() -> bool:
+    """Whether progress shows as tqdm bars: on a terminal (stderr) or in a notebook.
+
+    Elsewhere (stderr redirected to a file or a pipe) a bar would be redrawn with carriage
+    returns into one long line, so the runner prints one plain line per model and epoch instead.
+    """
+    import tqdm.autonotebook
+    import tqdm.std
+
+    if tqdm.autonotebook.tqdm is not tqdm.std.tqdm:  # a notebook: tqdm.auto draws widgets
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (OSError, ValueError):  # a closed or detached stream
+        return False
 
 
 def _label(table: pd.DataFrame, name: str, depth: int, residual: bool) -> pd.DataFrame:
@@ -606,8 +633,10 @@ def compare(
     ``data`` is ``"digits"``, ``"synthetic"``, ``"cifar10"`` (with ``data_root`` or as
     ``"cifar10:FOLDER"``) or a :class:`gradprobe.data.Dataset`. The run's tables are those of
     :func:`train_one`, with ``model``, ``depth`` and ``residual`` columns first. ``out``: save
-    the run there, checked before training (a writable folder not holding another run unless
-    ``overwrite=True``), so a bad ``out`` never costs a training run. ``command`` (default
+    the run there, checked before training, so a bad ``out`` never costs a training run: a
+    writable folder that is new, empty or holds an earlier compare run (which is replaced);
+    anything else (another kind of run, files gradprobe did not write) needs ``overwrite=True``,
+    and files gradprobe did not write are kept even then. ``command`` (default
     ``sys.argv``) goes into the run's metadata; ``callback(name, model)`` runs after each model.
 
     >>> run = compare(["plain-mlp-4", "resnet-mlp-4"], "synthetic", epochs=1, progress=False)
@@ -618,7 +647,7 @@ def compare(
     config = TrainConfig.of(config, **options)
     run_id = new_run_id()
     if out is not None:  # before training: a bad folder must not cost the results
-        check_destination(out, run_id, overwrite=overwrite)
+        check_destination(out, run_id, overwrite=overwrite, kind="compare", name=f"out={os.fspath(out)!r}")
     # the split stays fixed (seed 0) whatever the training seed: seeds vary training, not the data
     image_data = _data.load(data, root=data_root)
     flat_data = image_data.flat()
@@ -638,7 +667,10 @@ def compare(
     )
     run = Run(frame, scalars, meta, paths=path_table if config.paths else None)
     if out is not None:
-        run.save(out, overwrite=overwrite)
+        # Asked again: the folder may have changed while the models trained. An earlier compare run
+        # there is replaced (its files gradprobe did not write stay), anything else needs overwrite.
+        check_destination(out, run_id, overwrite=overwrite, kind="compare", name=f"out={os.fspath(out)!r}")
+        run.save(out, overwrite=True)
     return run
 
 

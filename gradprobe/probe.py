@@ -33,7 +33,7 @@ from . import capture as _rule
 from ._tensors import in_backward, muted
 from ._version import __version__
 from .alerts import Alerts
-from .blocks import BlockSpec, no_shortcut_message, select_blocks, shortcut_modules
+from .blocks import BlockSpec, no_shortcut_message, select_blocks, shortcut_modules, without_shortcut
 from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
 from .hooks import Handles
 from .jacobian.schedule import JacobianSchedule, paths_decomposition
@@ -122,6 +122,7 @@ class Probe(RecordedTables):
         self._block_hooks = Handles()  # on the blocks and shortcuts, taken off on unrecorded steps
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._shortcut_modules = shortcut_modules(list(self._modules.items()), config.shortcuts)
+        self._no_shortcut_by_design = without_shortcut(list(self._modules.items()), config.shortcuts)
         self._run_id = new_run_id()
         sink = None
         if config.sink is not None:  # last of the checks: a bad argument leaves no empty folder behind
@@ -410,7 +411,8 @@ class Probe(RecordedTables):
         self._step += 1
         self._taps.captures.clear()
         self._stacks.forget()
-        by_index = sorted(self._taps.no_shortcut, key=lambda n: self._index.get(n, -1))
+        unexpected = self._taps.no_shortcut - self._no_shortcut_by_design
+        by_index = sorted(unexpected, key=lambda n: self._index.get(n, -1))
         self._taps.no_shortcut.clear()
         self._alerts.once_each("shape", by_index, no_shortcut_message)
         if buf.scalars:  # scalars are cheap: kept for every step, recorded or not

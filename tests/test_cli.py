@@ -6,6 +6,11 @@ import contextlib
 import importlib.util
 import io
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -110,6 +115,61 @@ def test_no_command_prints_help_and_fails(capsys):
 def test_unknown_option_is_a_usage_error(capsys):
     assert main(["compare", "--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_typo_in_a_subcommands_option_prints_that_subcommands_usage(capsys):
+    """Regression: `gradprobe compare --quik` printed the top-level usage."""
+    assert main(["compare", "--quik"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("usage: gradprobe compare [options]")
+    assert lines[1] == "gradprobe compare: error: unrecognized arguments: --quik (did you mean --quick?)"
+    assert main(["report", "some/run", "--froce"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert (
+        lines[0].startswith("usage: gradprobe report PATH [options]") and "did you mean --force?" in lines[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["compare", "--depths", "20,abc"],
+            "gradprobe compare: error: --depths must be an integer, got 'abc'",
+        ),
+        (["compare", "--lr", "fast"], "gradprobe compare: error: --lr must be a number, got 'fast'"),
+        (["inspect", "gradprobe.models:mlp", "--batch", "0"], "gradprobe inspect: error: --batch must be"),
+        (
+            ["inspect", "gradprobe.models:mlp", "--input-dtype", "int"],
+            "gradprobe inspect: error: argument --input-dtype: invalid choice",
+        ),
+        (["compar"], "gradprobe: error: argument COMMAND: invalid choice: 'compar'"),
+    ],
+)
+def test_a_bad_value_is_one_line_without_the_usage(args, line, capsys):
+    """Regression: `--depths 20,abc` printed eight lines of usage before the error."""
+    assert main(args) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), lines
+
+
+def test_report_of_a_file_names_the_file_it_was_given(tmp_path):
+    """Regression: `gradprobe report README.md` said "--out README.md is a file" without any --out."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a run")
+    code, _, err = run_cli("report", str(readme))
+    assert code == 2 and err.count("\n") == 1
+    assert f"{readme} is a file, not a saved run" in err and "--out" not in err
+    code, _, err = run_cli("report", str(tmp_path), "--out", str(readme))
+    assert code == 2 and f"--out {readme} is a file" in err  # given: then it is named
+
+
+def test_cifar10_without_its_folder_hints_at_the_command_line_flag():
+    """Regression: the hint named the Python API (load('cifar10', root=DIR)), not --data-root."""
+    code, stdout, err = run_cli("compare", "--data", "cifar10", "--out", "unused", "--no-progress")
+    assert code == 2 and stdout == "" and err.count("\n") == 1, err  # refused before the run's header
+    assert "--data-root DIR" in err and "root=" not in err and "load(" not in err
 
 
 def test_console_script_points_at_main():
@@ -351,3 +411,68 @@ def test_compare_arguments_map_onto_one_train_config():
     )
     # without options the command trains exactly as compare() does by default
     assert _train_config(build_parser().parse_args(["compare"]), 20) == TrainConfig()
+
+
+# ----------------------------------------------------------------------------- output folder and progress
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--models", "plain-mlp-4", "--data", "synthetic", "--epochs", "1", "--width", "8"]
+
+
+def test_compare_replaces_the_reference_report_but_not_a_folder_with_the_users_files(tmp_path):
+    """Regression: on a fresh clone `gradprobe compare` refused reports/compare, the committed
+    reference report (no run_id in its meta.json), and its message mixed overwrite=True, --force
+    and "(a run)"."""
+    out = tmp_path / "compare"
+    shutil.copytree(ROOT / "reports" / "compare", out)
+    code, _, err = run_cli("compare", *SMALL, "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert gradprobe.load(out).models == ["plain-mlp-4"]
+    assert {"frame.parquet", "scalars.parquet", "paths.parquet", "meta.json", "index.html"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not [p.name for p in out.iterdir() if p.suffix == ".csv" or p.name.startswith(".")]
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli("compare", *SMALL, "--out", str(out), "--no-progress")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"gradprobe compare: error: --out {out} holds files gradprobe did not write (notes.txt)"
+    )
+    assert "pass --force" in err and "overwrite" not in err and "(a run)" not in err
+    code, _, err = run_cli("compare", *SMALL, "--out", str(out), "--no-progress", "--force")
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"  # --force replaces the run, never the user's files
+
+
+def test_compare_refuses_another_kind_of_run_in_the_cli_s_words(tmp_path):
+    other = tmp_path / "probe"
+    gradprobe.records.Run(
+        gradprobe.records.empty_frame(), gradprobe.records.empty_frame()[["step"]], {"kind": "probe"}
+    ).save(other)
+    code, _, err = run_cli("compare", *SMALL, "--out", str(other), "--no-progress")
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {other} holds another gradprobe run: a probe run (run " in err
+    assert "pass --force to replace it" in err and "overwrite" not in err
+
+
+def test_piped_compare_prints_plain_progress_lines_and_no_shortcut_warning(tmp_path):
+    """Regression: piped into a file the bars were 115 KB of carriage-return-joined redraws, and
+    the plain nets warned that they have no shortcut."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["--models", "plain-8,resnet-8", "--data", "synthetic", "--epochs", "2", "--width", "4"]
+    result = subprocess.run(
+        [sys.executable, "-m", "gradprobe", "compare", *args, "--out", str(tmp_path / "run")],
+        capture_output=True,  # pipes: not a terminal
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "\r" not in result.stdout
+    assert "Warning" not in result.stderr and "change the shape" not in result.stderr
+    progress = [line for line in result.stderr.splitlines() if " epoch " in line]
+    assert [re.sub(r" loss .*", "", line).strip() for line in progress] == [
+        f"{model} epoch {epoch}/2" for model in ("plain-8", "resnet-8") for epoch in (1, 2)
+    ]
+    assert (tmp_path / "run" / "index.html").is_file()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import math
 import re
+import sys
 
 import numpy as np
 import pandas as pd
@@ -421,3 +424,75 @@ def test_default_run_shows_the_four_facts(tmp_path):
         assert (first["res_ratio"] == 0).all()
         assert (last["res_ratio"] > 0).all()
         assert last["res_ratio"].median() > 0.01
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+FLAT = TINY.flat()
+
+
+def _progress_of(monkeypatch, stream: io.StringIO, progress: bool = True) -> str:
+    monkeypatch.setattr(sys, "stderr", stream)
+    model = build_model("plain-mlp-4", FLAT, width=8)
+    experiment.train_one(
+        model, FLAT, TrainConfig(epochs=2, batch_size=16, progress=progress), name="plain-mlp-4"
+    )
+    return stream.getvalue()
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
+    text = _progress_of(monkeypatch, _Terminal())
+    assert "\r" in text and "epoch 2/2" in text and "step/s" in text
+
+
+def test_progress_into_a_file_or_pipe_is_one_plain_line_per_model_and_epoch(monkeypatch):
+    """Regression: piped into a log, the bars were one line of carriage-return-joined redraws."""
+    text = _progress_of(monkeypatch, io.StringIO())
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 2, lines
+    for epoch, line in enumerate(lines, 1):
+        assert re.fullmatch(
+            rf" *plain-mlp-4 epoch {epoch}/2 loss \d+\.\d{{4}} test acc \d\.\d{{3}} \(\d+ s\)", line
+        )
+
+
+def test_no_progress_prints_nothing(monkeypatch):
+    assert _progress_of(monkeypatch, _Terminal(), progress=False) == ""
+    assert _progress_of(monkeypatch, io.StringIO(), progress=False) == ""
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+def test_compare_replaces_an_earlier_compare_run_and_keeps_other_files_only_with_overwrite(tmp_path):
+    out = tmp_path / "compare"
+    options = {"epochs": 1, "batch_size": 16, "width": 8, "progress": False, "command": "test"}
+    compare(["plain-mlp-4"], TINY, out=out, **options)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["run_id"]  # as the committed reference report, saved before runs had ids
+    (out / "meta.json").write_text(json.dumps(meta))
+    compare(["resnet-mlp-4"], TINY, out=out, **options)  # the same kind of run: replaced
+    assert gradprobe.load(out).models == ["resnet-mlp-4"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError) as caught:
+        compare(["plain-mlp-4"], TINY, out=out, **options)
+    message = str(caught.value)
+    assert message.startswith(f"out={str(out)!r} holds files gradprobe did not write (notes.txt)")
+    assert "overwrite=True" in message and "--force" not in message
+    compare(["plain-mlp-4"], TINY, out=out, overwrite=True, **options)
+    assert gradprobe.load(out).models == ["plain-mlp-4"] and (out / "notes.txt").read_text() == "mine"
+    probe_run = tmp_path / "probe"
+    gradprobe.records.Run(
+        gradprobe.records.empty_frame(), pd.DataFrame({"step": [0]}), {"kind": "probe"}
+    ).save(probe_run)
+    with pytest.raises(FileExistsError, match=r"another gradprobe run: a probe run \(run [0-9a-f]{12}"):
+        compare(["plain-mlp-4"], TINY, out=probe_run, **options)

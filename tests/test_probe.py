@@ -6,6 +6,7 @@ import copy
 import gc
 import math
 import tracemalloc
+import warnings
 import weakref
 
 import numpy as np
@@ -103,6 +104,56 @@ def test_a_projection_block_that_does_not_apply_its_shortcut_is_nan_with_one_war
     f = probe.frame().set_index("block")
     assert math.isnan(f.loc["layer2.0", "res_ratio"]) and math.isnan(f.loc["layer2.0", "cos_xy"])
     assert f.drop(index="layer2.0")[["res_ratio", "cos_xy"]].notna().all().all()
+
+
+def _shape_warnings(model: nn.Module, x: torch.Tensor, **options) -> tuple[list[str], pd.DataFrame]:
+    with warnings.catch_warnings(record=True) as caught, gradprobe.attach(model, **options) as probe:
+        warnings.simplefilter("always")
+        loss_of(model(x)).backward()
+    return [str(w.message) for w in caught if "change the shape" in str(w.message)], probe.frame()
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_plain_reference_nets_raise_no_shortcut_warning(residual):
+    """Regression: every gradprobe compare run warned that plain-20/plain-56 lack the shortcut
+    that plain nets have none of by design."""
+    gen = torch.Generator().manual_seed(0)
+    net = gradprobe.models.resnet_cifar(
+        8, residual=residual, width=4, in_channels=1, num_classes=3, generator=gen
+    )
+    found, frame = _shape_warnings(net, torch.randn(4, 1, 8, 8, generator=gen))
+    assert found == []
+    ratio = frame.set_index("block").loc["layer2.0", "res_ratio"]
+    assert math.isnan(ratio) if not residual else ratio > 0  # plain: still nothing to compare with
+    mlp = gradprobe.models.mlp(4, in_features=6, num_classes=3, residual=residual, generator=gen)
+    assert _shape_warnings(mlp, torch.randn(4, 6, generator=gen))[0] == []
+
+
+def test_shortcuts_none_declares_a_user_block_without_a_shortcut():
+    net = make("plain_cnn")  # layer2.0 changes shape and never applies its shortcut child
+    x = make_input("plain_cnn")
+    found, _ = _shape_warnings(net, x)
+    assert len(found) == 1 and "['layer2.0']" in found[0] and "shortcuts={block: None}" in found[0]
+    found, frame = _shape_warnings(make("plain_cnn"), x, shortcuts={"layer2.0": None})
+    assert found == []  # declared: no shortcut by design
+    assert math.isnan(frame.set_index("block").loc["layer2.0", "res_ratio"])
+
+
+def test_a_user_block_wrapping_a_plain_reference_block_still_warns():
+    """The declaration belongs to gradprobe's own plain blocks, not to whatever holds them."""
+    inner = gradprobe.models.resnet_cifar(8, residual=False, width=4, in_channels=1, num_classes=3)
+
+    class Wrapper(nn.Module):
+        def __init__(self, block: nn.Module):
+            super().__init__()
+            self.inner = block
+
+        def forward(self, x):
+            return self.inner(x)
+
+    net = nn.Sequential(inner.conv1, Wrapper(inner.layer1[0]), Wrapper(inner.layer2[0]))
+    found, _ = _shape_warnings(net, torch.randn(2, 1, 8, 8), blocks=["1", "2"])
+    assert len(found) == 1 and "['2']" in found[0]
 
 
 class Scale(nn.Module):

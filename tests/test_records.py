@@ -6,8 +6,10 @@ resume) are in ``tests/test_faults.py``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,6 +18,8 @@ from nets import make, make_input
 import gradprobe
 from gradprobe import records
 from gradprobe.records import FRAME_COLUMNS, PATHS_COLUMNS, Run, atomic_write, check_destination, run_id_at
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------- atomic writes
 
@@ -145,8 +149,121 @@ def test_check_destination_refuses_a_run_without_an_id(tmp_path):
     folder = _saved(tmp_path / "run")
     (folder / "meta.json").unlink()  # tables without metadata: still somebody's run
     assert run_id_at(folder) == ""
-    with pytest.raises(FileExistsError, match="holds another gradprobe run \\(a run\\)"):
+    with pytest.raises(FileExistsError, match=r"holds another gradprobe run: tables with no meta\.json;"):
         check_destination(folder, "0123456789ab")
+
+
+def _compare_like(folder, meta):
+    """A folder as gradprobe compare leaves it: the run's tables, meta.json and the report."""
+    Run(
+        records.empty_frame(), pd.DataFrame({"step": [0]}), {"kind": "compare", "run_id": "0123456789ab"}
+    ).save(folder)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "index.html").write_text("<html></html>")
+    (folder / "highway.png").write_bytes(b"png")
+    return folder
+
+
+# The committed reference report has no run_id (it predates them): kind or command must do.
+EARLIER_COMPARE = [
+    {"kind": "compare", "run_id": "0123456789ab"},
+    {"kind": "compare", "command": "gradprobe compare --no-progress", "format_version": 1},
+    {"command": "gradprobe compare --depths 20", "format_version": 1},
+]
+
+
+@pytest.mark.parametrize("meta", EARLIER_COMPARE)
+def test_an_earlier_compare_run_may_be_replaced_by_a_compare_run(tmp_path, meta):
+    folder = _compare_like(tmp_path / "run", meta)
+    assert check_destination(folder, "ffffffffffff", kind="compare") == folder
+    with pytest.raises(FileExistsError, match="holds another gradprobe run"):
+        check_destination(folder, "ffffffffffff")  # any other writer still needs overwrite
+
+
+@pytest.mark.parametrize(
+    ("meta", "holds"),
+    [
+        (
+            {"kind": "probe", "run_id": "0123456789ab", "created": "2026-01-02"},
+            "a probe run (run 0123456789ab, ",
+        ),
+        ({"command": "python train.py"}, "a gradprobe run (no run id)"),
+    ],
+)
+def test_a_compare_run_refuses_another_kind_of_run_naming_it(tmp_path, meta, holds):
+    folder = _compare_like(tmp_path / "run", meta)
+    with pytest.raises(FileExistsError) as caught:
+        check_destination(folder, "ffffffffffff", kind="compare")
+    assert holds in str(caught.value) and "pass overwrite=True to replace it" in str(caught.value)
+    assert "(a run)" not in str(caught.value)
+    assert check_destination(folder, "ffffffffffff", kind="compare", overwrite=True) == folder
+
+
+def test_a_compare_run_refuses_a_folder_holding_files_gradprobe_did_not_write(tmp_path):
+    folder = _compare_like(tmp_path / "run", EARLIER_COMPARE[1])
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(
+        FileExistsError, match=r"files gradprobe did not write \(notes.txt\); pass overwrite=True"
+    ):
+        check_destination(folder, "ffffffffffff", kind="compare")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("mine")  # no run at all: still somebody's folder
+    with pytest.raises(FileExistsError, match=r"thesis.tex"):
+        check_destination(user, kind="compare")
+    assert check_destination(user) == user  # other writers only add files beside them, as before
+
+
+def test_check_destination_words_its_message_for_the_command_line(tmp_path):
+    folder = _saved(tmp_path / "run")
+    with pytest.raises(FileExistsError) as caught:
+        check_destination(folder, "ffffffffffff", name=f"--out {folder}", force="--force")
+    message = str(caught.value)
+    assert message.startswith(f"--out {folder} holds another gradprobe run")
+    assert "pass --force to replace it" in message and "overwrite" not in message
+
+
+def test_replacing_another_run_keeps_the_files_gradprobe_did_not_write(tmp_path):
+    """Regression: overwrite=True swapped a whole new folder in and deleted the old one, the
+    files of the user in it included."""
+    folder = tmp_path / "run"
+    old = Run(records.empty_frame(), pd.DataFrame({"step": [0, 1]}), {"run_id": "0123456789ab"})
+    records.save_run(folder, old.frame(), old.scalars(), old.meta, paths=records.paths_table([]))
+    assert (folder / "paths.parquet").is_file()
+    (folder / "notes.txt").write_text("mine")
+    new = Run(records.empty_frame(), pd.DataFrame({"step": [5]}), {"run_id": "ffffffffffff"})
+    new.save(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "frame.parquet",
+        "meta.json",
+        "notes.txt",
+        "scalars.parquet",
+    ]
+    back = gradprobe.load(folder)  # the replaced run's path lengths went with it
+    assert back.scalars()["step"].tolist() == [5] and back.meta["run_id"] == "ffffffffffff"
+
+
+def test_foreign_files_are_the_names_gradprobe_does_not_write(tmp_path):
+    for name in ("meta.json", "frame.parquet", "scalars.csv", "paths.parquet", "index.html", "gain.png",
+                 ".gradprobe.lock", ".meta.json.123-abcdef.tmp",
+                 "frame-0123456789ab-000001-r3.parquet", "notes.txt", "frame.parquet.bak"):  # fmt: skip
+        (tmp_path / name).write_text("x")
+    (tmp_path / "sub").mkdir()
+    assert records.foreign_files(tmp_path) == ["frame.parquet.bak", "notes.txt", "sub"]
+
+
+def test_the_reference_report_is_of_the_current_format_version():
+    """reports/compare is regenerated whenever the run folder's layout changes (meta.json's
+    format_version); an older one is a stale reference."""
+    meta = json.loads((ROOT / "reports" / "compare" / "meta.json").read_text())
+    assert meta.get("format_version") == records.schema._FORMAT_VERSION, (
+        f"reports/compare was written by format version {meta.get('format_version')}, the package writes "
+        f"{records.schema._FORMAT_VERSION}: regenerate it with `gradprobe compare`"
+    )
+    assert (
+        meta.get("table_format") == "parquet" and (ROOT / "reports" / "compare" / "frame.parquet").is_file()
+    )
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")

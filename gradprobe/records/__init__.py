@@ -18,8 +18,9 @@ No pickle is used anywhere, so loading a run never executes code.
 Nothing lost: every file is written under a temporary name in its folder,
 flushed, fsynced and renamed (:func:`atomic_write`); a run saved into a new
 folder is built in a temporary folder and renamed into place. A run is never
-deleted to be rewritten, and a folder holding a *different* run (another
-``run_id`` in its ``meta.json``) is only replaced with ``overwrite=True``.
+deleted to be rewritten, a folder holding a *different* run (another
+``run_id`` in its ``meta.json``) is only replaced with ``overwrite=True``, and
+files gradprobe did not write are never removed.
 A :class:`Sink` streams a run to disk from its first step (see its docstring
 for what a crash can lose and how :func:`load` reports damage).
 
@@ -40,8 +41,10 @@ from .files import (
     atomic_write_bytes,
     atomic_write_text,
     check_destination,
+    foreign_files,
     new_run_id,
     run_id_at,
+    run_kind,
     try_write,
 )
 from .recorder import RecordedTables, Recorder, rank_view
@@ -87,6 +90,7 @@ __all__ = [
     "atomic_write_text",
     "check_destination",
     "empty_frame",
+    "foreign_files",
     "has_parquet",
     "load",
     "new_run_id",
@@ -95,6 +99,7 @@ __all__ = [
     "read_meta",
     "rows_to_frame",
     "run_id_at",
+    "run_kind",
     "save_run",
     "try_write",
 ]

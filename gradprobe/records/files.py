@@ -124,8 +124,8 @@ def _read_table(base: Path, dtypes: Mapping[str, str], fmt: str | None = None) -
     file = parquet if use_parquet else csv
     if use_parquet and not has_parquet():
         raise ImportError(
-            f"{parquet} is Parquet but pyarrow is not installed; "
-            "install it with `pip install pyarrow` (or `pip install gradprobe[parquet]`)."
+            f"{parquet} is Parquet but pyarrow (a dependency of gradprobe) is not installed; "
+            "install it with `pip install pyarrow`."
         )
     try:
         frame = pd.read_parquet(file) if use_parquet else _read_csv(file, dtypes)
@@ -210,8 +210,86 @@ def run_id_at(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def _run_meta_at(folder: Path) -> dict[str, Any] | None:
+    """The parsed ``meta.json`` of ``folder``; None when it has none or it cannot be read."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def run_kind(meta: Mapping[str, Any] | None) -> str | None:
+    """The kind of run a ``meta.json`` describes (``"compare"``, ``"probe"``, ...), None if it does not say.
+
+    A ``meta.json`` without a kind whose command is ``gradprobe compare ...`` describes a compare run.
+
+    >>> run_kind({"kind": "compare"}), run_kind({"command": "gradprobe compare --no-progress"})
+    ('compare', 'compare')
+    """
+    if not meta:
+        return None
+    kind = meta.get("kind")
+    if isinstance(kind, str) and kind:
+        return kind
+    command = meta.get("command")
+    if isinstance(command, str) and command.split()[:2] == ["gradprobe", "compare"]:
+        return "compare"
+    return None
+
+
+def _describe_run(folder: Path) -> str:
+    """The run saved in ``folder`` in a few words, for messages: its kind, id and date."""
+    meta = _run_meta_at(folder)
+    if meta is None:
+        state = "an unreadable meta.json" if (folder / "meta.json").exists() else "no meta.json"
+        return f"tables with {state}"
+    kind = run_kind(meta)
+    details = [f"run {meta['run_id']}" if meta.get("run_id") else "no run id"]
+    if meta.get("created"):
+        details.append(f"created {meta['created']}")
+    return f"{f'a {kind} run' if kind else 'a gradprobe run'} ({', '.join(details)})"
+
+
+#: Names of the files gradprobe writes into a run folder besides the tables and chunks: the
+#: metadata, a sink's lock, the HTML report and its figures, and temporary files of writes.
+_OWNED_FILE = re.compile(
+    r"^(meta\.json|index\.html|[^/]+\.png|(frame|scalars|paths)\.(parquet|csv)|\.gradprobe\.lock"
+    r"|\..*\.tmp|\.gradprobe-write-test-.*)$"
+)
+
+
+def foreign_files(path: str | os.PathLike[str]) -> list[str]:
+    """Names in the folder ``path`` that gradprobe did not write (sorted; [] for a missing folder).
+
+    gradprobe's files are ``meta.json``, the tables, a sink's chunks and lock, the report
+    (``index.html``, PNG figures) and temporary files of interrupted writes.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "notes.txt").write_text("mine")
+    >>> _ = (d / "meta.json").write_text("{}"); foreign_files(d)
+    ['notes.txt']
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if not (
+            (p.is_file() or p.name.endswith(".tmp")) and (_OWNED_FILE.match(p.name) or _CHUNK.match(p.name))
+        )
+    )
+
+
 def check_destination(
-    path: str | os.PathLike[str], run_id: str | None = None, *, overwrite: bool = False
+    path: str | os.PathLike[str],
+    run_id: str | None = None,
+    *,
+    overwrite: bool = False,
+    kind: str | None = None,
+    name: str | None = None,
+    force: str = "overwrite=True",
 ) -> Path:
     """Check, before any work, that a run (or report) can be written into the folder ``path``.
 
@@ -219,30 +297,47 @@ def check_destination(
     another id than ``run_id`` unless ``overwrite``. Raises an ``OSError`` with a one-line
     message otherwise; creates nothing.
 
+    ``kind`` is the kind of the run to be written (``meta["kind"]``, e.g. ``"compare"``). Given,
+    a folder that holds an earlier run of that kind and no file gradprobe did not write may be
+    replaced without ``overwrite``, and a folder holding anything else (another kind of run,
+    files gradprobe did not write) is refused unless ``overwrite``. Files gradprobe did not
+    write are never removed, with ``overwrite`` neither. ``name`` (default: the path) and
+    ``force`` word the message: the command line passes ``"--out DIR"`` and ``"--force"``.
+
     >>> import tempfile
     >>> check_destination(tempfile.mkdtemp()).is_dir()
     True
     """
     out = Path(path)
+    label = name or str(out)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a folder; a run is written as a folder")
+        raise NotADirectoryError(f"{label} exists and is not a folder; a run is written as a folder")
     existing = run_id_at(out)
-    if existing is not None and (not existing or existing != run_id) and not overwrite:
-        named = f"run {existing}" if existing else "a run"
-        raise FileExistsError(
-            f"{out} holds another gradprobe run ({named}); pass overwrite=True (--force on the command "
-            "line) to replace it, or choose another folder"
-        )
+    if not overwrite and existing is not None and (not existing or existing != run_id):
+        earlier = kind is not None and run_kind(_run_meta_at(out)) == kind
+        if not earlier:
+            raise FileExistsError(
+                f"{label} holds another gradprobe run: {_describe_run(out)}; pass {force} to replace it "
+                "(files gradprobe did not write are kept), or choose another folder"
+            )
+    if not overwrite and kind is not None:
+        foreign = foreign_files(out)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise FileExistsError(
+                f"{label} holds files gradprobe did not write ({shown}); pass {force} to write the "
+                f"{kind} run beside them (they are kept), or choose another folder"
+            )
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(f"{out} cannot be created: {parent} is a file, not a folder")
+        raise NotADirectoryError(f"{label} cannot be created: {parent} is a file, not a folder")
     try:
         try_write(parent)
     except OSError as exc:
         raise PermissionError(
-            f"{out} cannot be written ({exc.strerror or exc}); pass a writable folder"
+            f"{label} cannot be written ({exc.strerror or exc}); pass a writable folder"
         ) from None
     return out
 

@@ -139,30 +139,35 @@ def save_run(
         atomic_write_text(folder / "meta.json", _meta_text(full_meta))  # last: it commits the run
 
     existing = run_id_at(out)
-    if (existing is None and out.is_dir()) or existing == run_id:
-        # This run, or a folder without one: files are replaced, never removed first. Every file is
-        # written and fsynced under a temporary name before the first rename, so a kill while a
-        # table is written leaves the old run whole; only the renames themselves (meta.json last,
-        # microseconds apart) stand between the old set of files and the new one.
+    if out.is_dir():
+        # This run, another one (overwrite=True) or a folder without one: files are replaced, never
+        # removed first, and files gradprobe did not write stay. Every file is written and fsynced
+        # under a temporary name before the first rename, so a kill while a table is written leaves
+        # the old run whole; only the renames themselves (meta.json last, microseconds apart) stand
+        # between the old set of files and the new one.
         _replace_together(out, fill)
         other = "csv" if fmt == "parquet" else "parquet"
-        stale_tables = ("frame", "scalars") if paths is None else ("frame", "scalars", "paths")
-        for stale in stale_tables:  # a table of the other format is a leftover now
+        replaced = existing is not None and existing != run_id  # another run's files give way
+        stale = [f"frame.{other}", f"scalars.{other}"]  # a table of the other format is a leftover now
+        if paths is not None:
+            stale.append(f"paths.{other}")
+        elif replaced:
+            stale += ["paths.parquet", "paths.csv"]  # the replaced run's path lengths are not this run's
+        for name in stale:
             with contextlib.suppress(OSError):
-                (out / f"{stale}.{other}").unlink()
+                (out / name).unlink()
+        if replaced:
+            for chunk in [p for p in out.iterdir() if _CHUNK.match(p.name) or _LEGACY_CHUNK.match(p.name)]:
+                with contextlib.suppress(OSError):
+                    chunk.unlink()  # a streamed run replaced by a saved one: its chunks would be read
+        _fsync_dir(out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     building = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
     building.mkdir()
     try:
         fill(building)
-        if out.exists():  # overwrite=True of another run: swap the complete new folder in
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:6]}.old")
-            os.rename(out, old)
-            os.rename(building, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(building, out)
+        os.rename(building, out)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
