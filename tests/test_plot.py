@@ -268,7 +268,7 @@ def test_gain_heatmaps_one_panel_per_model_plain_left_of_residual():
     fig = plot.gain_heatmaps(make_frame(models=models))
     panels = [ax for ax in fig.axes if ax.collections and ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["plain-3", "resnet-3", "plain-9", "resnet-9"]
-    pal = plot.model_palette([m for m, _, _ in models])
+    pal = plot.model_palette(make_frame(models=models))  # plain in oranges, residual in blues
     assert [to_rgb(ax.title.get_color()) for ax in panels] == [pal[ax.get_title()] for ax in panels]
     norms = {(ax.collections[0].norm.vmin, ax.collections[0].norm.vmax) for ax in panels}
     assert len(norms) == 1  # one colour scale shared by every panel

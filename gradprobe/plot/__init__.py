@@ -46,6 +46,7 @@ from .identity import identity_figure, plot_over_steps
 from .jacobian import jacobian_figure, plot_jacobian, plot_spectrum
 from .paths import (
     SIGNAL_PANELS,
+    path_lengths_figure,
     plot_path_lengths,
     plot_responses,
     plot_signal_propagation,
@@ -68,6 +69,7 @@ __all__ = [
     "loss_column",
     "model_palette",
     "offscreen",
+    "path_lengths_figure",
     "plot_accuracy",
     "plot_gain_heatmap",
     "plot_highway",

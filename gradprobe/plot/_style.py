@@ -30,6 +30,7 @@ ACCURACY_COLUMNS: tuple[str, ...] = ("test_acc", "acc", "accuracy", "val_acc", "
 #: Axis labels: what is plotted and in which unit. Norms are in the units of the loss gradient.
 LABELS: dict[str, str] = {
     "index": "block index (0 = nearest the input)",
+    "position": "relative depth (0 = first block, 1 = last block)",
     "step": "training step",
     "gain": "block gain |dL/dx| / |dL/dy|",
     "cum_gain": "cumulative gain to the stack output\n|dL/dx| / |dL/dy_last|",
@@ -106,26 +107,76 @@ def offscreen() -> Iterator[None]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def model_palette(models: Sequence[str] | Any, *, palette: str = "colorblind") -> dict[str, Color]:
-    """Map model names to colours, in the order given (duplicates ignored).
+#: Colour maps of the two families of a plain-versus-residual run: plain nets in oranges, residual
+#: nets in blues; within a family a deeper model is darker.
+FAMILY_CMAPS: dict[bool, str] = {False: "Oranges", True: "Blues"}
 
-    Pass the result as ``palette=`` to every figure so that a model keeps its
-    colour everywhere. Up to 10 models get seaborn's colour-blind-safe
-    "colorblind" palette; more get evenly spaced "husl" hues (still distinct,
-    no longer colour-blind-safe).
+# The stretch of a family's colour map that is used: paler than 0.45 is hard to see on white.
+_FAMILY_RANGE = (0.45, 0.9)
+
+
+def model_palette(
+    models: Sequence[str] | pd.DataFrame | Any, *, palette: str = "colorblind"
+) -> dict[str, Color]:
+    """Map model names to colours; the one palette of every figure and of the report's swatches.
+
+    ``models`` is a frame with ``model`` and ``residual`` columns (``depth`` optional: a run's
+    block frame, scalars or summary table): plain nets get oranges and residual nets blues
+    (:data:`FAMILY_CMAPS`), a deeper model a darker shade of its family. Otherwise ``models`` are
+    names (or a frame's ``model`` column), coloured in the order given (duplicates ignored): up to
+    10 get seaborn's colour-blind-safe "colorblind" palette, more evenly spaced "husl" hues.
+    Pass the result as ``palette=`` to every figure so that a model keeps its colour everywhere.
 
     >>> pal = model_palette(["plain-20", "resnet-20"])
     >>> list(pal), len(set(pal.values()))
     (['plain-20', 'resnet-20'], 2)
+    >>> import pandas as pd
+    >>> runs = pd.DataFrame({"model": ["plain-20", "plain-56", "resnet-20"], "depth": [20, 56, 20],
+    ...                      "residual": [False, False, True]})
+    >>> pal = model_palette(runs)
+    >>> [max(range(3), key=lambda i: c[i]) for c in pal.values()]  # strongest channel: red, red, blue
+    [0, 0, 2]
+    >>> sum(pal["plain-56"]) < sum(pal["plain-20"])  # deeper is darker
+    True
     """
     import seaborn as sns
 
+    if hasattr(models, "columns"):
+        frame = cast("pd.DataFrame", models)
+        if "model" not in frame.columns:
+            models = [SINGLE_MODEL]
+        elif "residual" in frame.columns and len(frame) and frame["residual"].notna().all():
+            return _family_palette(frame)
+        else:
+            models = frame["model"].tolist()
     names = list(dict.fromkeys(str(m) for m in models))
     n = max(len(names), 1)
     if palette == "colorblind" and n > 10:
         palette = "husl"
     colours = sns.color_palette(palette, n_colors=n)
     return {name: (float(c[0]), float(c[1]), float(c[2])) for name, c in zip(names, colours, strict=False)}
+
+
+def _family_palette(frame: pd.DataFrame) -> dict[str, Color]:
+    """Plain nets in oranges, residual nets in blues; lightness by depth within a family (deeper: darker)."""
+    import seaborn as sns
+
+    first = frame.drop_duplicates("model")
+    order = {str(m): i for i, m in enumerate(first["model"])}
+    out: dict[str, Color] = {}
+    for residual, cmap_name in FAMILY_CMAPS.items():
+        part = first[first["residual"].astype(bool) == residual]
+        depth = part["depth"].astype("float64").fillna(0.0) if "depth" in part.columns else 0.0 * part.index
+        ranked = sorted(zip(depth, map(str, part["model"]), strict=True), key=lambda d: (d[0], order[d[1]]))
+        if not ranked:
+            continue
+        cmap = sns.color_palette(cmap_name, as_cmap=True)
+        lo, hi = _FAMILY_RANGE
+        levels = np.linspace(lo, hi, len(ranked)) if len(ranked) > 1 else np.array([(lo + hi) / 2 + 0.1])
+        for (_, name), level in zip(ranked, levels, strict=True):
+            c = cmap(float(level))
+            out[name] = (float(c[0]), float(c[1]), float(c[2]))
+    return {str(m): out[str(m)] for m in first["model"]}
 
 
 def has_jacobian(data: pd.DataFrame) -> bool:
@@ -178,11 +229,17 @@ def _has_legend(data: pd.DataFrame) -> bool:
     return "model" in data.columns
 
 
-def _resolve_palette(models: Sequence[str], palette: Mapping[str, Any] | str | None) -> dict[str, Any]:
-    if palette is None or isinstance(palette, str):
-        return dict(model_palette(models, palette=palette or "colorblind"))
+def _resolve_palette(
+    models: Sequence[str] | pd.DataFrame, palette: Mapping[str, Any] | str | None
+) -> dict[str, Any]:
+    """The colours of ``models`` (names, or a frame: then plain/residual families when it can tell)."""
+    if palette is None:
+        return dict(model_palette(models))
+    names = _models(cast("pd.DataFrame", models)) if hasattr(models, "columns") else list(models)
+    if isinstance(palette, str):
+        return dict(model_palette(names, palette=palette))
     resolved = {str(k): v for k, v in palette.items()}
-    missing = [m for m in models if m not in resolved]
+    missing = [m for m in names if m not in resolved]
     if missing:  # unknown models get colours not used by the given ones, so none is shared
         used = set(map(str, resolved.values()))
         spare = [c for c in model_palette(list(resolved) + missing).values() if str(c) not in used]
@@ -395,6 +452,35 @@ def _block_xlim(ax: Axes, positions: Any) -> None:
     pos = pos[np.isfinite(pos)]
     if pos.size:
         ax.set_xlim(float(pos.min()) - 0.5, float(pos.max()) + 0.5)
+
+
+def _depth_x(frame: pd.DataFrame, x: str = "auto") -> tuple[pd.DataFrame, str]:
+    """The x column of a figure against depth: ``x``, or for "auto" "index" when every model has the
+    same block indices and "position" otherwise, so that a shallow model is not squeezed into the
+    left part of a deep one's axis.
+
+    "position" is ``(index - first) / (last - first)`` over each model's blocks: 0 is its first
+    block (nearest the input), 1 its last.
+    """
+    if x != "auto":
+        return frame, x
+    spans = frame.groupby("model", sort=False)["index"].agg(["min", "max"])
+    if len(spans) <= 1 or (spans.nunique() <= 1).all():
+        return frame, "index"
+    lo = frame.groupby("model", sort=False)["index"].transform("min").astype("float64")
+    hi = frame.groupby("model", sort=False)["index"].transform("max").astype("float64")
+    span = (hi - lo).where(hi > lo, 1.0)
+    return frame.assign(position=(frame["index"].astype("float64") - lo) / span), "position"
+
+
+def _depth_axis(ax: Axes, positions: Any, x: str) -> None:
+    """Limits, ticks and label of an x axis against depth (block index or relative position)."""
+    if x == "position":
+        ax.set_xlim(-0.03, 1.03)
+    else:
+        _block_xlim(ax, positions)
+        _integer_ticks(ax)
+    ax.set_xlabel(LABELS.get(x, x))
 
 
 def _integer_ticks(ax: Axes) -> None:

@@ -12,8 +12,9 @@ from ._style import (
     _MAX_WIDTH,
     LABELS,
     Step,
-    _block_xlim,
     _check_frame,
+    _depth_axis,
+    _depth_x,
     _figure_legend,
     _floats,
     _has_legend,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 def plot_highway(
     data: pd.DataFrame,
     *,
-    x: str = "index",
+    x: str = "auto",
     y: str = "cum_gain",
     step: Step = "last",
     palette: Mapping[str, Any] | str | None = None,
@@ -58,25 +59,25 @@ def plot_highway(
     ``cum_gain`` is the product of block gains from a block to its stack's output, so a
     flat line at 1 is a perfect highway; a line falling towards the input
     means vanishing gradients, rising means exploding. ``step`` is "first",
-    "last" or a step number (per model).
+    "last" or a step number (per model). ``x="auto"`` draws against block index, or against
+    relative depth (0 = first block, 1 = last) when the models have different numbers of blocks.
 
     >>> import pandas as pd
     >>> f = pd.DataFrame({"step": 0, "block": ["a", "b"], "index": [0, 1], "cum_gain": [0.01, 0.5]})
     >>> plot_highway(f).get_yscale()
     'log'
     """
-    frame = _check_frame(data, ["step", x, y], "plot_highway")
-    pal = _resolve_palette(_models(frame), palette)
+    frame = _check_frame(data, ["step", "index" if x == "auto" else x, y], "plot_highway")
+    frame, x = _depth_x(frame, x)
+    pal = _resolve_palette(frame, palette)
     ax = _own_axes(ax)
     rows = _pick_steps(frame, step, [y], "plot_highway")
     dropped = _lines_per_model(ax, rows, x, y, pal, log=True)
-    _block_xlim(ax, rows[x])
     _set_scale(ax, "y", True)
     _reference_line(ax, 1.0)
     _note_dropped(ax, dropped)
-    ax.set_xlabel(LABELS.get(x, x))
+    _depth_axis(ax, rows[x], x)
     ax.set_ylabel(LABELS.get(y, y) + " (log scale)")
-    _integer_ticks(ax)
     if legend and _has_legend(data) and len(rows):
         _legend_outside(ax, title="model")
     return ax
@@ -99,7 +100,7 @@ def highway_figure(
     """
     frame = _check_frame(data, ["step", "index", y], "highway_figure")
     models = _models(frame)
-    pal = _resolve_palette(models, palette)
+    pal = _resolve_palette(frame, palette)
     fig, axes = _new_figure(1, len(steps), size=(4.0 * len(steps) + 1.6, 3.6), sharey=True)
     names = {
         "first": "at initialisation (first recorded step)",
@@ -244,7 +245,7 @@ def gain_heatmaps(
     """
     frame = _check_frame(data, ["step", "block", "index", value], "gain_heatmaps")
     models, ncols = _panel_order(frame, _models(frame))
-    pal = _resolve_palette(_models(frame), palette)
+    pal = _resolve_palette(frame, palette)
     limit = _log_limit(_floats(frame[value]), vlim)
     nrows = math.ceil(len(models) / ncols)
     tall = max(frame.groupby("model")["index"].nunique().max() * 0.12, 2.2)
@@ -289,22 +290,21 @@ def plot_skip_branch(
     from matplotlib.lines import Line2D
 
     frame = _check_frame(data, ["step", "index", skip, branch], "plot_skip_branch")
-    pal = _resolve_palette(_models(frame), palette)
+    frame, x = _depth_x(frame)
+    pal = _resolve_palette(frame, palette)
     ax = _own_axes(ax)
     rows = _pick_steps(frame, step, [skip, branch], "plot_skip_branch")
     values = np.concatenate([_floats(rows[skip]), _floats(rows[branch])])
     use_log = _spans_decades(values, 10.0)
-    dropped = _lines_per_model(ax, rows, "index", skip, pal, log=use_log, label_suffix=" skip")
+    dropped = _lines_per_model(ax, rows, x, skip, pal, log=use_log, label_suffix=" skip")
     dropped += _lines_per_model(
-        ax, rows, "index", branch, pal, log=use_log, linestyle="--", marker="x", label_suffix=" branch"
+        ax, rows, x, branch, pal, log=use_log, linestyle="--", marker="x", label_suffix=" branch"
     )
-    _block_xlim(ax, rows["index"])
     if use_log:
         _set_scale(ax, "y", True)
     _note_dropped(ax, dropped)
-    ax.set_xlabel(LABELS["index"])
+    _depth_axis(ax, rows[x], x)
     ax.set_ylabel("gradient norm" + (" (log scale)" if use_log else ""))
-    _integer_ticks(ax)
     if legend:
         styles = [
             Line2D([], [], color="0.2", marker="o", markersize=3, label="skip |g_y|"),
@@ -336,7 +336,7 @@ def skip_branch_figure(
 
     frame = _check_frame(data, ["step", "index", "skip_grad", "branch_grad"], "skip_branch_figure")
     models, ncols = _panel_order(frame, _models(frame))
-    pal = _resolve_palette(_models(frame), palette)
+    pal = _resolve_palette(frame, palette)
     nrows = math.ceil(len(models) / ncols)
     fig, axes = _new_figure(
         nrows, ncols, size=(min(3.6 * ncols + 1.9, _MAX_WIDTH), 2.7 * nrows + 0.3), sharey=True

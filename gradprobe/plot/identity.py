@@ -145,7 +145,7 @@ def identity_figure(
             "res_ratio comes from the probe engine, jac_id from attach(..., jacobian=True)."
         )
     models, _ = _panel_order(frame, _models(frame))
-    pal = _resolve_palette(_models(frame), palette)
+    pal = _resolve_palette(frame, palette)
     ncols = len(models)
     fig, axes = _new_figure(
         len(rows_of), ncols, size=(min(2.6 * ncols + 1.4, _MAX_WIDTH), 2.6 * len(rows_of) + 0.4), sharey="row"

@@ -12,11 +12,11 @@ from ._style import (
     _MAX_WIDTH,
     LABELS,
     Step,
-    _block_xlim,
     _check_frame,
+    _depth_axis,
+    _depth_x,
     _floats,
     _has_legend,
-    _integer_ticks,
     _legend_outside,
     _lines_per_model,
     _models,
@@ -66,12 +66,13 @@ def plot_jacobian(
     if not 1 <= len(columns) <= 2:
         raise ValueError(f"plot_jacobian draws one or two columns (solid, dashed), got {list(columns)}")
     frame = _check_frame(data, ["step", "index", *columns], "plot_jacobian")
+    frame, x = _depth_x(frame)
     if not any(np.isfinite(_floats(frame[c])).any() for c in columns):
         raise ValueError(
             f"plot_jacobian: {list(columns)} are NaN everywhere; record them with "
             "gradprobe.attach(..., jacobian=True) or gradprobe.analyze(...)."
         )
-    pal = _resolve_palette(_models(frame), palette)
+    pal = _resolve_palette(frame, palette)
     ax = _own_axes(ax)
     rows = _pick_steps(frame, step, list(columns), "plot_jacobian")
     values = np.concatenate([_floats(rows[c]) for c in columns])
@@ -79,18 +80,14 @@ def plot_jacobian(
     dropped: Counter[str] = Counter()
     styles: list[tuple[Any, str]] = [("-", "o"), ("--", "x")]
     for column, (linestyle, marker) in zip(columns, styles, strict=False):
-        dropped += _lines_per_model(
-            ax, rows, "index", column, pal, log=use_log, linestyle=linestyle, marker=marker
-        )
-    _block_xlim(ax, rows["index"])
+        dropped += _lines_per_model(ax, rows, x, column, pal, log=use_log, linestyle=linestyle, marker=marker)
     _reference_line(ax, 1.0)
     if use_log:
         _set_scale(ax, "y", True)
     _note_dropped(ax, dropped)
-    ax.set_xlabel(LABELS["index"])
+    _depth_axis(ax, rows[x], x)
     product = all(c.startswith("prod") for c in columns)
     ax.set_ylabel(("product Jacobian" if product else "block Jacobian") + " singular value")
-    _integer_ticks(ax)
     if legend:
         handles = [
             Line2D([], [], color="0.2", linestyle=ls, marker=mk, markersize=3, label=LABELS.get(c, c))
@@ -202,7 +199,7 @@ def jacobian_figure(
             "spectrum was given; record them with gradprobe.attach(..., jacobian=True)."
         )
     models = _models(frame)
-    pal = _resolve_palette(models, palette)
+    pal = _resolve_palette(frame, palette)
     n = len(groups) + (spectrum is not None)
     fig, axes = _new_figure(1, n, size=(min(3.6 * n + 1.9, _MAX_WIDTH), 3.4))
     for ax, cols in zip(axes[0], groups, strict=False):

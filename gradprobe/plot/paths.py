@@ -14,6 +14,8 @@ from ._style import (
     Step,
     _block_xlim,
     _check_frame,
+    _depth_axis,
+    _depth_x,
     _figure_legend,
     _floats,
     _has_legend,
@@ -25,6 +27,7 @@ from ._style import (
     _new_figure,
     _note_dropped,
     _own_axes,
+    _panel_order,
     _pick_steps,
     _resolve_palette,
     _set_scale,
@@ -64,7 +67,8 @@ def plot_responses(
     if order not in ("forward", "sorted"):
         raise ValueError(f"order must be 'forward' or 'sorted', got {order!r}")
     frame = _check_frame(data, ["step", "index", y], "plot_responses")
-    pal = _resolve_palette(_models(frame), palette)
+    frame, depth_x = _depth_x(frame)
+    pal = _resolve_palette(frame, palette)
     ax = _own_axes(ax)
     rows = _pick_steps(frame, step, [y], "plot_responses")
     if order == "sorted":
@@ -76,18 +80,21 @@ def plot_responses(
         import pandas as pd
 
         rows = pd.concat(parts) if parts else rows.assign(rank=[])
-    x = "index" if order == "forward" else "rank"
+    x = depth_x if order == "forward" else "rank"
     use_log = _spans_decades(_floats(rows[y]), 30.0)
     dropped = _lines_per_model(ax, rows, x, y, pal, log=use_log)
-    _block_xlim(ax, rows[x])
     if use_log:
         _set_scale(ax, "y", True)
     elif not (_floats(rows[y]) < 0).any():
         ax.set_ylim(bottom=0)  # sizes from 0: a zoomed axis would make equal responses look different
     _note_dropped(ax, dropped)
-    ax.set_xlabel(LABELS["index"] if order == "forward" else "block rank (sorted by response, largest first)")
+    if order == "forward":
+        _depth_axis(ax, rows[x], x)
+    else:
+        _block_xlim(ax, rows[x])
+        _integer_ticks(ax)
+        ax.set_xlabel("block rank (sorted by response, largest first)")
     ax.set_ylabel(LABELS.get(y, y) + (" (log scale)" if use_log else ""))
-    _integer_ticks(ax)
     if legend and _has_legend(data):
         _legend_outside(ax, title="model")
     return ax
@@ -109,7 +116,7 @@ def responses_figure(
     """
     frame = _check_frame(data, ["step", "index", y], "responses_figure")
     models = _models(frame)
-    pal = _resolve_palette(models, palette)
+    pal = _resolve_palette(frame, palette)
     fig, axes = _new_figure(1, 2, size=(9.6, 3.4), sharey=True)
     plot_responses(frame, y=y, step=step, order="forward", palette=pal, legend=False, ax=axes[0, 0])
     plot_responses(frame, y=y, step=step, order="sorted", palette=pal, legend=False, ax=axes[0, 1])
@@ -154,7 +161,8 @@ def plot_signal_propagation(
     """
     columns = [c for c, _ in SIGNAL_PANELS]
     frame, legend = _hue_frame(data, ["step", "index", *columns], hue, "plot_signal_propagation")
-    pal = _resolve_palette(_models(frame), palette)
+    frame, x = _depth_x(frame)
+    pal = _resolve_palette(frame, palette)
     if ax is None:
         _, grid = _new_figure(1, 3, size=(_MAX_WIDTH, 3.2))
         axes = list(grid[0])
@@ -165,16 +173,14 @@ def plot_signal_propagation(
     rows = _pick_steps(frame, step, columns, "plot_signal_propagation")
     for panel, (column, title) in zip(axes, SIGNAL_PANELS, strict=True):
         use_log = _spans_decades(_floats(rows[column]), 30.0)
-        dropped = _lines_per_model(panel, rows, "index", column, pal, log=use_log)
-        _block_xlim(panel, rows["index"])
+        dropped = _lines_per_model(panel, rows, x, column, pal, log=use_log)
         if use_log:
             _set_scale(panel, "y", True)
         elif not (_floats(rows[column]) < 0).any():
             panel.set_ylim(bottom=0)
         _note_dropped(panel, dropped)
         panel.set_title(title)
-        panel.set_xlabel("block depth (index)")
-        _integer_ticks(panel)
+        _depth_axis(panel, rows[x], x)
     if legend and len(rows):
         _legend_outside(axes[-1], title=hue)
     return axes[0]
@@ -197,8 +203,9 @@ def plot_path_lengths(
 
     ``stack``: which stack, by name as in the frame (default: each model's stack with the most
     branching blocks). With ``reference``, the binomial distribution of the number of paths,
-    C(L, k) / 2^L, is drawn in faint grey for each distinct L: what the shares would be if every
-    path carried the same gradient.
+    C(L, k) / 2^L, is drawn dotted in grey for each distinct L (labelled with L when there are
+    several): what the shares would be if every path carried the same gradient. The legend names
+    the models, the two line styles and the reference once each.
 
     >>> import pandas as pd
     >>> f = pd.DataFrame({"step": 0, "stack": 0, "length": [0, 1, 2], "share": [0.5, 0.4, 0.1],
@@ -214,10 +221,10 @@ def plot_path_lengths(
     frame, legend = _hue_frame(data, ["step", *cols], hue, "plot_path_lengths")
     if "stack" not in frame.columns:
         frame["stack"] = 0
-    pal = _resolve_palette(_models(frame), palette)
+    pal = _resolve_palette(frame, palette)
     ax = _own_axes(ax)
     seen_l: set[int] = set()
-    drawn = 0
+    drawn = steps_shown = 0
     for model, rows in frame.groupby("model", sort=False):
         if stack is None:  # the stack with the most branching blocks (n_paths at k = 1 is L)
             per_stack = rows[rows["length"] == 1].groupby("stack", sort=False)["n_paths"].max()
@@ -233,6 +240,7 @@ def plot_path_lengths(
             value = recorded[0] if s == "first" else recorded[-1] if s == "last" else int(s)
             if value in recorded and value not in wanted:
                 wanted.append(value)
+        steps_shown = max(steps_shown, len(wanted))
         for i, value in enumerate(wanted):
             part = rows[rows["step"] == value].sort_values("length")
             style = "--" if i == 0 and len(wanted) > 1 else "-"
@@ -253,19 +261,82 @@ def plot_path_lengths(
     if reference:
         for depth in sorted(seen_l):
             k = np.arange(depth + 1)
-            ax.plot(
-                k,
-                [math.comb(depth, int(i)) / 2.0**depth for i in k],
-                color="0.6",
-                alpha=0.5,
-                linewidth=1.0,
-                zorder=1,
-                label=f"path count C({depth}, k) / 2^{depth}",
-            )
+            share = np.array([math.comb(depth, int(i)) / 2.0**depth for i in k])
+            ax.plot(k, share, color="0.45", linestyle=":", linewidth=1.2, zorder=1)
+            if len(seen_l) > 1:  # several references: each is labelled with its L at its peak
+                ax.annotate(
+                    f"L={depth}",
+                    (depth / 2, float(share.max())),
+                    textcoords="offset points",
+                    xytext=(0, 3),
+                    ha="center",
+                    fontsize=7,
+                    color="0.35",
+                )
     ax.set_xlabel("path length k (branches taken)")
     ax.set_ylabel("share of the gradient |c_k| / sum |c_j|")
     ax.set_ylim(bottom=0)
     _integer_ticks(ax)
     if drawn and (legend or reference):
-        _legend_outside(ax, title=hue if legend else None)
+        _legend_outside(ax, handles=_path_legend(pal if legend else {}, reference, steps_shown))
     return ax
+
+
+def _path_legend(palette: Mapping[str, Any], reference: bool, steps_shown: int) -> list[Any]:
+    """Legend handles: one per model, the two step styles, the reference once."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker="o", markersize=4, label=_text(m)) for m, c in palette.items()]
+    if steps_shown > 1:
+        handles += [
+            Line2D([], [], color="0.2", linestyle="--", label="first decomposed step"),
+            Line2D([], [], color="0.2", label="last decomposed step"),
+        ]
+    if reference:
+        handles.append(Line2D([], [], color="0.45", linestyle=":", label="path count C(L, k) / 2^L"))
+    return handles
+
+
+def path_lengths_figure(
+    data: pd.DataFrame,
+    *,
+    steps: Sequence[Step] = ("first", "last"),
+    palette: Mapping[str, Any] | str | None = None,
+) -> Figure:
+    """:func:`plot_path_lengths` with one panel per model (shared axes), plain left of residual,
+    each with the path-count reference of its own number of branching blocks L.
+
+    >>> import pandas as pd
+    >>> f = pd.DataFrame({"model": ["a"] * 3 + ["b"] * 3, "step": 0, "stack": 0, "length": [0, 1, 2] * 2,
+    ...                   "share": [0.5, 0.4, 0.1, 0.2, 0.5, 0.3], "n_paths": [1.0, 2.0, 1.0] * 2})
+    >>> len(path_lengths_figure(f).axes)
+    2
+    """
+    import pandas as pd
+
+    if "step" not in getattr(data, "columns", []):
+        data = data.assign(step=0) if isinstance(data, pd.DataFrame) else data
+    frame = _check_frame(data, ["step", "length", "share", "n_paths"], "path_lengths_figure")
+    models, ncols = _panel_order(frame, _models(frame))
+    pal = _resolve_palette(frame, palette)
+    nrows = math.ceil(len(models) / ncols)
+    fig, axes = _new_figure(
+        nrows, ncols, size=(min(3.4 * ncols + 2.0, _MAX_WIDTH), 2.5 * nrows + 0.4), sharex=True, sharey=True
+    )
+    flat = axes.ravel()
+    steps_shown = 0
+    for i, (ax, model) in enumerate(zip(flat, models, strict=False)):
+        part = frame[frame["model"] == model]
+        plot_path_lengths(part, steps=steps, palette=pal, ax=ax)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+        steps_shown = max(steps_shown, len({ln.get_linestyle() for ln in ax.get_lines()} - {":"}))
+        ax.set_title(_text(model), color=pal[model], fontweight="bold")
+        if i % ncols:
+            ax.set_ylabel("")
+        if i < len(models) - ncols:
+            ax.set_xlabel("")
+    for ax in flat[len(models) :]:
+        ax.set_visible(False)
+    fig.legend(handles=_path_legend({}, True, steps_shown), loc="outside right upper", frameon=False)
+    return fig

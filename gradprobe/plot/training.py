@@ -102,7 +102,7 @@ def plot_loss(
             f"plot_loss: no loss column among {list(LOSS_COLUMNS)} with values; "
             f"the frame has {list(map(str, scalars.columns))}. Pass y=COLUMN."
         )
-    pal = _resolve_palette(_models(frame), palette)
+    pal = _resolve_palette(frame, palette)
     ax = _own_axes(ax)
     values_all = _floats(frame[column])
     use_log = bool((values_all[np.isfinite(values_all)] > 0).all())
@@ -158,7 +158,7 @@ def plot_accuracy(
             f"plot_accuracy: no accuracy column among {list(ACCURACY_COLUMNS)} with values; "
             f"the frame has {list(map(str, scalars.columns))}. Pass y=COLUMN."
         )
-    pal = _resolve_palette(_models(frame), palette)
+    pal = _resolve_palette(frame, palette)
     ax = _own_axes(ax)
     for model, rows in frame.groupby("model", sort=False):
         rows = rows.sort_values(x, kind="stable")
@@ -208,7 +208,7 @@ def training_figure(
             f"column with values; the frame has {list(map(str, scalars.columns))}."
         )
     models = _models(frame)
-    pal = _resolve_palette(models, palette)
+    pal = _resolve_palette(frame, palette)
     fig, axes = _new_figure(1, len(panels), size=(4.2 * len(panels) + 1.5, 3.4))
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "loss":
