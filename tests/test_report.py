@@ -550,3 +550,88 @@ def test_report_renders_in_headless_chromium_without_console_errors(written, tmp
         assert image.size == (1200, 3000)
         colours = image.convert("RGB").resize((60, 150)).getcolors(maxcolors=100_000)
     assert colours is not None and len(colours) > 50  # not a blank or error page
+
+
+#: Injected into a copy of the report: measures the page and writes the result into the DOM.
+_LAYOUT_CHECK = """<script>
+window.addEventListener("load", () => {
+  const wrapped = [];
+  for (const cell of document.querySelectorAll("table.summary td, table.models td")) {
+    const target = cell.querySelector("summary") || cell;
+    if (!/[0-9]/.test(target.textContent)) continue;
+    const tops = new Set();  // the line tops of the cell's text (not of the colour swatch beside it)
+    const walker = document.createTreeWalker(target, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const range = document.createRange();
+      range.selectNodeContents(node);
+      for (const r of range.getClientRects()) if (r.width > 0) tops.add(Math.round(r.bottom));
+    }
+    if (tops.size > 1) wrapped.push(target.textContent.trim());
+  }
+  const result = {viewport: window.innerWidth, scrollWidth: document.documentElement.scrollWidth,
+                  cells: document.querySelectorAll("table.summary td").length, wrapped: wrapped};
+  document.body.setAttribute("data-layout", JSON.stringify(result));
+});
+</script>"""
+
+
+def _layout(index, tmp_path, extra_css: str = "") -> dict:
+    """Load a copy of the report at 1400 px in headless Chromium; the measurements of _LAYOUT_CHECK."""
+    import html as html_lib
+    import json
+    import re
+
+    page = index.read_text(encoding="utf-8").replace("</style>", extra_css + "</style>", 1)
+    copy = tmp_path / f"layout{len(extra_css)}.html"
+    copy.write_text(page.replace("</body>", _LAYOUT_CHECK + "</body>"), encoding="utf-8")
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
+        "--dump-dom",
+        copy.resolve().as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-layout="([^"]*)"', done.stdout)
+    assert found, done.stderr[-2000:]
+    return json.loads(html_lib.unescape(found.group(1)))
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_report_fits_1400_px_and_never_wraps_a_number(written, tmp_path):
+    index, _, _ = written
+    layout = _layout(index, tmp_path)
+    assert layout["viewport"] == 1400 and layout["cells"] > 20
+    assert layout["scrollWidth"] <= layout["viewport"], layout
+    assert layout["wrapped"] == []
+    # the check sees wrapping: squeezed into 500 px with wrapping allowed, numbers break
+    squeezed = _layout(index, tmp_path, "td.num { white-space: normal; } main { max-width: 500px; }")
+    assert squeezed["wrapped"], squeezed
+    shot = tmp_path / "page.png"
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1400,1400",
+        index.resolve().as_uri(),
+    ]
+    subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size == (1400, 1400)
+        colours = image.convert("RGB").resize((70, 70)).getcolors(maxcolors=100_000)
+    assert colours is not None and len(colours) > 50  # the story, the summary and a figure, not a blank page
