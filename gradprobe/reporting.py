@@ -412,11 +412,11 @@ _RUN_LABELS: dict[str, str] = {
     "width": "width",
     "zero_init_residual": "zero-initialised residual branches",
     "every": "recorded every N-th step",
-    "jacobian": "Jacobian columns recorded",
+    "jacobian": "Jacobian columns",
     "jacobian_options": "Jacobian options",
     "probes": "Jacobian probe vectors",
     "update_ratio": "update ratio recorded",
-    "paths": "path lengths decomposed",
+    "paths": "path-length decomposition",
     "device": "device",
     "threads": "CPU threads",
     "seconds": "training time (s)",
@@ -438,7 +438,6 @@ _MODEL_LABELS: dict[str, str] = {
     "residual": "residual",
     "parameters": "parameters",
     "blocks": "blocks",
-    "steps": "recorded steps",
     "seconds": "training time (s)",
 }
 
@@ -462,6 +461,15 @@ def _value(value: Any) -> str | None:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _every(value: Any) -> str | None:
+    """A schedule that is a flag (compare: True/False) or a period (a probe: every N-th step, 0 = off)."""
+    if isinstance(value, bool) or value in (0, None):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return "every step" if value == 1 else f"every {value}th step"
+    return _value(value)
+
+
 def model_name(meta: Mapping[str, Any], name: str | None = None) -> str:
     """The name a single-model run is shown under: ``name``, else the class name of the model."""
     if name:
@@ -481,9 +489,9 @@ def _meta_rows(meta: Mapping[str, Any], generated: str) -> list[tuple[str, str, 
     rows: list[tuple[str, str, bool]] = []
     keys = [k for k in _RUN_LABELS if k in meta] + sorted(k for k in meta if k not in _RUN_LABELS)
     for key in keys:
-        if key in _HIDDEN_META:
+        if key in _HIDDEN_META or (key in ("probes", "jacobian_options") and not meta.get("jacobian")):
             continue
-        text = _value(meta[key])
+        text = _every(meta[key]) if key in ("jacobian", "paths") else _value(meta[key])
         if text is not None:
             rows.append((_RUN_LABELS.get(key, str(key).replace("_", " ")), text, key == "command"))
     rows.append(("report generated", generated, False))
@@ -503,7 +511,7 @@ def _model_rows(
     if isinstance(info, Mapping):
         per_model = {str(m): dict(v) for m, v in info.items() if isinstance(v, Mapping)}
     elif len(models) == 1:  # a probe's run: its model's fields sit in the run's metadata
-        per_model = {models[0]: {k: meta[k] for k in ("model_class", "blocks", "steps") if k in meta}}
+        per_model = {models[0]: {k: meta[k] for k in ("model_class", "blocks") if k in meta}}
     summary_of = table.set_index("model") if "model" in table.columns else None
     for m in models:
         fields = per_model.setdefault(m, {})

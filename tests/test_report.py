@@ -635,3 +635,103 @@ def test_report_fits_1400_px_and_never_wraps_a_number(written, tmp_path):
         assert image.size == (1400, 1400)
         colours = image.convert("RGB").resize((70, 70)).getcolors(maxcolors=100_000)
     assert colours is not None and len(colours) > 50  # the story, the summary and a figure, not a blank page
+
+
+# ----------------------------------------------------------------------------- the story, the tables
+
+
+def _section(html: str, name: str) -> str:
+    """The HTML of the <section> with id ``name``, without its closing tag."""
+    start = html.rindex("<section", 0, html.index(f'id="{name}"'))
+    return html[start : html.index("</section>", start)]
+
+
+def test_the_story_comes_first_and_links_its_figures(run, written):
+    _, html, _ = written
+    assert html.index("What this run shows") < html.index('id="summary"') < html.index('id="fig-')
+    story = _section(html, "story")
+    items = story.count("<li>")
+    assert items >= 3
+    page = parse(html)
+    ids = {attrs.get("id") for _, attrs in page.tags}
+    links = [a["href"] for a in parse(story + "</section>").all("a") if a["href"] != "#glossary"]
+    assert links and all(link[1:] in ids for link in links)  # every link lands on a drawn figure
+    # the run's depths 3 and 8 have plain and residual nets: the compare sentences, with their numbers
+    table = summary_table(run.frame(), run.scalars())
+    deep = table.loc[table["model"] == "plain-mlp-8", "cum_gain_init"].iloc[0]
+    assert f"{deep:.3g}" in story or _format_number(deep) in story
+
+
+def _format_number(value: float) -> str:
+    from gradprobe import _format
+
+    return _format.number(value)
+
+
+def test_run_metadata_is_a_readable_table_at_the_end(written):
+    _, html, _ = written
+    assert html.index('id="glossary"') < html.index('<section id="run"')
+    run_section = _section(html, "run")
+    text = " ".join(parse(run_section + "</section>").text)
+    for literal in ("null", "false", "true", "None", "not recorded", "{", "model_info", "gradprobe_version"):
+        assert literal not in text, literal
+    for label in ("command line", "seed", "gradprobe version", "table format version"):
+        assert label in text
+    assert '<meta name="gradprobe-format-version" content="1">' in html
+
+
+def test_summary_table_folds_block_lists_in_forward_order(run, tmp_path):
+    frame = run.frame()
+    model = run.models[0]
+    mine = frame["model"] == model
+    frame.loc[mine, "gain"] = 1.0
+    # two blocks leave the band, the later one first in time: the list is still in forward order
+    last, first = "blocks.2", "stem"
+    frame.loc[mine & (frame["block"] == last) & (frame["step"] == 1), "gain"] = 9.0
+    frame.loc[mine & (frame["block"] == first) & (frame["step"] == 5), "gain"] = 9.0
+    index = report(records.Run(frame, run.scalars(), run.meta), tmp_path, progress=False, figures=["gain"])
+    html = index.read_text()
+    row = html[html.index(f"{model}</td>") :]
+    row = row[: row.index("</tr>")]
+    assert f"<summary>2 of {frame.loc[mine, 'block'].nunique()}</summary><span>{first}, {last}</span>" in row
+    assert 'class="num"' in row and "white-space: nowrap" in html
+
+
+def test_a_single_model_report_is_named_after_its_model_and_omits_what_was_not_recorded(tmp_path):
+    import gradprobe
+
+    class TinyNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.Sequential(*[torch.nn.Linear(5, 5) for _ in range(3)])
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    net = TinyNet()
+    with gradprobe.attach(net) as probe:
+        for _ in range(2):
+            net(torch.randn(4, 5)).pow(2).mean().backward()
+            probe.log(loss=1.0)
+    html = report(probe, tmp_path / "a", progress=False, figures=["highway"]).read_text()
+    text = " ".join(parse(html).text)
+    assert "gradprobe report: TinyNet" in text and "TinyNet" in _section(html, "summary")
+    run_text = " ".join(parse(_section(html, "run") + "</section>").text)
+    assert "not recorded" not in run_text and "seed" not in run_text and ">run<" not in html
+    named = report(probe, tmp_path / "b", progress=False, figures=["highway"], name="my net").read_text()
+    assert "gradprobe report: my net" in named and "TinyNet" in named  # the class stays in the models table
+    saved = records.load(tmp_path / "a")
+    assert "model" not in saved.frame().columns  # the name is the report's: the saved tables are the probe's
+
+
+def test_figure_remarks_describe_this_runs_pattern(run, tmp_path):
+    frame = run.frame()
+    for cum, word, other in ((1e-4, "vanishes", "explodes"), (1e4, "explodes", "vanishes")):
+        f = frame.copy()
+        f.loc[f["index"] == 0, "cum_gain"] = cum
+        index = report(
+            records.Run(f, run.scalars(), run.meta), tmp_path / word, progress=False, figures=["gain"]
+        )
+        caption = _section(index.read_text(), "fig-gain")
+        remark = caption[caption.index('class="remark"') :]
+        assert word in remark and other not in remark

@@ -226,7 +226,8 @@ def _models(frame: pd.DataFrame) -> list[str]:
 
 
 def _has_legend(data: pd.DataFrame) -> bool:
-    return "model" in data.columns
+    # one model needs no key: there is nothing to tell apart
+    return "model" in data.columns and data["model"].nunique() > 1
 
 
 def _resolve_palette(
