@@ -298,9 +298,12 @@ def _hex(colour: Any) -> str:
     return "#" + "".join(f"{round(255 * float(c)):02x}" for c in tuple(colour)[:3])
 
 
-def _cell(text: str, *, num: bool = True, title: str = "", details: str = "") -> dict[str, Any]:
-    """A table cell: its text; ``num`` cells never wrap; ``title`` a tooltip; ``details`` a list to unfold."""
-    return {"text": text, "num": num, "title": title, "details": details}
+def _cell(
+    text: str, *, num: bool = True, title: str = "", details: str = "", column: str = ""
+) -> dict[str, Any]:
+    """A table cell: its text; ``num`` cells never wrap; ``title`` a tooltip; ``details`` a list to
+    unfold; ``column`` the summary column it shows (its ``data-column`` attribute)."""
+    return {"text": text, "num": num, "title": title, "details": details, "column": column}
 
 
 def _forward(names: Sequence[str], order: Mapping[str, int]) -> list[str]:
@@ -368,23 +371,35 @@ def _summary_rows(
         order = {}
         if {"block", "index"} <= set(part.columns):
             order = dict(part.drop_duplicates("block")[["block", "index"]].itertuples(index=False, name=None))
-        cells = [_cell(model, num=False)]
+        cells = [_cell(model, num=False, column="model")]
         if "depth" in has:
-            cells.append(_cell(_num(r["depth"])))
+            cells.append(_cell(_num(r["depth"]), column="depth"))
         if "residual" in has:
-            cells.append(_cell("yes" if bool(r["residual"]) else "no"))
-        cells += [_cell(_num(r["train_loss"])), _cell(_format.percent(r["test_acc"], nan=_NAN))]
+            cells.append(_cell("yes" if bool(r["residual"]) else "no", column="residual"))
+        cells += [
+            _cell(_num(r["train_loss"]), column="train_loss"),
+            _cell(_format.percent(r["test_acc"], nan=_NAN), column="test_acc"),
+        ]
         for heading, first, last in pairs:
-            cells += [_cell(_num(r[first])), _cell(_num(r[last]))]
+            cells += [_cell(_num(r[first]), column=first), _cell(_num(r[last]), column=last)]
             if heading.startswith("cum_gain") and ranges:
                 for tag in ("init", "end"):
                     lo, hi = r[f"cum_gain_min_{tag}"], r[f"cum_gain_max_{tag}"]
                     text = _NAN if _num(lo) == _NAN else f"{_num(lo)}–{_num(hi)}"
-                    cells.append(_cell(text, title="smallest–largest cum_gain over every block"))
+                    cells.append(
+                        _cell(
+                            text,
+                            title="smallest–largest cum_gain over every block",
+                            column=f"cum_gain_{tag}_band",
+                        )
+                    )
         outside = [b for b in str(r["gain_outside_blocks"]).split(", ") if b]
         cells.append(_block_list(outside, order, int(r["blocks"]) if "blocks" in has else None))
+        cells[-1]["column"] = "gain_outside"
         block = str(r["max_res_ratio_block"] or "")
-        cells.append(_cell(_num(r["max_res_ratio"]) + (f" ({block})" if block else "")))
+        cells.append(
+            _cell(_num(r["max_res_ratio"]) + (f" ({block})" if block else ""), column="max_res_ratio")
+        )
         body.append(cells)
     return top, sub, body
 

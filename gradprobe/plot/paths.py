@@ -57,7 +57,7 @@ def plot_responses(
     """Layer responses (``out_rms`` per block), in forward order or sorted by size (He et al. 2016, Fig. 7).
 
     ``order="sorted"`` plots each model's blocks from the largest response to
-    the smallest against their rank.
+    the smallest against their rank (relative rank, 0 to 1, when the models differ in block count).
 
     >>> import pandas as pd
     >>> f = pd.DataFrame({"step": 0, "block": list("abc"), "index": [0, 1, 2], "out_rms": [1.0, 3.0, 2.0]})
@@ -75,7 +75,9 @@ def plot_responses(
         parts = []
         for _, part in rows.groupby("model", sort=False):
             part = part.sort_values(y, ascending=False, kind="stable", na_position="last").copy()
-            part["rank"] = np.arange(len(part))
+            part["rank"] = np.arange(len(part), dtype="float64")
+            if depth_x == "position":  # models of different depths: rank relative to the block count
+                part["rank"] /= max(len(part) - 1, 1)
             parts.append(part)
         import pandas as pd
 
@@ -91,9 +93,13 @@ def plot_responses(
     if order == "forward":
         _depth_axis(ax, rows[x], x)
     else:
-        _block_xlim(ax, rows[x])
-        _integer_ticks(ax)
-        ax.set_xlabel("block rank (sorted by response, largest first)")
+        if depth_x == "position":
+            ax.set_xlim(-0.03, 1.03)
+            ax.set_xlabel("relative rank (0 = largest response, 1 = smallest)")
+        else:
+            _block_xlim(ax, rows[x])
+            _integer_ticks(ax)
+            ax.set_xlabel("block rank (sorted by response, largest first)")
     ax.set_ylabel(LABELS.get(y, y) + (" (log scale)" if use_log else ""))
     if legend and _has_legend(data):
         _legend_outside(ax, title="model")
