@@ -1,4 +1,5 @@
-"""The self-contained HTML report of a run: summary table, figures with captions, glossary.
+"""The self-contained HTML report of a run: what the run shows in words (:mod:`gradprobe.verdict`),
+a summary table, figures with captions, a glossary and, last, the run's metadata.
 
 The function is ``gradprobe.report``; this module is named ``reporting`` so that the
 two never collide. :func:`report` reads only tables (a :class:`~gradprobe.records.Run`, a saved
@@ -342,16 +343,14 @@ def _summary_rows(
     """The report's summary table from :func:`gradprobe.summary.summary`: two header rows and cells.
 
     Returns the top header (``{"text", "span"}`` each), the second header row and the body. Column
-    pairs (first and last recorded step) that hold no value for any model are left out.
+    pairs (first and last recorded step) that hold no value for any model are left out; depth and
+    residual are in the models table (and the swatch's colour), not here, so the table fits the page.
     """
     if not len(table):
         return [], [], []
     has = set(table.columns)
     top: list[dict[str, Any]] = [{"text": "model", "span": 1, "rows": 2}]
     sub: list[str] = []
-    for extra in ("depth", "residual"):
-        if extra in has:
-            top.append({"text": extra, "span": 1, "rows": 2})
     top += [{"text": "train loss", "span": 1, "rows": 2}, {"text": "test accuracy", "span": 1, "rows": 2}]
     pairs = [p for p in _PAIRS if table[[p[1], p[2]]].notna().to_numpy().any()]
     ranges = bool(table[["cum_gain_min_init", "cum_gain_max_end"]].notna().to_numpy().any())
@@ -372,10 +371,6 @@ def _summary_rows(
         if {"block", "index"} <= set(part.columns):
             order = dict(part.drop_duplicates("block")[["block", "index"]].itertuples(index=False, name=None))
         cells = [_cell(model, num=False, column="model")]
-        if "depth" in has:
-            cells.append(_cell(_num(r["depth"]), column="depth"))
-        if "residual" in has:
-            cells.append(_cell("yes" if bool(r["residual"]) else "no", column="residual"))
         cells += [
             _cell(_num(r["train_loss"]), column="train_loss"),
             _cell(_format.percent(r["test_acc"], nan=_NAN), column="test_acc"),

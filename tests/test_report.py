@@ -568,7 +568,9 @@ window.addEventListener("load", () => {
     }
     if (tops.size > 1) wrapped.push(target.textContent.trim());
   }
-  const result = {viewport: window.innerWidth, scrollWidth: document.documentElement.scrollWidth,
+  const boxes = [...document.querySelectorAll(".scroll")];
+  const scrolled = boxes.filter(d => d.scrollWidth > d.clientWidth).length;
+  const result = {viewport: window.innerWidth, scrollWidth: document.documentElement.scrollWidth, scrolled,
                   cells: document.querySelectorAll("table.summary td").length, wrapped: wrapped};
   document.body.setAttribute("data-layout", JSON.stringify(result));
 });
@@ -612,6 +614,7 @@ def test_report_fits_1400_px_and_never_wraps_a_number(written, tmp_path):
     layout = _layout(index, tmp_path)
     assert layout["viewport"] == 1400 and layout["cells"] > 20
     assert layout["scrollWidth"] <= layout["viewport"], layout
+    assert layout["scrolled"] == 0, layout  # no table wider than the page, scrolling in its box
     assert layout["wrapped"] == []
     # the check sees wrapping: squeezed into 500 px with wrapping allowed, numbers break
     squeezed = _layout(index, tmp_path, "td.num { white-space: normal; } main { max-width: 500px; }")

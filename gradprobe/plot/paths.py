@@ -327,7 +327,7 @@ def path_lengths_figure(
     pal = _resolve_palette(frame, palette)
     nrows = math.ceil(len(models) / ncols)
     fig, axes = _new_figure(
-        nrows, ncols, size=(min(3.4 * ncols + 2.0, _MAX_WIDTH), 2.5 * nrows + 0.4), sharex=True, sharey=True
+        nrows, ncols, size=(min(3.4 * ncols + 2.0, _MAX_WIDTH), 2.5 * nrows + 0.4), sharex="row", sharey=True
     )
     flat = axes.ravel()
     steps_shown = 0
