@@ -354,6 +354,10 @@ def test_report_shows_metadata_summary_captions_and_glossary(run, written):
             assert spec.title in text and spec.caption[:60] in text
     for column, meaning in records.GLOSSARY.items():
         assert column in text and meaning[:40] in text
+    from gradprobe import verdict
+
+    for word, meaning in verdict.GLOSSARY.items():  # the thresholds of "What this run shows"
+        assert word in text and meaning[:40] in text
 
 
 def test_summary_table_matches_the_tables(run):
