@@ -351,7 +351,7 @@ def test_path_length_plot_has_a_line_per_step_and_the_binomial_reference():
     frame = pd.concat([gradprobe.paths(model, x).assign(step=s) for s in (0, 7)])
     ax = plot_path_lengths(frame)
     lines = ax.get_lines()
-    assert [line.get_linestyle() for line in lines] == ["--", "-", "-"]
+    assert [line.get_linestyle() for line in lines] == ["--", "-", ":"]  # the reference is dotted
     np.testing.assert_allclose(lines[2].get_ydata(), [math.comb(4, k) / 16 for k in range(5)])
     np.testing.assert_allclose(lines[1].get_ydata(), frame[frame["step"] == 7]["share"])
 

@@ -268,7 +268,7 @@ def test_gain_heatmaps_one_panel_per_model_plain_left_of_residual():
     fig = plot.gain_heatmaps(make_frame(models=models))
     panels = [ax for ax in fig.axes if ax.collections and ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["plain-3", "resnet-3", "plain-9", "resnet-9"]
-    pal = plot.model_palette([m for m, _, _ in models])
+    pal = plot.model_palette(make_frame(models=models))  # plain in oranges, residual in blues
     assert [to_rgb(ax.title.get_color()) for ax in panels] == [pal[ax.get_title()] for ax in panels]
     norms = {(ax.collections[0].norm.vmin, ax.collections[0].norm.vmax) for ax in panels}
     assert len(norms) == 1  # one colour scale shared by every panel
@@ -551,3 +551,63 @@ def test_axes_level_functions_draw_into_a_given_axes():
     assert plot.plot_responses(make_frame(), ax=axes[1]) is axes[1]
     assert plot.plot_spectrum([1.0, 2.0], ax=axes[2]) is axes[2]
     assert len(plt.get_fignums()) == 1
+
+
+# ----------------------------------------------------------------------------- families, relative depth
+
+
+def test_plain_nets_are_oranges_and_residual_nets_blues_deeper_darker():
+    models = (("plain-3", 3, False), ("resnet-9", 9, True), ("plain-9", 9, False), ("resnet-3", 3, True))
+    frame = make_frame(models=models, steps=1, jacobian=False)
+    pal = plot.model_palette(frame)
+    for name, colour in pal.items():
+        r, _, b = colour
+        assert (r > b) if name.startswith("plain") else (b > r), (name, colour)
+    assert sum(pal["plain-9"]) < sum(pal["plain-3"]) and sum(pal["resnet-9"]) < sum(pal["resnet-3"])
+    assert len(set(pal.values())) == 4
+    # the same mapping by default in every figure: lines of the highway, panels of the heatmaps
+    ax = plot.plot_highway(frame)
+    assert {tuple(to_rgb(line.get_color())) for line in ax.get_lines()[:4]} <= set(pal.values())
+    titles = [a for a in plot.gain_heatmaps(frame).axes if a.get_title()]
+    assert all(to_rgb(a.title.get_color()) == pal[a.get_title()] for a in titles)
+
+
+def test_models_of_different_depths_share_a_relative_depth_axis():
+    frame = make_frame(models=(("plain-3", 3, False), ("plain-9", 9, False)), steps=1, jacobian=False)
+    ax = plot.plot_highway(frame)
+    assert ax.get_xlabel().startswith("relative depth")
+    for line in ax.get_lines()[:2]:  # each model spans the whole axis, 0 (first block) to 1 (last)
+        x = np.asarray(line.get_xdata(), dtype=float)
+        assert x.min() == 0.0 and x.max() == 1.0
+    same = make_frame(models=(("plain-6", 6, False), ("resnet-6", 6, True)), steps=1, jacobian=False)
+    assert plot.plot_highway(same).get_xlabel() == plot.LABELS["index"]  # same blocks: block index
+    sig = frame.assign(chan_mean_sq=0.1, chan_var=1.0, branch_var=0.5)
+    assert all(
+        a.get_xlabel().startswith("relative depth") for a in plot.plot_signal_propagation(sig).figure.axes
+    )
+
+
+def test_path_lengths_figure_has_a_panel_per_model_and_a_short_legend():
+    rows = []
+    for model, depth in (("plain-4", 4), ("resnet-4", 4), ("plain-8", 8), ("resnet-8", 8)):
+        for step in (0, 9):
+            for k in range(depth + 1):
+                rows.append(
+                    {
+                        "model": model,
+                        "depth": depth,
+                        "residual": model.startswith("resnet"),
+                        "step": step,
+                        "stack": "0",
+                        "length": k,
+                        "share": math.comb(depth, k) / 2**depth,
+                        "n_paths": float(math.comb(depth, k)),
+                    }
+                )
+    fig = plot.path_lengths_figure(pd.DataFrame(rows))
+    panels = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title() for a in panels] == ["plain-4", "resnet-4", "plain-8", "resnet-8"]
+    for a in panels:  # first and last step, and one reference of the model's own L
+        assert [line.get_linestyle() for line in a.get_lines()] == ["--", "-", ":"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["first decomposed step", "last decomposed step", "path count C(L, k) / 2^L"]

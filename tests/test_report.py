@@ -354,6 +354,10 @@ def test_report_shows_metadata_summary_captions_and_glossary(run, written):
             assert spec.title in text and spec.caption[:60] in text
     for column, meaning in records.GLOSSARY.items():
         assert column in text and meaning[:40] in text
+    from gradprobe import verdict
+
+    for word, meaning in verdict.GLOSSARY.items():  # the thresholds of "What this run shows"
+        assert word in text and meaning[:40] in text
 
 
 def test_summary_table_matches_the_tables(run):
@@ -550,3 +554,191 @@ def test_report_renders_in_headless_chromium_without_console_errors(written, tmp
         assert image.size == (1200, 3000)
         colours = image.convert("RGB").resize((60, 150)).getcolors(maxcolors=100_000)
     assert colours is not None and len(colours) > 50  # not a blank or error page
+
+
+#: Injected into a copy of the report: measures the page and writes the result into the DOM.
+_LAYOUT_CHECK = """<script>
+window.addEventListener("load", () => {
+  const wrapped = [];
+  for (const cell of document.querySelectorAll("table.summary td, table.models td")) {
+    const target = cell.querySelector("summary") || cell;
+    if (!/[0-9]/.test(target.textContent)) continue;
+    const tops = new Set();  // the line tops of the cell's text (not of the colour swatch beside it)
+    const walker = document.createTreeWalker(target, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const range = document.createRange();
+      range.selectNodeContents(node);
+      for (const r of range.getClientRects()) if (r.width > 0) tops.add(Math.round(r.bottom));
+    }
+    if (tops.size > 1) wrapped.push(target.textContent.trim());
+  }
+  const boxes = [...document.querySelectorAll(".scroll")];
+  const scrolled = boxes.filter(d => d.scrollWidth > d.clientWidth).length;
+  const result = {viewport: window.innerWidth, scrollWidth: document.documentElement.scrollWidth, scrolled,
+                  cells: document.querySelectorAll("table.summary td").length, wrapped: wrapped};
+  document.body.setAttribute("data-layout", JSON.stringify(result));
+});
+</script>"""
+
+
+def _layout(index, tmp_path, extra_css: str = "") -> dict:
+    """Load a copy of the report at 1400 px in headless Chromium; the measurements of _LAYOUT_CHECK."""
+    import html as html_lib
+    import json
+    import re
+
+    page = index.read_text(encoding="utf-8").replace("</style>", extra_css + "</style>", 1)
+    copy = tmp_path / f"layout{len(extra_css)}.html"
+    copy.write_text(page.replace("</body>", _LAYOUT_CHECK + "</body>"), encoding="utf-8")
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
+        "--dump-dom",
+        copy.resolve().as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-layout="([^"]*)"', done.stdout)
+    assert found, done.stderr[-2000:]
+    return json.loads(html_lib.unescape(found.group(1)))
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_report_fits_1400_px_and_never_wraps_a_number(written, tmp_path):
+    index, _, _ = written
+    layout = _layout(index, tmp_path)
+    assert layout["viewport"] == 1400 and layout["cells"] > 20
+    assert layout["scrollWidth"] <= layout["viewport"], layout
+    assert layout["scrolled"] == 0, layout  # no table wider than the page, scrolling in its box
+    assert layout["wrapped"] == []
+    # the check sees wrapping: squeezed into 500 px with wrapping allowed, numbers break
+    squeezed = _layout(index, tmp_path, "td.num { white-space: normal; } main { max-width: 500px; }")
+    assert squeezed["wrapped"], squeezed
+    shot = tmp_path / "page.png"
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1400,1400",
+        index.resolve().as_uri(),
+    ]
+    subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size == (1400, 1400)
+        colours = image.convert("RGB").resize((70, 70)).getcolors(maxcolors=100_000)
+    assert colours is not None and len(colours) > 50  # the story, the summary and a figure, not a blank page
+
+
+# ----------------------------------------------------------------------------- the story, the tables
+
+
+def _section(html: str, name: str) -> str:
+    """The HTML of the <section> with id ``name``, without its closing tag."""
+    start = html.rindex("<section", 0, html.index(f'id="{name}"'))
+    return html[start : html.index("</section>", start)]
+
+
+def test_the_story_comes_first_and_links_its_figures(run, written):
+    _, html, _ = written
+    assert html.index("What this run shows") < html.index('id="summary"') < html.index('id="fig-')
+    story = _section(html, "story")
+    items = story.count("<li>")
+    assert items >= 3
+    page = parse(html)
+    ids = {attrs.get("id") for _, attrs in page.tags}
+    links = [a["href"] for a in parse(story + "</section>").all("a") if a["href"] != "#glossary"]
+    assert links and all(link[1:] in ids for link in links)  # every link lands on a drawn figure
+    # the run's depths 3 and 8 have plain and residual nets: the compare sentences, with their numbers
+    table = summary_table(run.frame(), run.scalars())
+    deep = table.loc[table["model"] == "plain-mlp-8", "cum_gain_init"].iloc[0]
+    assert f"{deep:.3g}" in story or _format_number(deep) in story
+
+
+def _format_number(value: float) -> str:
+    from gradprobe import _format
+
+    return _format.number(value)
+
+
+def test_run_metadata_is_a_readable_table_at_the_end(written):
+    _, html, _ = written
+    assert html.index('id="glossary"') < html.index('<section id="run"')
+    run_section = _section(html, "run")
+    text = " ".join(parse(run_section + "</section>").text)
+    for literal in ("null", "false", "true", "None", "not recorded", "{", "model_info", "gradprobe_version"):
+        assert literal not in text, literal
+    for label in ("command line", "seed", "gradprobe version", "table format version"):
+        assert label in text
+    assert '<meta name="gradprobe-format-version" content="1">' in html
+
+
+def test_summary_table_folds_block_lists_in_forward_order(run, tmp_path):
+    frame = run.frame()
+    model = run.models[0]
+    mine = frame["model"] == model
+    frame.loc[mine, "gain"] = 1.0
+    # two blocks leave the band, the later one first in time: the list is still in forward order
+    last, first = "blocks.2", "stem"
+    frame.loc[mine & (frame["block"] == last) & (frame["step"] == 1), "gain"] = 9.0
+    frame.loc[mine & (frame["block"] == first) & (frame["step"] == 5), "gain"] = 9.0
+    index = report(records.Run(frame, run.scalars(), run.meta), tmp_path, progress=False, figures=["gain"])
+    html = index.read_text()
+    row = html[html.index(f"{model}</td>") :]
+    row = row[: row.index("</tr>")]
+    assert f"<summary>2 of {frame.loc[mine, 'block'].nunique()}</summary><span>{first}, {last}</span>" in row
+    assert 'class="num"' in row and "white-space: nowrap" in html
+
+
+def test_a_single_model_report_is_named_after_its_model_and_omits_what_was_not_recorded(tmp_path):
+    import gradprobe
+
+    class TinyNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.Sequential(*[torch.nn.Linear(5, 5) for _ in range(3)])
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    net = TinyNet()
+    with gradprobe.attach(net) as probe:
+        for _ in range(2):
+            net(torch.randn(4, 5)).pow(2).mean().backward()
+            probe.log(loss=1.0)
+    html = report(probe, tmp_path / "a", progress=False, figures=["highway"]).read_text()
+    text = " ".join(parse(html).text)
+    assert "gradprobe report: TinyNet" in text and "TinyNet" in _section(html, "summary")
+    run_text = " ".join(parse(_section(html, "run") + "</section>").text)
+    assert "not recorded" not in run_text and "seed" not in run_text and ">run<" not in html
+    named = report(probe, tmp_path / "b", progress=False, figures=["highway"], name="my net").read_text()
+    assert "gradprobe report: my net" in named and "TinyNet" in named  # the class stays in the models table
+    saved = records.load(tmp_path / "a")
+    assert "model" not in saved.frame().columns  # the name is the report's: the saved tables are the probe's
+
+
+def test_figure_remarks_describe_this_runs_pattern(run, tmp_path):
+    frame = run.frame()
+    for cum, word, other in ((1e-4, "vanishes", "explodes"), (1e4, "explodes", "vanishes")):
+        f = frame.copy()
+        f.loc[f["index"] == 0, "cum_gain"] = cum
+        index = report(
+            records.Run(f, run.scalars(), run.meta), tmp_path / word, progress=False, figures=["gain"]
+        )
+        caption = _section(index.read_text(), "fig-gain")
+        remark = caption[caption.index('class="remark"') :]
+        assert word in remark and other not in remark

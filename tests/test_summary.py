@@ -122,36 +122,36 @@ def test_summary_of_a_bare_frame_is_one_model_with_nans():
 
 
 class _SummaryTable(HTMLParser):
-    """The header and the rows of ``<table class="summary">`` of a report page."""
+    """The rows of ``<table class="summary">`` of a report page: summary column -> cell text."""
 
     def __init__(self) -> None:
         super().__init__()
         self.inside = False
-        self.rows: list[list[str]] = []
-        self.cell: list[str] | None = None
+        self.rows: list[dict[str, str]] = []
+        self.column: str | None = None
+        self.cell: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "table" and ("class", "summary") in attrs:
             self.inside = True
         elif self.inside and tag == "tr":
-            self.rows.append([])
-        elif self.inside and tag in ("td", "th"):
-            self.cell = []
+            self.rows.append({})
+        elif self.inside and tag == "td":
+            self.column, self.cell = dict(attrs).get("data-column"), []
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "table":
             self.inside = False
-        elif self.inside and tag in ("td", "th") and self.cell is not None:
-            self.rows[-1].append("".join(self.cell).strip())
-            self.cell = None
+        elif self.inside and tag == "td" and self.column:
+            self.rows[-1][self.column] = "".join(self.cell).strip()
+            self.column = None
 
     def handle_data(self, data: str) -> None:
-        if self.cell is not None:
+        if self.column:
             self.cell.append(data)
 
 
 def _html_value(text: str) -> float:
-    text = text.split(" ")[0]  # "0.0123 (0.01 – 1)": the first block's value
     if text == "–":
         return nan
     return float(text[:-1]) / 100 if text.endswith("%") else float(text)
@@ -178,22 +178,21 @@ def test_cli_and_html_summaries_show_the_same_numbers(tmp_path: Path):
 
     page = _SummaryTable()
     page.feed((out / "index.html").read_text(encoding="utf-8"))
-    html_header, *html_rows = page.rows
-    shown = {row[0]: dict(zip(html_header, row, strict=True)) for row in html_rows}
+    shown = {row["model"]: row for row in page.rows if row}
 
     run = gradprobe.load(out)
     assert list(printed) == list(shown) == run.models == ["plain-mlp-4", "resnet-mlp-4"]
-    columns = {  # CLI column -> HTML column
-        "train_loss": "train loss",
-        "test_acc": "test accuracy",
-        "cum_gain_init": "cum_gain at init: first block (all blocks min – max)",
-        "cum_gain_end": "cum_gain at end: first block (all blocks min – max)",
-        "res_ratio_init": "res_ratio at init",
-        "res_ratio_end": "res_ratio at end",
-        "effective_length_init": "effective length at init",
-        "effective_length_end": "effective length at end",
-    }
-    assert [c for c in header if c != "model"] == list(columns)
+    columns = {c: c for c in header if c != "model"}  # the HTML cells name the summary column they show
+    assert list(columns) == [
+        "train_loss",
+        "test_acc",
+        "cum_gain_init",
+        "cum_gain_end",
+        "res_ratio_init",
+        "res_ratio_end",
+        "effective_length_init",
+        "effective_length_end",
+    ]
     table = summary(run.frame(), run.scalars(), run.paths()).set_index("model")
     for model in run.models:
         for cli, html in columns.items():
@@ -201,7 +200,7 @@ def test_cli_and_html_summaries_show_the_same_numbers(tmp_path: Path):
             assert a == pytest.approx(b, rel=1e-3, nan_ok=True), (model, cli)
             if cli != "test_acc":  # the same formatter: the same text
                 assert printed[model][cli] == _format.number(table.loc[model, cli])
-                assert shown[model][html].split(" ")[0] == _format.number(table.loc[model, cli], nan="–")
+                assert shown[model][html] == _format.number(table.loc[model, cli], nan="–")
         # the numbers are real: finite where the run measured them
         assert math.isfinite(_cli_value(printed[model]["cum_gain_init"]))
         assert math.isfinite(_cli_value(printed[model]["effective_length_end"]))
