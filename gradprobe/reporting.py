@@ -492,7 +492,7 @@ def _meta_rows(meta: Mapping[str, Any], generated: str) -> list[tuple[str, str, 
     """(label, value, is_code) of the run's metadata; fields that were not recorded are left out."""
     meta = dict(meta)
     if "format_version" not in meta:
-        meta["format_version"] = records._FORMAT_VERSION
+        meta["format_version"] = records.FORMAT_VERSION
     command = meta.get("command")
     if isinstance(command, (list, tuple)):
         meta["command"] = " ".join(map(str, command))
@@ -781,7 +781,7 @@ def _write_report(
     top, sub, body = _summary_rows(table, band, frame)
     swatches = [_hex(inputs.palette.get(row[0]["text"], (0.5, 0.5, 0.5))) for row in body]
     model_header, model_rows = _model_rows(the_run.meta, models, table)
-    version = the_run.meta.get("format_version", records._FORMAT_VERSION)
+    version = the_run.meta.get("format_version", records.FORMAT_VERSION)
     html = _template().render(
         title=title or ("gradprobe report: " + ", ".join(models) if models else "gradprobe report"),
         story=story,

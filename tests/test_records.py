@@ -257,9 +257,9 @@ def test_the_reference_report_is_of_the_current_format_version():
     """reports/compare is regenerated whenever the run folder's layout changes (meta.json's
     format_version); an older one is a stale reference."""
     meta = json.loads((ROOT / "reports" / "compare" / "meta.json").read_text())
-    assert meta.get("format_version") == records.schema._FORMAT_VERSION, (
+    assert meta.get("format_version") == records.FORMAT_VERSION, (
         f"reports/compare was written by format version {meta.get('format_version')}, the package writes "
-        f"{records.schema._FORMAT_VERSION}: regenerate it with `gradprobe compare`"
+        f"{records.FORMAT_VERSION}: regenerate it with `gradprobe compare`"
     )
     assert (
         meta.get("table_format") == "parquet" and (ROOT / "reports" / "compare" / "frame.parquet").is_file()

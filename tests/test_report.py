@@ -684,7 +684,7 @@ def test_run_metadata_is_a_readable_table_at_the_end(written):
         assert literal not in text, literal
     for label in ("command line", "seed", "gradprobe version", "table format version"):
         assert label in text
-    assert '<meta name="gradprobe-format-version" content="1">' in html
+    assert f'<meta name="gradprobe-format-version" content="{records.FORMAT_VERSION}">' in html
 
 
 def test_summary_table_folds_block_lists_in_forward_order(run, tmp_path):

@@ -51,6 +51,7 @@ from .recorder import RecordedTables, Recorder, rank_view
 from .run import Run, load, read_meta, save_run
 from .schema import (
     EXTRA_COLUMNS,
+    FORMAT_VERSION,
     FRAME_COLUMNS,
     GLOSSARY,
     JACOBIAN_COLUMNS,
@@ -70,6 +71,7 @@ from .store import RowStore
 
 __all__ = [
     "EXTRA_COLUMNS",
+    "FORMAT_VERSION",
     "FRAME_COLUMNS",
     "GLOSSARY",
     "JACOBIAN_COLUMNS",

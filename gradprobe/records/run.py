@@ -30,7 +30,7 @@ from .files import (
     run_id_at,
     unfinished_write,
 )
-from .schema import _FORMAT_VERSION, _dtypes, _empty_scalars, empty_frame, has_parquet, paths_table
+from .schema import FORMAT_VERSION, _dtypes, _empty_scalars, empty_frame, has_parquet, paths_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,7 +124,7 @@ def save_run(
     out = check_destination(path, run_id, overwrite=overwrite)
     full_meta = dict(meta)
     full_meta["run_id"] = run_id
-    full_meta["format_version"] = _FORMAT_VERSION
+    full_meta["format_version"] = FORMAT_VERSION
     full_meta["table_format"] = fmt
     full_meta["dtypes"] = {"frame": _dtypes(frame), "scalars": _dtypes(scalars)}
     full_meta.pop("streamed", None)

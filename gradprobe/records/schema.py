@@ -56,7 +56,7 @@ MODEL_COLUMNS: tuple[str, ...] = ("model", "depth", "residual")
 
 # Version of a run folder's layout, stored in its meta.json. 2: meta.json holds ``run_id``,
 # the path-length table is saved as paths.parquet|csv.
-_FORMAT_VERSION = 2
+FORMAT_VERSION = 2
 
 
 #: One line per column: what it measures. The README's glossary and the HTML report show these.

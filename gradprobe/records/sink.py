@@ -34,7 +34,7 @@ from .files import (
     unfinished_write,
 )
 from .run import Run, _load_streamed, load, read_meta
-from .schema import _FORMAT_VERSION, _empty_scalars, empty_frame, has_parquet
+from .schema import FORMAT_VERSION, _empty_scalars, empty_frame, has_parquet
 from .store import RowStore
 
 if TYPE_CHECKING:
@@ -353,7 +353,7 @@ class Sink:
         meta = dict(self.meta)
         meta.update(
             {
-                "format_version": _FORMAT_VERSION,
+                "format_version": FORMAT_VERSION,
                 "table_format": self.fmt,
                 "streamed": True,
                 "run_id": self.run_id,
