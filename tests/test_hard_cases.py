@@ -1,0 +1,177 @@
+"""The probe's numbers on hard cases, each against a plain-autograd reference.
+
+Float32 nets where the case is about float32 (tiny and huge norms); float64 elsewhere. The
+references take the block gradients with plain hooks and ``torch.autograd`` and their norms
+in float64, independently of the probe's sufficient statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradprobe
+from gradprobe import metrics
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _plain(depth: int, width: int, *, seed: int = 0, gain: float = 1.0, dtype=torch.float32) -> nn.Sequential:
+    gen = _gen(seed)
+    blocks = []
+    for _ in range(depth):
+        fc = nn.Linear(width, width).to(dtype)
+        with torch.no_grad():
+            fc.weight.copy_(torch.randn(width, width, generator=gen, dtype=dtype) * gain / math.sqrt(width))
+            fc.bias.zero_()
+        blocks.append(nn.Sequential(fc, nn.Tanh()))
+    return nn.Sequential(*blocks)
+
+
+class _Res(nn.Module):
+    def __init__(self, width: int, gen: torch.Generator, dtype=torch.float32):
+        super().__init__()
+        self.fc = nn.Linear(width, width).to(dtype)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(width, width, generator=gen, dtype=dtype) / math.sqrt(width))
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+def _residual(depth: int, width: int, *, seed: int = 0, dtype=torch.float32) -> nn.Sequential:
+    gen = _gen(seed)
+    return nn.Sequential(*[_Res(width, gen, dtype) for _ in range(depth)])
+
+
+def _block_gradients(model: nn.Sequential, x: torch.Tensor, loss_fn) -> list[dict[str, float]]:
+    """Per block (one call each): float64 norms of g_y, g_x (through the block only), x and the
+    branch cosine, from plain hooks and torch.autograd in the model's own dtype."""
+    xs, ys = [], []
+    handles = []
+    for block in model:
+        handles.append(block.register_forward_pre_hook(lambda m, a: xs.append(a[0])))
+        handles.append(block.register_forward_hook(lambda m, a, out: ys.append(out)))
+    x = x.clone().requires_grad_(True)
+    try:
+        loss = loss_fn(model(x))
+    finally:
+        for h in handles:
+            h.remove()
+    g_ys = torch.autograd.grad(loss, ys, retain_graph=True)
+    rows = []
+    for xi, yi, gy in zip(xs, ys, g_ys, strict=True):
+        (gx,) = torch.autograd.grad(yi, xi, gy, retain_graph=True)
+        gy64, gx64 = gy.double(), gx.double()
+        row = {
+            "grad_out": gy64.norm().item(),
+            "grad_in": gx64.norm().item(),
+            "in_rms": (xi.detach().double().norm() / math.sqrt(xi.numel())).item(),
+        }
+        if xi.shape == yi.shape:
+            b = gx64 - gy64
+            row["branch_cos"] = (b.flatten() @ gy64.flatten() / (b.norm() * gy64.norm())).item()
+        rows.append(row)
+    last = rows[-1]["grad_out"]
+    for row in rows:
+        row["cum_gain"] = row["grad_in"] / last
+    return rows
+
+
+def _probe_frame(model: nn.Module, x: torch.Tensor, loss_fn, **options):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradprobe.attach(model, blocks=[str(i) for i in range(len(model))], **options) as probe:
+            loss_fn(model(x)).backward()
+    return probe.frame(), [str(w.message) for w in caught if "gradprobe" in str(w.message)]
+
+
+# ----------------------------------------------------------------------------- float32 range
+
+
+def test_float32_squared_sums_neither_underflow_nor_overflow():
+    tiny = torch.full((300,), 1e-27)
+    huge = torch.full((300,), 1e20)
+    assert metrics.grad_out_stat(tiny).item() == pytest.approx(300 * 1e-54, rel=1e-6, abs=0)
+    assert metrics.grad_out_stat(huge).item() == pytest.approx(300 * 1e40, rel=1e-6, abs=0)
+    xx, yy, dd, rr = metrics.forward_stats(huge, 2 * huge, huge).tolist()
+    assert [xx, yy, dd, rr] == pytest.approx([3e42, 1.2e43, 3e42, 3e42], rel=1e-6, abs=0)
+    # exact zeros stay zero, in float32
+    assert metrics.grad_out_stat(torch.zeros(5)).dtype == torch.float32
+
+
+def test_float32_branch_cosine_of_tiny_gradients_is_the_float64_one():
+    gen = _gen(3)
+    gy = torch.randn(64, generator=gen) * 1e-26
+    gx = gy + torch.randn(64, generator=gen) * 1e-27
+    gxx, bb, bg = metrics.grad_in_stats(gx, gy).tolist()
+    gy64, gx64 = gy.double(), gx.double()
+    b = gx64 - gy64
+    assert gxx == pytest.approx((gx64 @ gx64).item(), rel=1e-6, abs=0)
+    assert bb == pytest.approx((b @ b).item(), rel=1e-5, abs=0)
+    assert bg / math.sqrt(bb * (gy64 @ gy64).item()) == pytest.approx(
+        (b @ gy64 / (b.norm() * gy64.norm())).item(), abs=1e-5
+    )
+
+
+def test_loss_scaled_by_1e_25_reads_its_true_gradient_norms():
+    model = _residual(4, 8)
+    x = torch.randn(16, 8, generator=_gen(1))
+
+    def loss_fn(out):
+        return out.pow(2).mean() * 1e-25
+
+    ref = _block_gradients(model, x, loss_fn)
+    frame, warned = _probe_frame(model, x, loss_fn)
+    assert not warned
+    for i, row in enumerate(ref):
+        got = frame.iloc[i]
+        assert 1e-28 < row["grad_out"] < 1e-23  # the case: float32 squares of these underflow
+        for col in ("grad_out", "grad_in", "cum_gain"):
+            assert got[col] == pytest.approx(row[col], rel=1e-5, abs=0), col
+        assert got["gain"] == pytest.approx(row["grad_in"] / row["grad_out"], rel=1e-5, abs=0)
+        assert got["branch_cos"] == pytest.approx(row["branch_cos"], abs=1e-4)
+        assert got["param_grad_norm"] > 0
+
+
+def test_deep_plain_net_cum_gain_is_not_flushed_to_zero():
+    model = _plain(120, 16, gain=0.6)
+    x = torch.randn(8, 16, generator=_gen(2))
+
+    def loss_fn(out):
+        return out.sum()
+
+    ref = _block_gradients(model, x, loss_fn)
+    frame, _ = _probe_frame(model, x, loss_fn)
+    assert 0 < ref[0]["cum_gain"] < 1e-20  # the case: float32 squares of the first grad_in underflow
+    assert frame.iloc[0]["cum_gain"] == pytest.approx(ref[0]["cum_gain"], rel=1e-5, abs=0)
+    assert frame.iloc[0]["grad_in"] == pytest.approx(ref[0]["grad_in"], rel=1e-5, abs=0)
+
+
+def test_activations_of_1e18_read_their_rms_without_a_non_finite_warning():
+    model = _residual(3, 8)
+    x = torch.randn(64, 8, generator=_gen(4)) * 1e18  # 1e36 * 512 squared sums overflow float32
+
+    def loss_fn(out):
+        return out.mean()
+
+    ref = _block_gradients(model, x, loss_fn)
+    frame, warned = _probe_frame(model, x, loss_fn)
+    assert not any("non-finite" in w for w in warned), warned
+    for i, row in enumerate(ref):
+        assert frame.iloc[i]["in_rms"] == pytest.approx(row["in_rms"], rel=1e-6, abs=0)
+        assert math.isfinite(frame.iloc[i]["out_rms"])
+
+
+def test_non_finite_warning_fires_when_the_tensor_holds_nan():
+    model = _residual(2, 8)
+    x = torch.randn(16, 8, generator=_gen(4))
+    x[0, 0] = math.inf
+    _, warned = _probe_frame(model, x, lambda out: out.mean())
+    assert any("non-finite" in w for w in warned)
