@@ -175,3 +175,59 @@ def test_non_finite_warning_fires_when_the_tensor_holds_nan():
     x[0, 0] = math.inf
     _, warned = _probe_frame(model, x, lambda out: out.mean())
     assert any("non-finite" in w for w in warned)
+
+
+# ----------------------------------------------------------------------------- assertions on broken models
+
+
+class _NanBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.nan
+
+
+class _Broken(nn.Module):
+    """``y = h + scale * tanh(fc(h))``; ``h`` is x with a NaN backward, or y is NaN in forward."""
+
+    def __init__(self, scale: float, *, nan_backward: bool = False, nan_forward: bool = False):
+        super().__init__()
+        gen = _gen(7)
+        self.fc = nn.Linear(8, 8).double()
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(8, 8, generator=gen, dtype=torch.float64))
+        self.scale, self.nan_backward, self.nan_forward = scale, nan_backward, nan_forward
+
+    def forward(self, x):
+        h = _NanBackward.apply(x) if self.nan_backward else x
+        y = h + self.scale * torch.tanh(self.fc(h))
+        return y * math.nan if self.nan_forward else y
+
+
+def _broken_net(**kind) -> nn.Sequential:
+    return nn.Sequential(_Broken(0.0), _Broken(1.0, **kind), _Broken(0.0))
+
+
+@pytest.mark.parametrize("kind", ["nan_backward", "nan_forward"])
+@pytest.mark.parametrize("assertion", ["assert_near_identity", "assert_gradient_flow"])
+def test_assertions_fail_a_non_finite_block_naming_it(kind, assertion):
+    from gradprobe import testing
+
+    net = _broken_net(**{kind: True})
+    x = torch.randn(4, 8, generator=_gen(8), dtype=torch.float64)
+    # the broken block is far from the identity in forward (the case: it passed as a shape change)
+    with torch.no_grad():
+        assert (net[1](x) - x).norm() / x.norm() > 0.3 or kind == "nan_forward"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(AssertionError) as info:
+            getattr(testing, assertion)(net, x)
+    message = str(info.value)
+    assert "non-finite activations or gradients" in message
+    assert "assert_finite_gradients" in message and "vanishes" not in message
+    named = {v.block for v in info.value.violations}
+    assert "1" in named and named <= {"0", "1", "2"}
+    assert all(v.rule == "finite" for v in info.value.violations)

@@ -376,7 +376,9 @@ def _rows(frame: pd.DataFrame, mask: Any, column: str) -> Iterable[tuple[str, in
     )
 
 
-def _finite_violations(frame: pd.DataFrame) -> list[Violation]:
+def _finite_violations(frame: pd.DataFrame, recorded_only: bool = False) -> list[Violation]:
+    """``finite`` violations of :data:`FINITE_COLUMNS`; ``recorded_only``: skip a column without any
+    value in the frame (one that was not recorded, as in a hand-made frame)."""
     import numpy as np
 
     out: list[Violation] = []
@@ -384,6 +386,8 @@ def _finite_violations(frame: pd.DataFrame) -> list[Violation]:
         if column not in frame.columns:
             continue
         values = frame[column].astype(float).to_numpy()
+        if recorded_only and np.isnan(values).all():
+            continue
         bad = ~np.isfinite(values)
         if column == "param_grad_norm" and "param_norm" in frame.columns:
             # NaN here also means "no trainable parameters" (param_norm NaN too): not a violation.
@@ -624,6 +628,40 @@ def _fail(
     return GradientAssertionError("\n".join(lines), violations, frame)
 
 
+#: The advice of a failure on non-finite values: no band can be judged on them.
+NON_FINITE_ADVICE = (
+    "the model produces nan/inf at the named blocks, so their bands cannot be judged (a nan gain is "
+    "neither vanishing nor exploding): gradprobe.testing.assert_finite_gradients(model, inputs) follows "
+    "the first nan/inf to the block that made it; check the data, the loss and the initial weights "
+    "(a division by zero, a log of 0, an overflow, a custom backward)."
+)
+
+
+def _assert_finite(who: str, frame: pd.DataFrame, label: str) -> None:
+    """Fail with the blocks whose activations or gradients are nan/inf, before any band is read
+    (a non-finite backward would otherwise pass for a shape change, a vanishing gradient, or a
+    column without values)."""
+    __tracebackhide__ = True
+    if frame.empty or "block" not in frame.columns:
+        return  # _check says what is wrong with such a frame
+    violations = sorted(_finite_violations(frame, recorded_only=True), key=_order)
+    if not violations:
+        return
+    blocks = sorted({(v.model, v.block) for v in violations})
+    n_blocks = frame.groupby(["model", "block"] if "model" in frame.columns else ["block"]).ngroups
+    columns = [c for c in FINITE_COLUMNS if c in frame.columns]
+    raise _fail(
+        who,
+        f"{label}: {len(blocks)} of {n_blocks} blocks have non-finite activations or gradients "
+        f"({_name_list([b for _, b in blocks])})",
+        f"finite {', '.join(columns)} at every block, before any band is checked",
+        violations,
+        frame,
+        advice=NON_FINITE_ADVICE,
+        notes=_glossary_lines(v.column for v in violations),
+    )
+
+
 def _assert_bands(
     who: str,
     frame: pd.DataFrame,
@@ -633,6 +671,7 @@ def _assert_bands(
     scope: str = "block",
 ) -> None:
     __tracebackhide__ = True
+    _assert_finite(who, frame, label)
     violations = _check(frame, bands, who)
     if not violations:
         return
@@ -681,7 +720,8 @@ def assert_gradient_flow(
     pass of :func:`gradprobe.analyze` (``loss_fn``, ``seed`` and ``**options`` go
     there; without ``loss_fn`` the loss is a fixed random projection of the output);
     or pass a frame / :class:`gradprobe.Run` as ``model`` to check every recorded
-    step. Returns the frame; raises :class:`GradientAssertionError`.
+    step. A block with nan/inf activations or gradients fails first, named as such (no band
+    is judged on it). Returns the frame; raises :class:`GradientAssertionError`.
 
     >>> import torch, torch.nn as nn
     >>> deep = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(40)])
@@ -744,8 +784,9 @@ def assert_near_identity(
     input shape cannot be the identity and are skipped (the message names them);
     if every block changes shape, ``ValueError``. Meant for models at
     initialisation built to start at the identity: zero-initialised residual
-    branches, ReZero, SkipInit, Fixup. Returns the whole frame; raises
-    :class:`GradientAssertionError`.
+    branches, ReZero, SkipInit, Fixup. A block with nan/inf activations or gradients
+    fails first, named as such (its shape cannot be told from a nan gradient). Returns the
+    whole frame; raises :class:`GradientAssertionError`.
 
     >>> import torch, torch.nn as nn
     >>> class Block(nn.Module):
@@ -774,6 +815,7 @@ def assert_near_identity(
         options=options,
     )
     _notify(who, frame)
+    _assert_finite(who, frame, label)  # a nan gradient would hide the block's shape
     same = _identity_shaped(frame)
     skipped = list(dict.fromkeys(frame.loc[~same, "block"].astype(str)))
     if not same.any():
