@@ -405,6 +405,7 @@ class Probe(RecordedTables):
     def _close_records(self) -> None:
         recorded, step = self._recording(), self._step
         buf, self._buf, self._state = self._buf, _Step(), _State.IDLE
+        self._taps.release()
         calls, self._taps.calls = self._taps.calls, []
         self._step += 1
         self._taps.captures.clear()

@@ -29,10 +29,10 @@ from torch import nn
 
 from . import capture as _rule
 from . import metrics
-from ._tensors import in_backward, muted
+from ._tensors import in_backward, mute, muted
 from .batching import SignalQueue
 from .blocks import StackTracker
-from .capture import alias_view, find_output, swap_input
+from .capture import alias_view, find_output, gradient_edge, swap_input
 from .jacobian.schedule import block_capture
 from .rows import CallStats
 
@@ -47,10 +47,28 @@ class Call(CallStats):
     x_output_nr: int = 0
     same_shape: bool = False
     g_y: torch.Tensor | None = None  # held only between the g_y and the g_x hooks
+    # A fresh input leaf's gradient edge and the output's, held from the forward hook to the g_y hook
+    # (a cycle through the output's node, broken there or by release()): a backward pass that does not
+    # differentiate with respect to the leaf (torch.autograd.grad(loss, params)) never computes g_x.
+    x_edge: Any = None
+    y_edge: Any = None
+
+    def release(self) -> None:
+        """Drop what still ties this call to the autograd graph (at the close of its step)."""
+        self.x_edge = self.y_edge = self.g_y = None
 
 
 #: The placeholder call of unrecorded steps: never recorded (its x stays None).
 UNRECORDED = Call(block="")
+
+
+def _will_execute(node: Any) -> bool:
+    """Whether the running backward pass executes autograd node ``node`` (True where torch cannot
+    tell: a leaf that ``torch.autograd.grad`` captures as one of its inputs)."""
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:
+        return True
 
 
 class Fwd(enum.Enum):
@@ -105,6 +123,7 @@ class Taps:
 
     def clear(self) -> None:
         """Drop what the hooks hold between calls (on detach)."""
+        self.release()
         self._signal.clear()
         self._model_calls, self._count_y = 0, None
         self.captures.clear()
@@ -257,6 +276,11 @@ class Taps:
                 call.x_node.register_prehook(partial(self._grad_x_node_hook, call))
         else:
             call.numel_y = y.numel()
+        if x is not None and x.is_leaf and x._version == call.x_version:
+            # The input had no grad: x is the probe's own leaf, and only a backward pass that
+            # accumulates into leaves (backward()) computes its gradient. Kept to compute it
+            # where another pass (torch.autograd.grad) would not.
+            call.x_edge, call.y_edge = gradient_edge(x), gradient_edge(y)
         self.calls.append(call)
         y.register_hook(partial(self._grad_y_hook, call))
 
@@ -297,6 +321,27 @@ class Taps:
                 call.g_y = grad
         except Exception as exc:
             self._fail(f"output gradient of block {call.block}", exc)
+        x_edge, y_edge = call.x_edge, call.y_edge
+        if x_edge is not None:
+            call.x_edge = call.y_edge = None
+            if not _will_execute(x_edge.node):
+                self._grad_x_by_vjp(call, x_edge, y_edge, grad)
+
+    def _grad_x_by_vjp(self, call: Call, x_edge: Any, y_edge: Any, grad: torch.Tensor) -> None:
+        """``g_x`` of a call whose input leaf this backward pass skips (``torch.autograd.grad(loss,
+        params)`` differentiates with respect to the parameters only): the vector-Jacobian product
+        through the block, run before the pass reaches the block (its graph is intact), muted."""
+        try:
+            with mute():
+                (g_x,) = torch.autograd.grad(y_edge, x_edge, grad, retain_graph=True, allow_unused=True)
+        except Exception as exc:
+            call.g_y = None
+            self._fail(f"input gradient of block {call.block}", exc)
+            return
+        if g_x is not None:
+            self._grad_x_hook(call, g_x)
+        else:
+            call.g_y = None
 
     def _grad_x_hook(self, call: Call, grad: torch.Tensor) -> None:
         if muted():
@@ -308,6 +353,11 @@ class Taps:
             self._fail(f"input gradient of block {call.block}", exc)
         finally:
             call.g_y = None
+
+    def release(self) -> None:
+        """Drop the graph ties of the calls of the current step (at its close, or on detach)."""
+        for call in self.calls:
+            call.release()
 
     def _grad_x_node_hook(self, call: Call, grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
         grad = grad_outputs[call.x_output_nr]

@@ -231,3 +231,33 @@ def test_assertions_fail_a_non_finite_block_naming_it(kind, assertion):
     named = {v.block for v in info.value.violations}
     assert "1" in named and named <= {"0", "1", "2"}
     assert all(v.rule == "finite" for v in info.value.violations)
+
+
+# ----------------------------------------------------------------------------- torch.autograd.grad training
+
+
+def test_training_with_autograd_grad_records_like_backward():
+    model = _residual(3, 8, dtype=torch.float64)
+    x = torch.randn(16, 8, generator=_gen(5), dtype=torch.float64)
+
+    def loss_fn(out):
+        return out.pow(2).mean()
+
+    ref = _block_gradients(model, x, loss_fn)
+    names = ["0", "1", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no false "non-finite" warning
+        with gradprobe.attach(model, blocks=names) as probe:
+            grads = torch.autograd.grad(loss_fn(model(x)), list(model.parameters()))
+    by_grad = probe.frame()
+    with gradprobe.attach(model, blocks=names) as probe:
+        loss_fn(model(x)).backward()
+    by_backward = probe.frame()
+    cols = ["grad_out", "grad_in", "gain", "cum_gain", "skip_grad", "branch_grad", "branch_cos"]
+    for i, row in enumerate(ref):
+        for col in ("grad_out", "grad_in", "cum_gain"):
+            assert by_grad.iloc[i][col] == pytest.approx(row[col], rel=1e-12), col
+        assert by_grad.iloc[i][cols].tolist() == pytest.approx(by_backward.iloc[i][cols].tolist(), rel=1e-12)
+    # the probe did not change what autograd.grad returned
+    again = torch.autograd.grad(loss_fn(model(x)), list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(grads, again, strict=True))

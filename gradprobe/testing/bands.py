@@ -376,13 +376,20 @@ def _rows(frame: pd.DataFrame, mask: Any, column: str) -> Iterable[tuple[str, in
     )
 
 
-def _finite_violations(frame: pd.DataFrame, recorded_only: bool = False) -> list[Violation]:
-    """``finite`` violations of :data:`FINITE_COLUMNS`; ``recorded_only``: skip a column without any
-    value in the frame (one that was not recorded, as in a hand-made frame)."""
+#: The columns a band assertion needs finite before it reads a band: activations and block gradients
+#: (a parameter gradient may be missing by design: no ``.grad`` under ``torch.autograd.grad``).
+_SIGNAL_COLUMNS = ("in_rms", "out_rms", "grad_out", "grad_in")
+
+
+def _finite_violations(
+    frame: pd.DataFrame, recorded_only: bool = False, columns: Sequence[str] = FINITE_COLUMNS
+) -> list[Violation]:
+    """``finite`` violations of ``columns``; ``recorded_only``: skip a column without any value in
+    the frame (one that was not recorded, as in a hand-made frame)."""
     import numpy as np
 
     out: list[Violation] = []
-    for column in FINITE_COLUMNS:
+    for column in columns:
         if column not in frame.columns:
             continue
         values = frame[column].astype(float).to_numpy()
@@ -644,12 +651,12 @@ def _assert_finite(who: str, frame: pd.DataFrame, label: str) -> None:
     __tracebackhide__ = True
     if frame.empty or "block" not in frame.columns:
         return  # _check says what is wrong with such a frame
-    violations = sorted(_finite_violations(frame, recorded_only=True), key=_order)
+    violations = sorted(_finite_violations(frame, True, _SIGNAL_COLUMNS), key=_order)
     if not violations:
         return
     blocks = sorted({(v.model, v.block) for v in violations})
     n_blocks = frame.groupby(["model", "block"] if "model" in frame.columns else ["block"]).ngroups
-    columns = [c for c in FINITE_COLUMNS if c in frame.columns]
+    columns = [c for c in _SIGNAL_COLUMNS if c in frame.columns]
     raise _fail(
         who,
         f"{label}: {len(blocks)} of {n_blocks} blocks have non-finite activations or gradients "
