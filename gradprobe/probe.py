@@ -115,6 +115,7 @@ class Probe(RecordedTables):
             backward_started=self._backward_started,
             fail=self._alerts.fail,
             warn_once=self._alerts.once,
+            params=[p for group in self._params.values() for p in group],
         )
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         self._hooks = Handles()  # on the model, while attached
@@ -405,6 +406,8 @@ class Probe(RecordedTables):
     def _close_records(self) -> None:
         recorded, step = self._recording(), self._step
         buf, self._buf, self._state = self._buf, _Step(), _State.IDLE
+        if recorded:
+            self._taps.settle()
         self._taps.release()
         calls, self._taps.calls = self._taps.calls, []
         self._step += 1

@@ -261,3 +261,110 @@ def test_training_with_autograd_grad_records_like_backward():
     # the probe did not change what autograd.grad returned
     again = torch.autograd.grad(loss_fn(model(x)), list(model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(grads, again, strict=True))
+
+
+# ----------------------------------------------------------------------------- several backward passes
+
+
+_GRAD_COLUMNS = ("grad_out", "grad_in", "cum_gain", "branch_cos")
+
+
+def _assert_rows(frame, ref, rel=1e-10):
+    for i, row in enumerate(ref):
+        for col in _GRAD_COLUMNS:
+            assert frame.iloc[i][col] == pytest.approx(row[col], rel=rel, abs=0), (i, col)
+        assert frame.iloc[i]["calls"] == 1
+
+
+def _run(model, x, train, **options):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradprobe.attach(model, blocks=[str(i) for i in range(len(model))], **options) as probe:
+            train(probe)
+    return probe.frame(), [str(w.message) for w in caught if "gradprobe" in str(w.message)]
+
+
+def test_two_backward_passes_through_one_output_add_as_vectors():
+    model = _residual(3, 8, dtype=torch.float64)
+    x = torch.randn(16, 8, generator=_gen(6), dtype=torch.float64)
+
+    def train(probe):
+        out = model(x)
+        first, second = out.pow(2).mean(), (out * torch.linspace(-1, 1, 8, dtype=torch.float64)).sum()
+        first.backward(retain_graph=True)
+        second.backward()
+
+    ref = _block_gradients(
+        model, x, lambda out: out.pow(2).mean() + (out * torch.linspace(-1, 1, 8, dtype=torch.float64)).sum()
+    )
+    frame, warned = _run(model, x, train)
+    assert not warned
+    _assert_rows(frame, ref)
+
+
+def test_a_gradient_penalty_pass_is_not_a_training_gradient():
+    model = _residual(3, 8, dtype=torch.float64)
+    x = torch.randn(16, 8, generator=_gen(7), dtype=torch.float64).requires_grad_()
+
+    def total(out, inputs):
+        loss = out.pow(2).mean()
+        (g,) = torch.autograd.grad(loss, inputs, create_graph=True)
+        return loss + g.pow(2).sum()
+
+    def train(probe):
+        total(model(x), x).backward()
+
+    # the reference: the gradient training applies (of the whole loss, penalty included)
+    xs, ys = [], []
+    handles = [b.register_forward_pre_hook(lambda m, a: xs.append(a[0])) for b in model]
+    handles += [b.register_forward_hook(lambda m, a, out: ys.append(out)) for b in model]
+    loss = total(model(x), x)
+    for h in handles:
+        h.remove()
+    # Each block input feeds only its block (and the penalty's graph through that block's saved
+    # tensors): the loss gradient at it is the gradient through this block.
+    g_ys = torch.autograd.grad(loss, ys, retain_graph=True)
+    g_xs = torch.autograd.grad(loss, xs, retain_graph=True)
+    frame, warned = _run(model, x, train)
+    assert not warned
+    for i, (gy, gx) in enumerate(zip(g_ys, g_xs, strict=True)):
+        assert frame.iloc[i]["grad_out"] == pytest.approx(gy.norm().item(), rel=1e-10)
+        assert frame.iloc[i]["grad_in"] == pytest.approx(gx.norm().item(), rel=1e-10)
+
+
+def test_passes_beyond_the_held_memory_pool_as_squares_and_say_so():
+    model = _residual(2, 8, dtype=torch.float64)
+    x = torch.randn(16, 8, generator=_gen(8), dtype=torch.float64)
+
+    def train(probe):
+        probe._taps._hold_bytes = 0  # nothing may be held
+        loss = model(x).pow(2).mean()
+        loss.backward(retain_graph=True)
+        loss.backward()
+
+    ref = _block_gradients(model, x, lambda out: out.pow(2).mean())
+    frame, warned = _run(model, x, train)
+    assert any("sqrt(|g1|^2 + |g2|^2)" in w for w in warned), warned
+    for i, row in enumerate(ref):  # two equal passes: sqrt(2) |g|, not 2 |g|
+        assert frame.iloc[i]["grad_out"] == pytest.approx(math.sqrt(2) * row["grad_out"], rel=1e-10)
+
+
+@pytest.mark.parametrize("how", ["inputs", "create_graph"])
+def test_a_step_without_a_training_pass_records_the_other_passes_and_says_so(how):
+    model = _residual(2, 8, dtype=torch.float64)
+    x = torch.randn(16, 8, generator=_gen(9), dtype=torch.float64).requires_grad_()
+
+    def loss_fn(out):
+        return out.pow(2).mean()
+
+    def train(probe):
+        loss = loss_fn(model(x))
+        if how == "inputs":  # a saliency map: the gradient with respect to the input only
+            torch.autograd.grad(loss, x)
+        else:  # a meta-learning inner step
+            torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+
+    ref = _block_gradients(model, x.detach(), loss_fn)
+    frame, warned = _run(model, x, train)
+    assert any("do not train its parameters" in w for w in warned), warned
+    _assert_rows(frame, ref)
