@@ -81,6 +81,23 @@ UNRECORDED = Call(block="")
 HOLD_BYTES = 64 << 20
 
 
+#: The functorch interpreter stack's top (None outside every torch.func transform); a private but
+#: long-standing torch function, with a fallback that sees no transform should it disappear.
+_interpreter_stack: Callable[[], Any] = getattr(
+    getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None
+)
+
+
+def in_transform() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, ...; also batched gradients) is running:
+    its tensors are not plain tensors, and the probe's hooks step aside.
+
+    >>> in_transform(), torch.func.vmap(lambda t: torch.tensor(in_transform()))(torch.ones(2)).tolist()
+    (False, [True, True])
+    """
+    return _interpreter_stack() is not None
+
+
 def _will_execute(node: Any, strict: bool = False) -> bool:
     """Whether the running backward pass executes autograd node ``node``. Where torch cannot tell (a
     leaf that ``torch.autograd.grad`` captures as one of its inputs) True, or with ``strict`` the
@@ -372,7 +389,7 @@ class Taps:
         return True
 
     def _grad_y_hook(self, call: Call, grad: torch.Tensor) -> None:
-        if muted():
+        if muted() or in_transform():  # (a transform's batched gradients are not training's)
             return
         self._backward_started()
         try:
@@ -406,7 +423,7 @@ class Taps:
             call.target(self._trains()).g_y = None
 
     def _grad_x_hook(self, call: Call, grad: torch.Tensor) -> None:
-        if muted():
+        if muted() or in_transform():
             return
         self._backward_started()
         target = call

@@ -368,3 +368,41 @@ def test_a_step_without_a_training_pass_records_the_other_passes_and_says_so(how
     frame, warned = _run(model, x, train)
     assert any("do not train its parameters" in w for w in warned), warned
     _assert_rows(frame, ref)
+
+
+# ----------------------------------------------------------------------------- torch.func transforms
+
+
+def test_torch_func_transforms_are_stepped_around_with_one_warning():
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    model = _residual(3, 8, dtype=torch.float64)
+    x = torch.randn(6, 8, generator=_gen(10), dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi):
+        return functional_call(model, p, (xi[None],)).pow(2).mean()
+
+    def loss_fn(out):
+        return out.pow(2).mean()
+
+    expected = (vmap(grad(loss_one), in_dims=(None, 0))(params, x), jacrev(model)(x[0]))
+
+    def train(probe):
+        for _ in range(2):
+            loss_fn(model(x)).backward()
+            per_sample = vmap(grad(loss_one), in_dims=(None, 0))(params, x)
+            jac = jacrev(model)(x[0])
+            assert all(torch.equal(per_sample[k], expected[0][k]) for k in params)
+            assert torch.equal(jac, expected[1])
+
+    ref = _block_gradients(model, x, loss_fn)
+    frame, warned = _run(model, x, train)
+    assert len(warned) == 1 and "torch.func transform" in warned[0], warned
+    assert frame["step"].unique().tolist() == [0, 1]
+    for step in (0, 1):
+        rows = frame[frame["step"] == step].reset_index(drop=True)
+        for i, row in enumerate(ref):  # each step: its backward() pass only (weights unchanged)
+            for col in ("grad_out", "grad_in", "cum_gain"):
+                assert rows.iloc[i][col] == pytest.approx(row[col], rel=1e-10)
+            assert rows.iloc[i]["calls"] == 1
