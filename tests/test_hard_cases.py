@@ -406,3 +406,100 @@ def test_torch_func_transforms_are_stepped_around_with_one_warning():
             for col in ("grad_out", "grad_in", "cum_gain"):
                 assert rows.iloc[i][col] == pytest.approx(row[col], rel=1e-10)
             assert rows.iloc[i]["calls"] == 1
+
+
+# ----------------------------------------------------------------------------- sequence-first sub-batch
+
+
+class _SeqFirst(nn.Module):
+    """A sequence-first (T, N, C) stack without any ``batch_first`` attribute: mixes along time."""
+
+    def __init__(self, width: int = 6, depth: int = 2):
+        super().__init__()
+        gen = _gen(11)
+        self.blocks = nn.ModuleList(_Res(width, gen, torch.float64) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x + x.mean(0, keepdim=True))  # time mixing: slicing T would change y
+        return x
+
+
+def _sliced_shapes(monkeypatch):
+    from gradprobe.jacobian import schedule
+
+    seen = []
+    real = schedule.sub_batch_captures
+
+    def spy(model, named, args, kwargs, k, seed, **kw):
+        caps = real(model, named, args, kwargs, k, seed, **kw)
+        seen.extend((tuple(c.x.shape), c.x.detach().clone()) for c in caps or ())
+        return caps
+
+    monkeypatch.setattr(schedule, "sub_batch_captures", spy)
+    return seen
+
+
+def _jacobian_frame(model, x, **jacobian_options):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        options = {"spec": False, **jacobian_options}
+        with gradprobe.attach(model, jacobian=True, jacobian_options=options) as probe:
+            model(x).pow(2).mean().backward()
+    return probe.frame(), [str(w.message) for w in caught if "gradprobe" in str(w.message)]
+
+
+def test_sequence_first_transformer_sub_batch_slices_the_batch_axis(monkeypatch):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # batch_first=False: (T, N, C)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double()
+    x = torch.randn(40, 6, 8, generator=_gen(12), dtype=torch.float64)
+    seen = _sliced_shapes(monkeypatch)
+    frame, _ = _jacobian_frame(model, x)  # 6 samples: no larger than the sub-batch, the training graph
+    assert frame["jac_batch"].tolist() == [6.0, 6.0] and not seen
+    frame, _ = _jacobian_frame(model, x, sub_batch=4)
+    assert frame["jac_batch"].tolist() == [4.0, 4.0]
+    assert seen and all(shape == (40, 4, 8) for shape, _ in seen)  # time kept whole
+
+
+def test_sequence_first_model_without_flags_takes_batch_dim(monkeypatch):
+    model = _SeqFirst()
+    x = torch.randn(40, 6, 6, generator=_gen(13), dtype=torch.float64)
+    seen = _sliced_shapes(monkeypatch)
+    frame, _ = _jacobian_frame(model, x, sub_batch=3, batch_dim=1)
+    assert frame["jac_batch"].tolist() == [3.0, 3.0]
+    assert seen and all(shape == (40, 3, 6) for shape, _ in seen)
+    # the first block saw the first 3 sequences whole (its input mixes along time)
+    first_in = x[:, :3] + x[:, :3].mean(0, keepdim=True)
+    assert torch.equal(seen[0][1], first_in)
+
+
+def test_a_model_with_both_batch_axes_is_refused_with_a_message():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.GRU(4, 4)  # sequence first
+            self.b = nn.GRU(4, 4, batch_first=True)
+            self.blocks = nn.ModuleList([_Res(4, _gen(14), torch.float64) for _ in range(2)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = Mixed().double()
+    x = torch.randn(40, 6, 4, generator=_gen(15), dtype=torch.float64)
+    frame, warned = _jacobian_frame(model, x, sub_batch=3)
+    assert any("batch_dim" in w and "cannot be told" in w for w in warned), warned
+    assert frame["jac_batch"].isna().all() and frame["jac_fro"].notna().all()
+
+
+def test_batch_dim_option_is_validated_and_slices_that_axis():
+    from gradprobe.config import JacobianOptions
+    from gradprobe.jacobian.rerun import _slice_batch, batch_size
+
+    with pytest.raises(ValueError, match="batch_dim"):
+        JacobianOptions(batch_dim=-1)
+    t = torch.arange(24.0).reshape(2, 4, 3)
+    assert batch_size((t,), {}, dim=1) == 4
+    assert torch.equal(_slice_batch((t,), 4, 2, 1)[0], t[:, :2])
