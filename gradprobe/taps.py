@@ -13,6 +13,14 @@ pass started, and how to report a failure or warn once. The signal moments of a 
 output wait in a :class:`gradprobe.batching.SignalQueue` for the end of the backward pass.
 On unrecorded steps a call only has its backward pass noticed, and with the block hooks off
 (:class:`gradprobe.probe.Probe`) the model's own hooks (:meth:`Taps.model_exit`) do that.
+
+Several backward passes through one call (``retain_graph=True``) add their gradients as
+vectors, as ``.grad`` adds them: a pass's gradients are held by reference (no copy, at most
+:data:`HOLD_BYTES` a step, released when the step closes) and a second pass replaces them by
+the sums. Passes that do not train the probed parameters (:meth:`Taps._trains`: gradients
+with respect to inputs, or ``create_graph=True`` ones that build a penalty) are kept apart and
+recorded only where no training pass reached the block (:meth:`Taps.settle`, with a warning).
+Inside ``torch.func`` transforms the hooks step aside (:func:`in_transform`).
 """
 
 from __future__ import annotations
