@@ -113,27 +113,33 @@ def _sq(a: torch.Tensor) -> torch.Tensor:
     no synchronisation. Elsewhere (accelerators) it accumulates in float64 at once, in the
     same single pass over the tensor.
     """
+    return _sq_read(a)[0]
+
+
+def _sq_read(a: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """:func:`_sq` and its value where it was read on the host (float32 on the CPU), else None."""
     dtype = a.dtype
     if dtype is torch.float32 and a.is_cpu:  # the common case first: one BLAS call, one host read
         # torch.dot is a single BLAS reduction: about twice as fast as vector_norm on CPU.
         s = torch.dot(a, a)
         v = s.item()
         if a.numel() * _TINY32 <= v <= _MAX32:
-            return s
+            return s, v
         n = a.numel()
     elif dtype not in _NARROW:
-        return torch.vdot(a, a).real if a.is_complex() else torch.dot(a, a)
+        return (torch.vdot(a, a).real if a.is_complex() else torch.dot(a, a)), None
     elif not a.is_cpu:
-        return _sq64(a)
+        return _sq64(a), None
     else:
         s = torch.vdot(a, a).real
         v = s.item()
         n = 2 * a.numel()
     if n * _TINY32 <= v <= _MAX32 or math.isnan(v):  # NaN: the tensor holds NaN (float64 agrees)
-        return s
+        return s, v
     if v == 0.0 and not a.any():
-        return s  # exactly zero, not underflow
-    return _sq64(a)
+        return s, v  # exactly zero, not underflow
+    s64 = _sq64(a)
+    return s64, s64.item()
 
 
 def _re_dot(a: torch.Tensor, b: torch.Tensor, narrow_ok: bool = False) -> torch.Tensor:
@@ -252,19 +258,19 @@ def grad_in_stats(g_x: torch.Tensor, g_y: torch.Tensor | None) -> torch.Tensor:
 def grad_in_stat(g_x: torch.Tensor, g_y: torch.Tensor | None) -> tuple[Stat, Stat, Stat]:
     """:func:`grad_in_stats` as three :data:`Stat` (None without a same-shape ``g_y``)."""
     fx = _flat(g_x)
-    gxx = _sq(fx)
+    gxx, vxx = _sq_read(fx)
     if g_y is None or g_y.shape != g_x.shape:
         return gxx, None, None
     fy = _flat(g_y)
     dtype = fx.dtype if fx.dtype == fy.dtype else torch.promote_types(fx.dtype, fy.dtype)
     fy = _as(fy, dtype)
     b = _as(fx, dtype) - fy
-    bb = _sq(b)
+    bb, vbb = _sq_read(b)
     ok = False
-    if b.device.type == "cpu" and b.dtype in _NARROW:
-        # |g_y| = |g_x - b| lies within |g_x| -+ |b|: bounds of |b| |g_y| from the two norms at
-        # hand (reads of CPU scalars, no synchronisation). Elsewhere the product runs in float64.
-        nx, nb = math.sqrt(gxx.item()), math.sqrt(bb.item())
+    if vxx is not None and vbb is not None and b.dtype in _NARROW:
+        # |g_y| = |g_x - b| lies within |g_x| -+ |b|: bounds of |b| |g_y| from the two norms read
+        # on the host (CPU scalars, no synchronisation). Elsewhere the product runs in float64.
+        nx, nb = math.sqrt(vxx), math.sqrt(vbb)
         n = b.numel() * (2 if b.is_complex() else 1)
         ok = _narrow_ok(n, nb * abs(nx - nb), nb * (nx + nb))
     return gxx, bb, _re_dot(b, fy, ok)

@@ -70,7 +70,7 @@ class CallStats:
     def add_grad_out(self, g_y: torch.Tensor, hold: bool = False) -> torch.Tensor:
         """Add one backward pass's ``g_y``; returns the g_y its ``g_x`` pairs with (the sum so far).
         ``hold``: keep the first pass's ``g_y`` should another pass come."""
-        g_y = g_y.detach()
+        g_y = g_y.detach() if g_y.requires_grad else g_y  # (a create_graph pass's has a graph)
         with _no_grad(), full_precision(g_y.device.type):
             if self.passes_y == 0:
                 self.gyy = metrics.grad_out_stat(g_y)
@@ -88,7 +88,7 @@ class CallStats:
     def add_grad_in(self, g_x: torch.Tensor, g_y: torch.Tensor | None, hold: bool = False) -> None:
         """Add one backward pass's ``g_x``; ``g_y``: what :meth:`add_grad_out` returned in this pass
         (None: shapes differ). ``hold``: keep the first pass's ``g_x`` should another pass come."""
-        g_x = g_x.detach()
+        g_x = g_x.detach() if g_x.requires_grad else g_x
         with _no_grad(), full_precision(g_x.device.type):
             paired = self.passes_y == self.passes_x + 1  # this pass's g_y arrived (and only it)
             if self.passes_x == 0:
