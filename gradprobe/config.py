@@ -66,6 +66,12 @@ class JacobianOptions:
             every/no step with Jacobian columns, or N for every N-th of those steps.
         power_iters, tol, prod, prod_spec: as in :func:`gradprobe.jacobian.jacobian_columns`.
         seed: seeds the probe vectors.
+        batch_dim: the axis of the batch in the model's tensor arguments, which the sub-batch
+            slices: 0 (batch first), 1 for sequence-first models (``batch_first=False``,
+            ``(T, N, C)``); ``None`` (default): 1 where every submodule with a ``batch_first``
+            attribute (RNNs, attention, Transformer layers) has it False, 0 where none has
+            one; a model with both kinds is refused (the training graph is used, with a
+            warning) until it is given.
 
     >>> JacobianOptions.from_mapping({"spec": True}).spec
     True
@@ -82,6 +88,7 @@ class JacobianOptions:
     prod: bool = True
     prod_spec: Literal["each", "shared", "none"] = "shared"
     seed: int = 0
+    batch_dim: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, bool) and not _is_int(self.spec, 1):
@@ -112,6 +119,12 @@ class JacobianOptions:
             )
         if not _is_int(self.seed, 0):
             raise ValueError(f"jacobian_options['seed'] must be an int >= 0, got {self.seed!r}")
+        if self.batch_dim is not None and not _is_int(self.batch_dim, 0):
+            raise ValueError(
+                "jacobian_options['batch_dim'] must be an int >= 0 (the batch axis of the model's tensor "
+                "arguments: 1 for sequence-first models) or None (told from the model), got "
+                f"{self.batch_dim!r}"
+            )
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | JacobianOptions | None) -> JacobianOptions:
@@ -181,6 +194,8 @@ class ProbeConfig:
             training graph. Calls whose arguments hold anything but tensors and plain values
             (a key/value cache object) always use the training graph. ``seed`` seeds the
             probe vectors. The ``jac_batch`` column says which batch size was used.
+            ``batch_dim``: the batch axis the sub-batch slices (1 for sequence-first models;
+            default: told from the submodules' ``batch_first``).
         sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
             (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
         sink_options: ``chunk_rows`` (rows per chunk, default 50,000), ``flush_seconds``

@@ -27,8 +27,11 @@ equals the metric of the concatenated tensors.
   ``attach(channel_dim=...)`` overrides it. ``chan_var + chan_mean_sq`` is the mean
   squared activation.
 
-Norms are Euclidean over the whole batch tensor. Non-finite values propagate
-as nan/inf; nothing here raises on them.
+Norms are Euclidean over the whole batch tensor. They neither underflow nor overflow where
+the tensor's values are finite: a float32 sum of squares or products that may have lost
+terms to float32's range (gradients of 1e-25, activations of 1e18) is taken in float64
+(:func:`_sq`), so it reads its true value to float32 precision. Non-finite values in the
+tensors propagate as nan/inf; nothing here raises on them.
 
 Complex tensors (complex-valued blocks) are vectors of C^n = R^2n: norms are
 ``sqrt(sum |z|^2)`` and dot products ``Re <a, b>``, so cosines are
@@ -86,19 +89,82 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in _WIDE else _as(t, accumulation_dtype(t.dtype))
 
 
+#: The smallest normal and the largest float32: a float32 sum of n squares (or products) at least
+#: ``n * _TINY32`` lost under ``2**-24`` of itself to underflow (each term rounds by at most
+#: ``2**-150`` in the subnormal range), and one at most ``_MAX32`` did not overflow.
+_TINY32 = torch.finfo(torch.float32).tiny
+_MAX32 = torch.finfo(torch.float32).max
+#: Dtypes whose squares a float32 reduction may under- or overflow (half types come here as float32).
+_NARROW = frozenset({torch.float32, torch.complex64})
+
+
+def _sq64(a: torch.Tensor) -> torch.Tensor:
+    """``|a|^2`` accumulated in float64: no float32 under- or overflow in any term."""
+    return torch.linalg.vector_norm(_as_real(a), dtype=torch.float64).square()
+
+
 def _sq(a: torch.Tensor) -> torch.Tensor:
-    if a.is_complex():
-        return torch.vdot(a, a).real  # sum |z|^2
-    # torch.dot is a single BLAS reduction: about twice as fast as vector_norm on CPU.
-    return torch.dot(a, a)
+    """``|a|^2`` of a flat tensor, exact to its dtype's precision over float64's range.
+
+    Float32 squares underflow below 1e-23 and overflow above 1.8e19 per element (a loss
+    scaled by 1e-25, a deep plain net's vanishing gradient, activations of 1e18). On the
+    CPU the float32 reduction runs first (one BLAS call) and is redone in float64 only when
+    its value says that it may have under- or overflowed: a host read of a CPU scalar costs
+    no synchronisation. Elsewhere (accelerators) it accumulates in float64 at once, in the
+    same single pass over the tensor.
+    """
+    return _sq_read(a)[0]
 
 
-def _re_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``Re <a, b>``: the real inner product, also of complex vectors (C^n as R^2n)."""
+def _sq_read(a: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """:func:`_sq` and its value where it was read on the host (float32 on the CPU), else None."""
+    dtype = a.dtype
+    if dtype is torch.float32 and a.is_cpu:  # the common case first: one BLAS call, one host read
+        # torch.dot is a single BLAS reduction: about twice as fast as vector_norm on CPU.
+        s = torch.dot(a, a)
+        v = s.item()
+        if a.numel() * _TINY32 <= v <= _MAX32:
+            return s, v
+        n = a.numel()
+    elif dtype not in _NARROW:
+        return (torch.vdot(a, a).real if a.is_complex() else torch.dot(a, a)), None
+    elif not a.is_cpu:
+        return _sq64(a), None
+    else:
+        s = torch.vdot(a, a).real
+        v = s.item()
+        n = 2 * a.numel()
+    if n * _TINY32 <= v <= _MAX32 or math.isnan(v):  # NaN: the tensor holds NaN (float64 agrees)
+        return s, v
+    if v == 0.0 and not a.any():
+        return s, v  # exactly zero, not underflow
+    s64 = _sq64(a)
+    return s64, s64.item()
+
+
+def _re_dot(a: torch.Tensor, b: torch.Tensor, narrow_ok: bool = False) -> torch.Tensor:
+    """``Re <a, b>``: the real inner product, also of complex vectors (C^n as R^2n).
+
+    Float32 vectors are multiplied in float64 unless ``narrow_ok`` (the caller knows, from
+    :func:`_narrow_ok`, that float32 products neither under- nor overflow).
+    """
     if a.is_complex() or b.is_complex():
         dtype = torch.promote_types(a.dtype, b.dtype)
-        return torch.vdot(_as(a, dtype), _as(b, dtype)).real
-    return torch.dot(a, b)
+        a, b = _as(a, dtype), _as(b, dtype)
+    if not narrow_ok and (a.dtype in _NARROW or b.dtype in _NARROW):
+        wide = torch.complex128 if a.is_complex() else torch.float64
+        a, b = _as(a, wide), _as(b, wide)
+    return torch.vdot(a, b).real if a.is_complex() else torch.dot(a, b)
+
+
+def _narrow_ok(n: int, lo: float, hi: float) -> bool:
+    """Whether a float32 sum of ``n`` products whose ``|a| |b|`` lies in ``[lo, hi]`` is exact to
+    float32 precision: ``|a| |b|`` bounds every partial sum (no overflow up to float32's largest
+    value) and the rounding of subnormal products (under ``2**-24`` of it above ``n * tiny``).
+    NaN bounds (the tensors hold NaN) are fine: float64 would give NaN too."""
+    if math.isnan(lo) or math.isnan(hi) or hi == 0.0:  # NaN, or a zero vector: exact either way
+        return True
+    return n * _TINY32 <= lo and hi <= _MAX32
 
 
 #: One statistic of one call: a 0-d tensor, or None where it does not exist (NaN in the frame).
@@ -147,9 +213,9 @@ def _forward(
     # identity that expansion cancels catastrophically (res_ratio would read 1e-4
     # for a block that is exactly the identity).
     d = (fy if fy.dtype == fr.dtype else fy.to(torch.promote_types(fy.dtype, fr.dtype))) - fr
-    dd = _sq(d)
-    common = xx.dtype if xx.dtype == yy.dtype else torch.promote_types(xx.dtype, yy.dtype)
-    return (xx, yy, _as(dd, common), _as(rr, common)), d  # |y - r|^2 in the dtype of |x|^2, |y|^2
+    # Each statistic keeps its own dtype (float64 where float32 would have under- or
+    # overflowed): the step's statistics reach the host as float64 anyway.
+    return (xx, yy, _sq(d), rr), d
 
 
 def call_stats(
@@ -192,14 +258,22 @@ def grad_in_stats(g_x: torch.Tensor, g_y: torch.Tensor | None) -> torch.Tensor:
 def grad_in_stat(g_x: torch.Tensor, g_y: torch.Tensor | None) -> tuple[Stat, Stat, Stat]:
     """:func:`grad_in_stats` as three :data:`Stat` (None without a same-shape ``g_y``)."""
     fx = _flat(g_x)
-    gxx = _sq(fx)
+    gxx, vxx = _sq_read(fx)
     if g_y is None or g_y.shape != g_x.shape:
         return gxx, None, None
     fy = _flat(g_y)
     dtype = fx.dtype if fx.dtype == fy.dtype else torch.promote_types(fx.dtype, fy.dtype)
     fy = _as(fy, dtype)
     b = _as(fx, dtype) - fy
-    return gxx, _sq(b), _re_dot(b, fy)
+    bb, vbb = _sq_read(b)
+    ok = False
+    if vxx is not None and vbb is not None and b.dtype in _NARROW:
+        # |g_y| = |g_x - b| lies within |g_x| -+ |b|: bounds of |b| |g_y| from the two norms read
+        # on the host (CPU scalars, no synchronisation). Elsewhere the product runs in float64.
+        nx, nb = math.sqrt(vxx), math.sqrt(vbb)
+        n = b.numel() * (2 if b.is_complex() else 1)
+        ok = _narrow_ok(n, nb * abs(nx - nb), nb * (nx + nb))
+    return gxx, bb, _re_dot(b, fy, ok)
 
 
 def channel_axis(t: torch.Tensor, channel_dim: int | None = None) -> int | None:
@@ -459,14 +533,37 @@ def _as_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
+def _wide(acc: torch.dtype) -> torch.dtype:
+    """The dtype squared norms are kept in: float64 for float32 (whose squares under- and overflow)."""
+    return torch.float64 if acc == torch.float32 else acc
+
+
+def _squared_norms(tensors: Sequence[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    """``|t|^2`` of each tensor (all on one device) as one 1-d tensor of :func:`_wide` dtype, from
+    one fused ``_foreach_norm``. Float32 norms run in float64 off the CPU; on the CPU in float32
+    first, and again in float64 for those whose value says that they may have under- or
+    overflowed (as :func:`_sq`; a host read of CPU values costs no synchronisation)."""
+    real = [_as_real(_detached(t)) for t in tensors]
+    if acc != torch.float32:
+        return torch.stack(torch._foreach_norm(real, 2, dtype=acc)).square_()
+    if real[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(real, 2, dtype=torch.float64)).square_()
+    norms = torch.stack(torch._foreach_norm(real, 2, dtype=acc))
+    wide = norms.double()
+    for i, v in enumerate(norms.tolist()):
+        # vector_norm's float32 sum of squares: exact above n * tiny, finite below float32's largest
+        safe = real[i].numel() * _TINY32 <= v * v <= _MAX32 or math.isnan(v)
+        if not safe and (v != 0.0 or real[i].any()):  # (an exact zero is safe)
+            wide[i] = torch.linalg.vector_norm(real[i], dtype=torch.float64)
+    return wide.square_()
+
+
 def _sum_sq(tensors: Sequence[torch.Tensor], acc: torch.dtype, device: torch.device) -> torch.Tensor:
     if not tensors:
-        return torch.tensor(NAN, device=device, dtype=acc)
+        return torch.tensor(NAN, device=device, dtype=_wide(acc))
     if all(t.device == device for t in tensors):
-        # One fused kernel launch for all tensors instead of one reduction each.
-        norms = torch._foreach_norm([_as_real(t.detach()) for t in tensors], 2, dtype=acc)
-        return torch.stack(norms).square().sum()
-    return torch.stack([_sq(_flat(t)).to(device=device, dtype=acc) for t in tensors]).sum()
+        return _squared_norms(tensors, acc).sum()  # one fused kernel for all tensors
+    return torch.stack([_sq(_flat(t)).to(device=device, dtype=_wide(acc)) for t in tensors]).sum()
 
 
 def param_stats(
@@ -485,7 +582,7 @@ def param_stats(
     sq = _sum_sq(params, acc, device)
     gsq = _sum_sq([p.grad for p in params if p.grad is not None], acc, device)
     if previous is None:
-        dsq = torch.tensor(NAN, device=device, dtype=acc)
+        dsq = torch.tensor(NAN, device=device, dtype=_wide(acc))
     else:
         diffs = torch._foreach_sub(
             [p.detach() for p in params], [q.to(p.device) for p, q in zip(params, previous, strict=False)]
@@ -530,9 +627,9 @@ def block_param_stats(
         old = [q for i in known for q in previous[i]]  # type: ignore[union-attr]
         tensors += list(torch._foreach_sub(cur, old))
         owner += [2 * n + i for i in known for _ in groups[i]]
-    sums = torch.zeros(3 * n, device=device, dtype=acc)
+    sums = torch.zeros(3 * n, device=device, dtype=_wide(acc))
     if tensors:
-        sq = torch.stack(torch._foreach_norm([_as_real(t) for t in tensors], 2, dtype=acc)).square_()
+        sq = _squared_norms(tensors, acc)
         # Made from a host list and copied without blocking: no device-to-host sync on a GPU.
         sums.index_add_(0, torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True), sq)
     # NaN where a block has no parameter, no gradient, or no previous snapshot.

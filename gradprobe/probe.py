@@ -40,7 +40,7 @@ from .jacobian.schedule import JacobianSchedule, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id
 from .rows import ParamSnapshots, loss_scale, non_finite, step_rows
 from .stacking import StackTracker
-from .taps import Fwd, Taps
+from .taps import Fwd, Taps, in_transform
 
 __all__ = [
     "SUB_BATCH",
@@ -116,6 +116,7 @@ class Probe(RecordedTables):
             backward_started=self._backward_started,
             fail=self._alerts.fail,
             warn_once=self._alerts.once,
+            params=[p for group in self._params.values() for p in group],
         )
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         self._hooks = Handles()  # on the model, while attached
@@ -280,8 +281,25 @@ class Probe(RecordedTables):
         return self._recording_of[1]
 
     # ------------------------------------------------------------------ forward: IDLE -> FORWARD
+    def _transformed(self) -> bool:
+        """Whether a ``torch.func`` transform (vmap, grad, jacrev, ...) is running: its tensors are
+        not plain tensors and its gradients are not training's; the probe steps aside (warned once)."""
+        if not in_transform():
+            return False
+        if muted():
+            return True  # a probe's own pass (batched gradients): nothing to say
+        self._alerts.once(
+            "functorch",
+            "gradprobe: a torch.func transform (vmap, grad, jacrev, ...) ran probed blocks: the probe "
+            "records nothing inside such transforms (per-sample gradients are not the training "
+            "gradient); the model's calls outside them are recorded as usual.",
+        )
+        return True
+
     def _forward_kind(self, name: str, module: nn.Module) -> Fwd:
         """The forward transition of a call of block ``name`` (closing a DONE step first)."""
+        if self._transformed():
+            return Fwd.IGNORE
         if in_backward():
             # A forward call inside a backward pass is activation checkpointing recomputing the
             # block. Non-reentrant checkpointing ran the block normally first: that call is
@@ -308,7 +326,7 @@ class Probe(RecordedTables):
 
     def _counts(self, module: nn.Module) -> bool:
         """Whether a call of the whole model belongs to a step (as :meth:`_forward_kind` for blocks)."""
-        if in_backward() or muted() or not torch.is_grad_enabled():
+        if in_backward() or muted() or not torch.is_grad_enabled() or self._transformed():
             return False
         return module.training or self.config.record_eval
 
@@ -328,7 +346,7 @@ class Probe(RecordedTables):
     def _jacobian_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """End of a training forward pass: the Jacobian columns of the blocks it captured."""
         captures, self._taps.captures = self._taps.captures, []
-        if not captures or muted() or in_backward():
+        if not captures or muted() or in_backward() or self._transformed():
             return
         try:
             captures.sort(key=lambda c: self._index[c.name])
@@ -342,6 +360,8 @@ class Probe(RecordedTables):
     def _paths_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """End of a recorded training forward pass: the path-length decomposition, every N-th."""
         if muted() or in_backward() or not torch.is_grad_enabled() or not self._buf.blocks:
+            return
+        if self._transformed():
             return
         if (
             not self._recording()
@@ -407,6 +427,9 @@ class Probe(RecordedTables):
     def _close_records(self) -> None:
         recorded, step = self._recording(), self._step
         buf, self._buf, self._state = self._buf, _Step(), _State.IDLE
+        if recorded:
+            self._taps.settle()
+        self._taps.release()
         calls, self._taps.calls = self._taps.calls, []
         self._step += 1
         self._taps.captures.clear()

@@ -44,11 +44,20 @@ class CallStats:
     sig: tuple[torch.Tensor, int] | None = None
     numel_x: int = 0
     numel_y: int = 0
-    gyy: metrics.Stat = None  # metrics.grad_out_stats, summed over backward passes
-    bwd_x: tuple[metrics.Stat, ...] | None = None  # metrics.grad_in_stats, summed over backward passes
+    gyy: metrics.Stat = None  # metrics.grad_out_stats of the backward passes' summed g_y
+    bwd_x: tuple[metrics.Stat, ...] | None = None  # metrics.grad_in_stats of the summed g_x (and g_y)
     # GradScaler's loss scale (squared gradient statistics carry scale**2); a 1-element tensor
     # until the step's transfer to the host (see loss_scale)
     scale: float | torch.Tensor = 1.0
+    # Several backward passes through one call add their gradients as vectors, as ``.grad`` adds
+    # them: the first pass's g_y and g_x are held (references, no copy) where the caller allows,
+    # and a second pass replaces them by the sums. Without them (not held) later passes pool as
+    # sums of squares and ``squares`` says so.
+    gy_sum: torch.Tensor | None = None
+    gx_sum: torch.Tensor | None = None
+    passes_y: int = 0
+    passes_x: int = 0
+    squares: bool = False
 
     def add_forward(self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor | None:
         """The forward statistics of the call (``ref``: the tensor ``y - ref`` is the residual of);
@@ -58,21 +67,59 @@ class CallStats:
             self.numel_x, self.numel_y = x.numel(), y.numel()
         return residual
 
-    def add_grad_out(self, g_y: torch.Tensor) -> None:
-        """Add one backward pass's ``|g_y|^2``."""
+    def add_grad_out(self, g_y: torch.Tensor, hold: bool = False) -> torch.Tensor:
+        """Add one backward pass's ``g_y``; returns the g_y its ``g_x`` pairs with (the sum so far).
+        ``hold``: keep the first pass's ``g_y`` should another pass come."""
+        g_y = g_y.detach() if g_y.requires_grad else g_y  # (a create_graph pass's has a graph)
         with _no_grad(), full_precision(g_y.device.type):
-            stat = metrics.grad_out_stat(g_y)
-            self.gyy = stat if self.gyy is None else self.gyy + stat
+            if self.passes_y == 0:
+                self.gyy = metrics.grad_out_stat(g_y)
+                self.gy_sum = g_y if hold else None
+            elif self.gy_sum is not None and self.gy_sum.shape == g_y.shape:
+                self.gy_sum = self.gy_sum + g_y
+                self.gyy = metrics.grad_out_stat(self.gy_sum)
+            else:
+                stat = metrics.grad_out_stat(g_y)
+                self.gyy = stat if self.gyy is None else self.gyy + stat
+                self.gy_sum, self.squares = None, True
+        self.passes_y += 1
+        return g_y if self.gy_sum is None else self.gy_sum
 
-    def add_grad_in(self, g_x: torch.Tensor, g_y: torch.Tensor | None) -> None:
-        """Add one backward pass's input-gradient statistics (``g_y`` None: shapes differ)."""
+    def add_grad_in(self, g_x: torch.Tensor, g_y: torch.Tensor | None, hold: bool = False) -> None:
+        """Add one backward pass's ``g_x``; ``g_y``: what :meth:`add_grad_out` returned in this pass
+        (None: shapes differ). ``hold``: keep the first pass's ``g_x`` should another pass come."""
+        g_x = g_x.detach() if g_x.requires_grad else g_x
         with _no_grad(), full_precision(g_x.device.type):
-            stats: tuple[metrics.Stat, ...] = metrics.grad_in_stat(g_x, g_y)
-            if self.bwd_x is not None:  # a NaN (None) in any pass stays NaN
-                stats = tuple(
-                    None if a is None or b is None else a + b for a, b in zip(self.bwd_x, stats, strict=True)
-                )
-            self.bwd_x = stats
+            paired = self.passes_y == self.passes_x + 1  # this pass's g_y arrived (and only it)
+            if self.passes_x == 0:
+                self.bwd_x = metrics.grad_in_stat(g_x, g_y)
+                self.gx_sum = g_x if hold else None
+            elif (
+                self.gx_sum is not None
+                and self.gx_sum.shape == g_x.shape
+                and paired
+                and (g_y is None or g_y is self.gy_sum)
+            ):
+                self.gx_sum = self.gx_sum + g_x
+                self.bwd_x = metrics.grad_in_stat(self.gx_sum, g_y)
+            else:
+                stats: tuple[metrics.Stat, ...] = metrics.grad_in_stat(g_x, g_y)
+                if self.bwd_x is not None:  # a NaN (None) in any pass stays NaN
+                    stats = tuple(
+                        None if a is None or b is None else a + b
+                        for a, b in zip(self.bwd_x, stats, strict=True)
+                    )
+                self.bwd_x = stats
+                self.gx_sum, self.squares = None, True
+        self.passes_x += 1
+
+    def held_bytes(self) -> int:
+        """Bytes of the gradients held for a later pass."""
+        return sum(t.numel() * t.element_size() for t in (self.gy_sum, self.gx_sum) if t is not None)
+
+    def drop_held(self) -> None:
+        """Release the held gradients (a later pass then pools as sums of squares)."""
+        self.gy_sum = self.gx_sum = None
 
 
 _NULL = contextlib.nullcontext()  # reusable: nothing allocated per hook call

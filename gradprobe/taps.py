@@ -13,13 +13,21 @@ pass started, and how to report a failure or warn once. The signal moments of a 
 output wait in a :class:`gradprobe.batching.SignalQueue` for the end of the backward pass.
 On unrecorded steps a call only has its backward pass noticed, and with the block hooks off
 (:class:`gradprobe.probe.Probe`) the model's own hooks (:meth:`Taps.model_exit`) do that.
+
+Several backward passes through one call (``retain_graph=True``) add their gradients as
+vectors, as ``.grad`` adds them: a pass's gradients are held by reference (no copy, at most
+:data:`HOLD_BYTES` a step, released when the step closes) and a second pass replaces them by
+the sums. Passes that do not train the probed parameters (:meth:`Taps._trains`: gradients
+with respect to inputs, or ``create_graph=True`` ones that build a penalty) are kept apart and
+recorded only where no training pass reached the block (:meth:`Taps.settle`, with a warning).
+Inside ``torch.func`` transforms the hooks step aside (:func:`in_transform`).
 """
 
 from __future__ import annotations
 
 import enum
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -29,9 +37,9 @@ from torch import nn
 
 from . import capture as _rule
 from . import metrics
-from ._tensors import in_backward, muted
+from ._tensors import in_backward, mute, muted
 from .batching import SignalQueue
-from .capture import alias_view, find_output, swap_input
+from .capture import alias_view, find_output, gradient_edge, swap_input
 from .jacobian.schedule import block_capture
 from .rows import CallStats
 from .stacking import StackTracker
@@ -47,10 +55,67 @@ class Call(CallStats):
     x_output_nr: int = 0
     same_shape: bool = False
     g_y: torch.Tensor | None = None  # held only between the g_y and the g_x hooks
+    # A fresh input leaf's gradient edge and the output's, held from the forward hook to the g_y hook
+    # (a cycle through the output's node, broken there or by release()): a backward pass that does not
+    # differentiate with respect to the leaf (torch.autograd.grad(loss, params)) never computes g_x.
+    x_edge: Any = None
+    y_edge: Any = None
+
+    # The gradients of passes that are not known to train (see Taps._pass_kind), kept apart.
+    aux: Call | None = None
+
+    def release(self) -> None:
+        """Drop what still ties this call to the autograd graph (at the close of its step)."""
+        self.x_edge = self.y_edge = self.g_y = None
+        self.drop_held()
+        if self.aux is not None:
+            self.aux.release()
+
+    def target(self, train: bool) -> Call:
+        """Where a pass's gradients go: this call for a training pass, else its ``aux`` shadow."""
+        if train:
+            return self
+        if self.aux is None:
+            self.aux = Call(block=self.block, same_shape=self.same_shape)
+        return self.aux
 
 
 #: The placeholder call of unrecorded steps: never recorded (its x stays None).
 UNRECORDED = Call(block="")
+
+
+#: Bytes of first-pass gradients a probe holds (references) so that a later backward pass through the
+#: same calls can add its gradients to them as vectors; released when the step closes.
+HOLD_BYTES = 64 << 20
+
+
+#: The functorch interpreter stack's top (None outside every torch.func transform); a private but
+#: long-standing torch function, with a fallback that sees no transform should it disappear.
+_interpreter_stack: Callable[[], Any] = getattr(
+    getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None
+)
+
+
+def in_transform() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, ...; also batched gradients) is running:
+    its tensors are not plain tensors, and the probe's hooks step aside.
+
+    >>> in_transform(), torch.func.vmap(lambda t: torch.tensor(in_transform()))(torch.ones(2)).tolist()
+    (False, [True, True])
+    """
+    return _interpreter_stack() is not None
+
+
+def _will_execute(node: Any, strict: bool = False) -> bool:
+    """Whether the running backward pass executes autograd node ``node``. Where torch cannot tell (a
+    leaf that ``torch.autograd.grad`` captures as one of its inputs) True, or with ``strict`` the
+    RuntimeError."""
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:
+        if strict:
+            raise
+        return True
 
 
 class Fwd(enum.Enum):
@@ -80,6 +145,8 @@ class Taps:
         backward_started: Callable[[], None],
         fail: Callable[[str, BaseException], None],
         warn_once: Callable[[str, str], None],
+        params: Sequence[torch.Tensor] = (),
+        hold_bytes: int = HOLD_BYTES,
     ) -> None:
         self._rules, self._stacks, self._index, self._channel_dim = rules, stacks, index, channel_dim
         self._forward_kind, self._recording, self._backward_started = (
@@ -88,6 +155,9 @@ class Taps:
             backward_started,
         )
         self._fail, self._warn_once = fail, warn_once
+        self._params = list(params)  # the probed parameters: what tells a training pass
+        self._hold_bytes, self._held = hold_bytes, 0
+        self._pass: tuple[int, bool] = (-1, True)  # (graph task id, whether it trains)
         self.calls: list[Call] = []
         self.captures: list[Any] = []  # jacobian.BlockCapture
         self.no_shortcut: set[str] = set()
@@ -105,6 +175,7 @@ class Taps:
 
     def clear(self) -> None:
         """Drop what the hooks hold between calls (on detach)."""
+        self.release()
         self._signal.clear()
         self._model_calls, self._count_y = 0, None
         self.captures.clear()
@@ -257,6 +328,11 @@ class Taps:
                 call.x_node.register_prehook(partial(self._grad_x_node_hook, call))
         else:
             call.numel_y = y.numel()
+        if x is not None and call.x_node is None and x._version == call.x_version:
+            # The input is a leaf (data; the probe's own leaf where it had no grad): a pass that
+            # differentiates with respect to the parameters only (torch.autograd.grad) does not
+            # compute its gradient. Kept to compute it then; the graph held is this block's own.
+            call.x_edge, call.y_edge = gradient_edge(x), gradient_edge(y)
         self.calls.append(call)
         y.register_hook(partial(self._grad_y_hook, call))
 
@@ -287,27 +363,122 @@ class Taps:
             self.through_model = True
             self._backward_started()
 
+    def _trains(self) -> bool:
+        """Whether the running backward pass is a training pass: it accumulates into the probed
+        parameters' ``.grad`` (``backward()``), or differentiates with respect to them without
+        building a graph (``torch.autograd.grad(loss, params)``). A pass that reaches no parameter
+        (``torch.autograd.grad(loss, x)``: a saliency map, an input-gradient penalty) or one that
+        builds a graph of the parameter gradients (``create_graph=True``: a gradient-norm penalty,
+        or a meta-learning inner step) is not known to train. Asked once per pass; a probe
+        without parameters takes every pass for a training one (it cannot tell)."""
+        task = int(torch._C._current_graph_task_id())
+        if task == self._pass[0]:
+            return self._pass[1]
+        trains = not self._params
+        for p in self._params:
+            if not p.requires_grad:  # frozen since attach
+                continue
+            try:
+                if _will_execute(gradient_edge(p).node, strict=True):
+                    trains = True
+                    break
+            except RuntimeError:  # a leaf that torch.autograd.grad captures: differentiated for
+                trains = not torch.is_grad_enabled()  # grad mode on in a pass: create_graph=True
+                break
+        self._pass = (task, trains)
+        return trains
+
+    def _hold(self, grad: torch.Tensor) -> bool:
+        """Whether a first pass's gradient may be held (within ``hold_bytes`` a step)."""
+        size = grad.numel() * grad.element_size()
+        if self._held + size > self._hold_bytes:
+            return False
+        self._held += size
+        return True
+
     def _grad_y_hook(self, call: Call, grad: torch.Tensor) -> None:
-        if muted():
+        if muted() or in_transform():  # (a transform's batched gradients are not training's)
             return
         self._backward_started()
         try:
-            call.add_grad_out(grad)
+            target = call.target(self._trains())
+            hold = target.passes_y == 0 and self._hold(grad)
+            paired = target.add_grad_out(grad, hold)
             if call.same_shape:
-                call.g_y = grad
+                target.g_y = paired
         except Exception as exc:
             self._fail(f"output gradient of block {call.block}", exc)
+        x_edge, y_edge = call.x_edge, call.y_edge
+        if x_edge is not None:
+            call.x_edge = call.y_edge = None
+            if not _will_execute(x_edge.node):
+                self._grad_x_by_vjp(call, x_edge, y_edge, grad)
+
+    def _grad_x_by_vjp(self, call: Call, x_edge: Any, y_edge: Any, grad: torch.Tensor) -> None:
+        """``g_x`` of a call whose input leaf this backward pass skips (``torch.autograd.grad(loss,
+        params)`` differentiates with respect to the parameters only): the vector-Jacobian product
+        through the block, run before the pass reaches the block (its graph is intact), muted."""
+        try:
+            with mute():
+                (g_x,) = torch.autograd.grad(y_edge, x_edge, grad, retain_graph=True, allow_unused=True)
+        except Exception as exc:
+            call.target(self._trains()).g_y = None
+            self._fail(f"input gradient of block {call.block}", exc)
+            return
+        if g_x is not None:
+            self._grad_x_hook(call, g_x)
+        else:
+            call.target(self._trains()).g_y = None
 
     def _grad_x_hook(self, call: Call, grad: torch.Tensor) -> None:
-        if muted():
+        if muted() or in_transform():
             return
         self._backward_started()
+        target = call
         try:
-            call.add_grad_in(grad, call.g_y if call.same_shape else None)
+            target = call.target(self._trains())
+            hold = target.passes_x == 0 and self._hold(grad)
+            target.add_grad_in(grad, target.g_y if call.same_shape else None, hold)
         except Exception as exc:
             self._fail(f"input gradient of block {call.block}", exc)
         finally:
-            call.g_y = None
+            target.g_y = None
+
+    def settle(self) -> None:
+        """The step closes: a call that no training pass reached keeps the gradients of the passes
+        that did (said in a warning), and the blocks whose passes pooled as sums of squares are
+        named in another (never a silent mix)."""
+        squares: list[str] = []
+        for call in self.calls:
+            aux = call.aux
+            if aux is not None and call.passes_y == 0 and call.passes_x == 0:
+                call.gyy, call.bwd_x, call.squares = aux.gyy, aux.bwd_x, aux.squares
+                call.passes_y, call.passes_x = aux.passes_y, aux.passes_x
+                self._warn_once(
+                    f"aux:{call.block}",
+                    f"gradprobe: block {call.block} was reached in this step only by backward passes "
+                    "that do not train its parameters (torch.autograd.grad with respect to inputs, or "
+                    "with create_graph=True): its gradient columns are those passes' gradients. A "
+                    "backward() or torch.autograd.grad(loss, params) pass in the same step is what "
+                    "the probe records otherwise.",
+                )
+            if call.squares and call.block not in squares:
+                squares.append(call.block)
+        if squares:
+            self._warn_once(
+                "squares",
+                f"gradprobe: block(s) {squares} received several backward passes in one step beyond the "
+                f"{self._hold_bytes >> 20} MiB of first-pass gradients the probe holds to add them as "
+                "vectors: their grad_out, grad_in and branch columns pool those passes as "
+                "sqrt(|g1|^2 + |g2|^2), not |g1 + g2| as .grad adds them.",
+            )
+
+    def release(self) -> None:
+        """Drop the graph ties and held gradients of the current step's calls (at its close, or on
+        detach)."""
+        for call in self.calls:
+            call.release()
+        self._held = 0
 
     def _grad_x_node_hook(self, call: Call, grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
         grad = grad_outputs[call.x_output_nr]

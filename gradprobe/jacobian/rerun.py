@@ -71,19 +71,22 @@ class _Unsliceable(Exception):
     pass
 
 
-def batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The leading dimension of the first tensor argument (positional first), or None.
+def batch_size(args: tuple[Any, ...], kwargs: dict[str, Any], dim: int = 0) -> int | None:
+    """The size of axis ``dim`` (the batch axis) of the first tensor argument that has it
+    (positional first), or None.
 
     >>> batch_size((None, torch.zeros(8, 3)), {"mask": torch.ones(8)})
     8
+    >>> batch_size((torch.zeros(40, 8, 3),), {}, dim=1)  # sequence first: (T, N, C)
+    8
     """
-    return _leading_size((args, kwargs))
+    return _leading_size((args, kwargs), dim)
 
 
-def _leading_size(obj: Any) -> int | None:
-    """The leading dimension of the first tensor with one, searching args/kwargs depth-first."""
+def _leading_size(obj: Any, dim: int = 0) -> int | None:
+    """The size of axis ``dim`` of the first tensor with one, searching args/kwargs depth-first."""
     if isinstance(obj, Tensor):
-        return int(obj.shape[0]) if obj.dim() >= 1 else None
+        return int(obj.shape[dim]) if obj.dim() > dim else None
     if isinstance(obj, (tuple, list)):
         items: Any = obj
     elif isinstance(obj, dict):
@@ -91,42 +94,59 @@ def _leading_size(obj: Any) -> int | None:
     else:
         return None
     for item in items:
-        size = _leading_size(item)
+        size = _leading_size(item, dim)
         if size is not None:
             return size
     return None
 
 
-def _slice_batch(obj: Any, batch: int, k: int) -> Any:
-    """``obj`` with every tensor whose leading dimension is ``batch`` cut to its first ``k`` rows.
+def _slice_batch(obj: Any, batch: int, k: int, dim: int = 0) -> Any:
+    """``obj`` with every tensor whose axis ``dim`` is ``batch`` long cut to its first ``k`` rows
+    along it.
 
     Sliced tensors are detached copies, so that a forward pass that modifies its input in place
     cannot reach the caller's tensor. Raises ``_Unsliceable`` on a value that is neither a
     tensor, a plain value nor a tuple/list/dict of them.
     """
     if isinstance(obj, Tensor):
-        if obj.dim() >= 1 and obj.shape[0] == batch:
-            return obj[:k].detach().clone()
+        if obj.dim() > dim and obj.shape[dim] == batch:
+            return obj.narrow(dim, 0, k).detach().clone()
         return obj
     if isinstance(obj, _PLAIN_VALUES):
         return obj
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_slice_batch(o, batch, k) for o in obj))
+        return type(obj)(*(_slice_batch(o, batch, k, dim) for o in obj))
     if type(obj) in (tuple, list):
-        return type(obj)(_slice_batch(o, batch, k) for o in obj)
+        return type(obj)(_slice_batch(o, batch, k, dim) for o in obj)
     if type(obj) is dict:
-        return {key: _slice_batch(v, batch, k) for key, v in obj.items()}
+        return {key: _slice_batch(v, batch, k, dim) for key, v in obj.items()}
     raise _Unsliceable(f"an argument of type {type(obj).__name__}")
 
 
+def model_batch_dim(model: nn.Module) -> int | None:
+    """The batch axis of a model's tensors as its submodules declare it: 1 where every submodule
+    with a boolean ``batch_first`` attribute (``nn.RNN``, ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer``, ...) has it False, 0 where all have it True or none has
+    one, None where they disagree (the caller must be told).
+
+    >>> model_batch_dim(torch.nn.LSTM(4, 4)), model_batch_dim(torch.nn.LSTM(4, 4, batch_first=True))
+    (1, 0)
+    """
+    flags = {m.batch_first for m in model.modules() if isinstance(getattr(m, "batch_first", None), bool)}
+    if len(flags) > 1:
+        return None
+    return 1 if flags == {False} else 0
+
+
 def sub_batch_forward(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], k: int
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], k: int, dim: int = 0
 ) -> tuple[Callable[[], Any], list[int]] | None:
     """The training call ``model(*args, **kwargs)`` on its first ``k`` samples, as a thunk that
     leaves the model untouched (``functional_call`` with cloned buffers: BatchNorm running
     statistics stay as they are), and the CUDA devices whose RNG its dropout draws from.
     None when an argument is neither a tensor, a plain value nor a tuple/list/dict of those.
     Shared by the Jacobian sub-batch (:func:`sub_batch_captures`) and ``attach(paths=N)``.
+    ``dim``: the batch axis (1 for sequence-first models).
 
     >>> net = torch.nn.Linear(3, 2)
     >>> forward, cuda = sub_batch_forward(net, (torch.randn(8, 3),), {}, 2)
@@ -135,11 +155,11 @@ def sub_batch_forward(
     """
     from torch.func import functional_call
 
-    batch = batch_size(args, kwargs)
+    batch = batch_size(args, kwargs, dim)
     if batch is None:
         return None
     try:
-        s_args, s_kwargs = _slice_batch(args, batch, k), _slice_batch(kwargs, batch, k)
+        s_args, s_kwargs = _slice_batch(args, batch, k, dim), _slice_batch(kwargs, batch, k, dim)
     except _Unsliceable:
         return None
     # Never re-enter a (Distributed)DataParallel wrapper: its forward drives the gradient
@@ -172,6 +192,7 @@ def sub_batch_captures(
     seed: int,
     twice: bool = False,
     rules: Mapping[str, Rule] | None = None,
+    dim: int = 0,
 ) -> list[BlockCapture] | None:
     """Re-run ``model(*args, **kwargs)`` on the first ``k`` samples and capture the named blocks.
 
@@ -187,14 +208,15 @@ def sub_batch_captures(
     itself. The batch size is the leading dimension of the first tensor argument; with
     ``k`` at least that, the whole batch runs again (for a training graph that cannot be
     differentiated twice, such as a compiled one). ``twice``: the graph will be differentiated
-    twice (spectral columns), so attention runs through :func:`differentiable_twice`.
+    twice (spectral columns), so attention runs through :func:`differentiable_twice`. ``dim``:
+    the batch axis (1 for sequence-first models).
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
     >>> caps = sub_batch_captures(net, [("0", net[0]), ("2", net[2])], (torch.randn(8, 3),), {}, 2, 0)
     >>> [(c.name, tuple(c.x.shape)) for c in caps]
     [('0', (2, 3)), ('2', (2, 3))]
     """
-    rerun = sub_batch_forward(model, args, kwargs, k)
+    rerun = sub_batch_forward(model, args, kwargs, k, dim)
     if rerun is None:
         return None
     forward, cuda = rerun

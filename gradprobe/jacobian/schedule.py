@@ -23,7 +23,7 @@ from ..capture import BlockCapture
 from ..config import JacobianOptions
 from ..path_lengths import sub_batch_decomposition
 from .estimate import jacobian_columns
-from .rerun import batch_size, differentiable_twice, sub_batch_captures
+from .rerun import batch_size, differentiable_twice, model_batch_dim, sub_batch_captures
 
 Columns = dict[str, dict[str, float]]
 
@@ -122,9 +122,10 @@ class JacobianSchedule:
             with differentiable_twice() if own else contextlib.nullcontext():
                 return jacobian_columns(captured, probes=self.probes, generator=generator, **kwargs)
 
-        rerun = _Rerun(model, modules, rules, caps, call, generator, twice)
+        dim = self.batch_dim(model)
+        rerun = _Rerun(model, modules, rules, caps, call, generator, twice, dim or 0)
         with mute():
-            used = self._sub_batch(rerun, whole=False) or caps
+            used = (self._sub_batch(rerun, whole=False) if dim is not None else None) or caps
             try:
                 cols = estimate(used)
             except RuntimeError:
@@ -132,13 +133,33 @@ class JacobianSchedule:
                 # frees its "donated" buffers): run the whole batch again, eagerly, instead.
                 if used is not caps:
                     raise
-                whole = self._sub_batch(rerun, whole=True)
+                whole = self._sub_batch(rerun, whole=True) if dim is not None else None
                 if whole is None:
                     raise
                 used, cols = whole, estimate(whole)
         for cap in used:
-            cols[cap.name]["jac_batch"] = float(cap.x.shape[0]) if cap.x.dim() else 1.0
+            if dim is None:  # the whole batch, of a size that cannot be told
+                cols[cap.name]["jac_batch"] = float("nan")
+            else:
+                cols[cap.name]["jac_batch"] = float(cap.x.shape[dim]) if cap.x.dim() > dim else 1.0
         return cols
+
+    def batch_dim(self, model: nn.Module) -> int | None:
+        """The batch axis the sub-batch slices (``options.batch_dim``, else told from the model's
+        ``batch_first`` flags); None where it cannot be told (warned once: the training graph,
+        the whole batch, is used instead of a sub-batch that might cut the sequence axis)."""
+        if self.options.batch_dim is not None:
+            return self.options.batch_dim
+        dim = model_batch_dim(model)
+        if dim is None and self.options.sub_batch is not None:
+            self._warn_once(
+                "batch_dim",
+                "gradprobe: the model has submodules with batch_first=True and others with "
+                "batch_first=False, so the batch axis of its tensors cannot be told: the Jacobian "
+                "columns use the training graph (the whole batch) instead of a sub-batch that might "
+                "slice the sequence axis. Pass jacobian_options={'batch_dim': 0 or 1}.",
+            )
+        return dim
 
     def _sub_batch(self, rerun: _Rerun, whole: bool) -> list[BlockCapture] | None:
         """Captures of a second pass over the first ``sub_batch`` samples (``whole``: all of
@@ -148,7 +169,7 @@ class JacobianSchedule:
         call that cannot be re-run safely).
         """
         k = self.options.sub_batch
-        batch = batch_size(*rerun.call)
+        batch = batch_size(*rerun.call, dim=rerun.dim)
         if batch is None:
             return None
         if whole:
@@ -182,16 +203,17 @@ class _Rerun:
         call: tuple[tuple[Any, ...], dict[str, Any]],
         generator: torch.Generator,
         twice: bool,
+        dim: int = 0,
     ) -> None:
         self.model, self.modules, self.rules, self.caps = model, modules, rules, caps
-        self.call, self.generator, self.twice = call, generator, twice
+        self.call, self.generator, self.twice, self.dim = call, generator, twice, dim
 
     def __call__(self, k: int) -> list[BlockCapture] | None:
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         named = [(c.name, self.modules[c.name]) for c in self.caps]
         args, kwargs = self.call
         rerun = sub_batch_captures(
-            self.model, named, args, kwargs, k, seed, twice=self.twice, rules=self.rules
+            self.model, named, args, kwargs, k, seed, twice=self.twice, rules=self.rules, dim=self.dim
         )
         if rerun is None:
             return None
@@ -214,6 +236,13 @@ def paths_decomposition(
     """The path-length decomposition (a frame) of one training call, on the Jacobian sub-batch
     in a second forward pass of its own (the training graph is not used)."""
     args, kwargs = call
+    dim = options.batch_dim if options.batch_dim is not None else model_batch_dim(model)
+    if dim != 0:
+        raise RuntimeError(
+            "the path-length decomposition slices its sub-batch along the leading axis, and this "
+            "model's batch axis is not the leading one (batch_first=False, or jacobian_options "
+            "batch_dim) or cannot be told: it would cut the sequence axis; it is not taken"
+        )
     with mute():
         frame = sub_batch_decomposition(
             model, named, shortcut_modules, tuple(args), dict(kwargs), options.sub_batch, options.seed

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .bands import _as_frame, _assert_bands, _filter_blocks, _is_module, _name_list, _notify
+from .bands import _as_frame, _assert_bands, _assert_finite, _filter_blocks, _is_module, _name_list, _notify
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,7 +79,8 @@ def assert_gradient_flow(
     pass of :func:`gradprobe.analyze` (``loss_fn``, ``seed`` and ``**options`` go
     there; without ``loss_fn`` the loss is a fixed random projection of the output);
     or pass a frame / :class:`gradprobe.Run` as ``model`` to check every recorded
-    step. Returns the frame; raises :class:`GradientAssertionError`.
+    step. A block with nan/inf activations or gradients fails first, named as such (no band
+    is judged on it). Returns the frame; raises :class:`GradientAssertionError`.
 
     >>> import torch, torch.nn as nn
     >>> deep = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(40)])
@@ -142,8 +143,9 @@ def assert_near_identity(
     input shape cannot be the identity and are skipped (the message names them);
     if every block changes shape, ``ValueError``. Meant for models at
     initialisation built to start at the identity: zero-initialised residual
-    branches, ReZero, SkipInit, Fixup. Returns the whole frame; raises
-    :class:`GradientAssertionError`.
+    branches, ReZero, SkipInit, Fixup. A block with nan/inf activations or gradients
+    fails first, named as such (its shape cannot be told from a nan gradient). Returns the
+    whole frame; raises :class:`GradientAssertionError`.
 
     >>> import torch, torch.nn as nn
     >>> class Block(nn.Module):
@@ -172,6 +174,7 @@ def assert_near_identity(
         options=options,
     )
     _notify(who, frame)
+    _assert_finite(who, frame, label)  # a nan gradient would hide the block's shape
     same = _identity_shaped(frame)
     skipped = list(dict.fromkeys(frame.loc[~same, "block"].astype(str)))
     if not same.any():

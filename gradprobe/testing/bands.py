@@ -371,14 +371,25 @@ def _rows(frame: pd.DataFrame, mask: Any, column: str) -> Iterable[tuple[str, in
     )
 
 
-def _finite_violations(frame: pd.DataFrame) -> list[Violation]:
+#: The columns a band assertion needs finite before it reads a band: activations and block gradients
+#: (a parameter gradient may be missing by design: no ``.grad`` under ``torch.autograd.grad``).
+_SIGNAL_COLUMNS = ("in_rms", "out_rms", "grad_out", "grad_in")
+
+
+def _finite_violations(
+    frame: pd.DataFrame, recorded_only: bool = False, columns: Sequence[str] = FINITE_COLUMNS
+) -> list[Violation]:
+    """``finite`` violations of ``columns``; ``recorded_only``: skip a column without any value in
+    the frame (one that was not recorded, as in a hand-made frame)."""
     import numpy as np
 
     out: list[Violation] = []
-    for column in FINITE_COLUMNS:
+    for column in columns:
         if column not in frame.columns:
             continue
         values = frame[column].astype(float).to_numpy()
+        if recorded_only and np.isnan(values).all():
+            continue
         bad = ~np.isfinite(values)
         if column == "param_grad_norm" and "param_norm" in frame.columns:
             # NaN here also means "no trainable parameters" (param_norm NaN too): not a violation.
@@ -588,6 +599,40 @@ def _fail(
     return GradientAssertionError("\n".join(lines), violations, frame)
 
 
+#: The advice of a failure on non-finite values: no band can be judged on them.
+NON_FINITE_ADVICE = (
+    "the model produces nan/inf at the named blocks, so their bands cannot be judged (a nan gain is "
+    "neither vanishing nor exploding): gradprobe.testing.assert_finite_gradients(model, inputs) follows "
+    "the first nan/inf to the block that made it; check the data, the loss and the initial weights "
+    "(a division by zero, a log of 0, an overflow, a custom backward)."
+)
+
+
+def _assert_finite(who: str, frame: pd.DataFrame, label: str) -> None:
+    """Fail with the blocks whose activations or gradients are nan/inf, before any band is read
+    (a non-finite backward would otherwise pass for a shape change, a vanishing gradient, or a
+    column without values)."""
+    __tracebackhide__ = True
+    if frame.empty or "block" not in frame.columns:
+        return  # _check says what is wrong with such a frame
+    violations = sorted(_finite_violations(frame, True, _SIGNAL_COLUMNS), key=_order)
+    if not violations:
+        return
+    blocks = sorted({(v.model, v.block) for v in violations})
+    n_blocks = frame.groupby(["model", "block"] if "model" in frame.columns else ["block"]).ngroups
+    columns = [c for c in _SIGNAL_COLUMNS if c in frame.columns]
+    raise _fail(
+        who,
+        f"{label}: {len(blocks)} of {n_blocks} blocks have non-finite activations or gradients "
+        f"({_name_list([b for _, b in blocks])})",
+        f"finite {', '.join(columns)} at every block, before any band is checked",
+        violations,
+        frame,
+        advice=NON_FINITE_ADVICE,
+        notes=_glossary_lines(v.column for v in violations),
+    )
+
+
 def _assert_bands(
     who: str,
     frame: pd.DataFrame,
@@ -597,6 +642,7 @@ def _assert_bands(
     scope: str = "block",
 ) -> None:
     __tracebackhide__ = True
+    _assert_finite(who, frame, label)
     violations = _check(frame, bands, who)
     if not violations:
         return
