@@ -33,7 +33,7 @@ transformers = pytest.importorskip("transformers")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+GUIDE = (ROOT / "docs" / "integrations.md").read_text()  # the user guide's integrations page
 ACCUMULATE = 2
 
 
@@ -392,22 +392,22 @@ def test_hf_training_is_bit_identical_with_and_without_the_callback(tmp_path, fr
         assert torch.equal(weights[0][key], weights[1][key]), key
 
 
-# ----------------------------------------------------------------------------- README, accelerate
+# ------------------------------------------------------------------- the guide's examples, accelerate
 
 
-def readme_block(heading: str) -> str:
-    section = README.split("## Using gradprobe with Lightning, Hugging Face and TensorBoard", 1)[1]
-    section = section.split(heading, 1)[1]
+def guide_block(heading: str) -> str:
+    """The first Python block under ``heading`` in docs/integrations.md."""
+    section = GUIDE.split(f"\n{heading}\n", 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match, f"no python block after {heading!r}"
     return match.group(1)
 
 
 def run_block(code: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Run a README block in this process (imports are paid once), in ``cwd``; return its namespace."""
+    """Run a guide block in this process (imports are paid once), in ``cwd``; return its namespace."""
     monkeypatch.chdir(cwd)
-    namespace: dict = {"__name__": "readme_example"}
-    exec(compile(code, "README.md", "exec"), namespace)
+    namespace: dict = {"__name__": "guide_example"}
+    exec(compile(code, "docs/integrations.md", "exec"), namespace)
     return namespace
 
 
@@ -423,8 +423,8 @@ def fresh_accelerate():
     GradientState._reset_state()
 
 
-def test_readme_lightning_trainer_example_runs(tmp_path, monkeypatch, capsys):
-    ns = run_block(readme_block("**PyTorch Lightning**"), tmp_path, monkeypatch)
+def test_guide_lightning_trainer_example_runs(tmp_path, monkeypatch, capsys):
+    ns = run_block(guide_block("## PyTorch Lightning"), tmp_path, monkeypatch)
     report = tmp_path / "runs/lightning/lightning_logs/version_0/gradprobe/index.html"
     assert str(report.relative_to(tmp_path)) in capsys.readouterr().out and report.exists()
     assert ns["trainer"].global_step == 20
@@ -438,8 +438,8 @@ def test_readme_lightning_trainer_example_runs(tmp_path, monkeypatch, capsys):
     assert [s for s, _ in logged["gradprobe/cum_gain/blocks.0"]] == [0, 4, 9, 14, 19]
 
 
-def test_readme_accelerate_recipe_steps_with_sync_gradients(tmp_path, monkeypatch, fresh_accelerate):
-    ns = run_block(readme_block("**accelerate**"), tmp_path, monkeypatch)
+def test_guide_accelerate_recipe_steps_with_sync_gradients(tmp_path, monkeypatch, fresh_accelerate):
+    ns = run_block(guide_block("## accelerate"), tmp_path, monkeypatch)
     frame = ns["probe"].frame()
     assert len(ns["loader"]) == 23  # 1,437 training images in batches of 64
     # 11 steps of 2 micro-batches, and the last batch is an optimizer step of its own: accelerate
@@ -454,8 +454,8 @@ def test_readme_accelerate_recipe_steps_with_sync_gradients(tmp_path, monkeypatc
     assert len(logged["gradprobe/loss"]) == 12
 
 
-def test_readme_hugging_face_example_runs(tmp_path, monkeypatch, capsys, fresh_accelerate):
-    run_block(readme_block("**Hugging Face `Trainer`**"), tmp_path, monkeypatch)
+def test_guide_hugging_face_example_runs(tmp_path, monkeypatch, capsys, fresh_accelerate):
+    run_block(guide_block("## Hugging Face `Trainer`"), tmp_path, monkeypatch)
     assert "runs/hf/gradprobe/index.html" in capsys.readouterr().out
     frame = gradprobe.load(tmp_path / "runs/hf/gradprobe").frame()
     assert sorted(frame["step"].unique()) == list(range(10)) and (frame["calls"] == 2).all()
