@@ -400,6 +400,10 @@ class Sink:
     counted in ``meta.json`` as ``dropped_steps``/``dropped_rows``) and retries with
     a growing delay (1 s, 2 s, ... up to a minute) rather than at every step. It never
     raises during training.
+
+    On SIGTERM and SIGHUP an open sink writes what it holds and frees its lock, then the
+    previous handler or the signal's default action runs. A sink belongs to the process
+    that opened it: in a forked child it never writes, closes or removes anything.
     """
 
     def __init__(
