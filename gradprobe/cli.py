@@ -214,8 +214,10 @@ def _shape(text: str) -> tuple[int, ...]:
         shape = tuple(int(v) for v in text.lower().replace("x", ",").replace(" ", "").split(",") if v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"input shape must look like 8,3,32,32, got {text!r}") from None
-    if not shape or any(s < 1 for s in shape):
-        raise argparse.ArgumentTypeError(f"input shape must be positive sizes like 8,3,32,32, got {text!r}")
+    if not shape or any(not 1 <= s < 2**31 for s in shape):
+        raise argparse.ArgumentTypeError(
+            f"input shape must be positive sizes below 2**31 like 8,3,32,32, got {text!r}"
+        )
     return shape
 
 
@@ -529,7 +531,7 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
                 inputs = torch.randn(ns.input_shape, generator=gen)
         else:
             inputs = _default_input(model, ns.batch, gen)
-    except (RuntimeError, MemoryError) as exc:  # an input too large to allocate
+    except (RuntimeError, MemoryError, ValueError, TypeError) as exc:  # an input too large to allocate
         raise UsageError(f"cannot make the random input: {type(exc).__name__}: {exc}") from None
     param = next(iter(model.parameters()), None)
     if param is not None and inputs.is_floating_point():
@@ -610,24 +612,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", type=_csv(str, "--families"), help="cnn and/or mlp (default cnn)")
     p.add_argument(
         "--epochs",
-        type=_positive("--epochs"),
+        type=_positive("--epochs", 10**6),
         help=f"training epochs (default {DEFAULTS['epochs']}; 2 with --quick)",
     )
     p.add_argument(
         "--lr",
-        type=_number(float, "--lr", 1e-12),
+        type=_number(float, "--lr", 1e-12, 1e6),
         default=DEFAULTS["lr"],
         help="peak learning rate (default %(default)s)",
     )
     p.add_argument(
         "--warmup",
-        type=_number(int, "--warmup", 0),
+        type=_number(int, "--warmup", 0, 10**9),
         default=DEFAULTS["warmup"],
         help="warm-up steps (default %(default)s)",
     )
     p.add_argument(
         "--batch-size",
-        type=_positive("--batch-size"),
+        type=_positive("--batch-size", 2**31 - 1),
         default=DEFAULTS["batch_size"],
         help="default %(default)s",
     )
@@ -639,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive("--width", 1 << 16),
         help="channels of the first stage (CNN, default 16) or units (MLP, 128)",
     )
-    p.add_argument("--every", type=_positive("--every"), default=1, help="record every N-th step (default 1)")
+    p.add_argument(
+        "--every", type=_positive("--every", 2**31 - 1), default=1, help="record every N-th step (default 1)"
+    )
     p.add_argument(
         "--jacobian",
         action="store_true",
@@ -672,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_number(int, "--threads", 0),
+        type=_number(int, "--threads", 0, 4096),
         default=1,
         help="torch CPU threads (default 1; 0: torch's choice). The reference nets are too small to gain "
         "from more, and with other work on the machine extra threads made the default run 6x slower",
@@ -724,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
     p.add_argument(
         "--vocab-size",
-        type=_positive("--vocab-size"),
+        type=_positive("--vocab-size", 2**62),
         help="token ids are drawn below this (with --input-dtype long)",
     )
     p.add_argument(

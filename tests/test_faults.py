@@ -967,7 +967,7 @@ def test_a_string_metric_column_of_a_saved_run_is_one_error(tmp_path):
     folder = tmp_path / "run"
     frame = records.rows_to_frame([{"step": 0, "block": "b", "index": 0, "calls": 1, "gain": 0.5}])
     records.save_run(folder, frame.assign(gain="x"), pd.DataFrame({"step": [0]}), {}, fmt="csv")
-    with pytest.raises(records.RunFormatError, match="'gain' holds .* values, not numbers") as info:
+    with pytest.raises(records.RunFormatError, match=r"'gain' holds .* values, not numbers") as info:
         gradprobe.load(folder)
     assert "frame.csv" in str(info.value)
     code, _, err = run_cli("report", str(folder))
@@ -1180,19 +1180,28 @@ def test_base_exceptions_of_user_code_are_one_line_and_a_non_zero_exit(tmp_path,
     assert len(lines) == 1 and match in lines[0] and "Traceback" not in err, err
 
 
+HUGE = "99999999999999999999999"
+
+
 @pytest.mark.parametrize(
-    "args",
+    ("args", "match"),
     [
-        (*INSPECT, "--seed", "99999999999999999999999"),
-        (*INSPECT, "--seed", "-1"),
-        ("compare", "--quick", "--seed", str(2**63)),
+        ((*INSPECT, "--seed", HUGE), "--seed must be between 0 and"),
+        ((*INSPECT, "--seed", "-1"), "--seed must be between 0 and"),
+        (("compare", "--quick", "--seed", str(2**63)), "--seed must be between 0 and"),
+        (("compare", "--quick", "--threads", HUGE), "--threads must be between"),
+        (("compare", "--quick", "--epochs", HUGE), "--epochs must be between"),
+        (("compare", "--quick", "--lr", "1e308"), "--lr must be between"),
+        (("compare", "--quick", "--batch-size", HUGE), "--batch-size must be between"),
+        ((*INSPECT, "--input-shape", f"{HUGE},3"), "below 2**31"),
+        ((*INSPECT, *LONG_IDS, "--vocab-size", HUGE), "--vocab-size must be between"),
     ],
 )
-def test_seeds_out_of_range_are_one_line(args, capsys):
+def test_numbers_out_of_range_are_one_line(args, match, capsys):
     """Regression: --seed 99999999999999999999999 raised 'Overflow when unpacking long long'."""
     code, stdout, stderr = run_cli(*args)
     err = stderr + capsys.readouterr().err
-    assert code == 2 and "--seed must be between 0 and" in err and "Traceback" not in err
+    assert code == 2 and match in err and "Traceback" not in err, err
     assert "Trained" not in stdout
 
 
