@@ -65,7 +65,7 @@ def _disarm_in_child() -> None:
     for sink in list(_OPEN_SINKS):
         sink._disown()
     _OPEN_SINKS.clear()
-    _previous_handlers.clear()  # the child keeps the handlers; they chain to the default action
+    # the child keeps the signal handlers: with no sink of its own they chain to the previous ones
     _pending_signal = None
 
 
