@@ -755,6 +755,37 @@ def test_a_termination_signal_writes_the_sink_out_and_frees_its_lock(tmp_path, s
     assert run.scalars()["step"].tolist() == steps
 
 
+@pytest.mark.skipif(not LINUX, reason="SIGHUP: POSIX")
+def test_signal_handlers_chain_and_are_put_back_when_the_last_sink_closes(tmp_path):
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    saved = signal.signal(signal.SIGTERM, mine), signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        first = gradprobe.attach(make_net(), sink=tmp_path / "a")
+        second = gradprobe.attach(make_net(), sink=tmp_path / "b")
+        assert signal.getsignal(signal.SIGTERM) not in (mine, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # ignored (nohup): left ignored
+        first.detach()
+        assert signal.getsignal(signal.SIGTERM) not in (mine, signal.SIG_DFL)  # a sink is still open
+        second.detach()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        # from another thread no handler can be installed: the sink works without one
+        probes = []
+        worker = threading.Thread(
+            target=lambda: probes.append(gradprobe.attach(make_net(), sink=tmp_path / "c"))
+        )
+        worker.start()
+        worker.join()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        probes[0].detach()
+    finally:
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGHUP, saved[1])
+
+
 @pytest.mark.skipif(not LINUX, reason="os.fork: the child harness is Linux only")
 def test_a_forked_child_never_touches_its_parents_sink(tmp_path):
     """Regression: a forked child that exited normally closed the inherited sink: it deleted the

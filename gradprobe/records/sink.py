@@ -434,6 +434,7 @@ class Sink:
         self._backoff = Backoff()
         self._orphan: Path | None = None
         self._warned = False
+        self._said: set[str] = set()
         self.dropped_steps = 0
         self.dropped_rows = 0
         self.closed = False
@@ -515,7 +516,9 @@ class Sink:
         except (OverflowError, ValueError, TypeError, KeyError) as exc:  # never raises during training
             self.dropped_steps += 1
             self.dropped_rows += len(rows)
-            self._warn_once(f"a step's rows cannot be stored ({type(exc).__name__}: {exc}); it is dropped")
+            self._warn_once(
+                "rows", f"a step's rows cannot be stored ({type(exc).__name__}: {exc}); it is dropped"
+            )
             return
         self._scalars.extend(scalars)
         steps = [int(r["step"]) for r in (*rows, *scalars)]
@@ -664,12 +667,13 @@ class Sink:
         if os.getpid() != self._pid:
             self._disown()
         if self._ended_by is not None:
-            self._warn_once(f"steps recorded from now on are not written, as {self._ended_by}")
+            self._warn_once("closed", f"steps recorded from now on are not written, as {self._ended_by}")
 
-    def _warn_once(self, what: str) -> None:
-        if self._warned:
+    def _warn_once(self, key: str, what: str) -> None:
+        """Warn of ``what``, once per ``key`` (a kind of problem) over the sink's life."""
+        if key in self._said:
             return
-        self._warned = True
+        self._said.add(key)
         warnings.warn(f"gradprobe: sink folder {self.path}: {what}", RuntimeWarning, stacklevel=4)
 
     def run(self) -> Run:
