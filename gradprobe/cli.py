@@ -127,6 +127,10 @@ def _positive(name: str, high: int | None = None) -> Any:
     return _number(int, name, 1, high)
 
 
+#: A seed: what ``torch.Generator.manual_seed`` takes.
+_SEED = _number(int, "--seed", 0, 2**63 - 1)
+
+
 def _output_folder(path: Path, run_id: str | None, force: bool, label: str, kind: str | None = None) -> None:
     """Check an output folder at start-up, before any work: one line and exit 2 if it cannot be used.
 
@@ -135,6 +139,8 @@ def _output_folder(path: Path, run_id: str | None, force: bool, label: str, kind
     """
     from .records import check_destination
 
+    if not str(path):
+        raise UsageError(f"{label.strip()} is empty; pass a folder name ('.' for the current folder)")
     try:
         check_destination(path, run_id, overwrite=force, kind=kind, name=label, force="--force")
     except OSError as exc:
@@ -164,10 +170,15 @@ def _check_data(data: str, data_root: str | None) -> None:
 
 def _output_file(path: Path, what: str) -> None:
     """Check at start-up that the file ``path`` can be written (its folder exists and is writable)."""
-    from .records import try_write
+    from .records import not_regular, try_write
 
+    if not str(path):
+        raise UsageError(f"{what} is empty; pass a file name")
     if path.is_dir():
         raise UsageError(f"{what} {path} is a folder; pass a file name")
+    kind = not_regular(path)
+    if kind is not None:  # written over, a device node or a FIFO would be replaced by a plain file
+        raise UsageError(f"{what} {path} is {kind}, not a regular file; pass a file name")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"{what} {path}: the folder {folder} does not exist; create it first")
@@ -177,13 +188,36 @@ def _output_file(path: Path, what: str) -> None:
         raise UsageError(f"{what} {path} cannot be written ({exc.strerror or exc})") from None
 
 
+def _log_folder(path: str, what: str) -> None:
+    """Check at start-up that ``path`` is a folder or can be made one (its nearest existing parent
+    a writable folder)."""
+    from .records import try_write
+
+    if not path:
+        raise UsageError(f"{what} is empty; pass a folder name")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{what} {path} exists and is not a folder; TensorBoard logs go into a folder")
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path} cannot be created: {parent} is not a folder")
+    try:
+        try_write(parent)
+    except OSError as exc:
+        raise UsageError(f"{what} {path} cannot be written ({exc.strerror or exc})") from None
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.lower().replace("x", ",").replace(" ", "").split(",") if v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"input shape must look like 8,3,32,32, got {text!r}") from None
-    if not shape or any(s < 1 for s in shape):
-        raise argparse.ArgumentTypeError(f"input shape must be positive sizes like 8,3,32,32, got {text!r}")
+    if not shape or any(not 1 <= s < 2**31 for s in shape):
+        raise argparse.ArgumentTypeError(
+            f"input shape must be positive sizes below 2**31 like 8,3,32,32, got {text!r}"
+        )
     return shape
 
 
@@ -259,7 +293,13 @@ def _build_target(target: str, arg_items: Sequence[str]) -> nn.Module:
         )
     try:
         model = factory(*args, **kwargs)
-    except Exception as exc:
+    except (SystemExit, KeyboardInterrupt) as exc:  # the user's code ending the program: say so
+        raise UsageError(
+            f"calling {target}(...) raised {type(exc).__name__}"
+            + (f"({exc.args[0]!r})" if exc.args else "")
+            + "; a model factory must return a model"
+        ) from None
+    except BaseException as exc:
         hint = " (pass the factory's arguments with --arg, e.g. --arg 20 --arg residual=False)"
         raise UsageError(f"calling {target}(...) failed: {type(exc).__name__}: {exc}{hint}") from exc
     if not isinstance(model, nn.Module):
@@ -334,11 +374,15 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     epochs = ns.epochs if ns.epochs is not None else (2 if quick else experiment.DEFAULTS["epochs"])
+    if ns.out is not None and not ns.out.strip():
+        raise UsageError("--out is empty; pass a folder name ('.' for the current folder)")
     out = Path(ns.out if ns.out is not None else ("reports/compare-quick" if quick else "reports/compare"))
     _check_data(ns.data, ns.data_root)
     label = f"--out {out}" if ns.out is not None else f"{out} (the default --out)"
     # Before training: a bad folder must not cost the results. An earlier compare run there is replaced.
     _output_folder(out, None, ns.force, label, kind="compare")
+    if ns.tensorboard is not None:
+        _log_folder(ns.tensorboard, "--tensorboard")
     command = "gradprobe " + " ".join(ns.argv)
     print(
         f"gradprobe compare: {', '.join(specs)} on {ns.data}, {epochs} epochs, lr {ns.lr}, seed {ns.seed}",
@@ -415,6 +459,8 @@ def _cmd_report(ns: argparse.Namespace) -> int:
     from .records import load
     from .reporting import report
 
+    if ns.out is not None and not ns.out.strip():
+        raise UsageError("--out is empty; pass a folder name ('.' for the current folder)")
     out = Path(ns.out) if ns.out is not None else path
     label = f"--out {out}" if ns.out is not None else str(out)
     if out.exists() and not out.is_dir():
@@ -469,7 +515,7 @@ def _cmd_blocks(ns: argparse.Namespace) -> int:
 def _cmd_inspect(ns: argparse.Namespace) -> int:
     import torch
 
-    if ns.csv:  # before building and running anything
+    if ns.csv is not None:  # before building and running anything
         _output_file(Path(ns.csv), "--csv")
     model = _build_target(ns.target, ns.arg)
     gen = torch.Generator().manual_seed(ns.seed)
@@ -485,7 +531,7 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
                 inputs = torch.randn(ns.input_shape, generator=gen)
         else:
             inputs = _default_input(model, ns.batch, gen)
-    except (RuntimeError, MemoryError) as exc:  # an input too large to allocate
+    except (RuntimeError, MemoryError, ValueError, TypeError) as exc:  # an input too large to allocate
         raise UsageError(f"cannot make the random input: {type(exc).__name__}: {exc}") from None
     param = next(iter(model.parameters()), None)
     if param is not None and inputs.is_floating_point():
@@ -566,28 +612,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", type=_csv(str, "--families"), help="cnn and/or mlp (default cnn)")
     p.add_argument(
         "--epochs",
-        type=_positive("--epochs"),
+        type=_positive("--epochs", 10**6),
         help=f"training epochs (default {DEFAULTS['epochs']}; 2 with --quick)",
     )
     p.add_argument(
         "--lr",
-        type=_number(float, "--lr", 1e-12),
+        type=_number(float, "--lr", 1e-12, 1e6),
         default=DEFAULTS["lr"],
         help="peak learning rate (default %(default)s)",
     )
     p.add_argument(
         "--warmup",
-        type=_number(int, "--warmup", 0),
+        type=_number(int, "--warmup", 0, 10**9),
         default=DEFAULTS["warmup"],
         help="warm-up steps (default %(default)s)",
     )
     p.add_argument(
         "--batch-size",
-        type=_positive("--batch-size"),
+        type=_positive("--batch-size", 2**31 - 1),
         default=DEFAULTS["batch_size"],
         help="default %(default)s",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of weights and data order (default 0)")
     p.add_argument("--data", default="digits", help="digits (default), synthetic, cifar10 or cifar10:FOLDER")
     p.add_argument("--data-root", help="folder that holds CIFAR-10 (never downloaded)")
     p.add_argument(
@@ -595,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive("--width", 1 << 16),
         help="channels of the first stage (CNN, default 16) or units (MLP, 128)",
     )
-    p.add_argument("--every", type=_positive("--every"), default=1, help="record every N-th step (default 1)")
+    p.add_argument(
+        "--every", type=_positive("--every", 2**31 - 1), default=1, help="record every N-th step (default 1)"
+    )
     p.add_argument(
         "--jacobian",
         action="store_true",
@@ -628,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_number(int, "--threads", 0),
+        type=_number(int, "--threads", 0, 4096),
         default=1,
         help="torch CPU threads (default 1; 0: torch's choice). The reference nets are too small to gain "
         "from more, and with other work on the machine extra threads made the default run 6x slower",
@@ -680,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
     p.add_argument(
         "--vocab-size",
-        type=_positive("--vocab-size"),
+        type=_positive("--vocab-size", 2**62),
         help="token ids are drawn below this (with --input-dtype long)",
     )
     p.add_argument(
@@ -697,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="random vectors per Jacobian estimate (default 8)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the input and the probes (default 0)")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the input and the probes (default 0)")
     p.add_argument("--csv", help="also write the full table to this CSV file")
     p.set_defaults(func=_cmd_inspect, parser=p)
 
@@ -747,6 +795,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gradprobe {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # user code (a factory, a model's forward) calling sys.exit()
+        print(f"gradprobe {ns.command}: error: user code raised SystemExit({exc.code!r})", file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) and exc.code not in (0, None) else 1
+    except OSError as exc:  # a folder or a file that changed under the command, a full disk
+        message = " ".join(str(exc).split())
+        print(f"gradprobe {ns.command}: error: {message}", file=sys.stderr)
+        return 1
+    except BaseException as exc:
+        from .records import RunFormatError
+
+        if isinstance(exc, Exception) and not isinstance(exc, RunFormatError):
+            raise  # a bug of gradprobe (user code's exceptions are caught where it is called)
+        message = " ".join(str(exc).split())  # a run folder that changed under the command, or a
+        # BaseException of the user's code (its own class, GeneratorExit, ...): one line
+        print(f"gradprobe {ns.command}: error: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # python -m gradprobe.cli

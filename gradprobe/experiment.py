@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -312,8 +313,15 @@ class TrainConfig:
             isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1
         ):
             raise ValueError(f"width must be a positive int (or None for the default), got {self.width!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int from 0 to 2**63 - 1 (a torch seed), got {self.seed!r}")
+        if self.tensorboard is not None:
+            logdir = Path(self.tensorboard)
+            if not str(self.tensorboard) or (logdir.exists() and not logdir.is_dir()):
+                raise ValueError(
+                    f"tensorboard={os.fspath(self.tensorboard)!r} is not a folder"
+                    "; TensorBoard logs go into a folder"
+                )
         if self.jacobian_options is not None and not isinstance(self.jacobian_options, Mapping):
             raise ValueError(
                 f"jacobian_options must be a mapping, got {type(self.jacobian_options).__name__}"

@@ -719,6 +719,9 @@ def _write_report(
 ) -> Path:
     from tqdm.auto import tqdm
 
+    # An earlier report's PNG of a figure not drawn now is removed; in a folder that held no run or
+    # report (written into with overwrite=True) a PNG of that name is the user's, and stays.
+    earlier = records.run_id_at(folder) is not None or records.report_at(folder)
     if tables and write_tables:
         path_table = the_run.paths()
         records.save_run(
@@ -749,7 +752,8 @@ def _write_report(
             png = folder / f"{spec.name}.png"
             fig = spec.draw(inputs)
             if fig is None:
-                png.unlink(missing_ok=True)  # a figure of an earlier report of this folder would mislead
+                if earlier:
+                    png.unlink(missing_ok=True)  # a figure of an earlier report of this folder would mislead
                 continue
             data = _png(fig, dpi, quantize)
             records.atomic_write_bytes(png, data)

@@ -5,7 +5,8 @@ per kill point. Each grandchild records a small deterministic run; the child kil
 with SIGKILL at a random time (or the grandchild ``os._exit``s at an injected point of a
 write), and prints one JSON line per kill point for the test to check. ``--reference``
 runs the same training without a sink and saves it, the frame every kill point must
-match. Run as ``python tests/fault_child.py OUT_FOLDER``.
+match. Run as ``python tests/fault_child.py OUT_FOLDER``; ``--signal FOLDER MODE`` records until
+a termination signal (:func:`signal_run`), ``--fork FOLDER`` forks a recording process (:func:`fork_run`).
 """
 
 from __future__ import annotations
@@ -256,7 +257,86 @@ def exit_without_detach(folder: Path, report: int) -> None:
     atexit._run_exitfuncs()  # what a normal interpreter exit runs (a forked child skips it)
 
 
+def signal_run(folder: Path, mode: str) -> None:
+    """Record steps until a signal ends the process, printing each step once it is closed.
+
+    ``mode`` ``"default"``: the signal's default action; ``"chained"``: a handler installed
+    before the probe, which the sink's handler must call (it prints ``chained`` and exits 3)."""
+    if mode == "chained":
+
+        def handler(signum, frame):
+            print("chained", flush=True)
+            sys.exit(3)
+
+        signal.signal(signal.SIGTERM, handler)
+    net = make_net()
+    probe = gradprobe.attach(
+        net, sink=folder, sink_options={"fmt": "csv", "flush_seconds": 3600, "chunk_rows": 10**6}
+    )
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for step in range(100_000):
+        net(x).pow(2).mean().backward()
+        probe.log(loss=float(step))
+        probe.step()
+        print(step, flush=True)
+    probe.detach()
+
+
+def fork_run(folder: Path) -> None:
+    """A parent records into a sink and forks; the child records a few steps into the inherited
+    probe, detaches and exits normally (atexit, finalizers). Prints what the parent saw as JSON."""
+    net = make_net()
+    probe = gradprobe.attach(net, sink=folder, sink_options={"flush_seconds": 0})
+    train_steps(probe, net, 2)
+    lock = (folder / records.LOCK_FILE).read_text()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: ends like a normal script
+        os.close(r)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_steps(probe, net, 3)
+            probe.detach()
+        os.write(w, json.dumps([str(c.message) for c in caught]).encode())
+        os.close(w)
+        sys.exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    _, status = os.waitpid(pid, 0)
+    lock_after_child = (
+        (folder / records.LOCK_FILE).read_text() if (folder / records.LOCK_FILE).exists() else None
+    )
+    names_after_child = sorted(p.name for p in folder.iterdir())
+    train_steps(probe, net, 2)
+    probe.detach()
+    emit(
+        status=status,
+        child_warnings=json.loads(data or b"[]"),
+        lock_kept=lock_after_child == lock,
+        names_after_child=names_after_child,
+        lock_left=(folder / records.LOCK_FILE).exists(),
+    )
+
+
+def train_steps(probe: gradprobe.Probe, net: nn.Module, steps: int) -> None:
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for _ in range(steps):
+        net(x).pow(2).mean().backward()
+        probe.step()
+
+
 def main() -> None:
+    if sys.argv[1] == "--signal":
+        signal_run(Path(sys.argv[2]), sys.argv[3])
+        return
+    if sys.argv[1] == "--fork":
+        torch.set_num_threads(1)
+        fork_run(Path(sys.argv[2]))
+        return
     # imported once here, not in every grandchild
     import matplotlib.pyplot  # noqa: F401
     import seaborn  # noqa: F401

@@ -699,3 +699,552 @@ def test_resume_after_a_kill_inside_meta_json_numbers_on_after_the_chunks_on_dis
             train(net, probe, 2)
     run, _ = quiet_load(case["folder"])
     assert sorted(run.frame()["step"].unique()) == list(range(done + 2))
+
+
+# ----------------------------------------------------------------------------- termination signals and fork
+
+
+def child_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+@pytest.mark.skipif(not LINUX, reason="SIGHUP and os.fork: POSIX; the child harness: Linux")
+@pytest.mark.parametrize(
+    ("signame", "mode"), [("SIGTERM", "default"), ("SIGHUP", "default"), ("SIGTERM", "chained")]
+)
+def test_a_termination_signal_writes_the_sink_out_and_frees_its_lock(tmp_path, signame, mode):
+    """Regression: SIGTERM (SLURM, Kubernetes, docker stop) lost every step since the last flush
+    and left the lock behind; SIGHUP lost tens of steps."""
+    import signal
+
+    folder = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "fault_child.py"), "--signal", str(folder), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    assert proc.stdout is not None
+    printed = []
+    for line in proc.stdout:
+        printed.append(line.strip())
+        if len(printed) >= 20:  # well inside the run, long before a flush is due (flush_seconds=3600)
+            break
+    sig = getattr(signal, signame)
+    proc.send_signal(sig)
+    rest, err = proc.communicate(timeout=120)
+    lines = printed + rest.split()
+    steps_closed = len([x for x in lines if x.isdigit()])
+    if mode == "default":
+        assert proc.returncode == -sig, err[-2000:]  # the exit status says "killed by <signal>"
+    else:
+        assert proc.returncode == 3 and "chained" in lines, err[-2000:]  # the previous handler ran
+    assert "Traceback" not in err
+    assert not (folder / records.LOCK_FILE).exists()
+    run, messages = quiet_load(folder)
+    assert not messages, messages
+    steps = sorted(run.frame()["step"].unique().tolist())
+    assert steps == list(range(len(steps)))
+    # every step closed before the signal is on disk; at most the one being recorded is lost
+    assert steps_closed <= len(steps) <= steps_closed + 1
+    assert run.scalars()["step"].tolist() == steps
+
+
+@pytest.mark.skipif(not LINUX, reason="SIGHUP: POSIX")
+def test_signal_handlers_chain_and_are_put_back_when_the_last_sink_closes(tmp_path):
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    saved = signal.signal(signal.SIGTERM, mine), signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        first = gradprobe.attach(make_net(), sink=tmp_path / "a")
+        second = gradprobe.attach(make_net(), sink=tmp_path / "b")
+        assert signal.getsignal(signal.SIGTERM) not in (mine, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # ignored (nohup): left ignored
+        first.detach()
+        assert signal.getsignal(signal.SIGTERM) not in (mine, signal.SIG_DFL)  # a sink is still open
+        second.detach()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        # from another thread no handler can be installed: the sink works without one
+        probes = []
+        worker = threading.Thread(
+            target=lambda: probes.append(gradprobe.attach(make_net(), sink=tmp_path / "c"))
+        )
+        worker.start()
+        worker.join()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        probes[0].detach()
+    finally:
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGHUP, saved[1])
+
+
+@pytest.mark.skipif(not LINUX, reason="os.fork: the child harness is Linux only")
+def test_a_forked_child_never_touches_its_parents_sink(tmp_path):
+    """Regression: a forked child that exited normally closed the inherited sink: it deleted the
+    parent's lock and wrote chunks under the parent's sequence numbers, which load mixed in."""
+    folder = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "fault_child.py"), "--fork", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert result["status"] == 0
+    assert result["lock_kept"]  # the child left the parent's lock as it was
+    assert not result["lock_left"]  # and the parent freed it at detach
+    assert any("belongs to process" in w for w in result["child_warnings"]), result["child_warnings"]
+    assert not [n for n in result["names_after_child"] if n.endswith(".tmp")]
+    run, messages = quiet_load(folder)
+    assert not messages, messages
+    assert sorted(run.frame()["step"].unique()) == [0, 1, 2, 3]  # the parent's 4 steps, no child's
+    assert len(run.frame()) == 4 * BLOCKS
+    seqs = sorted(int(p.name.split("-")[2]) for p in folder.glob("frame-*"))
+    assert seqs == list(range(len(seqs)))
+
+
+def test_a_lock_of_a_live_process_is_never_taken_over(tmp_path):
+    """Regression: a second probe with resume=True could take the folder while its owner wrote."""
+    import socket
+
+    sinked_run(tmp_path / "run", "csv", steps=2)
+    lock = tmp_path / "run" / records.LOCK_FILE
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for host, pid in ((socket.gethostname(), sleeper.pid), ("another-host", 999_999_999)):
+            lock.write_text(json.dumps({"pid": pid, "host": host, "run_id": "x", "token": "t"}))
+            with pytest.raises(FileExistsError, match="in use by another probe"):
+                gradprobe.attach(make_net(), sink=tmp_path / "run", sink_options={"resume": True})
+            assert json.loads(lock.read_text())["pid"] == pid  # untouched
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # a lock naming no process (crafted): not a pid to signal; old enough, it is stale
+    lock.write_text(json.dumps({"pid": -1, "host": socket.gethostname()}))
+    os.utime(lock, (0, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gradprobe.attach(make_net(), sink=tmp_path / "run", sink_options={"resume": True}) as probe:
+            assert probe.current_step == 2
+
+
+# ----------------------------------------------------------------------------- names and files from a folder
+
+
+def crafted_streamed(folder: Path, **meta_changes) -> Path:
+    sinked_run(folder, "csv", steps=4)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(meta_changes)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_crafted_run_id_never_names_a_file_outside_the_run(tmp_path):
+    """Regression: resume adopted meta.json's run_id unchecked and built chunk names from it."""
+    folder = crafted_streamed(tmp_path / "deep" / "run", run_id="/../../escaped")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(FileExistsError, match="run_id") as info:
+        gradprobe.attach(make_net(), sink=folder, sink_options={"resume": True})
+    assert len(str(info.value).splitlines()) == 1
+    with pytest.raises(records.RunFormatError, match="12 hexadecimal digits"):
+        gradprobe.load(folder)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
+    with pytest.raises(records.RunFormatError):
+        records.files.chunk_name(folder, "frame", "/../x", 0, 1, "csv")
+
+
+def fresh_saved(folder: Path) -> Path:
+    small_run(folder, steps=2)
+    return folder
+
+
+def edit_meta(folder: Path, **changes) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(changes)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+CRAFTED_META = [
+    ({"streamed": True}, "says the run was streamed"),
+    ({"format_version": 999}, "format_version 999 is newer"),
+    ({"format_version": "2"}, "'format_version' must be"),
+    ({"table_format": "xml"}, "'table_format' must be 'parquet' or 'csv'"),
+    ({"steps": "many"}, "'steps' must be an integer"),
+    ({"blocks": [1, 2]}, "'blocks' must be a list"),
+    ({"dtypes": {"frame": {"gain": ["float64"]}}}, "unknown dtype"),
+]
+
+
+@pytest.mark.parametrize(("changes", "match"), CRAFTED_META)
+def test_a_crafted_meta_json_is_one_error_naming_the_file(tmp_path, changes, match):
+    folder = fresh_saved(tmp_path / "run")
+    edit_meta(folder, **changes)
+    with pytest.raises(records.RunFormatError, match=match) as info:
+        gradprobe.load(folder)
+    message = str(info.value)
+    assert str(folder) in message and len(message.splitlines()) == 1
+
+
+def test_meta_json_nested_deep_is_one_error_not_a_recursion_error(tmp_path):
+    folder = fresh_saved(tmp_path / "run")
+    (folder / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(records.RunFormatError, match="nested"):
+        gradprobe.load(folder)
+    deep: list = [1]
+    for _ in range(40):
+        deep = [deep]
+    (folder / "meta.json").write_text(json.dumps({"x": deep}))
+    with pytest.raises(records.RunFormatError, match="nested deeper"):
+        gradprobe.load(folder)
+
+
+@pytest.mark.skipif(not LINUX, reason="FIFOs and /dev/zero: POSIX")
+@pytest.mark.parametrize("what", ["fifo", "dev-zero"])
+def test_meta_json_that_is_a_fifo_or_a_device_is_refused_without_reading(tmp_path, what):
+    """Regression: a FIFO hung load forever; a link to /dev/zero exhausted memory."""
+    folder = fresh_saved(tmp_path / "run")
+    (folder / "meta.json").unlink()
+    if what == "fifo":
+        os.mkfifo(folder / "meta.json")
+    else:
+        (folder / "meta.json").symlink_to("/dev/zero")
+    done: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            gradprobe.load(folder)
+        except BaseException as exc:  # handed to the test thread
+            done.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "load hung"
+    assert isinstance(done[0], records.RunFormatError), done
+    assert "not a regular file" in str(done[0])
+    code, _, err = run_cli("report", str(folder))
+    assert code == 2 and "not a regular file" in err
+
+
+@pytest.mark.skipif(not LINUX, reason="FIFOs: POSIX")
+def test_a_chunk_that_is_a_fifo_or_huge_is_skipped_without_reading_it(tmp_path):
+    import time
+
+    folder = crafted_streamed(tmp_path / "run")
+    chunks = sorted(folder.glob("frame-*.csv"))
+    chunks[0].unlink()
+    os.mkfifo(chunks[0])
+    with open(chunks[1], "r+b") as f:  # 2 GB, sparse: no disk used, and never read
+        f.truncate(2 * 2**30)
+    started = time.perf_counter()
+    run, messages = quiet_load(folder)
+    assert time.perf_counter() - started < 10
+    assert sorted(run.frame()["step"].unique()) == [2, 3]
+    (message,) = [m for m in messages if "damaged" in m]
+    assert "2 damaged chunk(s)" in message and "a FIFO" in message and "bytes" in message
+
+
+def rewrite_chunk(folder: Path, index: int, edit) -> Path:
+    chunk = sorted(folder.glob("frame-*.csv"))[index]
+    frame = pd.read_csv(chunk, dtype={"block": str, "stack": str}, keep_default_na=False, na_values=[""])
+    edit(frame).to_csv(chunk, index=False)
+    return chunk
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda f: f.drop(columns=["block"]), "lacks the column(s) block"),
+        (lambda f: f.drop(columns=["calls"]), "lacks the column(s) calls"),
+        (lambda f: f.assign(gain="high"), "values, not numbers"),
+        (lambda f: f.assign(step=f["step"] - 1), "already in an earlier chunk"),
+    ],
+)
+def test_a_damaged_chunk_is_named_and_skipped_never_merged(tmp_path, edit, match):
+    """Regression: a chunk without block added a block named nan, one without calls raised
+    IntCastingNaNError from inside pandas, duplicated steps merged in silence."""
+    folder = crafted_streamed(tmp_path / "run")
+    chunk = rewrite_chunk(folder, 1, edit)
+    run, messages = quiet_load(folder)
+    assert sorted(run.frame()["step"].unique()) == [0, 2, 3]
+    assert "nan" not in set(run.frame()["block"])
+    (message,) = [m for m in messages if "damaged" in m]
+    assert chunk.name in message and match in message
+    with pytest.raises(records.RunFormatError, match="damaged"):
+        gradprobe.load(folder, strict=True)
+
+
+def test_a_renamed_metric_column_is_named(tmp_path):
+    folder = crafted_streamed(tmp_path / "run")
+    chunk = rewrite_chunk(folder, 2, lambda f: f.rename(columns={"gain": "gian"}))
+    _, messages = quiet_load(folder)
+    (message,) = [m for m in messages if "other columns" in m]
+    assert chunk.name in message and "unknown: gian" in message and "missing: gain" in message
+    with pytest.raises(records.RunFormatError):
+        gradprobe.load(folder, strict=True)
+
+
+def test_a_string_metric_column_of_a_saved_run_is_one_error(tmp_path):
+    folder = tmp_path / "run"
+    frame = records.rows_to_frame([{"step": 0, "block": "b", "index": 0, "calls": 1, "gain": 0.5}])
+    records.save_run(folder, frame.assign(gain="x"), pd.DataFrame({"step": [0]}), {}, fmt="csv")
+    with pytest.raises(records.RunFormatError, match=r"'gain' holds .* values, not numbers") as info:
+        gradprobe.load(folder)
+    assert "frame.csv" in str(info.value)
+    code, _, err = run_cli("report", str(folder))
+    assert code == 2 and "'gain' holds" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"steps_written": "3"}, "'steps_written' must be an integer"),
+        ({"steps": 2**40}, "'steps' must be an integer from 0"),
+        ({"table_format": "xml"}, "'table_format'"),
+        ({"dropped_rows": -1}, "'dropped_rows'"),
+    ],
+)
+def test_resume_checks_meta_json_and_detach_never_raises(tmp_path, changes, match, no_leaks):
+    """Regression: a crafted meta.json raised bare ValueError/TypeError at resume, or an
+    OverflowError from detach()."""
+    folder = crafted_streamed(tmp_path / "run", **changes)
+    net = no_leaks(make_net())
+    with pytest.raises(FileExistsError, match=match) as info:
+        gradprobe.attach(net, sink=folder, sink_options={"resume": True})
+    assert len(str(info.value).splitlines()) == 1
+    assert not (folder / records.LOCK_FILE).exists()
+
+
+def test_a_sink_never_raises_at_detach_whatever_its_rows(tmp_path):
+    sink = records.Sink(tmp_path / "run", fmt="csv")
+    sink.append([{"step": 2**40, "block": "b", "index": 0, "calls": 1, "stack": ""}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sink.end_step()
+        assert sink.close()
+    assert any("cannot be stored" in str(w.message) for w in caught)
+    assert sink.dropped_steps == 1
+
+
+# ----------------------------------------------------------------------------- a live run is not a crash
+
+
+def test_a_run_being_written_by_a_live_process_is_not_reported_as_damage(tmp_path):
+    """Regression: load of a folder that a live sink wrote warned of a crash in 5-6% of loads."""
+    import socket
+
+    folder = crafted_streamed(tmp_path / "run")
+    run_id = json.loads((folder / "meta.json").read_text())["run_id"]
+    # what a live sink's folder looks like mid-flush: a temporary chunk, a frame chunk whose scalars
+    # are being written
+    (folder / f".frame-{run_id}-000009-r3.csv.123-abc.tmp").write_text("step\n")
+    frame = sorted(folder.glob("frame-*.csv"))[-1]
+    (folder / f"frame-{run_id}-000004-r3.csv").write_bytes(frame.read_bytes())
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / records.LOCK_FILE).write_text(
+            json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "run_id": run_id, "token": "t"})
+        )
+        run, messages = quiet_load(folder)
+        assert sorted(run.frame()["step"].unique()) == [0, 1, 2, 3]
+        (message,) = messages
+        assert "being written by process" in message and "read 12 rows of 4 steps so far" in message
+        assert "crash" not in message and "interruption" not in message
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the "being written" note
+            gradprobe.load(folder, strict=True)  # not damage
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _, messages = quiet_load(folder)  # the writer is gone: now it is damage
+    assert any("unpaired" in m and "incomplete write" in m for m in messages), messages
+
+
+def test_loading_a_live_sink_from_another_process_never_warns_of_damage(tmp_path):
+    """A reader polling a folder that a live sink flushes into at every step."""
+    folder = tmp_path / "run"
+    script = (
+        "import sys, torch, gradprobe\n"
+        "net = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(3)])\n"
+        "options = {'flush_seconds': 0, 'fmt': 'csv'}\n"
+        "p = gradprobe.attach(net, ['0', '1', '2'], sink=sys.argv[1], sink_options=options)\n"
+        "print('ready', flush=True)\n"
+        "for _ in range(400):\n"
+        "    net(torch.randn(4, 6)).sum().backward(); p.step()\n"
+        "p.detach()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    loads = 0
+    while proc.poll() is None and loads < 200:
+        _, messages = quiet_load(folder)
+        assert not [m for m in messages if "being written" not in m], messages
+        loads += 1
+    proc.wait(timeout=120)
+    assert proc.returncode == 0 and loads > 5
+
+
+# ----------------------------------------------------------------------------- user folders and device nodes
+
+
+def user_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "index.html").write_text("<html>my own page</html>")
+    (path / "highway.png").write_bytes(b"my figure")
+    (path / "spectrum.png").write_bytes(b"my other figure")
+    return path
+
+
+def test_report_save_and_compare_refuse_a_folder_of_the_users_files(tmp_path, cli_runs):
+    """Regression: `gradprobe report RUN --out DIR` overwrote the user's index.html and PNGs in a
+    folder holding no run, exit 0, and deleted a PNG of a figure it did not draw."""
+    mine = user_folder(tmp_path / "mine")
+    code, _, err = run_cli("report", str(cli_runs / "small"), "--out", str(mine), "--no-progress")
+    assert code == 2 and "holds no gradprobe run or report" in err and "--force" in err
+    code, _, err = run_cli("compare", "--quick", "--out", str(mine))
+    assert code == 2 and "--force" in err
+    with pytest.raises(FileExistsError, match="holds no gradprobe run or report"):
+        gradprobe.load(cli_runs / "small").save(mine)
+    with pytest.raises(FileExistsError, match="holds no gradprobe run or report"):
+        gradprobe.report(cli_runs / "small", mine, progress=False, figures=["gain"])
+    assert (mine / "index.html").read_text() == "<html>my own page</html>"
+    assert (mine / "highway.png").read_bytes() == b"my figure"
+    # forced: only the files of the report's own names are written; a figure not drawn stays
+    code, _, err = run_cli("report", str(cli_runs / "small"), "--out", str(mine), "--force", "--no-progress")
+    assert code == 0, err
+    assert (mine / "spectrum.png").read_bytes() == b"my other figure"
+
+
+@pytest.mark.parametrize("command", [("report", "{b}/small"), ("compare", "--quick")])
+def test_an_empty_out_is_refused(cli_runs, command):
+    code, stdout, err = run_cli(*[c.format(b=cli_runs) for c in command], "--out", "")
+    assert code == 2 and "--out is empty" in err and "Trained" not in stdout
+
+
+@pytest.mark.skipif(not LINUX, reason="/dev/null as a character device and FIFOs: POSIX")
+def test_no_output_path_is_ever_a_device_or_a_fifo(tmp_path):
+    """Regression: as root, `inspect --csv /dev/null` replaced the device node with a regular file.
+    Only refusals are tested: nothing here writes to /dev/null."""
+    import stat
+
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    for target in ("/dev/null", str(fifo)):
+        code, stdout, err = run_cli(*INSPECT, "--csv", target)
+        assert code == 2 and "not a regular file" in err and not stdout, err
+        with pytest.raises(OSError, match="not a regular file"):
+            records.atomic_write_text(target, "x")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe.csv"]  # no temporary file left either
+
+
+# ----------------------------------------------------------------------------- the command line: user code
+
+
+FACTORY = """
+import torch
+
+
+class Stop(BaseException):
+    pass
+
+
+def exits():
+    raise SystemExit(0)
+
+
+def stops():
+    raise Stop("stopped by the user's code")
+
+
+def interrupted():
+    raise KeyboardInterrupt
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        raise Stop("forward ended the program")
+
+
+def net():
+    return Net()
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        ("exits", "raised SystemExit(0)"),
+        ("stops", "Stop: stopped by the user's code"),
+        ("interrupted", "raised KeyboardInterrupt"),
+        ("net", "Stop: forward ended the program"),
+    ],
+)
+def test_base_exceptions_of_user_code_are_one_line_and_a_non_zero_exit(tmp_path, factory, match, capsys):
+    """Regression: a factory raising SystemExit(0) exited 0 in silence; a BaseException subclass
+    printed a traceback."""
+    module = tmp_path / "user_models.py"
+    module.write_text(FACTORY)
+    args = ("--input-shape", "2,3", "--no-jacobian", "--blocks", "layer")
+    code, stdout, stderr = run_cli("inspect", f"{module}:{factory}", *args)
+    err = stderr + capsys.readouterr().err
+    assert code != 0, (stdout, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in err, err
+
+
+HUGE = "99999999999999999999999"
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((*INSPECT, "--seed", HUGE), "--seed must be between 0 and"),
+        ((*INSPECT, "--seed", "-1"), "--seed must be between 0 and"),
+        (("compare", "--quick", "--seed", str(2**63)), "--seed must be between 0 and"),
+        (("compare", "--quick", "--threads", HUGE), "--threads must be between"),
+        (("compare", "--quick", "--epochs", HUGE), "--epochs must be between"),
+        (("compare", "--quick", "--lr", "1e308"), "--lr must be between"),
+        (("compare", "--quick", "--batch-size", HUGE), "--batch-size must be between"),
+        ((*INSPECT, "--input-shape", f"{HUGE},3"), "below 2**31"),
+        ((*INSPECT, *LONG_IDS, "--vocab-size", HUGE), "--vocab-size must be between"),
+    ],
+)
+def test_numbers_out_of_range_are_one_line(args, match, capsys):
+    """Regression: --seed 99999999999999999999999 raised 'Overflow when unpacking long long'."""
+    code, stdout, stderr = run_cli(*args)
+    err = stderr + capsys.readouterr().err
+    assert code == 2 and match in err and "Traceback" not in err, err
+    assert "Trained" not in stdout
+
+
+def test_compare_tensorboard_that_is_a_file_is_refused_before_training(tmp_path):
+    """Regression: compare --tensorboard FILE failed only after training, with a traceback."""
+    (tmp_path / "file").write_text("x")
+    code, stdout, err = run_cli(
+        "compare", "--quick", "--out", str(tmp_path / "out"), "--tensorboard", str(tmp_path / "file")
+    )
+    assert code == 2 and "--tensorboard" in err and "not a folder" in err and "Traceback" not in err
+    assert "Trained" not in stdout and not (tmp_path / "out").exists()
+    from gradprobe.experiment import TrainConfig
+
+    with pytest.raises(ValueError, match="not a folder"):
+        TrainConfig(tensorboard=str(tmp_path / "file"))

@@ -211,7 +211,9 @@ def test_a_compare_run_refuses_a_folder_holding_files_gradprobe_did_not_write(tm
     (user / "thesis.tex").write_text("mine")  # no run at all: still somebody's folder
     with pytest.raises(FileExistsError, match=r"thesis.tex"):
         check_destination(user, kind="compare")
-    assert check_destination(user) == user  # other writers only add files beside them, as before
+    with pytest.raises(FileExistsError, match=r"holds no gradprobe run or report \(thesis.tex\)"):
+        check_destination(user)  # a report or a save would write over the user's own files
+    assert check_destination(user, overwrite=True) == user
 
 
 def test_check_destination_words_its_message_for_the_command_line(tmp_path):

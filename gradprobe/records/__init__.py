@@ -20,7 +20,13 @@ flushed, fsynced and renamed (:func:`atomic_write`); a run saved into a new
 folder is built in a temporary folder and renamed into place. A run is never
 deleted to be rewritten, a folder holding a *different* run (another
 ``run_id`` in its ``meta.json``) is only replaced with ``overwrite=True``, and
-files gradprobe did not write are never removed.
+files gradprobe did not write are never removed: a folder that holds neither a run nor a
+report is written into only with ``overwrite=True``. Nothing is written over a device, a
+FIFO or a socket.
+
+Loading checks before it trusts: ``meta.json``'s fields, the tables' columns and types,
+regular files only and sizes bounded; a problem is one :class:`RunFormatError` (a
+``ValueError``) naming the file, or one warning naming it.
 A :class:`Sink` streams a run to disk from its first step (see its docstring
 for what a crash can lose and how :func:`load` reports damage).
 
@@ -43,12 +49,14 @@ from .files import (
     check_destination,
     foreign_files,
     new_run_id,
+    not_regular,
+    report_at,
     run_id_at,
     run_kind,
     try_write,
 )
 from .recorder import RecordedTables, Recorder, rank_view
-from .run import Run, load, read_meta, save_run
+from .run import Run, check_meta, load, read_meta, save_run
 from .schema import (
     EXTRA_COLUMNS,
     FORMAT_VERSION,
@@ -61,6 +69,7 @@ from .schema import (
     PATHS_COLUMNS,
     SIGNAL_COLUMNS,
     VALUE_COLUMNS,
+    RunFormatError,
     empty_frame,
     has_parquet,
     paths_table,
@@ -86,19 +95,23 @@ __all__ = [
     "Recorder",
     "RowStore",
     "Run",
+    "RunFormatError",
     "Sink",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_destination",
+    "check_meta",
     "empty_frame",
     "foreign_files",
     "has_parquet",
     "load",
     "new_run_id",
+    "not_regular",
     "paths_table",
     "rank_view",
     "read_meta",
+    "report_at",
     "rows_to_frame",
     "run_id_at",
     "run_kind",

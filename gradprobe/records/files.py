@@ -8,18 +8,20 @@ any work, a folder that holds another run.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .schema import has_parquet
+from .schema import RunFormatError, has_parquet
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,6 +30,101 @@ if TYPE_CHECKING:
 def new_run_id() -> str:
     """A fresh run id (12 hex digits): stored in ``meta.json`` and in a sink's chunk names."""
     return uuid.uuid4().hex[:12]
+
+
+#: The lock file of a sink folder in use: pid, host and run id of the probe holding it.
+LOCK_FILE = ".gradprobe.lock"
+
+#: What a run id looks like (:func:`new_run_id`). A run id read from a file builds chunk file
+#: names only once it matches this: a crafted ``"/../x"`` must not name a file outside the run.
+RUN_ID = re.compile(r"^[0-9a-f]{12}$")
+
+#: Largest ``meta.json`` read (bytes), and deepest JSON nesting accepted in it.
+MAX_META_BYTES = 16 * 2**20
+MAX_JSON_DEPTH = 32
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def not_regular(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (``"a FIFO"``, ``"a character
+    device"``, ...): gradprobe never writes to or replaces one. None for a regular file or no file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _file_kind(mode)
+
+
+def read_regular(path: str | os.PathLike[str], limit: int | None, what: str = "file") -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them.
+
+    A FIFO, a device or a socket is refused before it is opened (reading one could block
+    forever or never end), and again after (``fstat`` of the opened file: it may have been
+    swapped); so is a file larger than ``limit``, before a byte is read. Raises
+    :class:`RunFormatError` (one line naming the file) for those, ``OSError`` when it cannot be read.
+    """
+    kind = not_regular(path)
+    if kind is not None:
+        raise RunFormatError(f"{path} is {kind}, not a regular file; gradprobe reads only regular files")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RunFormatError(
+                f"{path} is {_file_kind(st.st_mode)}, not a regular file; gradprobe reads only regular files"
+            )
+        if limit is not None and st.st_size > limit:
+            raise RunFormatError(f"{path} has {st.st_size} bytes, more than a {what} can have ({limit})")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise RunFormatError(f"{path} has more than {limit} bytes, more than a {what} can have")
+    return data
+
+
+class NotRegularFileError(OSError):
+    """An output path that exists and is a folder, FIFO, device or socket: never written to or replaced."""
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (walked without recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            todo.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def parse_meta(file: Path) -> Any:
+    """The parsed JSON of the ``meta.json`` file ``file``: a regular file of at most
+    :data:`MAX_META_BYTES`, nested at most :data:`MAX_JSON_DEPTH` deep. ``RunFormatError``
+    (one line naming the file) otherwise, ``OSError`` when it cannot be read."""
+    data = read_regular(file, MAX_META_BYTES, "meta.json")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+        why = "nested too deep" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        raise RunFormatError(f"{file} is not readable gradprobe metadata ({why})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise RunFormatError(
+            f"{file} is not gradprobe metadata: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        )
+    return value
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -53,6 +150,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
     'hi'
     """
     final = Path(path)
+    kind = not_regular(final)
+    if kind is not None:  # renamed over, a device node or a FIFO would be replaced by a plain file
+        raise NotRegularFileError(f"{final} is {kind}, not a regular file; gradprobe never writes over one")
     tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
     try:
         write(tmp)
@@ -118,8 +218,8 @@ def _read_table(base: Path, dtypes: Mapping[str, str], fmt: str | None = None) -
 
     parquet, csv = base.with_suffix(".parquet"), base.with_suffix(".csv")
     # meta.json, written last, names the format: a table of the other format is a leftover
-    use_parquet = parquet.exists() and (fmt != "csv" or not csv.exists())
-    if not use_parquet and not csv.exists():
+    use_parquet = os.path.lexists(parquet) and (fmt != "csv" or not os.path.lexists(csv))
+    if not use_parquet and not os.path.lexists(csv):
         raise FileNotFoundError(f"no {base.name}.parquet or {base.name}.csv in {base.parent}")
     file = parquet if use_parquet else csv
     if use_parquet and not has_parquet():
@@ -127,13 +227,14 @@ def _read_table(base: Path, dtypes: Mapping[str, str], fmt: str | None = None) -
             f"{parquet} is Parquet but pyarrow (a dependency of gradprobe) is not installed; "
             "install it with `pip install pyarrow`."
         )
+    data = read_regular(file, None, "table")  # never a FIFO or a device: they would hang or never end
     try:
-        frame = pd.read_parquet(file) if use_parquet else _read_csv(file, dtypes)
+        frame = pd.read_parquet(io.BytesIO(data)) if use_parquet else _read_csv(io.BytesIO(data), dtypes)
         for col, dtype in dtypes.items():
             if col in frame.columns and str(frame[col].dtype) != dtype:
                 frame[col] = frame[col].astype(dtype)  # type: ignore[call-overload]
-    except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"{file} cannot be read ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # pyarrow and pandas raise many kinds on damaged files
+        raise RunFormatError(f"{file} cannot be read ({type(exc).__name__}: {exc})") from None
     return frame
 
 
@@ -172,6 +273,8 @@ def chunk_name(folder: Path, stem: str, run_id: str, seq: int, rows: int, fmt: s
     >>> name, bool(_CHUNK.match(name))
     ('frame-0123456789ab-000007-r40.csv', True)
     """
+    if not RUN_ID.match(run_id) or fmt not in ("parquet", "csv"):  # names from files never leave the folder
+        raise RunFormatError(f"{folder}: run id {run_id!r} or table format {fmt!r} cannot name a chunk file")
     return folder / f"{stem}-{run_id}-{seq:06d}-r{rows}.{fmt}"
 
 
@@ -196,11 +299,8 @@ def run_id_at(path: str | os.PathLike[str]) -> str | None:
         return None
     meta_file = folder / "meta.json"
     if meta_file.exists():
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return ""
-        return str(meta.get("run_id") or "") if isinstance(meta, dict) else ""
+        meta = _run_meta_at(folder)
+        return str(meta.get("run_id") or "") if meta is not None else ""
     try:
         names = [p.name for p in folder.iterdir()]
     except OSError:
@@ -213,7 +313,7 @@ def run_id_at(path: str | os.PathLike[str]) -> str | None:
 def _run_meta_at(folder: Path) -> dict[str, Any] | None:
     """The parsed ``meta.json`` of ``folder``; None when it has none or it cannot be read."""
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = parse_meta(folder / "meta.json")
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
@@ -257,6 +357,24 @@ _OWNED_FILE = re.compile(
     r"^(meta\.json|index\.html|[^/]+\.png|(frame|scalars|paths)\.(parquet|csv)|\.gradprobe\.lock"
     r"|\..*\.tmp|\.gradprobe-write-test-.*)$"
 )
+
+
+def report_at(path: str | os.PathLike[str]) -> bool:
+    """Whether the folder ``path`` holds a gradprobe HTML report (an ``index.html`` whose head names
+    gradprobe as its generator), with or without the run's tables."""
+    index = Path(path) / "index.html"
+    if not_regular(index) is not None or not index.exists():
+        return False
+    try:
+        with open(index, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b'name="generator" content="gradprobe' in head
+
+
+#: Temporary files of gradprobe's own writes (an interrupted atomic write, a write test).
+_OWNED_TEMP = re.compile(r"^(\..*\.tmp|\.gradprobe-write-test-.*|\.gradprobe\.lock)$")
 
 
 def foreign_files(path: str | os.PathLike[str]) -> list[str]:
@@ -308,11 +426,24 @@ def check_destination(
     >>> check_destination(tempfile.mkdtemp()).is_dir()
     True
     """
+    if not str(path):
+        raise FileNotFoundError("an empty path names no folder; pass a folder name ('.' for the current one)")
     out = Path(path)
     label = name or str(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{label} exists and is not a folder; a run is written as a folder")
     existing = run_id_at(out)
+    if not overwrite and existing is None and out.is_dir() and not report_at(out):
+        # Not a run, not a report: the user's own files. Even a report's own names (index.html,
+        # PNGs) there are theirs, and would be written over.
+        theirs = sorted(p.name for p in out.iterdir() if not _OWNED_TEMP.match(p.name))
+        if theirs:
+            shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+            raise FileExistsError(
+                f"{label} is not empty and holds no gradprobe run or report ({shown}); choose a new or "
+                f"empty folder, or pass {force} to write into it (its files of the same names are "
+                "replaced, no other file is removed)"
+            )
     if not overwrite and existing is not None and (not existing or existing != run_id):
         earlier = kind is not None and run_kind(_run_meta_at(out)) == kind
         if not earlier:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
+import socket
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -17,6 +17,8 @@ from .files import (
     _CHUNK,
     _LEGACY_CHUNK,
     _TABLE_FILES,
+    LOCK_FILE,
+    RUN_ID,
     _fsync_dir,
     _meta_text,
     _read_csv,
@@ -27,10 +29,23 @@ from .files import (
     atomic_write_text,
     check_destination,
     new_run_id,
+    parse_meta,
+    read_regular,
     run_id_at,
     unfinished_write,
 )
-from .schema import FORMAT_VERSION, _dtypes, _empty_scalars, empty_frame, has_parquet, paths_table
+from .schema import (
+    FORMAT_VERSION,
+    FRAME_COLUMNS,
+    KEY_COLUMNS,
+    VALUE_COLUMNS,
+    RunFormatError,
+    _dtypes,
+    _empty_scalars,
+    empty_frame,
+    has_parquet,
+    paths_table,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -176,7 +191,8 @@ def save_run(
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The metadata of the run folder ``path``; a one-line ``ValueError`` naming the file if damaged.
+    """The metadata of the run folder ``path``, checked; a one-line :class:`RunFormatError`
+    (a ``ValueError``) naming the file if it is damaged or not what gradprobe writes.
 
     >>> import tempfile, pandas as pd
     >>> d = tempfile.mkdtemp()
@@ -184,44 +200,140 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     >>> read_meta(d)["every"]
     3
     """
-    import pandas as pd
-
     meta_file = Path(path) / "meta.json"
-    if not meta_file.exists():
+    if not os.path.lexists(meta_file):
         raise FileNotFoundError(f"{Path(path)} has no meta.json; is it a gradprobe run folder?")
-    if meta_file.is_dir():
-        raise ValueError(f"{meta_file} is a folder, not gradprobe metadata (a JSON file)")
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(
+        meta = parse_meta(meta_file)
+    except OSError as exc:
+        raise RunFormatError(
             f"{meta_file} is not readable gradprobe metadata ({type(exc).__name__}: {exc})"
         ) from None
     if not isinstance(meta, dict):
-        raise ValueError(
+        raise RunFormatError(
             f"{meta_file} holds a JSON {type(meta).__name__}, not gradprobe metadata (a JSON object)"
         )
+    check_meta(meta, meta_file)
+    return meta
+
+
+#: Counts in ``meta.json``: non-negative integers below 2**31 (step numbers are stored as int32).
+_COUNTS = ("chunks", "steps_written", "dropped_steps", "dropped_rows", "steps")
+_MAX_COUNT = 2**31 - 1
+
+
+def check_meta(meta: Mapping[str, Any], meta_file: Path) -> None:
+    """Check the fields of a run's ``meta.json`` that gradprobe acts on: their types, a known
+    ``format_version`` and ``table_format``, a run id that can name files, the dtypes.
+    Raises a one-line :class:`RunFormatError` naming ``meta_file`` and the field."""
+    import pandas as pd
+
+    def bad(key: str, want: str) -> RunFormatError:
+        return RunFormatError(f"{meta_file}: {key!r} must be {want}, got {meta[key]!r:.80}")
+
+    version = meta.get("format_version")
+    if version is not None:
+        if type(version) is not int or version < 1:
+            raise bad("format_version", "a positive integer")
+        if version > FORMAT_VERSION:
+            raise RunFormatError(
+                f"{meta_file}: format_version {version} is newer than this gradprobe reads "
+                f"({FORMAT_VERSION}); upgrade gradprobe to read this run"
+            )
+    if meta.get("table_format") is not None and meta["table_format"] not in ("parquet", "csv"):
+        raise bad("table_format", "'parquet' or 'csv'")
+    if meta.get("streamed") is not None and not isinstance(meta["streamed"], bool):
+        raise bad("streamed", "true or false")
+    run_id = meta.get("run_id")
+    if run_id is not None:
+        if not isinstance(run_id, str):
+            raise bad("run_id", "a string")
+        if meta.get("streamed") and run_id and not RUN_ID.match(run_id):
+            raise bad("run_id", "12 hexadecimal digits (it names the chunk files)")
+    for key in _COUNTS:
+        value = meta.get(key)
+        if value is not None and (type(value) is not int or not 0 <= value <= _MAX_COUNT):
+            raise bad(key, f"an integer from 0 to {_MAX_COUNT}")
+    for key in ("model_class", "kind"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(key, "a string")
+    blocks = meta.get("blocks")
+    if blocks is not None and not (isinstance(blocks, list) and all(isinstance(b, str) for b in blocks)):
+        raise bad("blocks", "a list of block names")
     dtypes = meta.get("dtypes", {})
     if not isinstance(dtypes, dict) or not all(isinstance(d, dict) for d in dtypes.values()):
-        raise ValueError(f"{meta_file}: 'dtypes' must map table -> {{column: dtype}}, got {dtypes!r}")
+        raise RunFormatError(f"{meta_file}: 'dtypes' must map table -> {{column: dtype}}, got {dtypes!r:.80}")
     for table, columns in dtypes.items():
         for col, dtype in columns.items():
             try:
+                if not isinstance(dtype, str):
+                    raise TypeError(dtype)
                 pd.api.types.pandas_dtype(dtype)
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"{meta_file}: unknown dtype {dtype!r} of column {col!r} ({table})"
+                raise RunFormatError(
+                    f"{meta_file}: unknown dtype {dtype!r:.40} of column {col!r:.40} ({table!r:.40})"
                 ) from None
-    return meta
+
+
+def check_frame(frame: pd.DataFrame, file: Path, required: tuple[str, ...] = KEY_COLUMNS) -> pd.DataFrame:
+    """Check a block frame read from ``file``: the ``required`` columns are present, the keys
+    are whole numbers and names, the metric columns numbers. Returns it with the key columns
+    as int64; raises a one-line :class:`RunFormatError` naming the file and the column."""
+    import numpy as np
+
+    dtypes = dict(frame.dtypes.items())  # once: a column lookup per check costs more than the check
+    missing = [c for c in required if c not in dtypes]
+    if missing:
+        raise RunFormatError(f"{file} lacks the column(s) {', '.join(missing)} of a block frame")
+    for col in ("step", "index", "calls"):
+        dtype = dtypes.get(col)
+        if dtype is None:
+            continue
+        values = frame[col].to_numpy()
+        if dtype.kind not in "iuf" or (
+            len(values)
+            and (
+                (dtype.kind == "f" and (not np.isfinite(values).all() or (values % 1 != 0).any()))
+                or values.min() < -_MAX_COUNT
+                or values.max() > _MAX_COUNT
+            )
+        ):
+            if not len(values):  # an empty column read from CSV has no type to check
+                frame[col] = values.astype(np.int64)
+                continue
+            raise RunFormatError(
+                f"{file}: column {col!r} holds {dtype} values, not whole numbers below 2**31 without gaps"
+            )
+        if dtype != np.int64:
+            frame[col] = values.astype(np.int64)
+    for col in VALUE_COLUMNS:
+        dtype = dtypes.get(col)
+        if dtype is not None and dtype.kind not in "iuf":
+            raise RunFormatError(f"{file}: column {col!r} holds {dtype} values, not numbers")
+    return frame
+
+
+def _check_scalars(scalars: pd.DataFrame, file: Path) -> pd.DataFrame:
+    if "step" not in scalars.columns:
+        raise RunFormatError(f"{file} lacks the column 'step' of a scalars table")
+    return check_frame(scalars, file, ("step",))
 
 
 def load(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
     """Read a run saved by ``Probe.save``, ``Run.save`` or ``gradprobe compare``, or streamed by a sink.
 
+    Everything is checked before it is trusted: ``meta.json`` (:func:`check_meta`), that the
+    files match what it says, every table's columns and types. Only regular files are read
+    (never a FIFO or a device), ``meta.json`` and chunks up to a size. A problem with the
+    folder is one :class:`RunFormatError` (a ``ValueError``) naming the file.
+
     A streamed run is read chunk by chunk: every complete chunk loads; damaged ones
-    (cut short, unreadable, a frame chunk without its scalars) are skipped with one
-    ``RuntimeWarning`` that counts them, and stray files are ignored with a warning.
-    ``strict=True`` raises ``ValueError`` on damage instead.
+    (cut short, unreadable, wrong columns, steps already read from another chunk, a frame
+    chunk without its scalars) are skipped with one ``RuntimeWarning`` that names them, and
+    stray files are ignored with a warning. ``strict=True`` raises :class:`RunFormatError`
+    on damage instead. A run that a live process is still streaming (it holds the folder's
+    lock) is not damaged: its files being written are left out, with a warning saying so
+    and how much was read.
 
     >>> import tempfile, pandas as pd
     >>> d = tempfile.mkdtemp()
@@ -237,17 +349,50 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
         )
     meta = read_meta(folder)
     dtypes = meta.pop("dtypes", {})
-    if meta.get("streamed") or any(_CHUNK.match(p.name) for p in folder.iterdir()):
+    names = [p.name for p in folder.iterdir()]
+    tables = sorted(n for n in names if n in _TABLE_FILES)
+    chunks = [n for n in names if _CHUNK.match(n) or _LEGACY_CHUNK.match(n)]
+    if meta.get("streamed") and tables and not chunks:
+        raise RunFormatError(
+            f"{folder / 'meta.json'} says the run was streamed by a sink, but the folder holds the "
+            f"saved tables {', '.join(tables)} and no chunk; its meta.json does not belong to these tables"
+        )
+    if meta.get("streamed") or (chunks and not tables):
         run = _load_streamed(folder, meta, strict)
         return Run(run.frame(), run.scalars(), run.meta, paths=_read_paths(folder, dtypes))
+    if chunks:
+        warnings.warn(
+            f"gradprobe.load: {folder}: ignored {len(chunks)} sink chunk file(s) ({chunks[0]} ...); "
+            "meta.json describes the saved tables frame/scalars, which are read",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     fmt = meta.get("table_format")
     frame = _read_table(folder / "frame", dtypes.get("frame", {}), fmt)
+    frame = check_frame(frame, _table_file(folder, "frame", fmt))
     scalars = _read_table(folder / "scalars", dtypes.get("scalars", {}), fmt)
+    scalars = _check_scalars(scalars, _table_file(folder, "scalars", fmt))
+    for name, table in (("frame", frame), ("scalars", scalars)):
+        saved = dtypes.get(name)
+        if saved and set(map(str, table.columns)) != set(saved):
+            missing = [c for c in saved if c not in table.columns]
+            extra = [str(c) for c in table.columns if c not in saved]
+            warnings.warn(
+                f"gradprobe.load: {_table_file(folder, name, fmt)} does not have the columns meta.json lists "
+                f"(missing: {missing or 'none'}; not listed: {extra or 'none'}); read as it is",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return Run(frame, scalars, meta, paths=_read_paths(folder, dtypes, fmt))
 
 
+def _table_file(folder: Path, name: str, fmt: Any) -> Path:
+    parquet = folder / f"{name}.parquet"
+    return parquet if os.path.lexists(parquet) and fmt != "csv" else folder / f"{name}.csv"
+
+
 def _read_paths(folder: Path, dtypes: Mapping[str, Any], fmt: str | None = None) -> pd.DataFrame | None:
-    if not (folder / "paths.parquet").exists() and not (folder / "paths.csv").exists():
+    if not os.path.lexists(folder / "paths.parquet") and not os.path.lexists(folder / "paths.csv"):
         return None
     # a sink writes no dtypes for its paths table: step and length are integers, stack a name
     default = {"step": "int64", "stack": "object", "length": "int64"}
@@ -258,30 +403,72 @@ class _Damaged(Exception):
     pass
 
 
-def _read_chunk(file: Path, rows: int) -> pd.DataFrame:
+#: Bytes a chunk may have: per row (a frame row is under 1 kB as CSV; scalars rows hold what the
+#: user logged) and for the file around them. A larger file is not read: it is no sink's chunk.
+_CHUNK_ROW_BYTES = 64 * 1024
+_CHUNK_BASE_BYTES = 2**20
+_LEGACY_CHUNK_BYTES = 2**30
+
+
+def _read_chunk(file: Path, rows: int, kind: str) -> pd.DataFrame:
     import pandas as pd
 
+    limit = _CHUNK_BASE_BYTES + rows * _CHUNK_ROW_BYTES if rows >= 0 else _LEGACY_CHUNK_BYTES
     try:
+        data = read_regular(file, limit, "chunk")
         if file.suffix == ".parquet":
-            part = pd.read_parquet(file)
+            part = pd.read_parquet(io.BytesIO(data))
         else:
-            data = file.read_bytes()
             if data and not data.endswith(b"\n"):
                 raise _Damaged("cut mid-row")
             part = _read_csv(io.BytesIO(data), {})
     except _Damaged:
         raise
+    except FileNotFoundError:
+        raise
+    except RunFormatError as exc:
+        raise _Damaged(str(exc).replace(f"{file} ", "").replace(str(file), "it")) from None
     except Exception as exc:  # pyarrow and pandas raise many kinds on damaged files
         raise _Damaged(f"{type(exc).__name__}: {exc}") from None
     if rows >= 0 and len(part) != rows:
         raise _Damaged(f"{len(part)} rows, its name says {rows}")
-    return part
+    try:
+        if kind == "frame":
+            return check_frame(part, file, ("step", "block", "index", "calls"))
+        return _check_scalars(part, file)
+    except RunFormatError as exc:
+        raise _Damaged(str(exc).replace(f"{file}: ", "").replace(f"{file} ", "")) from None
+
+
+def _live_holder(folder: Path) -> dict[str, Any] | None:
+    """The holder of the folder's sink lock when it is a live process (another host's process
+    is taken as live: it cannot be checked from here); None when no live process writes there."""
+    try:
+        holder = parse_meta(folder / LOCK_FILE)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(holder, dict):
+        return None
+    pid = holder.get("pid")
+    if type(pid) is not int or pid <= 0:
+        return None
+    if holder.get("host") != socket.gethostname():
+        return holder
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass  # alive, owned by another user
+    return holder
 
 
 def _load_streamed(folder: Path, meta: dict[str, Any], strict: bool) -> Run:
     import pandas as pd
 
     run_id = meta.get("run_id")
+    holder = _live_holder(folder)  # read before the listing: what is listed then is a live state
+    live = holder is not None
     found: dict[int, dict[str, tuple[Path, int]]] = {}
     stray: list[str] = []
     incomplete: list[str] = []
@@ -303,16 +490,44 @@ def _load_streamed(folder: Path, meta: dict[str, Any], strict: bool) -> Run:
     scalars: list[pd.DataFrame] = []
     damaged: list[str] = []
     unpaired: list[str] = []
+    being_written = len(incomplete) if live else 0
+    odd_columns: list[str] = []
+    seen: set[int] = set()
     for seq in sorted(found):
         pair = found[seq]
         if set(pair) != {"frame", "scalars"}:
-            unpaired += [p.name for p, _ in pair.values()]
+            if live:  # its other half is being written
+                being_written += 1
+            else:
+                unpaired += [p.name for p, _ in pair.values()]
             continue
         try:
-            f, s = _read_chunk(*pair["frame"]), _read_chunk(*pair["scalars"])
+            f = _read_chunk(*pair["frame"], "frame")
+            s = _read_chunk(*pair["scalars"], "scalars")
+        except FileNotFoundError:
+            if live:  # replaced while it was read (a retried write of the live sink)
+                being_written += 1
+            else:
+                damaged.append(f"{pair['frame'][0].name} or its scalars (removed while read)")
+            continue
         except _Damaged as exc:
             damaged.append(f"{pair['frame'][0].name} or its scalars ({exc})")
             continue
+        steps = set(f["step"].tolist()) | set(s["step"].tolist())
+        again = steps & seen
+        if again:
+            damaged.append(
+                f"{pair['frame'][0].name} (steps {min(again)}..{max(again)} are already in an earlier chunk)"
+            )
+            continue
+        seen |= steps
+        unknown = [str(c) for c in f.columns if c not in FRAME_COLUMNS]
+        absent = [c for c in FRAME_COLUMNS if c not in f.columns]
+        if unknown or absent:
+            odd_columns.append(
+                f"{pair['frame'][0].name} (unknown: {', '.join(unknown) or 'none'}; "
+                f"missing: {', '.join(absent) or 'none'})"
+            )
         frames.append(f)
         scalars.append(s)
     if stray:
@@ -330,14 +545,19 @@ def _load_streamed(folder: Path, meta: dict[str, Any], strict: bool) -> Run:
             f"{len(unpaired)} unpaired chunk(s) dropped (a crash between a chunk's frame and scalars "
             f"writes): {', '.join(unpaired[:3])}"
         )
-    if incomplete:
+    if incomplete and not live:
         problems.append(f"{len(incomplete)} incomplete write(s) left by an interruption")
+    if odd_columns:
+        problems.append(
+            f"{len(odd_columns)} chunk(s) with other columns than a sink writes (read, missing ones "
+            f"are NaN): {'; '.join(odd_columns[:3])}"
+        )
     if problems:
         message = (
             f"gradprobe.load: {folder}: read {len(frames)} complete chunk(s); " + "; ".join(problems) + "."
         )
         if strict:
-            raise ValueError(message)
+            raise RunFormatError(message)
         warnings.warn(message + " Pass strict=True to fail instead.", RuntimeWarning, stacklevel=3)
     if meta.get("dropped_steps"):
         warnings.warn(
@@ -349,4 +569,13 @@ def _load_streamed(folder: Path, meta: dict[str, Any], strict: bool) -> Run:
     frame = pd.concat([p for p in frames if len(p)] or [empty_frame()], ignore_index=True)
     frame = frame.astype({"step": "int64", "index": "int64", "calls": "int64"})
     scalar_frame = pd.concat([p for p in scalars if len(p)] or [_empty_scalars()], ignore_index=True)
+    if live and holder is not None and holder.get("pid") != os.getpid():
+        warnings.warn(
+            f"gradprobe.load: {folder} is being written by process {holder.get('pid')} on "
+            f"{holder.get('host')} (run {run_id}): read {len(frame)} rows of "
+            f"{frame['step'].nunique() if len(frame) else 0} steps so far"
+            + (f"; {being_written} file(s) still being written were left out" if being_written else ""),
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return Run(frame, scalar_frame.astype({"step": "int64"}), meta)

@@ -54,6 +54,12 @@ FRAME_COLUMNS: tuple[str, ...] = (
 #: Columns that the runner adds when several models are gathered in one :class:`Run`.
 MODEL_COLUMNS: tuple[str, ...] = ("model", "depth", "residual")
 
+
+class RunFormatError(ValueError):
+    """A run folder (its ``meta.json``, a table or a chunk) that gradprobe cannot trust: the message
+    is one line naming the file and what is wrong with it."""
+
+
 # Version of a run folder's layout, stored in its meta.json. 2: meta.json holds ``run_id``,
 # the path-length table is saved as paths.parquet|csv.
 FORMAT_VERSION = 2

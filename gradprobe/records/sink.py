@@ -12,7 +12,9 @@ import atexit
 import contextlib
 import json
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -25,12 +27,15 @@ from typing import TYPE_CHECKING, Any
 from .files import (
     _CHUNK,
     _TABLE_FILES,
+    LOCK_FILE,
+    RUN_ID,
     _meta_text,
     _write_table,
     atomic_write,
     atomic_write_text,
     chunk_name,
     new_run_id,
+    parse_meta,
     unfinished_write,
 )
 from .run import Run, _load_streamed, load, read_meta
@@ -40,7 +45,8 @@ from .store import RowStore
 if TYPE_CHECKING:
     import pandas as pd
 
-#: Sinks not closed yet: written out at interpreter exit (a script that never called detach()).
+#: Sinks not closed yet: written out at interpreter exit (a script that never called detach()),
+#: and on SIGTERM/SIGHUP.
 _OPEN_SINKS: weakref.WeakSet[Sink] = weakref.WeakSet()
 
 
@@ -51,11 +57,93 @@ def _close_open_sinks() -> None:
             sink.close()
 
 
+def _disarm_in_child() -> None:
+    """After ``os.fork()``, in the child: the parent's sinks are the parent's. The child never
+    writes, closes or unlinks anything of theirs (its exit would otherwise remove the parent's
+    lock and write chunks under the parent's sequence numbers)."""
+    global _pending_signal
+    for sink in list(_OPEN_SINKS):
+        sink._disown()
+    _OPEN_SINKS.clear()
+    # the child keeps the signal handlers: with no sink of its own they chain to the previous ones
+    _pending_signal = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disarm_in_child)
+
+
+# ---------------------------------------------------------------------- termination signals
+#: Signals that end a process that a sink writes out first: SIGTERM (SLURM, Kubernetes,
+#: ``docker stop``) and SIGHUP (a closed terminal). SIGINT raises KeyboardInterrupt, which
+#: ``detach()`` and the ``with`` block already handle.
+_TERM_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+_previous_handlers: dict[int, Any] = {}
+_pending_signal: int | None = None
+
+
+def _install_signal_handlers() -> None:
+    """Handle the termination signals while a sink is open: from the main thread only, where no
+    handler is installed from outside Python and the signal is not ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in _TERM_SIGNALS:
+        if signum in _previous_handlers:
+            continue
+        current = signal.getsignal(signum)
+        if current is None or current == signal.SIG_IGN or current is _on_term_signal:
+            continue  # None: a handler from C, which cannot be chained
+        try:
+            signal.signal(signum, _on_term_signal)
+        except (ValueError, OSError):
+            continue
+        _previous_handlers[signum] = current
+
+
+def _restore_signal_handlers() -> None:
+    """Put back the handlers found when the first sink opened (once the last one has closed),
+    unless another handler has been installed over ours since."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, previous in list(_previous_handlers.items()):
+        if signal.getsignal(signum) is _on_term_signal:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signum, previous)
+        del _previous_handlers[signum]
+
+
+def _on_term_signal(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGHUP: write out every open sink of this process and free its lock, then let the
+    previous handler, or the signal's default action, end the process."""
+    global _pending_signal
+    if any(sink._writing for sink in list(_OPEN_SINKS)):
+        _pending_signal = signum  # inside a sink's write: it finishes the write, then terminates
+        return
+    _terminate(signum, frame)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    name = signal.Signals(signum).name
+    for sink in list(_OPEN_SINKS):
+        sink._close_on_signal(name)
+    if callable(previous):
+        previous(signum, frame)
+        return
+    # The default action, so that the exit status says "killed by SIGTERM".
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _deliver_pending_signal() -> None:
+    global _pending_signal
+    signum, _pending_signal = _pending_signal, None
+    if signum is not None:
+        _terminate(signum, None)
+
+
 # ---------------------------------------------------------------------- the lock
-#: The lock file of a sink folder in use: pid, host and run id of the probe holding it.
-LOCK_FILE = ".gradprobe.lock"
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -66,9 +154,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _release_lock(lock: Path, token: str) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(lock.read_text()).get("token") == token:
+def _release_lock(lock: Path, token: str, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child: the lock is its parent's
+        return
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if parse_meta(lock).get("token") == token:
             lock.unlink()
 
 
@@ -83,6 +173,7 @@ class FolderLock:
         self.folder = folder
         self.path = folder / LOCK_FILE
         self._finalizer: weakref.finalize[Any, FolderLock] | None = None
+        self._info: dict[str, Any] = {}
 
     def take(self, run_id: str) -> None:
         """Create the lock file for ``run_id``; ``FileExistsError`` (one line) if another probe holds it."""
@@ -119,24 +210,44 @@ class FolderLock:
                 f.write(json.dumps(info))
                 f.flush()
                 os.fsync(f.fileno())
-            self._finalizer = weakref.finalize(self, _release_lock, lock, token)
+            self._info = info
+            self._finalizer = weakref.finalize(self, _release_lock, lock, token, os.getpid())
             return
         raise FileExistsError(f"sink folder {self.folder}: cannot take its lock file {lock}")
 
     def _holder(self) -> dict[str, Any] | None:
-        """What the lock file says about its holder; None when it cannot be read (being written)."""
+        """What the lock file says about its holder; None when it cannot be read (being written)
+        or names no process."""
         try:
-            holder = json.loads(self.path.read_text())
-            if not isinstance(holder, dict):
-                raise ValueError(holder)
+            holder = parse_meta(self.path)
         except (OSError, ValueError):
+            return None
+        if not isinstance(holder, dict) or type(holder.get("pid")) is not int or holder["pid"] <= 0:
             return None
         return holder
 
     def _stale(self, holder: dict[str, Any] | None, host: str) -> bool:
+        """Whether the lock may be taken over: its holder is a dead process of this host (a live
+        one, or one of another host, never), or it was cut short long ago."""
         if holder is None:
-            return time.time() - self.path.stat().st_mtime > 10  # a lock cut short long ago
-        return holder.get("host") == host and not _pid_alive(int(holder.get("pid", 0)))
+            try:
+                return time.time() - self.path.stat().st_mtime > 10  # a lock cut short long ago
+            except OSError:
+                return True  # gone meanwhile
+        return holder.get("host") == host and not _pid_alive(int(holder["pid"]))
+
+    def rename_run(self, run_id: str) -> None:
+        """Say in the lock file that it is held for ``run_id`` (a resumed run), without letting go of it."""
+        if self._finalizer is None or not self._info:
+            return
+        self._info = {**self._info, "run_id": run_id}
+        atomic_write_text(self.path, json.dumps(self._info))
+
+    def disown(self) -> None:
+        """Forget the lock without removing it (a forked child: it is the parent's)."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
 
     def release(self) -> None:
         """Remove the lock file if this object holds it."""
@@ -196,6 +307,11 @@ def resume_point(
                 f"has {mine.get(key)!r}; resume appends only to a run of the same model and blocks"
             )
     run_id = str(meta.get("run_id") or run_id)
+    if not RUN_ID.match(run_id):  # it names the chunk files: never a path
+        raise FileExistsError(
+            f"{folder} holds a streamed run with the run id {run_id[:40]!r}, not a gradprobe run id "
+            "(12 hexadecimal digits); choose an empty folder"
+        )
     own = [m for m in chunks if m[2] == run_id]
     steps = max(int(meta.get("steps_written", 0) or 0), int(meta.get("steps", 0) or 0))
     # A kill between a chunk pair and the meta.json that counts it leaves steps on disk that
@@ -284,6 +400,10 @@ class Sink:
     counted in ``meta.json`` as ``dropped_steps``/``dropped_rows``) and retries with
     a growing delay (1 s, 2 s, ... up to a minute) rather than at every step. It never
     raises during training.
+
+    On SIGTERM and SIGHUP an open sink writes what it holds and frees its lock, then the
+    previous handler or the signal's default action runs. A sink belongs to the process
+    that opened it: in a forked child it never writes, closes or removes anything.
     """
 
     def __init__(
@@ -314,9 +434,13 @@ class Sink:
         self._backoff = Backoff()
         self._orphan: Path | None = None
         self._warned = False
+        self._said: set[str] = set()
         self.dropped_steps = 0
         self.dropped_rows = 0
         self.closed = False
+        self._pid = os.getpid()  # the process the sink belongs to: a forked child never writes its files
+        self._writing = False  # inside a write: a termination signal waits for its end
+        self._ended_by: str | None = None  # why a closed sink drops later steps (a signal, a fork)
         _make_folder(self.path)
         self._lock = FolderLock(self.path)
         self._lock.take(self.run_id)
@@ -324,6 +448,7 @@ class Sink:
             self._adopt_folder(resume)
             atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
             _OPEN_SINKS.add(self)
+            _install_signal_handlers()
         except OSError as exc:
             self._lock.release()
             if isinstance(exc, FileExistsError):
@@ -342,8 +467,7 @@ class Sink:
         self.fmt, self.run_id, self._seq = resumed.fmt, resumed.run_id, resumed.seq
         self.resumed_steps = self._steps_written = resumed.steps
         self.dropped_steps, self.dropped_rows = resumed.dropped_steps, resumed.dropped_rows
-        self._lock.release()  # the lock names the run it writes
-        self._lock.take(self.run_id)
+        self._lock.rename_run(self.run_id)  # the lock names the run it writes; it is never let go meanwhile
         for file in self.path.iterdir():  # writes a dead process left unfinished
             if unfinished_write(file.name):
                 with contextlib.suppress(OSError):
@@ -378,13 +502,24 @@ class Sink:
         """The step is complete: buffer it as one unit and flush when a chunk is due. Never raises."""
         rows, self._step_rows = self._step_rows, []
         scalars, self._step_scalars = self._step_scalars, []
-        if (not rows and not scalars) or self.closed:
+        if not rows and not scalars:
+            return
+        if self.closed:
+            self._after_close()
             return
         if self._backoff.failing and len(self._rows) + len(rows) > self.max_buffer_rows:
             self.dropped_steps += 1
             self.dropped_rows += len(rows)
             return
-        self._rows.append(rows)
+        try:
+            self._rows.append(rows)
+        except (OverflowError, ValueError, TypeError, KeyError) as exc:  # never raises during training
+            self.dropped_steps += 1
+            self.dropped_rows += len(rows)
+            self._warn_once(
+                "rows", f"a step's rows cannot be stored ({type(exc).__name__}: {exc}); it is dropped"
+            )
+            return
         self._scalars.extend(scalars)
         steps = [int(r["step"]) for r in (*rows, *scalars)]
         self._steps_written = max(self._steps_written, max(steps) + 1)
@@ -397,9 +532,11 @@ class Sink:
     def write_paths(self, frame: pd.DataFrame) -> None:
         """Write the whole paths table (small: one row per recorded step, stack and length), atomically.
         Never raises: a failed write warns once, like a chunk's."""
+        if self.closed or os.getpid() != self._pid:
+            return
         try:
             atomic_write(self.path / f"paths.{self.fmt}", lambda tmp: _write_table(frame, tmp, self.fmt))
-        except OSError as exc:
+        except Exception as exc:
             warnings.warn(
                 f"gradprobe: cannot write the paths table into the sink folder {self.path} ({exc}); "
                 "it stays in memory (probe.paths_frame())",
@@ -416,14 +553,22 @@ class Sink:
     def flush(self) -> bool:
         """Write what is buffered as one chunk pair, then ``meta.json``. Never raises on a write error:
         warns once, keeps the rows and schedules a retry; returns whether everything was written."""
+        if os.getpid() != self._pid:  # a forked child: the folder is its parent's
+            self._disown()
+            return False
+        self._writing = True
         try:
             self._write_chunk_pair()
             atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
-        except OSError as exc:
+        except Exception as exc:
             self._write_failed(exc)
-            with contextlib.suppress(OSError):  # the counts of dropped steps, if a small file still fits
+            with contextlib.suppress(Exception):  # the counts of dropped steps, if a small file still fits
                 atomic_write_text(self.path / "meta.json", _meta_text(self._full_meta()))
             return False
+        finally:
+            self._writing = False
+            if _pending_signal is not None:
+                _deliver_pending_signal()
         if self._backoff.failing:
             warnings.warn(
                 f"gradprobe: writing the sink folder {self.path} works again; every buffered row is on disk "
@@ -459,7 +604,7 @@ class Sink:
         self._rows.clear()
         self._scalars.clear()
 
-    def _write_failed(self, exc: OSError) -> None:
+    def _write_failed(self, exc: Exception) -> None:
         self._backoff.failed()
         if self._warned:
             return
@@ -479,11 +624,19 @@ class Sink:
         written stay readable through :meth:`run`."""
         if self.closed:
             return not len(self._rows)
-        self.end_step()
+        if os.getpid() != self._pid:
+            self._disown()
+            return False
+        try:
+            self.end_step()
+        except Exception:
+            self._step_rows, self._step_scalars = [], []
         ok = self.flush()
         self.closed = True
         _OPEN_SINKS.discard(self)
         self._lock.release()
+        if not _OPEN_SINKS:
+            _restore_signal_handlers()
         if not ok:
             warnings.warn(
                 f"gradprobe: {len(self._rows)} rows could not be written to the sink folder {self.path}; "
@@ -493,6 +646,36 @@ class Sink:
             )
         return ok
 
+    def _close_on_signal(self, name: str) -> None:
+        """A termination signal: drop the step being closed (it may be half recorded), write what
+        is buffered, free the lock. Later steps are not recorded (a warning says so once)."""
+        self._step_rows, self._step_scalars = [], []
+        self.close()
+        self._ended_by = f"it was closed on {name}"
+
+    def _disown(self) -> None:
+        """In a forked child: this sink is the parent's. Never write, close or unlink its files."""
+        self.closed = True
+        self._ended_by = f"it belongs to process {self._pid}; a forked child records into a sink of its own"
+        self._lock.disown()
+        self._rows = RowStore()
+        self._scalars = []
+        _OPEN_SINKS.discard(self)
+
+    def _after_close(self) -> None:
+        """A step recorded after the sink closed: dropped, with a warning (once) saying why."""
+        if os.getpid() != self._pid:
+            self._disown()
+        if self._ended_by is not None:
+            self._warn_once("closed", f"steps recorded from now on are not written, as {self._ended_by}")
+
+    def _warn_once(self, key: str, what: str) -> None:
+        """Warn of ``what``, once per ``key`` (a kind of problem) over the sink's life."""
+        if key in self._said:
+            return
+        self._said.add(key)
+        warnings.warn(f"gradprobe: sink folder {self.path}: {what}", RuntimeWarning, stacklevel=4)
+
     def run(self) -> Run:
         """The whole run: what is on disk plus what is still buffered in memory. Never raises on
         a write error (the buffered rows come from memory then)."""
@@ -501,7 +684,10 @@ class Sink:
         if not self.closed and self._backoff.due():
             self.flush()
         try:
-            disk = load(self.path)
+            with warnings.catch_warnings():
+                if os.getpid() != self._pid:  # a forked child reads its parent's live run
+                    warnings.simplefilter("ignore")
+                disk = load(self.path)
         except (OSError, ValueError):
             disk = Run(empty_frame(), _empty_scalars(), self._full_meta())
         if not len(self._rows) and not self._scalars:
