@@ -651,7 +651,7 @@ def lesions(run: Run) -> pd.DataFrame | None:
     >>> lesions(run)[["kind", "block"]].head(2).values.tolist()
     [['none', nan], ['single', 'blocks.0']]
     """
-    from .lesions import lesion_table
+    from .summary import lesion_table
 
     return lesion_table(run.meta.get("lesions"))
 
@@ -707,15 +707,15 @@ def compare(
         tables.append(labelled)
         if callback is not None:
             callback(name, model)
-    frame, scalars, path_table, *lesion_table = _gather(tables)
+    frame, scalars, path_table, *lesion_part = _gather(tables)
     meta = _run_meta(
         config, image_data, model_info, run_id=run_id, created=created, started=started, command=command
     )
-    if lesion_table:
-        from .lesions import lesion_records
+    if lesion_part:
+        from .summary import lesion_records
 
-        lesion_table[0].attrs = {"k": LESION_K, "samples": LESION_SAMPLES, "seed": config.seed}
-        meta["lesions"] = lesion_records(lesion_table[0])
+        lesion_part[0].attrs = {"k": LESION_K, "samples": LESION_SAMPLES, "seed": config.seed}
+        meta["lesions"] = lesion_records(lesion_part[0])
     run = Run(frame, scalars, meta, paths=path_table if config.paths else None)
     if out is not None:
         # Asked again: the folder may have changed while the models trained. An earlier compare run

@@ -9,6 +9,7 @@ frame, the scalars and the path-length table of a :class:`~gradprobe.records.Run
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -239,3 +240,35 @@ def lesion_drops(lesion: pd.DataFrame, model: str | None = None) -> dict[str, An
     same = drops[~single["downsampling"].astype(bool).to_numpy()]
     out["lesion_median_drop"] = float(np.median(same)) if len(same) else math.nan
     return out
+
+
+def lesion_records(frame: pd.DataFrame) -> dict[str, Any]:
+    """A lesion frame as a JSON-able mapping (columns, rows, attrs), as a compare run keeps it in its meta."""
+
+    def plain(value: Any) -> Any:
+        if hasattr(value, "item"):  # numpy scalars
+            value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            return None  # JSON null: a missing block name or metric alike
+        return value
+
+    rows = [[plain(v) for v in row] for row in frame.itertuples(index=False, name=None)]
+    return {"columns": list(frame.columns), "rows": rows, "attrs": dict(frame.attrs)}
+
+
+def lesion_table(stored: Mapping[str, Any] | None) -> pd.DataFrame | None:
+    """The lesion frame back from :func:`lesion_records` (``meta["lesions"]`` of a compare run), or None."""
+    import pandas as pd
+
+    if not stored or not isinstance(stored, Mapping) or "columns" not in stored:
+        return None
+    frame = pd.DataFrame(list(stored.get("rows") or []), columns=list(stored["columns"]))
+    for column in frame.columns:
+        if column in ("k", "position", "samples", "depth"):
+            frame[column] = frame[column].astype("int64")
+        elif column in ("downsampling", "removable", "residual"):
+            frame[column] = frame[column].astype("bool")
+        elif column not in ("kind", "block", "model"):
+            frame[column] = frame[column].astype("float64")
+    frame.attrs.update(dict(stored.get("attrs") or {}))
+    return frame

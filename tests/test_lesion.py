@@ -11,8 +11,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradprobe
-from gradprobe.lesions import LESION_COLUMNS, lesion, lesion_records, lesion_table
+from gradprobe.lesions import LESION_COLUMNS, lesion
 from gradprobe.models import mlp, preact_resnet_cifar
+from gradprobe.summary import lesion_records, lesion_table
 
 
 class LinearResidual(nn.Module):
