@@ -191,3 +191,26 @@ def test_bad_input_is_one_clear_error(kwargs, error, match):
     args = {"data": _data(), **kwargs}
     with pytest.raises(error, match=match):
         lesion(net, **args)
+
+
+def test_compare_keeps_the_lesions_and_the_report_shows_them(tmp_path):
+    from gradprobe.experiment import compare, lesions, summary
+
+    run = compare(
+        ["plain-mlp-4", "resnet-mlp-4"], "synthetic", epochs=1, progress=False, out=tmp_path / "run"
+    )
+    table = lesions(gradprobe.load(tmp_path / "run"))
+    assert table is not None and sorted(table["model"].unique()) == ["plain-mlp-4", "resnet-mlp-4"]
+    assert table.loc[table["kind"] == "random", "k"].max() <= 5
+    assert {"lesion_worst_drop", "lesion_worst_block"} <= set(summary(run).columns)
+    gradprobe.report(run, tmp_path / "report", progress=False)
+    html = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    assert "Deleting blocks" in html and (tmp_path / "report" / "lesion.png").exists()
+    assert "Deleting one block of resnet-mlp-4" in html
+
+    bare = compare(["resnet-mlp-4"], "synthetic", epochs=1, progress=False, lesion=False)
+    assert lesions(bare) is None and "lesions" not in bare.meta
+    assert "lesion_worst_drop" not in summary(bare).columns
+    gradprobe.report(bare, tmp_path / "bare", progress=False)
+    assert "Deleting blocks" not in (tmp_path / "bare" / "index.html").read_text(encoding="utf-8")
+    assert not (tmp_path / "bare" / "lesion.png").exists()
