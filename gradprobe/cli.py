@@ -417,9 +417,8 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     for line in wrote:
         print(f"  {line}")
     print()
-    lesioned = "lesion_worst_drop" in table.columns
-    print(frame_table(table, SUMMARY_COLUMNS + (("lesion_worst_drop",) if lesioned else ())))
-    print(SUMMARY_LEGEND + (LESION_LEGEND if lesioned else ""))
+    print(frame_table(table, SUMMARY_COLUMNS))
+    print(SUMMARY_LEGEND)
     return 0
 
 
@@ -445,11 +444,6 @@ cum_gain_end    the same after the last step
 res_ratio_*     largest |y - x| / |x| over the shape-preserving blocks (0: every block is the identity)
 effective_length_*  share-weighted mean number of residual branches on the gradient's paths (Veit et al.
                 2016), at the first and last step; 0: the gradient takes the skips only (--no-paths: off)"""
-
-
-LESION_LEGEND = """
-lesion_worst_drop  largest test-accuracy drop when one block is deleted after training (its output
-                replaced by its shortcut; Veit et al. 2016); --no-lesion: off"""
 
 
 def _cmd_report(ns: argparse.Namespace) -> int:
