@@ -142,8 +142,22 @@ def paths(
     with preserved(model, args), mute():
         frame, info = captured_decomposition(lambda: model(*args), named, shortcut_of, loss_of, max_length)
     _annotate(frame, info)
+    _warn_unrun([n for n, _ in named], info)
     _warn_cancellation(info)
     return frame
+
+
+def _warn_unrun(names: list[str], info: list[dict[str, Any]]) -> None:
+    seen = {b for item in info for b in item["blocks"]}
+    missing = [n for n in names if n not in seen]
+    if missing:
+        warnings.warn(
+            f"gradprobe.paths: block(s) {missing} were not called with gradients in this pass (a "
+            "ModuleList/ModuleDict has no forward of its own; its parent calls its members): they are "
+            "in no stack of the frame. Pass blocks= the modules that are called.",
+            RuntimeWarning,
+            stacklevel=3,  # past paths(): the caller's line
+        )
 
 
 def _warn_cancellation(info: list[dict[str, Any]]) -> None:

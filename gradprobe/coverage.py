@@ -1,0 +1,101 @@
+"""Which probed blocks run: the warning for a selected block that is never called.
+
+A block that never runs leaves nothing in the frame. The usual cause is a module that
+holds layers without being a layer itself: an ``nn.ModuleList`` whose members the parent
+calls one by one (``for norm, f in layers: x = x + f(norm(x))``). :class:`CallWatch`
+watches the first recorded step: forward pre-hooks on the probed blocks' submodules say
+which of them ran inside a block that did not, and :meth:`CallWatch.message` names every
+such block in one warning, with what ran inside it, so that ``blocks=`` can name those.
+Its hooks are on the model for that one step only.
+
+>>> import torch, torch.nn as nn
+>>> pair = nn.ModuleList([nn.LayerNorm(2), nn.Linear(2, 2)])
+>>> watch = CallWatch({"layers.0": pair}); watch.start()
+>>> _ = pair[1](pair[0](torch.ones(1, 2))); watch.stop()
+>>> watch.ran_inside("layers.0"), "blocks=['layers.0.1']" in watch.message({})
+(['layers.0.0', 'layers.0.1'], True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from .blocks import callable_module
+from .hooks import Handles
+
+#: Submodules of one block named in the warning at most.
+MAX_LISTED = 6
+
+
+class CallWatch:
+    """Watch which submodules of the probed blocks run (between :meth:`start` and :meth:`stop`)."""
+
+    def __init__(self, blocks: Mapping[str, nn.Module]) -> None:
+        self._blocks = dict(blocks)
+        self._ran: set[str] = set()
+        self._handles = Handles()
+
+    def start(self) -> None:
+        """Hook every submodule of the blocks (all or none)."""
+        if self._handles:
+            return
+        probed = {id(m) for m in self._blocks.values()}
+        with self._handles.all_or_none():
+            for name, block in self._blocks.items():
+                for sub_name, sub in block.named_modules(prefix=name):
+                    if sub is not block and id(sub) not in probed:
+                        self._handles.forward_pre(sub, partial(self._seen, sub_name))
+
+    @property
+    def watching(self) -> bool:
+        """Whether the hooks are on (from :meth:`start` to :meth:`stop`)."""
+        return bool(self._handles)
+
+    def _seen(self, name: str, module: nn.Module, args: Any) -> None:
+        self._ran.add(name)
+
+    def stop(self) -> None:
+        """Remove the hooks (safe to call twice)."""
+        self._handles.remove()
+
+    def never_called(self, called: Collection[str]) -> list[str]:
+        """The blocks not in ``called``, in module order."""
+        return [n for n in self._blocks if n not in called]
+
+    def ran_inside(self, block: str) -> list[str]:
+        """The outermost submodules of ``block`` that ran, in module order."""
+        ran = [n for n, _ in self._blocks[block].named_modules(prefix=block) if n in self._ran]
+        return [n for n in ran if not any(n.startswith(o + ".") for o in ran if o != n)]
+
+    def message(self, called: Collection[str]) -> str | None:
+        """The one warning naming every block not in ``called`` (None if all ran)."""
+        missing = self.never_called(called)
+        if not missing:
+            return None
+        modules = {n: m for b in missing for n, m in self._blocks[b].named_modules(prefix=b)}
+        parts, heaviest = [], []
+        for block in missing:
+            ran = self.ran_inside(block)
+            if ran:
+                heaviest.append(max(ran, key=lambda n: sum(p.numel() for p in modules[n].parameters())))
+            listed = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in ran[:MAX_LISTED])
+            more = f" and {len(ran) - MAX_LISTED} more" if len(ran) > MAX_LISTED else ""
+            parts.append(f"{block}: {listed}{more}" if ran else f"{block}: nothing inside it ran either")
+        container = any(not callable_module(self._blocks[b]) for b in missing)
+        why = (
+            " (a ModuleList/ModuleDict holds layers but has no forward of its own: its parent calls "
+            "its members)"
+            if container
+            else ""
+        )
+        shown = ", ".join(repr(n) for n in heaviest[:3]) + (", ..." if len(heaviest) > 3 else "")
+        hint = f", e.g. blocks=[{shown}] (the heaviest module that ran in each)" if heaviest else ""
+        return (
+            f"gradprobe: block(s) {missing} selected but never called in the first recorded step"
+            f"{why}, so they have no rows in the frame, analyze, paths or the report. What ran inside "
+            f"them: {'; '.join(parts)}. Pass blocks= the modules that are called{hint}."
+        )
