@@ -56,7 +56,7 @@ from torch import nn
 
 from ._tensors import in_backward
 from .blocks import select_blocks
-from .stacking import continues, stack_labels
+from .stacking import continues, nesting, stack_labels
 
 Tensor = torch.Tensor
 
@@ -321,6 +321,68 @@ def find_output(output: Any, spec: OutputSpec = None) -> Tensor | None:
     return got if is_signal(got) else None
 
 
+def _signals(
+    obj: Any, path: tuple[Any, ...] = (), depth: int = 0
+) -> Iterator[tuple[tuple[Any, ...], Tensor]]:
+    """Every floating-point or complex tensor of an output with its path of keys, depth first
+    (the default rule's order)."""
+    if isinstance(obj, Tensor):
+        if is_signal(obj):
+            yield path, obj
+        return
+    if depth >= _MAX_DEPTH:
+        return
+    items: Any
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, (tuple, list)):
+        items = enumerate(obj)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    else:
+        return
+    for key, value in items:
+        yield from _signals(value, (*path, key), depth + 1)
+
+
+def other_outputs(output: Any, y: Tensor) -> list[Tensor]:
+    """The differentiable tensors of ``output`` besides the block output ``y`` (an auxiliary loss,
+    router logits, a second stream): gradient reaching the block's input through them is not
+    gradient through y.
+
+    >>> y = torch.ones(2, requires_grad=True) * 2
+    >>> len(other_outputs((y, y.sum()), y)), len(other_outputs((y, y.detach().sum()), y))
+    (1, 0)
+    """
+    return [t for _, t in _signals(output) if t is not y and t.requires_grad]
+
+
+def same_shape_output(output: Any, y: Tensor, shape: torch.Size) -> Any:
+    """Where the output holds a differentiable tensor shaped like the input when ``y`` is not: the
+    ``output=`` spec that picks it (a position, a key or field name), or None.
+
+    >>> x = torch.ones(3, 2)
+    >>> same_shape_output((x.sum(), 2 * x), x.sum(), x.shape), same_shape_output(2 * x, 2 * x, x.shape)
+    (1, None)
+    """
+    if y.shape == shape:
+        return None
+    for path, t in _signals(output):
+        if t is not y and t.shape == shape and len(path) == 1:
+            return path[0]
+    return None
+
+
+def wrong_output_message(block: str, output: Any, y: Tensor, spec: Any, shape: torch.Size) -> str:
+    """The one warning for an output rule that landed on a tensor unlike the input beside one like it."""
+    return (
+        f"gradprobe: block {block!r} returned {describe_output(output)}; the capture rule took the "
+        f"tensor of shape {tuple(y.shape)} as its output y, while the input has shape {tuple(shape)} and "
+        f"the output holds a tensor of that shape at {spec!r}. Its columns describe the tensor taken. "
+        f"If {spec!r} is the block's output, pass output= to attach(), e.g. output={{{block!r}: {spec!r}}}."
+    )
+
+
 def describe_output(output: Any) -> str:
     """The type of an output, with the types inside a container, for messages.
 
@@ -525,6 +587,9 @@ def capturing(
     state = {"started": start is None}
     rule = dict(rules or {})
     linked: dict[str, bool] = {}  # stacks, as the probe detects them (stacking.continues)
+    # nested blocks continue the stacks of their own level (a shortcut capture: its block's level)
+    nest = nesting([n.split("\x00")[0] for n, _ in named])
+    level = {n: nest[n.split("\x00")[0]] for n, _ in named}
 
     def pre(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in caps or name in pending:
@@ -533,8 +598,9 @@ def capturing(
         if found is None:
             return None
         x, where = found
-        if order and caps[order[-1]].y_edge is not None:
-            linked[name] = continues(x, caps[order[-1]].y_edge.node)
+        before = [n for n in order if level[n] == level[name]]
+        if before and caps[before[-1]].y_edge is not None:
+            linked[name] = continues(x, caps[before[-1]].y_edge.node)
         if start is not None and not state["started"]:
             if start not in ("*first*", name):
                 return None
@@ -578,7 +644,7 @@ def capturing(
         for h in handles:
             h.remove()
     handles.clear()
-    for name, label in stack_labels(order, linked).items():
+    for name, label in stack_labels(order, linked, level).items():
         caps[name].stack = label
 
     def again(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
