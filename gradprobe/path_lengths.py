@@ -59,7 +59,7 @@ from torch import nn
 
 from .capture import BlockCapture, capturing
 from .passes import projection_loss
-from .stacking import node_continues, stack_labels
+from .stacking import nesting, node_continues, stack_labels
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -105,14 +105,18 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
     [['a', 'b'], ['c']]
     """
     stacks: list[list[BlockCapture]] = []
+    nest = nesting([c.name for c in caps])  # nested blocks: stacks of their own level
+    current: dict[str, list[BlockCapture]] = {}
     for cap in caps:
         if cap.y_edge is None and not cap.y.requires_grad:
             continue
         # the probe's stack rule (stacking.continues): a graph too large to tell continues the stack
-        if stacks and node_continues(_node(cap.input), _node(stacks[-1][-1].output)):
-            stacks[-1].append(cap)
+        here = current.get(nest[cap.name])
+        if here is not None and node_continues(_node(cap.input), _node(here[-1].output)):
+            here.append(cap)
         else:
-            stacks.append([cap])
+            current[nest[cap.name]] = [cap]
+            stacks.append(current[nest[cap.name]])
     return stacks
 
 

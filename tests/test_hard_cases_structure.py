@@ -151,3 +151,186 @@ def test_no_warning_when_every_block_runs():
     messages = _warnings(lambda: (net(torch.randn(3, 8, dtype=DT)).sum().backward(), probe.frame()))
     probe.detach()
     assert not [m for m in messages if "gradprobe" in m]
+
+
+# ---------------------------------------------------------------------- blocks with extra outputs
+class AuxBlock(nn.Module):
+    """y = x + tanh(W x), returned with an auxiliary loss mean(tanh(W x)^2)."""
+
+    def __init__(self, d: int, gen: torch.Generator, y_first: bool = True):
+        super().__init__()
+        self.fc, self.y_first = _linear(d, d, gen), y_first
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        y, aux = x + h, h.pow(2).mean()
+        return (y, aux) if self.y_first else (aux, y)
+
+
+class AuxNet(nn.Module):
+    def __init__(self, d: int = 6, depth: int = 3, y_first: bool = True, aux_weight: float = 10.0):
+        super().__init__()
+        gen = _gen(2)
+        self.blocks = nn.ModuleList([AuxBlock(d, gen, y_first) for _ in range(depth)])
+        self.y_first, self.aux_weight = y_first, aux_weight
+
+    def forward(self, x):
+        total = x.new_zeros(())
+        for block in self.blocks:
+            out = block(x)
+            x, aux = out if self.y_first else out[::-1]
+            total = total + aux
+        return x.pow(2).sum() + self.aux_weight * total
+
+
+def _through_y(net: AuxNet, x: torch.Tensor) -> list[dict[str, float]]:
+    """Per block: |g_y|, |(dy/dx)^T g_y| and |(dF/dx)^T g_y| by plain autograd (the loss's gradient
+    at y, pushed back through y alone)."""
+    xs, ys = [], []
+
+    def pre(module, args):
+        xs.append(args[0].view_as(args[0]))
+        return (xs[-1],)
+
+    def post(module, args, out):
+        ys.append(out[0] if module.y_first else out[1])
+
+    hooks = [b.register_forward_pre_hook(pre) for b in net.blocks]
+    hooks += [b.register_forward_hook(post) for b in net.blocks]
+    loss = net(x.detach().requires_grad_())
+    for h in hooks:
+        h.remove()
+    g_ys = torch.autograd.grad(loss, ys, retain_graph=True)
+    out = []
+    for x_in, y, g_y in zip(xs, ys, g_ys, strict=True):
+        (g_x,) = torch.autograd.grad(y, x_in, g_y, retain_graph=True)
+        out.append(
+            {
+                "grad_out": float(g_y.norm()),
+                "grad_in": float(g_x.norm()),
+                "branch_grad": float((g_x - g_y).norm()),
+            }
+        )
+    return out
+
+
+def test_an_auxiliary_output_is_kept_out_of_grad_in():
+    net, x = AuxNet(), torch.randn(5, 6, dtype=DT, generator=_gen(3), requires_grad=True)
+    ref = _through_y(net, x)
+    probe = gradprobe.attach(net)
+    net(x).backward()
+    frame = probe.frame()
+    probe.detach()
+    for row, r in zip(frame.itertuples(), ref, strict=True):
+        assert row.grad_out == pytest.approx(r["grad_out"], rel=1e-10)
+        assert row.grad_in == pytest.approx(r["grad_in"], rel=1e-10)
+        assert row.gain == pytest.approx(r["grad_in"] / r["grad_out"], rel=1e-10)
+        assert row.branch_grad == pytest.approx(r["branch_grad"], rel=1e-9)
+    # the aux loss does reach x: the gradient through all of the block's outputs is larger
+    total = torch.autograd.grad(net(x), x)[0]
+    assert float(total.norm()) != pytest.approx(frame["grad_in"].iloc[0], rel=1e-3)
+
+
+def test_an_output_without_gradient_changes_nothing():
+    # aux_weight 0: the aux output takes part in the graph but carries zero gradient
+    net, x = AuxNet(aux_weight=0.0), torch.randn(5, 6, dtype=DT, generator=_gen(4))
+    ref = _through_y(net, x)
+    frame = gradprobe.analyze(net, x, loss_fn=lambda out: out, jacobian=False)
+    assert frame["grad_in"].tolist() == pytest.approx([r["grad_in"] for r in ref], rel=1e-10)
+
+
+def test_an_output_rule_on_a_scalar_points_to_output():
+    net, x = AuxNet(y_first=False), torch.randn(5, 6, dtype=DT, generator=_gen(5))
+    messages = _warnings(lambda: gradprobe.analyze(net, x, loss_fn=lambda out: out, jacobian=False))
+    named = [m for m in messages if "output=" in m and "blocks.0" in m]
+    assert len(named) == 1 and "output={'blocks.0': 1}" in named[0]
+    assert not any("shortcuts=" in m for m in messages)
+    # with output= the columns are those of y
+    frame = gradprobe.analyze(net, x, loss_fn=lambda out: out, jacobian=False, output=1)
+    ref = _through_y(net, x)
+    assert frame["grad_in"].tolist() == pytest.approx([r["grad_in"] for r in ref], rel=1e-10)
+
+
+# ---------------------------------------------------------------------- nested residuals
+def _alias_gradients(
+    net: nn.Module, names: list[str], x: torch.Tensor, loss_fn
+) -> dict[str, dict[str, float]]:
+    """Per block (first call): |g_y| and |g_x| through the block only, by plain autograd on views of
+    the blocks' inputs."""
+    modules = dict(net.named_modules())
+    xs: dict[str, torch.Tensor] = {}
+    ys: dict[str, torch.Tensor] = {}
+
+    def pre(name, module, args):
+        xs[name] = args[0].view_as(args[0])
+        return (xs[name], *args[1:])
+
+    def post(name, module, args, out):
+        ys[name] = out
+
+    hooks = []
+    for n in names:
+        hooks.append(modules[n].register_forward_pre_hook(lambda m, a, n=n: pre(n, m, a)))
+        hooks.append(modules[n].register_forward_hook(lambda m, a, o, n=n: post(n, m, a, o)))
+    loss = loss_fn(net(x.detach().requires_grad_()))
+    for h in hooks:
+        h.remove()
+    g_x = torch.autograd.grad(loss, [xs[n] for n in names], retain_graph=True)
+    g_y = torch.autograd.grad(loss, [ys[n] for n in names])
+    return {
+        n: {"grad_in": float(gx.norm()), "grad_out": float(gy.norm())}
+        for n, gx, gy in zip(names, g_x, g_y, strict=True)
+    }
+
+
+class InnerRes(nn.Module):
+    def __init__(self, d: int, gen: torch.Generator):
+        super().__init__()
+        self.fc = _linear(d, d, gen)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+class OuterRes(nn.Module):
+    """A residual block whose branch is two residual blocks."""
+
+    def __init__(self, d: int, gen: torch.Generator):
+        super().__init__()
+        self.inner = nn.Sequential(InnerRes(d, gen), InnerRes(d, gen))
+
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+def _nested(d: int = 6, depth: int = 3) -> nn.Sequential:
+    gen = _gen(7)
+    return nn.Sequential(*[OuterRes(d, gen) for _ in range(depth)])
+
+
+def test_nested_levels_each_get_their_own_stacks_and_cum_gain():
+    net, x = _nested(), torch.randn(4, 6, dtype=DT, generator=_gen(8))
+    outer = ["0", "1", "2"]
+    inner = [f"{i}.inner.{j}" for i in range(3) for j in range(2)]
+
+    def loss(out):
+        return out.pow(2).sum()
+
+    frame = gradprobe.analyze(net, x, blocks=outer + inner, jacobian=False, loss_fn=loss).set_index("block")
+    ref = _alias_gradients(net, outer + inner, x, loss)
+    assert frame.loc[outer, "stack"].nunique() == 1
+    assert set(frame.loc[inner, "stack"]) == {"0.inner", "1.inner", "2.inner"}
+    for n in outer:
+        assert frame.loc[n, "cum_gain"] == pytest.approx(ref[n]["grad_in"] / ref["2"]["grad_out"], rel=1e-10)
+    for n in inner:
+        last = n.rsplit(".", 1)[0] + ".1"
+        assert frame.loc[n, "cum_gain"] == pytest.approx(ref[n]["grad_in"] / ref[last]["grad_out"], rel=1e-10)
+
+
+def test_paths_with_nested_levels_decompose_each_level_exactly():
+    net, x = _nested(), torch.randn(4, 6, dtype=DT, generator=_gen(9))
+    frame = gradprobe.paths(net, x, blocks=["0", "1", "2", "*.inner.*"])
+    stacks = {tuple(s["blocks"]): s for s in frame.attrs["stacks"]}
+    assert ("0", "1", "2") in stacks and ("1.inner.0", "1.inner.1") in stacks
+    for s in stacks.values():
+        assert s["remainder"] <= 1e-12 * s["grad_norm"]
