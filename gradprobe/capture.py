@@ -567,6 +567,7 @@ def capturing(
     start: str | None = None,
     stop_after: str | None = None,
     rules: Mapping[str, Rule] | None = None,
+    every_call: bool = False,
 ) -> Iterator[tuple[Any, list[BlockCapture]]]:
     """Run ``forward()`` once; yield (output, captures of each named block's first call).
 
@@ -577,9 +578,12 @@ def capturing(
     ``stop_after``, the forward is aborted once that block has returned (output
     ``None``). Until the block closes, a block that activation checkpointing recomputes
     during a backward pass gets its input replaced the same way again:
-    ``torch.utils.checkpoint`` insists on the same graph.
+    ``torch.utils.checkpoint`` insists on the same graph. A block called several times (weight
+    sharing) is captured at its first call, or with ``every_call`` at each call (in the order
+    the calls return; all of them in the first call's stack).
     """
     caps: dict[str, BlockCapture] = {}
+    every: list[BlockCapture] = []
     pending: dict[str, Pending] = {}
     order: list[str] = []
     handles = []
@@ -592,8 +596,8 @@ def capturing(
     level = {n: nest[n.split("\x00")[0]] for n, _ in named}
 
     def pre(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if name in caps or name in pending:
-            return None  # weight sharing: the first call only
+        if (name in caps and not every_call) or name in pending:
+            return None  # weight sharing: the first call only (unless every_call)
         found = locate_input(args, kwargs, rule.get(name, DEFAULT).input, module)
         if found is None:
             return None
@@ -620,7 +624,7 @@ def capturing(
         y = find_output(output, rule.get(name, DEFAULT).output)
         if y is None:
             return
-        caps[name] = BlockCapture(
+        cap = BlockCapture(
             name,
             got.x,
             y,
@@ -628,6 +632,10 @@ def capturing(
             x_edge=got.input_edge(),
             y_edge=gradient_edge(y) if y.requires_grad else None,
         )
+        every.append(cap)
+        if name in caps:
+            return  # a later call of a shared block (every_call)
+        caps[name] = cap
         order.append(name)
         if name == stop_after:
             raise _StopForward
@@ -644,8 +652,9 @@ def capturing(
         for h in handles:
             h.remove()
     handles.clear()
-    for name, label in stack_labels(order, linked, level).items():
-        caps[name].stack = label
+    labels = stack_labels(order, linked, level)
+    for cap in every:
+        cap.stack = labels[cap.name]
 
     def again(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name not in replaced or not in_backward() or not torch.is_grad_enabled():
@@ -655,7 +664,7 @@ def capturing(
     try:
         for name, module in named:
             handles.append(module.register_forward_pre_hook(partial(again, name), with_kwargs=True))
-        yield output, [caps[n] for n in order]
+        yield output, every if every_call else [caps[n] for n in order]
     finally:
         for h in handles:
             h.remove()

@@ -334,3 +334,153 @@ def test_paths_with_nested_levels_decompose_each_level_exactly():
     assert ("0", "1", "2") in stacks and ("1.inner.0", "1.inner.1") in stacks
     for s in stacks.values():
         assert s["remainder"] <= 1e-12 * s["grad_norm"]
+
+
+# ---------------------------------------------------------------------- paths: long skips, shared blocks
+class LongSkip(nn.Module):
+    """Four residual blocks in one stack, with a U-Net-like skip from enc.0's output to dec.1's
+    input that bypasses enc.1 and dec.0."""
+
+    def __init__(self, d: int = 6):
+        super().__init__()
+        gen = _gen(10)
+        self.enc = nn.Sequential(InnerRes(d, gen), InnerRes(d, gen))
+        self.dec = nn.Sequential(InnerRes(d, gen), InnerRes(d, gen))
+        self.mid = _linear(d, d, gen)
+
+    def forward(self, x):
+        h1 = self.enc[0](x)
+        d0 = self.dec[0](self.mid(self.enc[1](h1)))
+        return self.dec[1](d0 + h1)
+
+
+def _through_chain(net: LongSkip, x: torch.Tensor, u: torch.Tensor) -> tuple[float, float]:
+    """|g| at enc.0's input, and |the part of it that runs through enc.1 and dec.0| (the skip's
+    h1 detached where it joins dec.1's input), by plain autograd."""
+    x = x.detach().requires_grad_()
+    (g,) = torch.autograd.grad((net(x) * u).sum(), x)
+    h1 = net.enc[0](x)
+    d0 = net.dec[0](net.mid(net.enc[1](h1)))
+    (chain,) = torch.autograd.grad((net.dec[1](d0 + h1.detach()) * u).sum(), x)
+    return float(g.norm()), float((g - chain).norm())
+
+
+def test_paths_reports_a_gradient_that_bypasses_the_blocks():
+    net, x = LongSkip(), torch.randn(4, 6, dtype=DT, generator=_gen(11))
+    u = torch.randn(4, 6, dtype=DT, generator=_gen(12))
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        frame = gradprobe.paths(net, x, blocks=["enc.*", "dec.*"], loss_fn=lambda out: (out * u).sum())
+    caught = [str(w.message) for w in got]
+    (stack,) = frame.attrs["stacks"]
+    g, bypassed = _through_chain(net, x, u)
+    assert stack["bypass"] == pytest.approx(bypassed / g, rel=1e-9)
+    assert stack["bypass"] > 0.1
+    assert stack["residual"] <= 1e-12 * g  # the lengths themselves are exact: nothing cancels
+    assert any("bypasses their blocks" in m for m in caught)
+    assert not any("cancel" in m for m in caught)
+
+
+def test_paths_without_a_bypass_report_none():
+    net, x = _nested(), torch.randn(4, 6, dtype=DT, generator=_gen(13))
+    frame = gradprobe.paths(net, x, blocks=["0", "1", "2"])
+    assert [s["bypass"] for s in frame.attrs["stacks"]] == [0.0]
+
+
+class SharedLayer(nn.Module):
+    """One residual block applied ``times`` times (ALBERT-style weight sharing)."""
+
+    def __init__(self, d: int = 6, times: int = 6):
+        super().__init__()
+        self.layer, self.times = InnerRes(d, _gen(14)), times
+
+    def forward(self, x):
+        for _ in range(self.times):
+            x = self.layer(x)
+        return x
+
+
+def test_paths_counts_every_call_of_a_shared_block():
+    net, x = SharedLayer(), torch.randn(4, 6, dtype=DT, generator=_gen(15))
+    frame = gradprobe.paths(net, x, blocks=["layer"])
+    assert frame["length"].tolist() == list(range(7))
+    assert frame["n_paths"].tolist() == [float(math.comb(6, k)) for k in range(7)]
+    (stack,) = frame.attrs["stacks"]
+    assert stack["branching"] == 6 and stack["remainder"] <= 1e-12 * stack["grad_norm"]
+    # the same as six separate blocks with the same weights
+    copies = nn.Sequential(*[InnerRes(6, _gen(0)) for _ in range(6)])
+    copies.load_state_dict({f"{i}.{k}": v for i in range(6) for k, v in net.layer.state_dict().items()})
+    ref = gradprobe.paths(copies, x, blocks=[str(i) for i in range(6)])
+    assert frame["path_grad"].tolist() == pytest.approx(ref["path_grad"].tolist(), rel=1e-10)
+
+
+# ---------------------------------------------------------------------- training where a block's input forks
+class ForkedStem(nn.Module):
+    """The stem's output feeds the blocks and, around them, the head (an outer residual)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.stem = nn.Linear(8, d)
+        self.blocks = nn.Sequential(InnerRes32(d), InnerRes32(d))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(self.blocks(h) + h)
+
+
+class InnerRes32(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+#: The bound docs/measurements.md states for training where a block's input also feeds a layer
+#: outside the block: max |theta_probed - theta_plain| / max |theta_plain| per parameter.
+FORK_BOUND = 1e-5
+
+
+def _sgd(net: nn.Module, seed: int, steps: int = 5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        net(torch.randn(32, 8, generator=gen)).pow(2).mean().backward()
+        opt.step()
+
+
+def test_training_where_a_block_input_forks_stays_within_the_documented_bound():
+    import copy
+
+    worst, differing = 0.0, 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        plain = ForkedStem()
+        probed = copy.deepcopy(plain)
+        _sgd(plain, seed)
+        with gradprobe.attach(probed):
+            _sgd(probed, seed)
+        pairs = [
+            (a.detach(), b.detach()) for a, b in zip(plain.parameters(), probed.parameters(), strict=True)
+        ]
+        differing += not all(torch.equal(a, b) for a, b in pairs)
+        worst = max(worst, *(float((a - b).abs().max() / a.abs().max()) for a, b in pairs))
+    # the alias adds a node at the fork: autograd adds the gradients there in another order
+    assert worst <= FORK_BOUND, worst
+    assert differing > 0  # (if this starts failing, training is bit-identical here: say so in the docs)
+
+
+def test_training_without_a_fork_is_bit_identical():
+    import copy
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16), InnerRes32(16), InnerRes32(16), nn.Linear(16, 1))
+    probed = copy.deepcopy(plain)
+    _sgd(plain, 0)
+    with gradprobe.attach(probed):
+        _sgd(probed, 0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), probed.parameters(), strict=True))
