@@ -99,6 +99,8 @@ class AutoBlock(NamedTuple):
     name: str
     module: nn.Module
     run: str
+    #: The module stands for a run member that is never called (a ModuleList's, rule 5).
+    stand_in: bool = False
 
 
 def _n_params(module: nn.Module) -> int:
@@ -238,7 +240,7 @@ def _auto(model: nn.Module) -> list[AutoBlock]:
             continue
         part = _called_part(c, named[c])  # a ModuleList member of a run is never called itself
         if part is not None and all(part[0] != b.name for b in out):
-            out.append(AutoBlock(part[0], part[1], candidates[c]))
+            out.append(AutoBlock(part[0], part[1], candidates[c], stand_in=part[0] != c))
     return out
 
 

@@ -18,14 +18,16 @@ Its hooks are on the model for that one step only.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 from torch import nn
 
 from .blocks import callable_module
+from .capture import DEFAULT, Rule, find_output, gradient_edge, locate_input
 from .hooks import Handles
+from .stacking import adds_input
 
 #: Submodules of one block named in the warning at most.
 MAX_LISTED = 6
@@ -34,10 +36,18 @@ MAX_LISTED = 6
 class CallWatch:
     """Watch which submodules of the probed blocks run (between :meth:`start` and :meth:`stop`)."""
 
-    def __init__(self, blocks: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self, blocks: Mapping[str, nn.Module], rules: Mapping[str, Rule] | None = None, residual: bool = False
+    ) -> None:
         self._blocks = dict(blocks)
+        self._rules = dict(rules or {})
+        self._residual = residual  # whether to ask if each block adds its input to a branch
         self._ran: set[str] = set()
         self._handles = Handles()
+        #: Blocks whose first call showed no addition of their input to a branch (``residual=True``),
+        #: and all blocks whose first call was asked, in call order.
+        self.not_residual: list[str] = []
+        self.asked: list[str] = []
 
     def start(self) -> None:
         """Hook every submodule of the blocks (all or none)."""
@@ -49,6 +59,8 @@ class CallWatch:
                 for sub_name, sub in block.named_modules(prefix=name):
                     if sub is not block and id(sub) not in probed:
                         self._handles.forward_pre(sub, partial(self._seen, sub_name))
+                if self._residual:
+                    self._handles.forward(block, partial(self._ask, name), with_kwargs=True)
 
     @property
     def watching(self) -> bool:
@@ -57,6 +69,19 @@ class CallWatch:
 
     def _seen(self, name: str, module: nn.Module, args: Any) -> None:
         self._ran.add(name)
+
+    def _ask(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """A block's first call with a graph: does its output add its input to a branch?"""
+        if name in self.asked or output is None:
+            return
+        rule = self._rules.get(name, DEFAULT)
+        found = locate_input(args, kwargs, rule.input, module)
+        y = find_output(output, rule.output)
+        if found is None or y is None or not found[0].requires_grad or y.grad_fn is None:
+            return
+        self.asked.append(name)
+        if adds_input(y.grad_fn, gradient_edge(found[0]).node) is False:
+            self.not_residual.append(name)
 
     def stop(self) -> None:
         """Remove the hooks (safe to call twice)."""
@@ -99,3 +124,24 @@ class CallWatch:
             f"{why}, so they have no rows in the frame, analyze, paths or the report. What ran inside "
             f"them: {'; '.join(parts)}. Pass blocks= the modules that are called{hint}."
         )
+
+
+def not_residual_message(blocks: list[str], residual: list[str], stand_ins: Sequence[str] = ()) -> str:
+    """The one warning for blocks ``"auto"`` selected whose output does not add their input to a branch
+    (``stand_ins``: those that stand for a ModuleList member, see :mod:`gradprobe.blocks`)."""
+    hint = f", e.g. blocks={[*residual[:3], '...'] if len(residual) > 3 else residual}" if residual else ""
+    return (
+        f"gradprobe: blocks='auto' selected block(s) {blocks} whose output does not add their input "
+        "to a branch (no y = s(x) + F(x) in their autograd graph): they are not residual blocks (a "
+        "patch embedding, feature-extractor or sampling convolutions, head projections, a block "
+        "without its residual connection at a stride). Their rows are recorded, but skip_grad, "
+        "branch_grad, res_ratio and the path lengths read them as y = x + (y - x). Pass blocks= the "
+        f"blocks you mean{hint}."
+        + (
+            f" {list(stand_ins)} stand for the ModuleLists that hold them (a list is never called): "
+            "where the parent's loop adds x + f(norm(x)) outside any module, these rows describe the "
+            "branch f alone; to measure the residual layer, wrap that step in a module and select it."
+            if stand_ins
+            else ""
+        )
+    )

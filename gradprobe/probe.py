@@ -33,9 +33,16 @@ from . import capture as _rule
 from ._tensors import in_backward, muted
 from ._version import __version__
 from .alerts import Alerts
-from .blocks import BlockSpec, no_shortcut_message, select_blocks, shortcut_modules, without_shortcut
+from .blocks import (
+    BlockSpec,
+    auto_blocks,
+    no_shortcut_message,
+    select_blocks,
+    shortcut_modules,
+    without_shortcut,
+)
 from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
-from .coverage import CallWatch
+from .coverage import CallWatch, not_residual_message
 from .hooks import Handles
 from .jacobian.schedule import JacobianSchedule, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id
@@ -121,7 +128,10 @@ class Probe(RecordedTables):
         )
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         self._hooks = Handles()  # on the model, while attached
-        self._watch = CallWatch(self._modules)  # which blocks run, until the first recorded step closes
+        # which blocks run (and, for blocks="auto", which are residual) until the first recorded step closes
+        auto = isinstance(config.blocks, str) and config.blocks == "auto"
+        self._watch = CallWatch(self._modules, self._rules, residual=auto)
+        self._stand_ins = {b.name for b in auto_blocks(model) if b.stand_in} if auto else set()
         self._block_hooks = Handles()  # on the blocks and shortcuts, taken off on unrecorded steps
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._shortcut_modules = shortcut_modules(list(self._modules.items()), config.shortcuts)
@@ -476,6 +486,12 @@ class Probe(RecordedTables):
         message = self._watch.message(self._index)
         if message is not None:
             self._alerts.once("unrun", message)
+        # Beside residual blocks only: a plain net's blocks are all plain, by design.
+        plain = [n for n in self._watch.not_residual if n not in self._no_shortcut_by_design]
+        residual = [n for n in self._watch.asked if n not in self._watch.not_residual]
+        stand_ins = [n for n in plain if n in self._stand_ins]
+        if plain and (residual or stand_ins):
+            self._alerts.once("not-residual", not_residual_message(plain, residual, stand_ins))
         elif not with_grad:
             self._alerts.once(
                 "empty",

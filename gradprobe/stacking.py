@@ -64,6 +64,47 @@ def reaches(start: Any, target: Any, limit: int = MAX_WALK) -> bool | None:
     return False
 
 
+def adds_input(output: Any, target: Any, limit: int = MAX_WALK) -> bool | None:
+    """Whether the autograd node ``output`` computes an addition both of whose operands depend on
+    the node ``target``: y = s(x) + F(x), a residual block's own work (x the block's input, s the
+    identity or a shortcut). None when the walk visits more than ``limit`` nodes, or without a
+    graph.
+
+    >>> x = torch.ones(2, requires_grad=True).view_as(torch.ones(2))
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> residual, plain = x + torch.tanh(w * x), torch.tanh(w * x) + 1
+    >>> adds_input(residual.grad_fn, x.grad_fn), adds_input(plain.grad_fn, x.grad_fn)
+    (True, False)
+    """
+    if output is None or target is None:
+        return None
+    reach: dict[Any, bool] = {}  # node -> whether it depends on target
+    todo: list[tuple[Any, bool]] = [(output, False)]
+    while todo:
+        node, children_done = todo.pop()
+        if children_done:
+            reach[node] = any(reach.get(c, False) for c, _ in node.next_functions if c is not None)
+            continue
+        if node in reach:
+            continue
+        if node is target:
+            reach[node] = True
+            continue
+        if len(reach) > limit:
+            return None
+        reach[node] = False  # (provisional: a node is visited once)
+        todo.append((node, True))
+        todo += [
+            (c, False) for c, _ in getattr(node, "next_functions", ()) if c is not None and c not in reach
+        ]
+    for node, depends in reach.items():
+        if depends and type(node).__name__.startswith("AddBackward"):
+            kids = [c for c, _ in node.next_functions if c is not None and reach.get(c, False)]
+            if len(kids) >= 2:
+                return True
+    return False
+
+
 def common_prefix(names: list[str]) -> str:
     """The longest dotted prefix shared by these names (a single name: itself).
 

@@ -71,7 +71,8 @@ def test_auto_picks_called_modules_inside_lists_of_lists():
 
 def test_auto_on_lists_of_lists_gives_the_branch_gradients():
     net, x = XTransformersLike(), torch.randn(6, 8, dtype=DT, generator=_gen(1))
-    frame = gradprobe.analyze(net, x, jacobian=False, loss_fn=lambda out: out.pow(2).sum())
+    with pytest.warns(RuntimeWarning, match="branch f alone"):
+        frame = gradprobe.analyze(net, x, jacobian=False, loss_fn=lambda out: out.pow(2).sum())
     assert len(frame) == 3 and frame["grad_in"].notna().all()
     # reference: g_x of f at each layer, by plain autograd
     xs: list[torch.Tensor] = []
@@ -145,12 +146,15 @@ def test_a_recorded_step_without_rows_warns():
     assert not any("never called" in m for m in messages)
 
 
-def test_no_warning_when_every_block_runs():
+def test_stand_ins_for_lists_say_they_are_the_branch_alone():
     net = XTransformersLike()
     probe = gradprobe.attach(net)
     messages = _warnings(lambda: (net(torch.randn(3, 8, dtype=DT)).sum().backward(), probe.frame()))
     probe.detach()
-    assert not [m for m in messages if "gradprobe" in m]
+    assert not any("never called in the first" in m for m in messages)
+    (message,) = [m for m in messages if "gradprobe" in m]
+    assert "['layers.0.1', 'layers.1.1', 'layers.2.1'] stand for the ModuleLists" in message
+    assert "branch f alone" in message
 
 
 # ---------------------------------------------------------------------- blocks with extra outputs
@@ -484,3 +488,60 @@ def test_training_without_a_fork_is_bit_identical():
     with gradprobe.attach(probed):
         _sgd(probed, 0)
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), probed.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------------- auto beside non-residual runs
+class ConvAct(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.act = nn.Conv1d(c, c, 3, padding=1), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class ResConv(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.act = nn.Conv1d(c, c, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        return x + self.act(self.conv(x))
+
+
+class FeatureExtractorNet(nn.Module):
+    """A wav2vec2-like layout: a run of plain convolutions, then a run of residual blocks."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.feat = nn.ModuleList([ConvAct(c) for _ in range(3)])
+        self.blocks = nn.Sequential(*[ResConv(c) for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.feat:
+            x = layer(x)
+        return self.blocks(x)
+
+
+def _train_once(net: nn.Module, x: torch.Tensor, **options) -> list[str]:
+    def run():
+        with gradprobe.attach(net, **options) as probe:
+            net(x).sum().backward()
+            probe.frame()
+
+    return [m for m in _warnings(run) if "not residual" in m]
+
+
+def test_auto_beside_residual_blocks_names_the_plain_runs_it_selected():
+    net, x = FeatureExtractorNet(), torch.randn(2, 4, 10)
+    (message,) = _train_once(net, x)
+    assert "['feat.0', 'feat.1', 'feat.2']" in message
+    assert "blocks=['blocks.0', 'blocks.1', 'blocks.2']" in message
+    assert not _train_once(net, x, blocks="blocks.*")  # an explicit selection is the user's
+
+
+def test_plain_and_residual_nets_alone_do_not_warn():
+    plain = nn.Sequential(*[ConvAct(4) for _ in range(3)])
+    residual = nn.Sequential(*[ResConv(4) for _ in range(3)])
+    x = torch.randn(2, 4, 10)
+    assert not _train_once(plain, x) and not _train_once(residual, x)
