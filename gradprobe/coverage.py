@@ -27,7 +27,7 @@ from torch import nn
 from .blocks import callable_module
 from .capture import DEFAULT, Rule, find_output, gradient_edge, locate_input
 from .hooks import Handles
-from .stacking import adds_input
+from .stacking import adds_input, skips_input
 
 #: Submodules of one block named in the warning at most.
 MAX_LISTED = 6
@@ -37,9 +37,17 @@ class CallWatch:
     """Watch which submodules of the probed blocks run (between :meth:`start` and :meth:`stop`)."""
 
     def __init__(
-        self, blocks: Mapping[str, nn.Module], rules: Mapping[str, Rule] | None = None, residual: bool = False
+        self,
+        blocks: Mapping[str, nn.Module],
+        rules: Mapping[str, Rule] | None = None,
+        residual: bool = False,
+        enclosing: Mapping[str, nn.Module] | None = None,
     ) -> None:
         self._blocks = dict(blocks)
+        # Modules holding several blocks (with residual=True): is each one a residual block itself?
+        self._enclosing = dict(enclosing or {})
+        #: Those of them whose output adds their own input to what their blocks computed.
+        self.nested_in: list[str] = []
         self._rules = dict(rules or {})
         self._residual = residual  # whether to ask if each block adds its input to a branch
         self._ran: set[str] = set()
@@ -61,6 +69,8 @@ class CallWatch:
                         self._handles.forward_pre(sub, partial(self._seen, sub_name))
                 if self._residual:
                     self._handles.forward(block, partial(self._ask, name), with_kwargs=True)
+            for name, module in self._enclosing.items():
+                self._handles.forward(module, partial(self._ask_enclosing, name), with_kwargs=True)
 
     @property
     def watching(self) -> bool:
@@ -82,6 +92,18 @@ class CallWatch:
         self.asked.append(name)
         if adds_input(y.grad_fn, gradient_edge(found[0]).node) is False:
             self.not_residual.append(name)
+
+    def _ask_enclosing(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """A module holding several blocks returns: is it ``x + (its blocks)(x)``, a residual block
+        whose branch holds them?"""
+        if name in self.nested_in or output is None:
+            return
+        found = locate_input(args, kwargs, None, module)
+        y = find_output(output)
+        if found is None or y is None or not found[0].requires_grad:
+            return
+        if skips_input(y.grad_fn, gradient_edge(found[0]).node):
+            self.nested_in.append(name)
 
     def stop(self) -> None:
         """Remove the hooks (safe to call twice)."""
@@ -144,4 +166,39 @@ def not_residual_message(blocks: list[str], residual: list[str], stand_ins: Sequ
             if stand_ins
             else ""
         )
+    )
+
+
+def enclosing_modules(model: nn.Module, blocks: Collection[str]) -> dict[str, nn.Module]:
+    """The modules (neither the model nor a ModuleList, ModuleDict or Sequential) that are the
+    nearest such ancestor of at least two of ``blocks``: a stage, or an outer residual block.
+
+    >>> class Outer(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.inner = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    >>> list(enclosing_modules(nn.Sequential(Outer()), ["0.inner.0", "0.inner.1"]))
+    ['0']
+    """
+    named = dict(model.named_modules())
+    count: dict[str, int] = {}
+    for block in blocks:
+        parts = block.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:k])
+            if not isinstance(named.get(parent), (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+                count[parent] = count.get(parent, 0) + 1
+                break
+    return {n: named[n] for n, c in count.items() if c >= 2 and n in named}
+
+
+def nested_message(outer: list[str], inner: Mapping[str, list[str]]) -> str:
+    """The one warning for auto-selected blocks that sit in the branch of residual blocks."""
+    inside = "; ".join(f"{o}: {inner[o][0]} ... {inner[o][-1]}" for o in outer)
+    return (
+        f"gradprobe: blocks='auto' selected blocks inside the branch of residual block(s) {outer} "
+        f"({inside}): their outputs add their own input to what those blocks compute (nested "
+        "residuals). The selected blocks' stacks end inside each outer block, and the gradient that "
+        "takes the outer skips bypasses them. Pass blocks= the outer level, e.g. "
+        f"blocks={[*outer[:3], '...'] if len(outer) > 3 else outer}, or both levels (each level then "
+        "gets its own stacks and cum_gain)."
     )

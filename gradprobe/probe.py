@@ -42,7 +42,7 @@ from .blocks import (
     without_shortcut,
 )
 from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
-from .coverage import CallWatch, not_residual_message
+from .coverage import CallWatch, enclosing_modules, nested_message, not_residual_message
 from .hooks import Handles
 from .jacobian.schedule import JacobianSchedule, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id
@@ -130,7 +130,8 @@ class Probe(RecordedTables):
         self._hooks = Handles()  # on the model, while attached
         # which blocks run (and, for blocks="auto", which are residual) until the first recorded step closes
         auto = isinstance(config.blocks, str) and config.blocks == "auto"
-        self._watch = CallWatch(self._modules, self._rules, residual=auto)
+        self._enclosing = enclosing_modules(model, names) if auto else {}
+        self._watch = CallWatch(self._modules, self._rules, residual=auto, enclosing=self._enclosing)
         self._stand_ins = {b.name for b in auto_blocks(model) if b.stand_in} if auto else set()
         self._block_hooks = Handles()  # on the blocks and shortcuts, taken off on unrecorded steps
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -489,6 +490,13 @@ class Probe(RecordedTables):
         # Beside residual blocks only: a plain net's blocks are all plain, by design.
         plain = [n for n in self._watch.not_residual if n not in self._no_shortcut_by_design]
         residual = [n for n in self._watch.asked if n not in self._watch.not_residual]
+        if self._watch.nested_in:
+            # the modules of the same classes as those found (a first one on an input without grad
+            # cannot show its skip)
+            kinds = {type(self._enclosing[n]) for n in self._watch.nested_in}
+            outer = [n for n, m in self._enclosing.items() if type(m) in kinds]
+            inner = {o: [n for n in self._modules if n.startswith(o + ".")] for o in outer}
+            self._alerts.once("nested", nested_message(outer, inner))
         stand_ins = [n for n in plain if n in self._stand_ins]
         if plain and (residual or stand_ins):
             self._alerts.once("not-residual", not_residual_message(plain, residual, stand_ins))

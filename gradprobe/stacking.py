@@ -105,6 +105,32 @@ def adds_input(output: Any, target: Any, limit: int = MAX_WALK) -> bool | None:
     return False
 
 
+def skips_input(output: Any, target: Any, hops: int = 2) -> bool | None:
+    """Whether the autograd node ``output`` is (up to ``hops`` single-input nodes after it) an
+    addition of the tensor whose node is ``target`` itself to something computed from it:
+    ``x + f(x)`` with the identity skip taken right at the module's input. None without a graph.
+
+    >>> x = torch.ones(2, requires_grad=True) * 1
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> h = x + torch.tanh(w * x)
+    >>> skips_input((x + h).grad_fn, x.grad_fn), skips_input((h + torch.tanh(h)).grad_fn, x.grad_fn)
+    (True, False)
+    """
+    if output is None or target is None:
+        return None
+    node = output
+    for _ in range(hops + 1):
+        children = [c for c, _ in getattr(node, "next_functions", ()) if c is not None]
+        if type(node).__name__.startswith("AddBackward"):
+            if not any(c is target for c in children):
+                return False
+            return any(c is not target and reaches(c, target) for c in children)
+        if len(children) != 1:
+            return False
+        node = children[0]
+    return False
+
+
 def common_prefix(names: list[str]) -> str:
     """The longest dotted prefix shared by these names (a single name: itself).
 

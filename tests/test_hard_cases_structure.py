@@ -545,3 +545,39 @@ def test_plain_and_residual_nets_alone_do_not_warn():
     residual = nn.Sequential(*[ResConv(4) for _ in range(3)])
     x = torch.randn(2, 4, 10)
     assert not _train_once(plain, x) and not _train_once(residual, x)
+
+
+class PlainStage(nn.Module):
+    """A stage that only routes: its output is its last block's, no skip of its own."""
+
+    def __init__(self, d: int, gen: torch.Generator):
+        super().__init__()
+        self.inner = nn.Sequential(InnerRes(d, gen), InnerRes(d, gen))
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_auto_inside_nested_residuals_warns_with_the_outer_level():
+    net, x = _nested(), torch.randn(4, 6, dtype=DT, generator=_gen(16))
+    assert [b.name for b in auto_blocks(net)][:2] == ["0.inner.0", "0.inner.1"]  # the structure is a stage's
+
+    def run():
+        with gradprobe.attach(net) as probe:
+            net(x).sum().backward()
+            probe.frame()
+
+    (message,) = [m for m in _warnings(run) if "nested residuals" in m]
+    assert "residual block(s) ['0', '1', '2']" in message and "blocks=['0', '1', '2']" in message
+
+
+def test_stages_that_only_route_are_not_nested_residuals():
+    gen = _gen(17)
+    net, x = nn.Sequential(*[PlainStage(6, gen) for _ in range(3)]), torch.randn(4, 6, dtype=DT)
+
+    def run():
+        with gradprobe.attach(net) as probe:
+            net(x.requires_grad_()).sum().backward()
+            probe.frame()
+
+    assert not [m for m in _warnings(run) if "gradprobe" in m]
