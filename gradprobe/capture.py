@@ -354,7 +354,8 @@ def other_outputs(output: Any, y: Tensor) -> list[Tensor]:
     >>> len(other_outputs((y, y.sum()), y)), len(other_outputs((y, y.detach().sum()), y))
     (1, 0)
     """
-    return [t for _, t in _signals(output) if t is not y and t.requires_grad]
+    # (a view of y is y: its gradient reaches y's own node)
+    return [t for _, t in _signals(output) if t is not y and t._base is not y and t.requires_grad]
 
 
 def same_shape_output(output: Any, y: Tensor, shape: torch.Size) -> Any:
