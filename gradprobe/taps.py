@@ -60,13 +60,19 @@ class Call(CallStats):
     # differentiate with respect to the leaf (torch.autograd.grad(loss, params)) never computes g_x.
     x_edge: Any = None
     y_edge: Any = None
+    # The block's other differentiable outputs (an auxiliary loss): their gradient edges and the
+    # input's, held from the forward hook to the step's close (a cycle through their nodes, broken
+    # by release()), and the part of g_x that reached x through them in the running pass, which the
+    # input hook takes out: the block's columns are those of y = s(x) + F(x).
+    other_edges: list[Any] | None = None
+    other_x: torch.Tensor | None = None
 
     # The gradients of passes that are not known to train (see Taps._pass_kind), kept apart.
     aux: Call | None = None
 
     def release(self) -> None:
         """Drop what still ties this call to the autograd graph (at the close of its step)."""
-        self.x_edge = self.y_edge = self.g_y = None
+        self.x_edge = self.y_edge = self.g_y = self.other_edges = self.other_x = None
         self.drop_held()
         if self.aux is not None:
             self.aux.release()
@@ -239,7 +245,7 @@ class Taps:
                 return x
             self._stacks.link(name, x, self._index)
             alias = alias_view(x)
-            alias.register_hook(partial(self._grad_x_hook, call))
+            alias.register_hook(partial(self._grad_x_alias_hook, call))
             call.x_node, call.x_output_nr = x.grad_fn, x.output_nr
             call.x, call.x_version = alias, alias._version
             return alias
@@ -286,6 +292,8 @@ class Taps:
                         self.calls.append(call)
             elif y.requires_grad:
                 self._record_forward(call, y, shortcut_out)
+                if call.x is not None and self._recording():
+                    self._other_outputs(call, output, y)
         except Exception as exc:
             self._fail(f"forward metrics of block {name}", exc)
         finally:
@@ -335,6 +343,28 @@ class Taps:
             call.x_edge, call.y_edge = gradient_edge(x), gradient_edge(y)
         self.calls.append(call)
         y.register_hook(partial(self._grad_y_hook, call))
+
+    def _other_outputs(self, call: Call, output: Any, y: torch.Tensor) -> None:
+        """A block whose output holds more than y: its columns stay those of y = s(x) + F(x), so the
+        gradient reaching x through the other outputs is taken out of g_x (measured by a
+        vector-Jacobian product from each one's gradient hook, only in passes that reach it); an
+        output rule that took a tensor unlike the input beside one like it says so, pointing to
+        ``output=``."""
+        x = call.x
+        assert x is not None
+        spec = _rule.same_shape_output(output, y, x.shape) if self._rules[call.block].output is None else None
+        if spec is not None:
+            self.no_shortcut.discard(call.block)  # the output rule is the suspect, not a shortcut
+            self._warn_once(
+                f"output-shape:{call.block}", _rule.wrong_output_message(call.block, output, y, spec, x.shape)
+            )
+        others = _rule.other_outputs(output, y)
+        if not others or x._version != call.x_version:
+            return
+        call.other_edges = [gradient_edge(x)]
+        for t in others:
+            call.other_edges.append(gradient_edge(t))
+            t.register_hook(partial(self._grad_other_hook, call, len(call.other_edges) - 1))
 
     def flush_signal(self) -> None:
         """Reduce the held block outputs to their signal moments (end of a backward pass, step close)."""
@@ -429,6 +459,26 @@ class Taps:
             self._grad_x_hook(call, g_x)
         else:
             call.target(self._trains()).g_y = None
+
+    def _grad_other_hook(self, call: Call, index: int, grad: torch.Tensor) -> None:
+        """Gradient reached one of the block's other outputs: the part of g_x it carries, by a
+        vector-Jacobian product run before the pass reaches the block (its graph is intact)."""
+        if muted() or in_transform() or call.other_edges is None:
+            return
+        try:
+            x_edge, edge = call.other_edges[0], call.other_edges[index]
+            with mute():
+                (part,) = torch.autograd.grad(edge, x_edge, grad, retain_graph=True, allow_unused=True)
+            if part is not None:
+                call.other_x = part if call.other_x is None else call.other_x + part
+        except Exception as exc:
+            self._fail(f"input gradient of block {call.block}", exc)
+
+    def _grad_x_alias_hook(self, call: Call, grad: torch.Tensor) -> None:
+        if muted() or in_transform():  # (also the probe's own products through this block)
+            return
+        other, call.other_x = call.other_x, None
+        self._grad_x_hook(call, grad if other is None else grad - other)
 
     def _grad_x_hook(self, call: Call, grad: torch.Tensor) -> None:
         if muted() or in_transform():
