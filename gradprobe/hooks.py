@@ -1,6 +1,11 @@
 """Hook handles: a module hook that is safe to copy, pickle and compile, and the one list of a
 probe's handles, registered all or none and removed together.
 
+A copy of a probed model carries no gradprobe hooks: ``copy.deepcopy`` (an EMA copy,
+``AveragedModel``) leaves the copy's hook dicts as the user made them once it returns, and a
+pickled model (``torch.save``) loads with stand-ins that take themselves out of the module's
+hook dicts on its first call, before doing anything else.
+
 >>> import torch, torch.nn as nn
 >>> net, seen = nn.Linear(2, 2), []
 >>> handles = Handles()
@@ -22,13 +27,88 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+#: Hook dicts of a module, each with the dicts keyed by the same handle ids (what a handle's
+#: ``remove()`` clears together).
+_HOOK_DICTS = {
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "_backward_pre_hooks": (),
+    "_backward_hooks": (),
+}
+
+
+class Copied:
+    """What a copied or unpickled :class:`ModuleHook` becomes: on the first call of its module
+    it removes every such stand-in from the hook dicts of that module and its submodules (as
+    their handles would), and it never changes what the module computes.
+
+    >>> import copy, torch, torch.nn as nn
+    >>> net = nn.Linear(2, 2)
+    >>> _ = net.register_forward_hook(Copied(), with_kwargs=True)  # what an unpickled copy holds
+    >>> _ = net(torch.zeros(1, 2)); dict(net._forward_hooks), dict(net._forward_hooks_with_kwargs)
+    ({}, {})
+    """
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        # Under torch.compile a graph break: Dynamo would trace the changes to the hook dicts.
+        (_remove_eagerly if torch.compiler.is_compiling() else _remove_all)(module)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Copied, ())
+
+    def __copy__(self) -> Copied:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Copied:
+        return self
+
+
+def remove_copied(module: nn.Module) -> int:
+    """Remove the :class:`Copied` stand-ins from ``module``'s hook dicts; how many there were."""
+    found = 0
+    for name, companions in _HOOK_DICTS.items():
+        hooks = module.__dict__.get(name)
+        if not hooks:
+            continue
+        ids = [key for key, hook in hooks.items() if isinstance(hook, Copied)]
+        for key in ids:
+            for dict_name in (name, *companions):
+                module.__dict__.get(dict_name, {}).pop(key, None)
+        found += len(ids)
+    return found
+
+
+def _remove_all(module: nn.Module) -> None:
+    for m in module.modules():
+        remove_copied(m)
+
+
+_remove_eagerly = torch.compiler.disable(_remove_all, recursive=True)
+
+
+class _RemoveAfterCopy:
+    """Kept in a ``copy.deepcopy`` memo: freed when that deepcopy returns, when the copy's state is
+    complete, and then takes the stand-ins out of the copied module's hook dicts."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # a finalizer must not raise (the stand-ins stay)
+            remove_copied(self.module)
+
 
 class ModuleHook:
     """A module hook that stays with its module: ``copy.deepcopy`` (an EMA copy) and
-    ``pickle``/``torch.save`` give the copy a no-op from the standard library instead (so a
-    pickled model loads without gradprobe); a shallow copy shares the hook dicts and is told
-    apart by identity. Under ``torch.compile`` Dynamo breaks the graph around the hook and
-    runs it eagerly: traced tensor hooks double-count gradients."""
+    ``pickle``/``torch.save`` give the copy a :class:`Copied` stand-in instead, which a deepcopy
+    removes from the copy's hook dicts as it returns and an unpickled one removes on the
+    module's first call; a shallow copy shares the hook dicts and is told apart by identity.
+    Under ``torch.compile`` Dynamo breaks the graph around the hook and runs it eagerly:
+    traced tensor hooks double-count gradients."""
 
     __slots__ = ("__weakref__", "_eager", "_fn", "_module", "compiled")
 
@@ -48,10 +128,17 @@ class ModuleHook:
         return self._fn(module, *args)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (getattr, (contextlib.nullcontext(), "__exit__"))
+        return (Copied, ())
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
-        return contextlib.nullcontext().__exit__
+    def __deepcopy__(self, memo: dict[Any, Any]) -> Copied:
+        # deepcopy makes the module's copy (memo[id(module)]) before copying its state, hook dicts
+        # included; the memo lives until that deepcopy returns, and so does what it holds.
+        module = self._module()
+        copied = memo.get(id(module)) if module is not None else None
+        key = ("gradprobe.hooks", id(copied))
+        if isinstance(copied, nn.Module) and key not in memo:
+            memo[key] = _RemoveAfterCopy(copied)
+        return Copied()
 
     def __copy__(self) -> ModuleHook:
         return self

@@ -147,8 +147,7 @@ class Probe(RecordedTables):
             if self.config.jacobian_every:
                 hooks.forward(self._model, self._jacobian_hook, with_kwargs=True)
             if self.config.paths_every:
-                hook = torch.compiler.disable(self._paths_hook, recursive=True)
-                hooks.add(self._model.register_forward_hook(hook, with_kwargs=True))
+                hooks.forward(self._model, self._paths_hook, with_kwargs=True)
             self._wake()
 
     def _wake(self) -> None:
@@ -336,6 +335,12 @@ class Probe(RecordedTables):
             return
         if self._auto and self._state is _State.DONE:
             self._close_step()
+        elif self._state is _State.FORWARD:  # the last pass had no backward: free what it left
+            try:
+                self._taps.prune()
+                self._stacks.forget()
+            except Exception as exc:
+                self._alerts.fail("releasing a forward pass without a backward pass", exc)
         self._hooks_for_step()
         if not self._block_hooks and self._state is not _State.BACKWARD:
             self._state = _State.FORWARD  # the blocks' hooks would have said so
