@@ -338,6 +338,7 @@ class Probe(RecordedTables):
         elif self._state is _State.FORWARD:  # the last pass had no backward: free what it left
             try:
                 self._taps.prune()
+                self._taps.captures.clear()  # left by a pass that raised (its end consumes them)
                 self._stacks.forget()
             except Exception as exc:
                 self._alerts.fail("releasing a forward pass without a backward pass", exc)

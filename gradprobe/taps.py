@@ -236,6 +236,8 @@ class Taps:
         kind = self._forward_kind(name, module)
         if not self._model_calls and kind in (Fwd.COUNT, Fwd.CAPTURE) and not in_backward():
             self.outside = True  # (a recomputation under checkpointing runs in backward, alone)
+            if self._index.get(name) == 0:  # the first block, called on its own: a new pass
+                self.prune()
         if kind is Fwd.RECOMPUTE:
             return swap_input(args, kwargs, alias_view, self._rules[name].input, module)
         if kind is Fwd.CAPTURE:
@@ -369,7 +371,9 @@ class Taps:
         dropped, a validation pass in training mode, a forward that raised, or several forwards
         before one backward): reduce the held block outputs, and release the calls that no
         gradient can reach any more, with what they hold, so that memory stays bounded whatever
-        the loop. Calls whose graph is still alive stay: a later backward pass may reach them."""
+        the loop. Calls whose graph is still alive stay: a later backward pass may reach them.
+        Called by the probe when the model is called again, here when the first block is called
+        on its own, and every :data:`PRUNE_CALLS` calls (and twice the calls kept) otherwise."""
         self.flush_signal()
         live = []
         for call in self.calls:
@@ -379,7 +383,8 @@ class Taps:
                 live.append(call)
         self.calls = live
         self._prune_at = max(PRUNE_CALLS, 2 * len(live))
-        self.captures.clear()  # a forward pass that raised left its Jacobian captures behind
+        if not self._model_calls:  # no call of the model in progress will take them (its end would)
+            self.captures.clear()
 
     def flush_signal(self) -> None:
         """Reduce the held block outputs to their signal moments (end of a backward pass, step close)."""
