@@ -2,9 +2,11 @@
 probe's handles, registered all or none and removed together.
 
 A copy of a probed model carries no gradprobe hooks: ``copy.deepcopy`` (an EMA copy,
-``AveragedModel``) leaves the copy's hook dicts as the user made them once it returns, and a
-pickled model (``torch.save``) loads with stand-ins that take themselves out of the module's
-hook dicts on its first call, before doing anything else.
+``AveragedModel``) leaves the copy's hook dicts as the user made them once it returns. A
+pickled model (``torch.save``) loads without gradprobe: where the loading process has imported
+gradprobe its hooks load as stand-ins that take themselves out of the module's hook dicts on
+its first call, elsewhere as a no-op of the standard library (a pickle cannot run code once
+it is loaded, nor choose without gradprobe).
 
 >>> import torch, torch.nn as nn
 >>> net, seen = nn.Linear(2, 2), []
@@ -19,6 +21,7 @@ hook dicts on its first call, before doing anything else.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -56,7 +59,7 @@ class Copied:
         (_remove_eagerly if torch.compiler.is_compiling() else _remove_all)(module)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Copied, ())
+        return _STAND_IN
 
     def __copy__(self) -> Copied:
         return self
@@ -65,14 +68,48 @@ class Copied:
         return self
 
 
+COPIED = Copied()
+
+
+class _Reduced:
+    """Pickles as the reduce value it holds: a call made when the pickle loads."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: tuple[Any, ...]) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.value
+
+
+# What a hook pickles as: at load, getattr(sys.modules.get("gradprobe.hooks"), "COPIED", no-op), built
+# of standard-library calls only, so that the pickle loads where gradprobe is not installed.
+_SYS_MODULES = _Reduced((getattr, (_Reduced((importlib.import_module, ("sys",))), "modules")))
+_STAND_IN = (
+    getattr,
+    (_Reduced((dict.get, (_SYS_MODULES, __name__))), "COPIED", contextlib.nullcontext().__exit__),
+)
+
+
+def _stand_in(hook: Any) -> bool:
+    """A :class:`Copied`, or the no-op a hook loads as where gradprobe was not imported."""
+    return isinstance(hook, Copied) or (
+        getattr(hook, "__func__", None) is contextlib.nullcontext.__exit__
+        and type(getattr(hook, "__self__", None)) is contextlib.nullcontext
+    )
+
+
 def remove_copied(module: nn.Module) -> int:
-    """Remove the :class:`Copied` stand-ins from ``module``'s hook dicts; how many there were."""
+    """Remove the stand-ins of copied or unpickled gradprobe hooks from ``module``'s hook dicts (as
+    their handles would); how many there were. :func:`gradprobe.attach` does it for the model's
+    modules, so that a model pickled while attached and loaded without gradprobe loses them."""
     found = 0
     for name, companions in _HOOK_DICTS.items():
         hooks = module.__dict__.get(name)
         if not hooks:
             continue
-        ids = [key for key, hook in hooks.items() if isinstance(hook, Copied)]
+        ids = [key for key, hook in hooks.items() if _stand_in(hook)]
         for key in ids:
             for dict_name in (name, *companions):
                 module.__dict__.get(dict_name, {}).pop(key, None)
@@ -128,7 +165,7 @@ class ModuleHook:
         return self._fn(module, *args)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Copied, ())
+        return _STAND_IN
 
     def __deepcopy__(self, memo: dict[Any, Any]) -> Copied:
         # deepcopy makes the module's copy (memo[id(module)]) before copying its state, hook dicts
@@ -138,7 +175,7 @@ class ModuleHook:
         key = ("gradprobe.hooks", id(copied))
         if isinstance(copied, nn.Module) and key not in memo:
             memo[key] = _RemoveAfterCopy(copied)
-        return Copied()
+        return COPIED
 
     def __copy__(self) -> ModuleHook:
         return self

@@ -35,7 +35,7 @@ from ._version import __version__
 from .alerts import Alerts
 from .blocks import BlockSpec, no_shortcut_message, select_blocks, shortcut_modules, without_shortcut
 from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
-from .hooks import Handles
+from .hooks import Handles, remove_copied
 from .jacobian.schedule import JacobianSchedule, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id
 from .rows import ParamSnapshots, loss_scale, non_finite, step_rows
@@ -138,6 +138,8 @@ class Probe(RecordedTables):
 
     # ------------------------------------------------------------------ lifecycle
     def _register(self) -> None:
+        for module in self._model.modules():  # of a copy or pickle of a probed model
+            remove_copied(module)
         hooks = self._hooks
         with hooks.all_or_none():
             # The whole model's calls: where steps close, and where the block hooks are put

@@ -16,6 +16,7 @@ import pickle
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,7 +108,12 @@ print(json.dumps(growth))
 
 def _growth(mode: str) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, timeout=900, check=True
+        [sys.executable, "-c", _CHILD, mode],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+        cwd=Path(__file__).parent.parent,  # this checkout's gradprobe
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -299,3 +305,40 @@ def test_pickled_probed_model_loads_without_gradprobe_hooks_after_first_use(save
     assert _hooks(loaded) == users
     loaded(_data(4)).sum().backward()
     assert _hooks(loaded) == users
+
+
+_LOAD_WITHOUT_GRADPROBE = r"""
+import json, pickle, sys
+import torch
+sys.modules["gradprobe"] = None  # as where gradprobe is not installed: importing it fails
+with open(sys.argv[1], "rb") as f:
+    net = pickle.load(f)
+y = net(torch.ones(2, 6, dtype=torch.float64))
+left = [type(h).__qualname__ for m in net.modules() for h in m._forward_hooks.values()]
+imported = sorted(name for name in sys.modules if name.startswith("gradprobe") and sys.modules[name])
+del sys.modules["gradprobe"]
+import gradprobe
+gradprobe.attach(net).detach()  # attaching removes what an earlier probe left in the pickle
+after = [h for m in net.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values()]
+print(json.dumps({"left": left, "imported": imported, "after": len(after), "y": y.sum().item()}))
+"""
+
+
+def test_model_pickled_while_attached_loads_where_gradprobe_is_not_installed(tmp_path):
+    torch.manual_seed(0)  # modules of torch only: the child can load them
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(3)]).double()
+    with gradprobe.attach(net):
+        (tmp_path / "net.pkl").write_bytes(pickle.dumps(net))
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_GRADPROBE, str(tmp_path / "net.pkl")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        cwd=Path(__file__).parent.parent,  # this checkout's gradprobe, once the child imports it
+    )
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["imported"] == []
+    assert seen["left"] and set(seen["left"]) == {"method"}  # nullcontext().__exit__: a no-op
+    assert seen["after"] == 0
+    assert seen["y"] == pytest.approx(net(torch.ones(2, 6, dtype=torch.float64)).sum().item(), abs=0)
