@@ -45,7 +45,7 @@ class Copied:
     it removes every such stand-in from the hook dicts of that module and its submodules (as
     their handles would), and it never changes what the module computes.
 
-    >>> import copy, torch, torch.nn as nn
+    >>> import torch, torch.nn as nn
     >>> net = nn.Linear(2, 2)
     >>> _ = net.register_forward_hook(Copied(), with_kwargs=True)  # what an unpickled copy holds
     >>> _ = net(torch.zeros(1, 2)); dict(net._forward_hooks), dict(net._forward_hooks_with_kwargs)

@@ -9,6 +9,7 @@ Steps (``Probe._state``)::
 
     IDLE     --forward through a probed block-->            FORWARD
     FORWARD  --first gradient hook of a backward pass-->    BACKWARD (end-of-backward callback queued)
+    FORWARD  --next call of the model-->                    FORWARD  (unreachable calls released)
     BACKWARD --that callback (parameter statistics)-->      DONE
     DONE     --next forward, frame(), save(), detach()-->   closed, IDLE  (automatic stepping)
     any      --step()-->                                    closed, IDLE  (explicit stepping from then on)

@@ -11,6 +11,9 @@ the model's calls; they ask the probe that owns them five things, passed in as c
 forward transition of a call (:class:`Fwd`), whether the step is recorded, that a backward
 pass started, and how to report a failure or warn once. The signal moments of a block's
 output wait in a :class:`gradprobe.batching.SignalQueue` for the end of the backward pass.
+A call that no gradient can reach any more (its graph freed before a backward pass: a loss
+dropped, a forward that raised) is released when the next forward pass begins
+(:meth:`Taps.prune`), so that loops without a backward pass keep nothing.
 On unrecorded steps a call only has its backward pass noticed, and with the block hooks off
 (:class:`gradprobe.probe.Probe`) the model's own hooks (:meth:`Taps.model_exit`) do that.
 
