@@ -15,6 +15,7 @@ import json
 import pickle
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,43 @@ def _kept_output(net: nn.Module, i: int) -> None:
 
 
 _kept: list[torch.Tensor] = []
+
+
+class _Saved:
+    """What autograd saves for backward, wrapped (saved_tensors_hooks) so that a weak reference
+    tells when the graph that saved it is freed."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t.detach()  # (a saved output with its grad_fn would tie its node to itself)
+
+
+def _blocks_alone(net: nn.Module, i: int) -> None:
+    y = _data(100 + i)
+    for block in net:
+        y = block(y)
+
+
+@pytest.mark.parametrize("loop", ["forward", "raises", "blocks_alone"])
+def test_forward_passes_without_backward_free_their_graphs(loop):
+    # The probe's hooks tied each such pass's first-block graph to itself (its output's gradient
+    # edge, held by the call that the output's hook holds): no graph of those passes was freed.
+    net, saved = _net(), []
+
+    def pack(t: torch.Tensor) -> _Saved:
+        box = _Saved(t)
+        saved.append(weakref.ref(box))
+        return box
+
+    shape = {"forward": _forward_only, "raises": _raises, "blocks_alone": _blocks_alone}[loop]
+    with gradprobe.attach(net) as probe:
+        _train(net, 1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+            for i in range(20):
+                shape(net, i)
+        assert len(saved) >= 20  # the blocks saved tensors in every pass
+        net(_data(0)).pow(2).mean().backward()  # the next pass frees what the last one left
+        assert [r for r in saved if r() is not None] == []
+    assert len(probe.frame()) == 6  # the two training steps, each 3 rows
 
 
 def _backward(net: nn.Module, loss: torch.Tensor) -> None:
