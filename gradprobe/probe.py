@@ -9,6 +9,7 @@ Steps (``Probe._state``)::
 
     IDLE     --forward through a probed block-->            FORWARD
     FORWARD  --first gradient hook of a backward pass-->    BACKWARD (end-of-backward callback queued)
+    FORWARD  --next call of the model-->                    FORWARD  (unreachable calls released)
     BACKWARD --that callback (parameter statistics)-->      DONE
     DONE     --next forward, frame(), save(), detach()-->   closed, IDLE  (automatic stepping)
     any      --step()-->                                    closed, IDLE  (explicit stepping from then on)
@@ -43,7 +44,7 @@ from .blocks import (
 )
 from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
 from .coverage import CallWatch, enclosing_modules, nested_message, not_residual_message
-from .hooks import Handles
+from .hooks import Handles, remove_copied
 from .jacobian.schedule import JacobianSchedule, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id
 from .rows import ParamSnapshots, loss_scale, non_finite, step_rows
@@ -151,6 +152,8 @@ class Probe(RecordedTables):
 
     # ------------------------------------------------------------------ lifecycle
     def _register(self) -> None:
+        for module in self._model.modules():  # of a copy or pickle of a probed model
+            remove_copied(module)
         hooks = self._hooks
         with hooks.all_or_none():
             # The whole model's calls: where steps close, and where the block hooks are put
@@ -160,8 +163,7 @@ class Probe(RecordedTables):
             if self.config.jacobian_every:
                 hooks.forward(self._model, self._jacobian_hook, with_kwargs=True)
             if self.config.paths_every:
-                hook = torch.compiler.disable(self._paths_hook, recursive=True)
-                hooks.add(self._model.register_forward_hook(hook, with_kwargs=True))
+                hooks.forward(self._model, self._paths_hook, with_kwargs=True)
             self._wake()
             self._watch.start()
 
@@ -351,6 +353,13 @@ class Probe(RecordedTables):
             return
         if self._auto and self._state is _State.DONE:
             self._close_step()
+        elif self._state is _State.FORWARD:  # the last pass had no backward: free what it left
+            try:
+                self._taps.prune()
+                self._taps.captures.clear()  # left by a pass that raised (its end consumes them)
+                self._stacks.forget()
+            except Exception as exc:
+                self._alerts.fail("releasing a forward pass without a backward pass", exc)
         self._hooks_for_step()
         if not self._block_hooks and self._state is not _State.BACKWARD:
             self._state = _State.FORWARD  # the blocks' hooks would have said so
