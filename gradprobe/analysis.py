@@ -142,14 +142,30 @@ def paths(
     with preserved(model, args), mute():
         frame, info = captured_decomposition(lambda: model(*args), named, shortcut_of, loss_of, max_length)
     _annotate(frame, info)
+    _warn_unrun([n for n, _ in named], info)
+    _warn_bypass(info)
     _warn_cancellation(info)
     return frame
 
 
+def _warn_unrun(names: list[str], info: list[dict[str, Any]]) -> None:
+    seen = {b for item in info for b in item["blocks"]}
+    missing = [n for n in names if n not in seen]
+    if missing:
+        warnings.warn(
+            f"gradprobe.paths: block(s) {missing} were not called with gradients in this pass (a "
+            "ModuleList/ModuleDict has no forward of its own; its parent calls its members): they are "
+            "in no stack of the frame. Pass blocks= the modules that are called.",
+            RuntimeWarning,
+            stacklevel=3,  # past paths(): the caller's line
+        )
+
+
 def _warn_cancellation(info: list[dict[str, Any]]) -> None:
     for item in info:
-        g, rem = item["grad_norm"], item["remainder"]
-        if item["max_length"] is None and g > 0 and rem > 1e-3 * g:
+        g, rem = item["grad_norm"], item["residual"]
+        # Only where the lengths do cancel: rounding grown by sum_k |c_k| > |g|, not a bypass
+        if item["max_length"] is None and g > 0 and rem > 1e-3 * g and item["cancellation"] > 1.5:
             warnings.warn(
                 f"gradprobe.paths: in stack {item['stack']} the paths of different lengths cancel "
                 f"(sum_k |c_k| = {item['cancellation']:.3g} |g|), so sum_k c_k matches the autograd "
@@ -161,6 +177,22 @@ def _warn_cancellation(info: list[dict[str, Any]]) -> None:
                 stacklevel=3,  # past paths(): the caller's line
             )
             return
+
+
+def _warn_bypass(info: list[dict[str, Any]]) -> None:
+    bypassed = [item for item in info if item["bypass"] > 0]
+    if bypassed:
+        listed = ", ".join(f"{item['stack']} ({item['bypass']:.2g} of |g|)" for item in bypassed)
+        warnings.warn(
+            f"gradprobe.paths: part of the gradient at the input of stack(s) {listed} bypasses their "
+            "blocks (a long skip around them: a U-Net's skip connections, an outer residual around "
+            "nested blocks), so the path lengths describe only the part that runs through the blocks: "
+            "sum_k c_k is that part, and the rest is the stack's bypass (attrs['stacks'][i]['bypass'] "
+            "and the remainder). Select the blocks of one level (for nested residuals, the outer ones) "
+            "to decompose a gradient that runs through them all.",
+            RuntimeWarning,
+            stacklevel=3,  # past paths(): the caller's line
+        )
 
 
 def _annotate(frame: pd.DataFrame, info: list[dict[str, Any]]) -> None:

@@ -48,6 +48,14 @@ A *container* is an ``nn.Sequential``, ``nn.ModuleList`` or ``nn.ModuleDict``.
    one shared layer, which sits alone in a one-element layer group).
 4. **Outermost.** A candidate inside another candidate is dropped (the convs of
    a bottleneck, the experts of a mixture-of-experts layer).
+5. **Called.** A candidate without a forward of its own (an ``nn.ModuleList`` or
+   ``nn.ModuleDict``: its parent calls its members, so its hooks never fire) stands for
+   its child holding the most parameters, looked into until one has a forward: the
+   x-transformers layout ``layers = ModuleList([ModuleList([norm, f]), ...])``, run as
+   ``for norm, f in layers: x = x + f(norm(x))``, gives ``layers.N.1``, the branch ``f``
+   (the residual addition is in the parent's loop, inside no module). A probe still names
+   every selected block that did not run in its first recorded step in one warning, with
+   what ran inside it (:mod:`gradprobe.coverage`).
 
 A weight's parametrizations (``torch.nn.utils.parametrize``: weight norm, spectral
 norm) are bookkeeping of one layer and never blocks or stages.
@@ -91,6 +99,8 @@ class AutoBlock(NamedTuple):
     name: str
     module: nn.Module
     run: str
+    #: The module stands for a run member that is never called (a ModuleList's, rule 5).
+    stand_in: bool = False
 
 
 def _n_params(module: nn.Module) -> int:
@@ -224,11 +234,37 @@ def _auto(model: nn.Module) -> list[AutoBlock]:
     kept = [c for c in candidates if c not in stage_names]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     named = dict(model.named_modules())
-    return [
-        AutoBlock(c, named[c], candidates[c])
-        for c in sorted(kept, key=order.__getitem__)
-        if not any(_is_ancestor(other, c) for other in kept if other != c)
-    ]
+    out: list[AutoBlock] = []
+    for c in sorted(kept, key=order.__getitem__):
+        if any(_is_ancestor(other, c) for other in kept if other != c):
+            continue
+        part = _called_part(c, named[c])  # a ModuleList member of a run is never called itself
+        if part is not None and all(part[0] != b.name for b in out):
+            out.append(AutoBlock(part[0], part[1], candidates[c], stand_in=part[0] != c))
+    return out
+
+
+def callable_module(module: nn.Module) -> bool:
+    """Whether ``module`` has a forward of its own (an ``nn.ModuleList`` or ``nn.ModuleDict`` has
+    none: its parent calls its members, so hooks on it never fire).
+
+    >>> callable_module(nn.Sequential()), callable_module(nn.ModuleList())
+    (True, False)
+    """
+    return type(module).forward is not nn.Module.forward
+
+
+def _called_part(name: str, module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The module that stands for a candidate list that is never called itself (a ModuleList or
+    ModuleDict): its child holding the most parameters, looked into until it is not such a list
+    (None: no child with parameters)."""
+    while isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        weighted = [(n, c) for n, c in module.named_children() if _has_params(c)]
+        if not weighted:
+            return None
+        child_name, module = max(weighted, key=lambda item: _n_params(item[1]))
+        name = _join(name, child_name)
+    return name, module
 
 
 def _is_ancestor(parent: str, child: str) -> bool:

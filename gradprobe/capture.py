@@ -56,7 +56,7 @@ from torch import nn
 
 from ._tensors import in_backward
 from .blocks import select_blocks
-from .stacking import continues, stack_labels
+from .stacking import continues, nesting, stack_labels
 
 Tensor = torch.Tensor
 
@@ -321,6 +321,69 @@ def find_output(output: Any, spec: OutputSpec = None) -> Tensor | None:
     return got if is_signal(got) else None
 
 
+def _signals(
+    obj: Any, path: tuple[Any, ...] = (), depth: int = 0
+) -> Iterator[tuple[tuple[Any, ...], Tensor]]:
+    """Every floating-point or complex tensor of an output with its path of keys, depth first
+    (the default rule's order)."""
+    if isinstance(obj, Tensor):
+        if is_signal(obj):
+            yield path, obj
+        return
+    if depth >= _MAX_DEPTH:
+        return
+    items: Any
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, (tuple, list)):
+        items = enumerate(obj)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    else:
+        return
+    for key, value in items:
+        yield from _signals(value, (*path, key), depth + 1)
+
+
+def other_outputs(output: Any, y: Tensor) -> list[Tensor]:
+    """The differentiable tensors of ``output`` besides the block output ``y`` (an auxiliary loss,
+    router logits, a second stream): gradient reaching the block's input through them is not
+    gradient through y.
+
+    >>> y = torch.ones(2, requires_grad=True) * 2
+    >>> len(other_outputs((y, y.sum()), y)), len(other_outputs((y, y.detach().sum()), y))
+    (1, 0)
+    """
+    # (a view of y is y: its gradient reaches y's own node)
+    return [t for _, t in _signals(output) if t is not y and t._base is not y and t.requires_grad]
+
+
+def same_shape_output(output: Any, y: Tensor, shape: torch.Size) -> Any:
+    """Where the output holds a differentiable tensor shaped like the input when ``y`` is not: the
+    ``output=`` spec that picks it (a position, a key or field name), or None.
+
+    >>> x = torch.ones(3, 2)
+    >>> same_shape_output((x.sum(), 2 * x), x.sum(), x.shape), same_shape_output(2 * x, 2 * x, x.shape)
+    (1, None)
+    """
+    if y.shape == shape:
+        return None
+    for path, t in _signals(output):
+        if t is not y and t.shape == shape and len(path) == 1:
+            return path[0]
+    return None
+
+
+def wrong_output_message(block: str, output: Any, y: Tensor, spec: Any, shape: torch.Size) -> str:
+    """The one warning for an output rule that landed on a tensor unlike the input beside one like it."""
+    return (
+        f"gradprobe: block {block!r} returned {describe_output(output)}; the capture rule took the "
+        f"tensor of shape {tuple(y.shape)} as its output y, while the input has shape {tuple(shape)} and "
+        f"the output holds a tensor of that shape at {spec!r}. Its columns describe the tensor taken. "
+        f"If {spec!r} is the block's output, pass output= to attach(), e.g. output={{{block!r}: {spec!r}}}."
+    )
+
+
 def describe_output(output: Any) -> str:
     """The type of an output, with the types inside a container, for messages.
 
@@ -505,6 +568,7 @@ def capturing(
     start: str | None = None,
     stop_after: str | None = None,
     rules: Mapping[str, Rule] | None = None,
+    every_call: bool = False,
 ) -> Iterator[tuple[Any, list[BlockCapture]]]:
     """Run ``forward()`` once; yield (output, captures of each named block's first call).
 
@@ -515,9 +579,12 @@ def capturing(
     ``stop_after``, the forward is aborted once that block has returned (output
     ``None``). Until the block closes, a block that activation checkpointing recomputes
     during a backward pass gets its input replaced the same way again:
-    ``torch.utils.checkpoint`` insists on the same graph.
+    ``torch.utils.checkpoint`` insists on the same graph. A block called several times (weight
+    sharing) is captured at its first call, or with ``every_call`` at each call (in the order
+    the calls return; all of them in the first call's stack).
     """
     caps: dict[str, BlockCapture] = {}
+    every: list[BlockCapture] = []
     pending: dict[str, Pending] = {}
     order: list[str] = []
     handles = []
@@ -525,16 +592,20 @@ def capturing(
     state = {"started": start is None}
     rule = dict(rules or {})
     linked: dict[str, bool] = {}  # stacks, as the probe detects them (stacking.continues)
+    # nested blocks continue the stacks of their own level (a shortcut capture: its block's level)
+    nest = nesting([n.split("\x00")[0] for n, _ in named])
+    level = {n: nest[n.split("\x00")[0]] for n, _ in named}
 
     def pre(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if name in caps or name in pending:
-            return None  # weight sharing: the first call only
+        if (name in caps and not every_call) or name in pending:
+            return None  # weight sharing: the first call only (unless every_call)
         found = locate_input(args, kwargs, rule.get(name, DEFAULT).input, module)
         if found is None:
             return None
         x, where = found
-        if order and caps[order[-1]].y_edge is not None:
-            linked[name] = continues(x, caps[order[-1]].y_edge.node)
+        before = [n for n in order if level[n] == level[name]]
+        if before and caps[before[-1]].y_edge is not None:
+            linked[name] = continues(x, caps[before[-1]].y_edge.node)
         if start is not None and not state["started"]:
             if start not in ("*first*", name):
                 return None
@@ -554,7 +625,7 @@ def capturing(
         y = find_output(output, rule.get(name, DEFAULT).output)
         if y is None:
             return
-        caps[name] = BlockCapture(
+        cap = BlockCapture(
             name,
             got.x,
             y,
@@ -562,6 +633,10 @@ def capturing(
             x_edge=got.input_edge(),
             y_edge=gradient_edge(y) if y.requires_grad else None,
         )
+        every.append(cap)
+        if name in caps:
+            return  # a later call of a shared block (every_call)
+        caps[name] = cap
         order.append(name)
         if name == stop_after:
             raise _StopForward
@@ -578,8 +653,9 @@ def capturing(
         for h in handles:
             h.remove()
     handles.clear()
-    for name, label in stack_labels(order, linked).items():
-        caps[name].stack = label
+    labels = stack_labels(order, linked, level)
+    for cap in every:
+        cap.stack = labels[cap.name]
 
     def again(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name not in replaced or not in_backward() or not torch.is_grad_enabled():
@@ -589,7 +665,7 @@ def capturing(
     try:
         for name, module in named:
             handles.append(module.register_forward_pre_hook(partial(again, name), with_kwargs=True))
-        yield output, [caps[n] for n in order]
+        yield output, every if every_call else [caps[n] for n in order]
     finally:
         for h in handles:
             h.remove()

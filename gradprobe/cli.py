@@ -438,8 +438,9 @@ SUMMARY_COLUMNS = (
 SUMMARY_LEGEND = """
 train_loss      mean training loss over the last epoch (degradation: deeper plain nets end higher)
 test_acc        accuracy on the held-out test split after the last epoch
-cum_gain_init   |dL/dx| at the first block / |dL/dy| at the last block, at step 0: the product of the
-                block gains. ~1: the gradient highway; >>1 explodes, <<1 vanishes on its way back
+cum_gain_init   |dL/dx| at the first block / |dL/dy| at the last block of its stack, at step 0: how
+                much the gradient grew or shrank on its way back. ~1: the gradient highway; >>1
+                explodes, <<1 vanishes
 cum_gain_end    the same after the last step
 res_ratio_*     largest |y - x| / |x| over the shape-preserving blocks (0: every block is the identity)
 effective_length_*  share-weighted mean number of residual branches on the gradient's paths (Veit et al.

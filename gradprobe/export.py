@@ -73,7 +73,8 @@ def summaries(rows: Sequence[Mapping[str, Any]], prefix: str = "gradprobe") -> d
     """Per-model summaries of one step's rows, as ``{tag: value}``.
 
     ``<prefix>/summary/min_gain`` and ``max_gain`` (over blocks), ``first_cum_gain`` (the
-    ``cum_gain`` of the block nearest the input: the product of every block gain) and
+    ``cum_gain`` of the block nearest the input: its grad_in over grad_out of the last block of its
+    stack) and
     ``max_res_ratio``. A summary whose values are all NaN is left out.
 
     >>> s = summaries([{"block": "a", "index": 0, "gain": 2.0, "cum_gain": 3.0, "res_ratio": 0.1},

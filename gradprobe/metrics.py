@@ -524,7 +524,8 @@ def finalize(
 
 
 def cum_gain(grad_in: float, grad_out_last: float) -> float:
-    """``grad_in`` of a block over ``grad_out`` of the last block: the product of the gains between them."""
+    """``grad_in`` of a block over ``grad_out`` of the last block of its stack (a ratio of two measured
+    norms, not the product of the gains between them)."""
     return safe_div(grad_in, grad_out_last)
 
 

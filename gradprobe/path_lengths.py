@@ -44,8 +44,13 @@ Columns of :func:`gradprobe.paths`, one row per (stack, length):
 branching blocks), ``central_90`` (the lengths that carry the central 90% of its share:
 the first k where ``cum_share`` reaches 5% and 95%), and ``stacks``, one dict per stack with
 those numbers plus its blocks, the blocks that do not branch, ``grad_norm`` (|g|) and
-``remainder``. :func:`paths_summary` computes the same numbers from any frame with these columns
-(a loaded one included, where attrs are gone).
+``remainder``, ``residual`` = |g_chain - sum_k c_k| (g_chain: the gradient carried through
+the chain of the stack's blocks with their whole Jacobians; rounding, grown by cancellation,
+and with ``max_length`` the paths left out) and ``bypass`` = |g - g_chain| / |g|, the share of
+the gradient that reaches the stack's input around its blocks (a long skip: a U-Net's, the
+outer residual of nested blocks; 0 within rounding). A block called several times in the
+pass (weight sharing) is a branching point at each call. :func:`paths_summary` computes the
+same numbers from any frame with these columns (a loaded one included, where attrs are gone).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from torch import nn
 
 from .capture import BlockCapture, capturing
 from .passes import projection_loss
-from .stacking import node_continues, stack_labels
+from .stacking import nesting, node_continues, stack_labels
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,6 +89,10 @@ PATH_COLUMNS: tuple[str, ...] = ("stack", "length", "path_grad", "share", "n_pat
 #: vector (ResNet-20, batch 32, 1 thread), hence 1; it may pay off on a GPU (not measured).
 BATCH_VJPS = 1
 
+#: Rounding allowance of the bypass check, in units of the dtype's epsilon times the gradient norm:
+#: the gradient through the chain and autograd's gradient add the same terms in other orders.
+_BYPASS_ULPS = 1000
+
 # Suffix of the capture name of a block's shortcut module (a NUL cannot occur in module names).
 _SHORTCUT = "\x00shortcut"
 
@@ -105,14 +114,18 @@ def group_stacks(caps: Sequence[BlockCapture]) -> list[list[BlockCapture]]:
     [['a', 'b'], ['c']]
     """
     stacks: list[list[BlockCapture]] = []
+    nest = nesting([c.name for c in caps])  # nested blocks: stacks of their own level
+    current: dict[str, list[BlockCapture]] = {}
     for cap in caps:
         if cap.y_edge is None and not cap.y.requires_grad:
             continue
         # the probe's stack rule (stacking.continues): a graph too large to tell continues the stack
-        if stacks and node_continues(_node(cap.input), _node(stacks[-1][-1].output)):
-            stacks[-1].append(cap)
+        here = current.get(nest[cap.name])
+        if here is not None and node_continues(_node(cap.input), _node(here[-1].output)):
+            here.append(cap)
         else:
-            stacks.append([cap])
+            current[nest[cap.name]] = [cap]
+            stacks.append(current[nest[cap.name]])
     return stacks
 
 
@@ -167,7 +180,7 @@ def decompose(
     caps: Sequence[BlockCapture],
     loss: Tensor,
     *,
-    shortcuts: Mapping[str, BlockCapture] | None = None,
+    shortcuts: Mapping[str, BlockCapture | Sequence[BlockCapture]] | None = None,
     max_length: int | None = None,
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """The path-length decomposition of ``loss``'s gradient over captured blocks.
@@ -188,6 +201,18 @@ def decompose(
     if max_length is not None and (not isinstance(max_length, int) or max_length < 0):
         raise ValueError(f"max_length must be None or a non-negative int, got {max_length!r}")
     shortcuts = dict(shortcuts or {})
+    calls: dict[int, int] = {}  # id(capture) -> its call number among the captures of its block
+    seen: dict[str, int] = {}
+    for cap in caps:
+        calls[id(cap)] = seen.get(cap.name, 0)
+        seen[cap.name] = calls[id(cap)] + 1
+
+    def shortcut_of(cap: BlockCapture) -> BlockCapture | None:
+        sc = shortcuts.get(cap.name)
+        if isinstance(sc, Sequence):  # a shared block's shortcut, captured at each call
+            return sc[calls[id(cap)]] if calls[id(cap)] < len(sc) else None
+        return sc
+
     stacks = group_stacks(caps)
     rows: list[dict[str, Any]] = []
     info: list[dict[str, Any]] = []
@@ -201,13 +226,18 @@ def decompose(
         number = labels[stack[0].name]
         if g is None:
             g = torch.zeros_like(stack[-1].y)
-        coeffs, branching, still = _propagate(stack, g.detach(), shortcuts, max_length, batched)
+        coeffs, branching, still, whole = _propagate(stack, g.detach(), shortcut_of, max_length, batched)
         first = stack[0]
         (true,) = torch.autograd.grad(
             [stack[-1].output], [first.input], [g], retain_graph=True, allow_unused=True
         )
         true = torch.zeros_like(first.x) if true is None else true.detach()
         total = torch.stack(coeffs).sum(0) if coeffs else torch.zeros_like(true)
+        grad_norm = float(torch.linalg.vector_norm(true.double()))
+        # What reaches the stack's input without passing through its blocks (a long skip around
+        # them: a U-Net's, an outer residual's); rounding alone leaves a few ulps of the norms.
+        bypass = float(torch.linalg.vector_norm((true - whole).double()))
+        rounding = _BYPASS_ULPS * torch.finfo(true.dtype).eps * max(grad_norm, float(whole.norm()))
         norms = [float(torch.linalg.vector_norm(c.double())) for c in coeffs]
         denom = sum(norms)
         cum = 0.0
@@ -232,8 +262,14 @@ def decompose(
                 "blocks": [c.name for c in stack],
                 "branching": branching,
                 "no_branch": still,
-                "grad_norm": float(torch.linalg.vector_norm(true.double())),
+                "grad_norm": grad_norm,
                 "remainder": float(torch.linalg.vector_norm((true - total).double())),
+                # |g - (the gradient through the chain of blocks)| / |g|: the share of the gradient that
+                # bypasses the blocks (0 up to rounding where every path runs through them)
+                "bypass": bypass / grad_norm if grad_norm > 0 and bypass > rounding else 0.0,
+                # |(the gradient through the chain) - sum_k c_k|: the decomposition's own error
+                # (rounding, grown by cancellation; with max_length also the paths left out)
+                "residual": float(torch.linalg.vector_norm((whole - total).double())),
                 # sum_k |c_k| / |g|: how much the lengths cancel (1: none). Each |c_k| is exact to the
                 # rounding of its own size, but their sum only to about this factor times that.
                 "cancellation": denom / float(torch.linalg.vector_norm(true.double())),
@@ -250,19 +286,21 @@ def decompose(
 def _propagate(
     stack: Sequence[BlockCapture],
     g: Tensor,
-    shortcuts: Mapping[str, BlockCapture],
+    shortcut_of: Callable[[BlockCapture], BlockCapture | None],
     max_length: int | None,
     batched: list[bool],
-) -> tuple[list[Tensor], int, list[str]]:
-    """Coefficients c_0..c_m at the stack input, the number of branching blocks, and the blocks
-    that do not branch (shape-changing without a known shortcut)."""
+) -> tuple[list[Tensor], int, list[str], Tensor]:
+    """Coefficients c_0..c_m at the stack input, the number of branching blocks, the blocks that
+    do not branch (shape-changing without a known shortcut), and the whole gradient carried
+    through the chain of blocks (their full Jacobians: sum_k c_k without truncation)."""
     coeffs = [g]
+    whole = g
     branching = 0
     still: list[str] = []
     for i in range(len(stack) - 1, -1, -1):
         cap = stack[i]
-        full = _vjp(cap.output, cap.input, coeffs, cap.x, batched)  # (dH/dx)^T c_k
-        sc = shortcuts.get(cap.name)
+        *full, whole = _vjp(cap.output, cap.input, [*coeffs, whole], cap.x, batched)  # (dH/dx)^T c_k
+        sc = shortcut_of(cap)
         if sc is not None:
             skip = _vjp(sc.output, cap.input, coeffs, cap.x, batched)  # (ds/dx)^T c_k
         elif cap.same_shape:
@@ -279,8 +317,8 @@ def _propagate(
             coeffs = new if max_length is None else new[: max_length + 1]
         if i > 0 and not _direct(cap, stack[i - 1]):
             prev = stack[i - 1]
-            coeffs = _vjp(cap.input, prev.output, coeffs, prev.y, batched)
-    return coeffs, branching, still[::-1]
+            *coeffs, whole = _vjp(cap.input, prev.output, [*coeffs, whole], prev.y, batched)
+    return coeffs, branching, still[::-1], whole
 
 
 # ---------------------------------------------------------------------- summary
@@ -343,9 +381,13 @@ def captured_decomposition(
     """Run ``forward()`` once with the blocks and their shortcut modules captured, and decompose
     ``loss_of(output)``. The caller provides the no-side-effect guarantees around it."""
     extra = [(name + _SHORTCUT, module) for name, module in shortcut_of.items()]
-    with torch.enable_grad(), capturing(forward, [*named, *extra]) as (output, got):
+    with torch.enable_grad(), capturing(forward, [*named, *extra], every_call=True) as (output, got):
+        # every call of a shared block is a branching point of its own (and so is its shortcut's)
         blocks = [c for c in got if not c.name.endswith(_SHORTCUT)]
-        shortcuts = {c.name[: -len(_SHORTCUT)]: c for c in got if c.name.endswith(_SHORTCUT)}
+        shortcuts: dict[str, list[BlockCapture]] = {}
+        for c in got:
+            if c.name.endswith(_SHORTCUT):
+                shortcuts.setdefault(c.name[: -len(_SHORTCUT)], []).append(c)
         loss = loss_of(output)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")

@@ -9,6 +9,7 @@ Steps (``Probe._state``)::
 
     IDLE     --forward through a probed block-->            FORWARD
     FORWARD  --first gradient hook of a backward pass-->    BACKWARD (end-of-backward callback queued)
+    FORWARD  --next call of the model-->                    FORWARD  (unreachable calls released)
     BACKWARD --that callback (parameter statistics)-->      DONE
     DONE     --next forward, frame(), save(), detach()-->   closed, IDLE  (automatic stepping)
     any      --step()-->                                    closed, IDLE  (explicit stepping from then on)
@@ -33,9 +34,17 @@ from . import capture as _rule
 from ._tensors import in_backward, muted
 from ._version import __version__
 from .alerts import Alerts
-from .blocks import BlockSpec, no_shortcut_message, select_blocks, shortcut_modules, without_shortcut
+from .blocks import (
+    BlockSpec,
+    auto_blocks,
+    no_shortcut_message,
+    select_blocks,
+    shortcut_modules,
+    without_shortcut,
+)
 from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule, every_n
-from .hooks import Handles
+from .coverage import CallWatch, enclosing_modules, nested_message, not_residual_message
+from .hooks import Handles, remove_copied
 from .jacobian.schedule import JacobianSchedule, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id
 from .rows import ParamSnapshots, loss_scale, non_finite, step_rows
@@ -120,6 +129,11 @@ class Probe(RecordedTables):
         )
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         self._hooks = Handles()  # on the model, while attached
+        # which blocks run (and, for blocks="auto", which are residual) until the first recorded step closes
+        auto = isinstance(config.blocks, str) and config.blocks == "auto"
+        self._enclosing = enclosing_modules(model, names) if auto else {}
+        self._watch = CallWatch(self._modules, self._rules, residual=auto, enclosing=self._enclosing)
+        self._stand_ins = {b.name for b in auto_blocks(model) if b.stand_in} if auto else set()
         self._block_hooks = Handles()  # on the blocks and shortcuts, taken off on unrecorded steps
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._shortcut_modules = shortcut_modules(list(self._modules.items()), config.shortcuts)
@@ -138,6 +152,8 @@ class Probe(RecordedTables):
 
     # ------------------------------------------------------------------ lifecycle
     def _register(self) -> None:
+        for module in self._model.modules():  # of a copy or pickle of a probed model
+            remove_copied(module)
         hooks = self._hooks
         with hooks.all_or_none():
             # The whole model's calls: where steps close, and where the block hooks are put
@@ -147,9 +163,9 @@ class Probe(RecordedTables):
             if self.config.jacobian_every:
                 hooks.forward(self._model, self._jacobian_hook, with_kwargs=True)
             if self.config.paths_every:
-                hook = torch.compiler.disable(self._paths_hook, recursive=True)
-                hooks.add(self._model.register_forward_hook(hook, with_kwargs=True))
+                hooks.forward(self._model, self._paths_hook, with_kwargs=True)
             self._wake()
+            self._watch.start()
 
     def _wake(self) -> None:
         """Put the block hooks in place (all or none)."""
@@ -187,6 +203,7 @@ class Probe(RecordedTables):
             self._out.close()  # never raises: a sink that cannot write warns and keeps its rows
             self._hooks.remove()
             self._block_hooks.remove()
+            self._watch.stop()
             self._taps.clear()
             self._stacks.forget()
 
@@ -336,6 +353,13 @@ class Probe(RecordedTables):
             return
         if self._auto and self._state is _State.DONE:
             self._close_step()
+        elif self._state is _State.FORWARD:  # the last pass had no backward: free what it left
+            try:
+                self._taps.prune()
+                self._taps.captures.clear()  # left by a pass that raised (its end consumes them)
+                self._stacks.forget()
+            except Exception as exc:
+                self._alerts.fail("releasing a forward pass without a backward pass", exc)
         self._hooks_for_step()
         if not self._block_hooks and self._state is not _State.BACKWARD:
             self._state = _State.FORWARD  # the blocks' hooks would have said so
@@ -425,7 +449,7 @@ class Probe(RecordedTables):
             self._out.end_step()  # the step's rows and scalars reach the sink as one unit
 
     def _close_records(self) -> None:
-        recorded, step = self._recording(), self._step
+        recorded, step, active = self._recording(), self._step, self._state is not _State.IDLE
         buf, self._buf, self._state = self._buf, _Step(), _State.IDLE
         if recorded:
             self._taps.settle()
@@ -446,6 +470,8 @@ class Probe(RecordedTables):
             self._taps.flush_signal()  # a step without a backward pass
         except Exception as exc:
             self._alerts.fail("signal propagation metrics", exc)
+        if active and self._watch.watching:
+            self._warn_unrun(step, buf.blocks)
         self._recorded_steps += 1
         taps = self._taps
         taps.model_counts = taps.through_model and not taps.outside
@@ -462,6 +488,34 @@ class Probe(RecordedTables):
         except Exception as exc:
             self._alerts.fail("closing a step", exc)
         self._snapshots.commit(buf.snapshot)  # for the next recorded step's update_ratio
+
+    def _warn_unrun(self, step: int, with_grad: set[str]) -> None:
+        """The first recorded step closes: name the blocks that never ran, or say that the step
+        left no rows (never an empty frame without a word)."""
+        self._watch.stop()
+        message = self._watch.message(self._index)
+        if message is not None:
+            self._alerts.once("unrun", message)
+        # Beside residual blocks only: a plain net's blocks are all plain, by design.
+        plain = [n for n in self._watch.not_residual if n not in self._no_shortcut_by_design]
+        residual = [n for n in self._watch.asked if n not in self._watch.not_residual]
+        if self._watch.nested_in:
+            # the modules of the same classes as those found (a first one on an input without grad
+            # cannot show its skip)
+            kinds = {type(self._enclosing[n]) for n in self._watch.nested_in}
+            outer = [n for n, m in self._enclosing.items() if type(m) in kinds]
+            inner = {o: [n for n in self._modules if n.startswith(o + ".")] for o in outer}
+            self._alerts.once("nested", nested_message(outer, inner))
+        stand_ins = [n for n in plain if n in self._stand_ins]
+        if plain and (residual or stand_ins):
+            self._alerts.once("not-residual", not_residual_message(plain, residual, stand_ins))
+        elif not with_grad:
+            self._alerts.once(
+                "empty",
+                f"gradprobe: step {step} was recorded but no probed block ran with gradients in it "
+                f"(blocks {list(self._modules)} ran only under torch.no_grad() or in eval mode): "
+                "the frame has no rows for it. Pass record_eval=True to record eval-mode passes.",
+            )
 
 
 def attach(model: nn.Module, blocks: BlockSpec = "auto", **options: Any) -> Probe:

@@ -9,6 +9,10 @@ path-length decomposition run along stacks. The rules, shared by the probe's hoo
   forward order) when its input is computed from that block's output, found by a bounded
   walk back through the input's autograd graph (:func:`reaches`); where the walk cannot
   tell, the chain goes on.
+* **Nested** (:func:`nesting`): a block selected inside another selected block (the residual
+  blocks in the branch of a residual block) is in a stack of its level: the blocks inside one
+  block form their own stacks, apart from that block's, so ``cum_gain`` runs to the last block
+  of the block's own level.
 * **Named** (:func:`stack_labels`): by the longest dotted prefix its blocks share
   (:func:`common_prefix`), the block's own name for a stack of one, or its position.
 * **Given** (:func:`resolve_stacks`): ``attach(..., stacks=...)`` names them instead.
@@ -60,6 +64,73 @@ def reaches(start: Any, target: Any, limit: int = MAX_WALK) -> bool | None:
     return False
 
 
+def adds_input(output: Any, target: Any, limit: int = MAX_WALK) -> bool | None:
+    """Whether the autograd node ``output`` computes an addition both of whose operands depend on
+    the node ``target``: y = s(x) + F(x), a residual block's own work (x the block's input, s the
+    identity or a shortcut). None when the walk visits more than ``limit`` nodes, or without a
+    graph.
+
+    >>> x = torch.ones(2, requires_grad=True).view_as(torch.ones(2))
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> residual, plain = x + torch.tanh(w * x), torch.tanh(w * x) + 1
+    >>> adds_input(residual.grad_fn, x.grad_fn), adds_input(plain.grad_fn, x.grad_fn)
+    (True, False)
+    """
+    if output is None or target is None:
+        return None
+    reach: dict[Any, bool] = {}  # node -> whether it depends on target
+    todo: list[tuple[Any, bool]] = [(output, False)]
+    while todo:
+        node, children_done = todo.pop()
+        if children_done:
+            reach[node] = any(reach.get(c, False) for c, _ in node.next_functions if c is not None)
+            continue
+        if node in reach:
+            continue
+        if node is target:
+            reach[node] = True
+            continue
+        if len(reach) > limit:
+            return None
+        reach[node] = False  # (provisional: a node is visited once)
+        todo.append((node, True))
+        todo += [
+            (c, False) for c, _ in getattr(node, "next_functions", ()) if c is not None and c not in reach
+        ]
+    for node, depends in reach.items():
+        if depends and type(node).__name__.startswith("AddBackward"):
+            kids = [c for c, _ in node.next_functions if c is not None and reach.get(c, False)]
+            if len(kids) >= 2:
+                return True
+    return False
+
+
+def skips_input(output: Any, target: Any, hops: int = 2) -> bool | None:
+    """Whether the autograd node ``output`` is (up to ``hops`` single-input nodes after it) an
+    addition of the tensor whose node is ``target`` itself to something computed from it:
+    ``x + f(x)`` with the identity skip taken right at the module's input. None without a graph.
+
+    >>> x = torch.ones(2, requires_grad=True) * 1
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> h = x + torch.tanh(w * x)
+    >>> skips_input((x + h).grad_fn, x.grad_fn), skips_input((h + torch.tanh(h)).grad_fn, x.grad_fn)
+    (True, False)
+    """
+    if output is None or target is None:
+        return None
+    node = output
+    for _ in range(hops + 1):
+        children = [c for c, _ in getattr(node, "next_functions", ()) if c is not None]
+        if type(node).__name__.startswith("AddBackward"):
+            if not any(c is target for c in children):
+                return False
+            return any(c is not target and reaches(c, target) for c in children)
+        if len(children) != 1:
+            return False
+        node = children[0]
+    return False
+
+
 def common_prefix(names: list[str]) -> str:
     """The longest dotted prefix shared by these names (a single name: itself).
 
@@ -77,24 +148,47 @@ def common_prefix(names: list[str]) -> str:
     return ".".join(common)
 
 
-def stack_labels(names: list[str], linked: Mapping[str, bool]) -> dict[str, str]:
+def nesting(names: list[str]) -> dict[str, str]:
+    """Each block's nearest enclosing block among ``names`` (``""``: none), by dotted name.
+
+    >>> nesting(["a", "a.inner.0", "a.inner.1", "b"])
+    {'a': '', 'a.inner.0': 'a', 'a.inner.1': 'a', 'b': ''}
+    """
+    out = {}
+    for n in names:
+        parents = [p for p in names if n.startswith(p + ".")]
+        out[n] = max(parents, key=len) if parents else ""
+    return out
+
+
+def stack_labels(
+    names: list[str], linked: Mapping[str, bool], nest: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """``{block: stack name}``: consecutive blocks (forward order) form a stack while each is
     ``linked`` to the one before it (undecided counts as linked).
 
     A stack is named by its blocks' longest common dotted prefix, by the block's own name
     for a stack of one, or by its position (``"0"``, ``"1"``, ...) when the names share no
-    prefix; a repeated name gets ``#k`` appended.
+    prefix; a repeated name gets ``#k`` appended. With ``nest`` (:func:`nesting`), a block
+    continues only the stack of the earlier blocks inside the same enclosing block.
 
     >>> stack_labels(["enc.0", "enc.1", "dec.0", "dec.1"], {"dec.0": False})
     {'enc.0': 'enc', 'enc.1': 'enc', 'dec.0': 'dec', 'dec.1': 'dec'}
     >>> stack_labels(["layer1.0", "layer2.0"], {})
     {'layer1.0': '0', 'layer2.0': '0'}
+    >>> names = ["o.0", "o.0.i.0", "o.0.i.1", "o.1"]
+    >>> stack_labels(names, {"o.0.i.0": False}, nesting(names))
+    {'o.0': 'o', 'o.1': 'o', 'o.0.i.0': 'o.0.i', 'o.0.i.1': 'o.0.i'}
     """
+    nest = nest or {}
     groups: list[list[str]] = []
+    current: dict[str, int] = {}  # enclosing block -> its current group
     for n in names:
-        if not groups or linked.get(n, True) is False:
+        key = nest.get(n, "")
+        if key not in current or linked.get(n, True) is False:
+            current[key] = len(groups)
             groups.append([])
-        groups[-1].append(n)
+        groups[current[key]].append(n)
     out: dict[str, str] = {}
     used: set[str] = set()
     for k, group in enumerate(groups):
@@ -187,6 +281,7 @@ class StackTracker:
 
     def __init__(self, names: list[str], stacks: Any = None) -> None:
         self._given = resolve_stacks(names, stacks)
+        self._nest = nesting(names)
         self._count = len(names)
         self._linked: dict[str, bool] = {}
         self._out_node: dict[str, Any] = {}
@@ -205,8 +300,10 @@ class StackTracker:
         """Decide, once, whether block ``name`` (input ``x``) continues the previous block's stack."""
         if name in self._linked:
             return
-        position = index.get(name, -1)
-        prev = next((n for n, i in index.items() if i == position - 1), None)
+        position, key = index.get(name, -1), self._nest.get(name, "")
+        # the block before it in forward order at its own level (nested blocks: inside the same block)
+        earlier = [(i, n) for n, i in index.items() if i < position and self._nest.get(n, "") == key]
+        prev = max(earlier)[1] if earlier else None
         if position <= 0 or prev is None:
             self._linked[name] = False  # the first block starts the first stack
         elif prev in self._out_node:
@@ -226,4 +323,4 @@ class StackTracker:
         position (``"0"``, ``"1"``, ...) when they share none."""
         if self._given is not None:
             return {n: self._given[n] for n in blocks}
-        return stack_labels(blocks, self._linked)
+        return stack_labels(blocks, self._linked, self._nest)

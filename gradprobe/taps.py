@@ -11,6 +11,9 @@ the model's calls; they ask the probe that owns them five things, passed in as c
 forward transition of a call (:class:`Fwd`), whether the step is recorded, that a backward
 pass started, and how to report a failure or warn once. The signal moments of a block's
 output wait in a :class:`gradprobe.batching.SignalQueue` for the end of the backward pass.
+A call that no gradient can reach any more (its graph freed before a backward pass: a loss
+dropped, a forward that raised) is released when the next forward pass begins
+(:meth:`Taps.prune`), so that loops without a backward pass keep nothing.
 On unrecorded steps a call only has its backward pass noticed, and with the block hooks off
 (:class:`gradprobe.probe.Probe`) the model's own hooks (:meth:`Taps.model_exit`) do that.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import sys
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge
 
 from . import capture as _rule
 from . import metrics
@@ -55,21 +60,38 @@ class Call(CallStats):
     x_output_nr: int = 0
     same_shape: bool = False
     g_y: torch.Tensor | None = None  # held only between the g_y and the g_x hooks
-    # A fresh input leaf's gradient edge and the output's, held from the forward hook to the g_y hook
-    # (a cycle through the output's node, broken there or by release()): a backward pass that does not
-    # differentiate with respect to the leaf (torch.autograd.grad(loss, params)) never computes g_x.
+    # A fresh input leaf's gradient edge, held from the forward hook to the g_y hook (or release()): a
+    # backward pass that does not differentiate with respect to the leaf (torch.autograd.grad(loss,
+    # params)) never computes g_x. The output's edge is the node running the g_y hook and y_nr; held
+    # here it would tie the output's node to itself through its own hook, and no graph of such a
+    # call would ever be freed.
     x_edge: Any = None
-    y_edge: Any = None
+    y_nr: int = 0
+    # A weak reference to the call's gradient hook (the output's, or the input's): dead once the
+    # graph that would have run it is freed, when no gradient can reach the call any more.
+    graph: Any = None
+    # The block's other differentiable outputs (an auxiliary loss): their gradient edges and the
+    # input's, held from the forward hook to the step's close (a cycle through their nodes, broken
+    # by release(), at the step's close or when the call is pruned as unreachable), and the part of
+    # g_x that reached x through them in the running pass, which the input hook takes out: the
+    # block's columns are those of y = s(x) + F(x).
+    other_edges: list[Any] | None = None
+    other_x: torch.Tensor | None = None
 
     # The gradients of passes that are not known to train (see Taps._pass_kind), kept apart.
     aux: Call | None = None
 
     def release(self) -> None:
         """Drop what still ties this call to the autograd graph (at the close of its step)."""
-        self.x_edge = self.y_edge = self.g_y = None
+        self.x_edge = self.g_y = self.other_edges = self.other_x = None
         self.drop_held()
         if self.aux is not None:
             self.aux.release()
+
+    def unreachable(self) -> bool:
+        """Whether no gradient can reach this call any more: its graph was freed before a backward
+        pass reached it (a forward pass whose loss was dropped, or one that raised)."""
+        return self.graph is not None and self.graph() is None and not (self.passes_y or self.passes_x)
 
     def target(self, train: bool) -> Call:
         """Where a pass's gradients go: this call for a training pass, else its ``aux`` shadow."""
@@ -87,6 +109,15 @@ UNRECORDED = Call(block="")
 #: Bytes of first-pass gradients a probe holds (references) so that a later backward pass through the
 #: same calls can add its gradients to them as vectors; released when the step closes.
 HOLD_BYTES = 64 << 20
+
+
+#: The autograd node the running backward pass is executing (in a tensor hook: the node the hook
+#: is on); a private but long-standing torch function, with a fallback that knows none.
+_current_node: Callable[[], Any] = getattr(torch._C, "_current_autograd_node", lambda: None)
+
+#: Recorded calls at which the calls of forward passes without a backward pass are pruned even
+#: where no new call of the whole model says that a pass ended (blocks called on their own).
+PRUNE_CALLS = 1024
 
 
 #: The functorch interpreter stack's top (None outside every torch.func transform); a private but
@@ -159,6 +190,7 @@ class Taps:
         self._hold_bytes, self._held = hold_bytes, 0
         self._pass: tuple[int, bool] = (-1, True)  # (graph task id, whether it trains)
         self.calls: list[Call] = []
+        self._prune_at = PRUNE_CALLS
         self.captures: list[Any] = []  # jacobian.BlockCapture
         self.no_shortcut: set[str] = set()
         self.jacobian_due = False
@@ -214,6 +246,8 @@ class Taps:
         kind = self._forward_kind(name, module)
         if not self._model_calls and kind in (Fwd.COUNT, Fwd.CAPTURE) and not in_backward():
             self.outside = True  # (a recomputation under checkpointing runs in backward, alone)
+            if self._index.get(name) == 0:  # the first block, called on its own: a new pass
+                self.prune()
         if kind is Fwd.RECOMPUTE:
             return swap_input(args, kwargs, alias_view, self._rules[name].input, module)
         if kind is Fwd.CAPTURE:
@@ -239,7 +273,9 @@ class Taps:
                 return x
             self._stacks.link(name, x, self._index)
             alias = alias_view(x)
-            alias.register_hook(partial(self._grad_x_hook, call))
+            hook = partial(self._grad_x_alias_hook, call)
+            call.graph = weakref.ref(hook)
+            alias.register_hook(hook)
             call.x_node, call.x_output_nr = x.grad_fn, x.output_nr
             call.x, call.x_version = alias, alias._version
             return alias
@@ -286,6 +322,8 @@ class Taps:
                         self.calls.append(call)
             elif y.requires_grad:
                 self._record_forward(call, y, shortcut_out)
+                if call.x is not None and self._recording():
+                    self._other_outputs(call, output, y)
         except Exception as exc:
             self._fail(f"forward metrics of block {name}", exc)
         finally:
@@ -332,9 +370,55 @@ class Taps:
             # The input is a leaf (data; the probe's own leaf where it had no grad): a pass that
             # differentiates with respect to the parameters only (torch.autograd.grad) does not
             # compute its gradient. Kept to compute it then; the graph held is this block's own.
-            call.x_edge, call.y_edge = gradient_edge(x), gradient_edge(y)
+            call.x_edge, call.y_nr = gradient_edge(x), y.output_nr
         self.calls.append(call)
-        y.register_hook(partial(self._grad_y_hook, call))
+        hook = partial(self._grad_y_hook, call)
+        call.graph = weakref.ref(hook)
+        y.register_hook(hook)
+        if len(self.calls) >= self._prune_at:
+            self.prune()
+
+    def prune(self) -> None:
+        """A forward pass begins with no backward pass since the last one (a loss computed and then
+        dropped, a validation pass in training mode, a forward that raised, or several forwards
+        before one backward): reduce the held block outputs, and release the calls that no
+        gradient can reach any more, with what they hold, so that memory stays bounded whatever
+        the loop. Calls whose graph is still alive stay: a later backward pass may reach them.
+        Called by the probe when the model is called again, here when the first block is called
+        on its own, and every :data:`PRUNE_CALLS` calls (and twice the calls kept) otherwise."""
+        self.flush_signal()
+        live = []
+        for call in self.calls:
+            if call.unreachable():
+                call.release()
+            else:
+                live.append(call)
+        self.calls = live
+        self._prune_at = max(PRUNE_CALLS, 2 * len(live))
+        if not self._model_calls:  # no call of the model in progress will take them (its end would)
+            self.captures.clear()
+
+    def _other_outputs(self, call: Call, output: Any, y: torch.Tensor) -> None:
+        """A block whose output holds more than y: its columns stay those of y = s(x) + F(x), so the
+        gradient reaching x through the other outputs is taken out of g_x (measured by a
+        vector-Jacobian product from each one's gradient hook, only in passes that reach it); an
+        output rule that took a tensor unlike the input beside one like it says so, pointing to
+        ``output=``."""
+        x = call.x
+        assert x is not None
+        spec = _rule.same_shape_output(output, y, x.shape) if self._rules[call.block].output is None else None
+        if spec is not None:
+            self.no_shortcut.discard(call.block)  # the output rule is the suspect, not a shortcut
+            self._warn_once(
+                f"output-shape:{call.block}", _rule.wrong_output_message(call.block, output, y, spec, x.shape)
+            )
+        others = _rule.other_outputs(output, y)
+        if not others or x._version != call.x_version:
+            return
+        call.other_edges = [gradient_edge(x)]
+        for t in others:
+            call.other_edges.append(gradient_edge(t))
+            t.register_hook(partial(self._grad_other_hook, call, len(call.other_edges) - 1))
 
     def flush_signal(self) -> None:
         """Reduce the held block outputs to their signal moments (end of a backward pass, step close)."""
@@ -408,11 +492,12 @@ class Taps:
                 target.g_y = paired
         except Exception as exc:
             self._fail(f"output gradient of block {call.block}", exc)
-        x_edge, y_edge = call.x_edge, call.y_edge
+        x_edge = call.x_edge
         if x_edge is not None:
-            call.x_edge = call.y_edge = None
-            if not _will_execute(x_edge.node):
-                self._grad_x_by_vjp(call, x_edge, y_edge, grad)
+            call.x_edge = None
+            node = _current_node()  # the node this hook is on: the one that made y
+            if node is not None and not _will_execute(x_edge.node):
+                self._grad_x_by_vjp(call, x_edge, GradientEdge(node, call.y_nr), grad)
 
     def _grad_x_by_vjp(self, call: Call, x_edge: Any, y_edge: Any, grad: torch.Tensor) -> None:
         """``g_x`` of a call whose input leaf this backward pass skips (``torch.autograd.grad(loss,
@@ -429,6 +514,26 @@ class Taps:
             self._grad_x_hook(call, g_x)
         else:
             call.target(self._trains()).g_y = None
+
+    def _grad_other_hook(self, call: Call, index: int, grad: torch.Tensor) -> None:
+        """Gradient reached one of the block's other outputs: the part of g_x it carries, by a
+        vector-Jacobian product run before the pass reaches the block (its graph is intact)."""
+        if muted() or in_transform() or call.other_edges is None:
+            return
+        try:
+            x_edge, edge = call.other_edges[0], call.other_edges[index]
+            with mute():
+                (part,) = torch.autograd.grad(edge, x_edge, grad, retain_graph=True, allow_unused=True)
+            if part is not None:
+                call.other_x = part if call.other_x is None else call.other_x + part
+        except Exception as exc:
+            self._fail(f"input gradient of block {call.block}", exc)
+
+    def _grad_x_alias_hook(self, call: Call, grad: torch.Tensor) -> None:
+        if muted() or in_transform():  # (also the probe's own products through this block)
+            return
+        other, call.other_x = call.other_x, None
+        self._grad_x_hook(call, grad if other is None else grad - other)
 
     def _grad_x_hook(self, call: Call, grad: torch.Tensor) -> None:
         if muted() or in_transform():

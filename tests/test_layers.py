@@ -161,6 +161,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("gradprobe.blocks", 2),
     ("gradprobe.stacking", 3),
     ("gradprobe.capture", 3),
+    ("gradprobe.coverage", 3),
     ("gradprobe.config", 4),
     ("gradprobe.passes", 4),
     ("gradprobe.rows", 4),

@@ -55,7 +55,8 @@ def coefficients(model, x, loss_fn, blocks="auto", max_length=None):
         }
         stack = paths_module.group_stacks(caps)[0]
         (g,) = torch.autograd.grad(loss_fn(out), [stack[-1].output], retain_graph=True)
-        coeffs, branching, still = paths_module._propagate(stack, g, scs, max_length, [True])
+        shortcut_of = lambda cap: scs.get(cap.name)  # noqa: E731
+        coeffs, branching, still, _ = paths_module._propagate(stack, g, shortcut_of, max_length, [True])
     return [c.detach() for c in coeffs], g.detach(), branching, still
 
 

@@ -216,7 +216,7 @@ def test_encoder_and_decoder_are_two_stacks_with_their_own_products(no_leaks):
     for name, r in ref.items():
         for c in ("grad_in", "grad_out", "cum_gain"):
             assert frame.loc[name, c] == pytest.approx(r[c], rel=1e-10), (name, c)
-    # the encoder's cum_gain is the product of the encoder's own gains
+    # the encoder's cum_gain runs to the encoder's own last block (directly chained: the product of its gains)
     enc = frame.loc[["encoder.0", "encoder.1", "encoder.2"]]
     assert enc["cum_gain"].iloc[0] == pytest.approx(enc["gain"].prod(), rel=1e-10)
     # each stack's product ends at its own last block, where it is the block itself

@@ -56,7 +56,7 @@ def plot_highway(
     """The gradient highway: ``cum_gain`` (log axis) against block index, one line per model
     and stack (an encoder and a decoder are drawn as two lines, each ending at its own last block).
 
-    ``cum_gain`` is the product of block gains from a block to its stack's output, so a
+    ``cum_gain`` is a block's grad_in over grad_out of its stack's last block, so a
     flat line at 1 is a perfect highway; a line falling towards the input
     means vanishing gradients, rising means exploding. ``step`` is "first",
     "last" or a step number (per model). ``x="auto"`` draws against block index, or against

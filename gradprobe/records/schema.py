@@ -75,10 +75,12 @@ GLOSSARY: dict[str, str] = {
     "stack": "the chain of blocks this block belongs to (each block's input computed from the previous "
     "one's output; an encoder and a decoder are two stacks); products run to the stack's last block",
     "grad_out": "|dL/dy|: Euclidean norm of the loss gradient at the block output, over the whole batch",
-    "grad_in": "|dL/dx|: norm of the loss gradient at the block input, through this block only",
+    "grad_in": "|dL/dx|: norm of the loss gradient at the block input, through this block's output y "
+    "only (not through its other outputs, such as an auxiliary loss)",
     "gain": "grad_in / grad_out: how much the block amplifies (>1) or shrinks (<1) the gradient",
-    "cum_gain": "grad_in of this block / grad_out of the last block of its stack: the product of gains "
-    "from here to the stack's output, i.e. prod(1 + dF/dx) along the gradient training uses",
+    "cum_gain": "grad_in of this block / grad_out of the last block of its stack: how much the gradient "
+    "grew (>1) or shrank (<1) from the stack's output back to this block's input (a ratio of two measured "
+    "norms, not the product of the gain column)",
     "skip_grad": "|g_y|: gradient carried by the identity path (the gradient highway); NaN if shapes change",
     "branch_grad": "|g_x - g_y| = |(dF/dx)^T g_y|: gradient carried by the learned branch F; "
     "NaN if shapes change",
