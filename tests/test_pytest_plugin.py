@@ -213,8 +213,12 @@ def test_leaked_hooks_fail_the_test_and_nothing_is_written_without_the_option(su
             "  module '1' of Sequential: 1 forward hook",
             "Remove every hook a test adds: *handle.remove().",
             "*ERROR at teardown of test_probe_attached_outside_the_fixture*",
-            "  module '0' of Sequential: 1 forward pre-hook, 1 forward hook",
-            "  module '1' of Sequential: 1 forward pre-hook, 1 forward hook",
+            # the probe's pre- and post-hook, and until its first recorded step the one-off checks
+            # of blocks="auto" (which submodules run, whether the block adds its input)
+            "  module '0' of Sequential: 1 forward pre-hook, 2 forward hooks",
+            "  module '0.0' of Sequential: 1 forward pre-hook",
+            "  module '0.1' of Sequential: 1 forward pre-hook",
+            "  module '1' of Sequential: 1 forward pre-hook, 2 forward hooks",
             "*ERROR at teardown of test_parameter_hook*",
             "  parameter '0.0.weight' of Sequential: 1 gradient hook",
         ]
