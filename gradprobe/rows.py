@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
+from . import metrics, sharding
 from .records import FRAME_COLUMNS, SIGNAL_COLUMNS
 
 Row = dict[str, Any]
@@ -393,7 +393,12 @@ class ParamSnapshots:
     ) -> dict[str, torch.Tensor]:
         """``{block: [|theta|^2, |grad|^2, |theta - previous|^2]}`` of every block, in one fused pass."""
         with torch.no_grad():
-            stats = metrics.block_param_stats(groups, [self.previous.get(n) for n in names])
+            grads = None
+            if sharding.any_sharded(groups):  # FSDP2, tensor parallel: this rank's shards, then a sum
+                groups, grads = sharding.local_groups(groups)
+            stats = metrics.block_param_stats(groups, [self.previous.get(n) for n in names], grads)
+            if grads is not None:
+                stats = sharding.sum_over_ranks(stats)
         return {n: stats[i] for i, n in enumerate(names)}
 
     def take(
@@ -407,6 +412,8 @@ class ParamSnapshots:
             return
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
+        if sharding.any_sharded(groups):  # copies of this rank's shards (what stats compares)
+            groups = sharding.local_groups(groups)[0]
         for n, params in zip(names, groups, strict=False):
             old = taken.get(n) or self.spare.pop(n, None)
             if old is None or len(old) != len(params):
