@@ -100,7 +100,8 @@ class Probe(RecordedTables):
             raise TypeError("Probe(model, config) takes a gradprobe.ProbeConfig, or the keywords of attach()")
         self.config = config
         self._alerts = Alerts(config.strict)
-        refuse_fsdp1(model)
+        if isinstance(model, nn.Module):  # (select_blocks says what else model should be)
+            refuse_fsdp1(model)
         selected = select_blocks(model, config.blocks)
         names = [n for n, _ in selected]
         self._rules = _rule.rules(names, config.input, config.output)

@@ -271,6 +271,7 @@ def test_fsdp1_is_refused_in_one_line():
     # as FSDP (the probe refuses it by its type, before looking at its parameters)
     wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
     nn.Module.__init__(wrapper)
+    wrapper._fsdp_wrapped_module = _net()  # where FSDP1 keeps the wrapped model
     with pytest.raises(ValueError, match=r"FullyShardedDataParallel \(FSDP1\).*fully_shard") as info:
-        gradprobe.attach(nn.Sequential(wrapper, _net()))
+        gradprobe.attach(nn.Sequential(wrapper))
     assert "\n" not in str(info.value)
