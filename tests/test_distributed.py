@@ -85,19 +85,23 @@ def _reference() -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------- FSDP2
-def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, out: str, hsdp: bool = False) -> None:
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     _init(rank, world, port)
     try:
+        # HSDP: replicated over the first mesh dimension, sharded over the second
+        shape, names = ((2, world // 2), ("replicate", "shard")) if hsdp else ((world,), ("shard",))
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
         nets = []
         for _ in range(2):  # probed, and its twin trained without a probe
             net = _net()
             for block in net:
-                fully_shard(block)  # per-layer wrapping
-            fully_shard(net)
+                fully_shard(block, mesh=mesh)  # per-layer wrapping
+            fully_shard(net, mesh=mesh)
             nets.append(net)
         x = _batch().chunk(world)[rank]  # the global batch split over the ranks
         resharded: list[bool] = []
@@ -120,6 +124,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             "same": same,
             "resharded": resharded,
             "blocks": probe.blocks,
+            "placements": [type(pl).__name__ for pl in nets[0][0].fc1.weight.placements],
             "local": probe.frame(),
         }
         if rank == 0:
@@ -144,9 +149,8 @@ def fsdp_run(tmp_path_factory):
 PARAM_COLUMNS = ["param_norm", "param_grad_norm", "update_ratio"]
 
 
-def test_fsdp2_parameter_columns_equal_the_single_process_reference(fsdp_run):
-    _, results, ref = fsdp_run
-    for rank in range(2):
+def _check_parameter_columns(results: dict, ref: pd.DataFrame) -> None:
+    for rank in results:
         local = results[rank]["local"]
         assert not results[rank]["probe_warnings"], results[rank]["probe_warnings"]
         assert (local["rank"] == rank).all()
@@ -157,6 +161,25 @@ def test_fsdp2_parameter_columns_equal_the_single_process_reference(fsdp_run):
         np.testing.assert_allclose(
             local.loc[later, "update_ratio"], ref.loc[later, "update_ratio"], rtol=1e-6
         )
+
+
+def test_fsdp2_parameter_columns_equal_the_single_process_reference(fsdp_run):
+    _, results, ref = fsdp_run
+    _check_parameter_columns(results, ref)
+
+
+def _check_pooled(gathered: pd.DataFrame, ref: pd.DataFrame, world: int) -> None:
+    assert sorted(gathered["rank"].unique()) == list(range(world)) and len(gathered) == world * STEPS * 3
+    pooled = gradprobe.pool_ranks(gathered)
+    assert "rank" not in pooled and len(pooled) == STEPS * 3
+    assert pooled[["step", "block"]].equals(ref[["step", "block"]])
+    exact = ["grad_out", "grad_in", "gain", "cum_gain", "skip_grad", "branch_grad", "branch_cos"]
+    exact += ["in_rms", "out_rms", *PARAM_COLUMNS]
+    np.testing.assert_allclose(pooled[exact], ref[exact], rtol=1e-9)
+    assert pooled[list(NOT_POOLED)].isna().all().all()
+    # with loss="sum" the pooled gradient norms are those of the sum of the ranks' mean losses
+    summed = gradprobe.pool_ranks(gathered, loss="sum")
+    np.testing.assert_allclose(summed["grad_out"], world * ref["grad_out"], rtol=1e-9)
 
 
 def test_fsdp2_keeps_block_names_reshards_and_trains_bit_identically(fsdp_run):
@@ -171,19 +194,22 @@ def test_fsdp2_keeps_block_names_reshards_and_trains_bit_identically(fsdp_run):
 def test_fsdp2_activation_columns_are_per_rank_and_pool_to_the_single_process_values(fsdp_run):
     _, results, ref = fsdp_run
     gathered = results[0]["gathered"]
-    assert sorted(gathered["rank"].unique()) == [0, 1] and len(gathered) == 2 * STEPS * 3
     r0, r1 = (gathered[gathered["rank"] == r].reset_index(drop=True) for r in (0, 1))
     assert not np.allclose(r0["grad_out"], r1["grad_out"])  # each rank's own half of the batch
-    pooled = gradprobe.pool_ranks(gathered)
-    assert "rank" not in pooled and len(pooled) == STEPS * 3
-    assert pooled[["step", "block"]].equals(ref[["step", "block"]])
-    exact = ["grad_out", "grad_in", "gain", "cum_gain", "skip_grad", "branch_grad", "branch_cos"]
-    exact += ["in_rms", "out_rms", *PARAM_COLUMNS]
-    np.testing.assert_allclose(pooled[exact], ref[exact], rtol=1e-9)
-    assert pooled[list(NOT_POOLED)].isna().all().all()
-    # with loss="sum" the pooled gradient norms are those of the sum of the ranks' mean losses
-    summed = gradprobe.pool_ranks(gathered, loss="sum")
-    np.testing.assert_allclose(summed["grad_out"], 2 * ref["grad_out"], rtol=1e-9)
+    _check_pooled(gathered, ref, 2)
+
+
+def test_hsdp_on_four_ranks_counts_replicated_shards_once(tmp_path):
+    _spawn(_fsdp_worker, 4, str(tmp_path), True)
+    results = {}
+    for rank in range(4):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as fh:
+            results[rank] = pickle.load(fh)
+        assert all(results[rank]["same"]) and results[rank]["blocks"] == ["0", "1", "2"]
+        assert results[rank]["placements"] == ["Replicate", "Shard"]
+    ref = _reference()
+    _check_parameter_columns(results, ref)
+    _check_pooled(results[0]["gathered"], ref, 4)
 
 
 def test_fsdp2_each_rank_streams_to_its_own_sink_and_load_reads_them_as_one_run(fsdp_run):
