@@ -301,3 +301,89 @@ def test_fsdp1_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"FullyShardedDataParallel \(FSDP1\).*fully_shard") as info:
         gradprobe.attach(nn.Sequential(wrapper))
     assert "\n" not in str(info.value)
+
+
+# -------------------------------------------------------------------------- a GPT-2-like model
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=50,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(config).double()
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(2))
+
+
+def _train_gpt2(model, ids, probe_options):
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def loop() -> None:
+        for _ in range(STEPS):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()  # the mean over the rank's tokens
+            opt.step()
+
+    if probe_options is None:
+        loop()
+        return None
+    with gradprobe.attach(model, **probe_options) as probe:
+        loop()
+    return probe
+
+
+def _gpt2_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, world, port)
+    try:
+        models = []
+        for _ in range(2):
+            model = _gpt2()
+            for block in model.transformer.h:
+                fully_shard(block)
+            fully_shard(model)
+            models.append(model)
+        ids = _tokens().chunk(world)[rank]
+        probe = _train_gpt2(models[0], ids, {})
+        _train_gpt2(models[1], ids, None)
+        same = [
+            torch.equal(a.full_tensor(), b.full_tensor())
+            for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True)
+        ]
+        gathered = probe.frame(gather=True)
+        if rank == 0:
+            with open(f"{out}/result.pkl", "wb") as fh:
+                pickle.dump({"same": same, "gathered": gathered}, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fsdp2_gpt2_blocks_keep_their_names_and_match_one_process(tmp_path):
+    _gpt2()  # skips without transformers
+    _spawn(_gpt2_worker, 2, str(tmp_path))
+    with open(tmp_path / "result.pkl", "rb") as fh:
+        result = pickle.load(fh)
+    assert all(result["same"])
+    ref = _train_gpt2(_gpt2(), _tokens(), {}).frame()
+    gathered = result["gathered"]
+    assert sorted(gathered["block"].unique()) == sorted(ref["block"].unique())
+    assert set(ref["block"]) >= {"transformer.h.0", "transformer.h.1"}
+    rank0 = gathered[gathered["rank"] == 0].reset_index(drop=True)
+    np.testing.assert_allclose(rank0[PARAM_COLUMNS[:2]], ref[PARAM_COLUMNS[:2]], rtol=1e-6)
+    later = rank0["step"] > 0
+    np.testing.assert_allclose(rank0.loc[later, "update_ratio"], ref.loc[later, "update_ratio"], rtol=1e-6)
+    pooled = gradprobe.pool_ranks(gathered)
+    np.testing.assert_allclose(pooled[["grad_out", "grad_in"]], ref[["grad_out", "grad_in"]], rtol=1e-9)
