@@ -102,6 +102,9 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, hsdp: bool = False)
             for block in net:
                 fully_shard(block, mesh=mesh)  # per-layer wrapping
             fully_shard(net, mesh=mesh)
+            for a, b in zip(net[:-1], net[1:], strict=True):  # explicit prefetching, both ways
+                a.set_modules_to_forward_prefetch([b])
+                b.set_modules_to_backward_prefetch([a])
             nets.append(net)
         x = _batch().chunk(world)[rank]  # the global batch split over the ranks
         resharded: list[bool] = []
