@@ -7,6 +7,7 @@ reference of the same model on the same global batch, built here in the test pro
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import socket
@@ -102,7 +103,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, hsdp: bool = False)
             for block in net:
                 fully_shard(block, mesh=mesh)  # per-layer wrapping
             fully_shard(net, mesh=mesh)
-            for a, b in zip(net[:-1], net[1:], strict=True):  # explicit prefetching, both ways
+            for a, b in itertools.pairwise(net):  # explicit prefetching, both ways
                 a.set_modules_to_forward_prefetch([b])
                 b.set_modules_to_backward_prefetch([a])
             nets.append(net)
