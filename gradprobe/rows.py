@@ -6,7 +6,9 @@ the host in one transfer per device (one sync per step keeps a GPU pipeline inta
 the calls of each block and turns the sums into the columns of
 :data:`gradprobe.records.FRAME_COLUMNS`. Nothing here needs a hook or a model, so it is
 tested on hand-made statistics. :class:`ParamSnapshots` keeps the parameter copies that
-``update_ratio`` needs between recorded steps.
+``update_ratio`` needs between recorded steps; with sharded (``DTensor``) parameters its
+statistics are this rank's shards summed over the ranks (one collective,
+:mod:`gradprobe.sharding`).
 
 >>> import torch
 >>> f, g, b = ([torch.tensor(v) for v in vs] for vs in ([4.0, 4.0, 1.0, 4.0], [1.0], [4.0, 1.0, 1.0]))
