@@ -391,3 +391,36 @@ def test_fsdp2_gpt2_blocks_keep_their_names_and_match_one_process(tmp_path):
     np.testing.assert_allclose(rank0.loc[later, "update_ratio"], ref.loc[later, "update_ratio"], rtol=1e-6)
     pooled = gradprobe.pool_ranks(gathered)
     np.testing.assert_allclose(pooled[["grad_out", "grad_in"]], ref[["grad_out", "grad_in"]], rtol=1e-9)
+
+
+# ------------------------------------------------------------------ a mesh smaller than the world
+def _submesh_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    _init(rank, world, port)
+    try:
+        tp = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))["tp"]  # one rank each
+        net = _net()
+        for block in net:
+            parallelize_module(block, tp, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            probe = _train(net, _batch(), {})
+        frame = probe.frame()
+        if rank == 0:
+            messages = [str(w.message) for w in caught if "gradprobe" in str(w.message)]
+            with open(f"{out}/result.pkl", "wb") as fh:
+                pickle.dump({"frame": frame, "messages": messages}, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_parameters_on_a_mesh_smaller_than_the_world_are_nan_after_a_warning(tmp_path):
+    _spawn(_submesh_worker, 2, str(tmp_path))
+    with open(tmp_path / "result.pkl", "rb") as fh:
+        result = pickle.load(fh)
+    assert result["frame"][PARAM_COLUMNS].isna().all().all()
+    assert result["frame"]["grad_out"].notna().all()  # the rest of the row is recorded
+    assert any("device mesh of 1 ranks in a world of 2" in m for m in result["messages"]), result["messages"]
