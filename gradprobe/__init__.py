@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the names as the type checker and IDEs see them
     from .config import JacobianOptions, ProbeConfig
     from .experiment import compare
     from .jacobian import spectrum
+    from .lesions import lesion
     from .path_lengths import paths_summary
     from .pooling import pool_ranks
     from .probe import Probe, attach, every_n
@@ -43,6 +44,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "compare": ("experiment", "compare"),
     "report": ("reporting", "report"),
     "paths": ("analysis", "paths"),
+    "lesion": ("lesions", "lesion"),
     "paths_summary": ("path_lengths", "paths_summary"),
     "load": ("records", "load"),
     "pool_ranks": ("pooling", "pool_ranks"),
@@ -69,6 +71,7 @@ __all__ = [
     "data",
     "every_n",
     "export",
+    "lesion",
     "load",
     "metrics",
     "models",

@@ -361,12 +361,13 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     for fam in families:
         if fam not in ("cnn", "mlp"):
             raise UsageError(f"--families takes cnn and/or mlp, got {fam!r}")
+    cnn = "" if ns.arch == "post" else "preact-"
     models = list(ns.models or [])
     if not models:
         for fam in families:
             for kind in ("plain", "resnet"):
                 for depth in depths:
-                    models.append(f"{kind}-{depth}" if fam == "cnn" else f"{kind}-mlp-{depth}")
+                    models.append(f"{kind}-{cnn}{depth}" if fam == "cnn" else f"{kind}-mlp-{depth}")
     specs = []
     for m in models:
         try:
@@ -612,6 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--families", type=_csv(str, "--families"), help="cnn and/or mlp (default cnn)")
     p.add_argument(
+        "--arch",
+        choices=("post", "preact"),
+        default="post",
+        help="the CNN: post (He et al. 2016, ReLU after the addition; default) or preact "
+        "(pre-activation, identity skips)",
+    )
+    p.add_argument(
         "--epochs",
         type=_positive("--epochs", 10**6),
         help=f"training epochs (default {DEFAULTS['epochs']}; 2 with --quick)",
@@ -668,6 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensorboard",
         metavar="DIR",
         help="stream each model's per-block scalars into this TensorBoard log folder while it trains",
+    )
+    p.add_argument(
+        "--no-lesion",
+        dest="lesion",
+        action="store_false",
+        help="skip the block lesions after training (default: delete each block, then k random blocks)",
     )
     p.add_argument(
         "--no-paths",

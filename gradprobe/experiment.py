@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "zero_init_residual": True,
 }
 
-_SPEC = re.compile(r"^(?P<kind>plain|resnet|residual)(?:-(?P<family>cnn|mlp))?-(?P<depth>\d+)$")
+_SPEC = re.compile(r"^(?P<kind>plain|resnet|residual)(?:-(?P<family>cnn|preact|mlp))?-(?P<depth>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class ModelSpec:
     ModelSpec(family='mlp', depth=30, residual=True)
     """
 
-    family: Literal["cnn", "mlp"]
+    family: Literal["cnn", "preact", "mlp"]
     depth: int
     residual: bool
 
@@ -97,11 +97,12 @@ class ModelSpec:
     def name(self) -> str:
         """The canonical spec string."""
         kind = "resnet" if self.residual else "plain"
-        return f"{kind}-{self.depth}" if self.family == "cnn" else f"{kind}-mlp-{self.depth}"
+        return f"{kind}-{self.depth}" if self.family == "cnn" else f"{kind}-{self.family}-{self.depth}"
 
 
 def parse_spec(spec: str) -> ModelSpec:
-    """Parse ``plain-N``/``resnet-N`` (CIFAR ResNet, N = 6n+2) or ``plain-mlp-N``/``resnet-mlp-N``.
+    """Parse ``plain-N``/``resnet-N`` (CIFAR ResNet, N = 6n+2), ``plain-preact-N``/``resnet-preact-N``
+    (the pre-activation CIFAR ResNet) or ``plain-mlp-N``/``resnet-mlp-N``.
 
     >>> parse_spec("plain-56")
     ModelSpec(family='cnn', depth=56, residual=False)
@@ -110,11 +111,14 @@ def parse_spec(spec: str) -> ModelSpec:
     if match is None:
         raise ValueError(
             f"unknown model spec {spec!r}: use plain-DEPTH or resnet-DEPTH for the CIFAR ResNet "
-            "(depth 6n+2: 20, 32, 44, 56, 110) and plain-mlp-DEPTH or resnet-mlp-DEPTH for the MLP"
+            "(depth 6n+2: 20, 32, 44, 56, 110), plain-preact-DEPTH or resnet-preact-DEPTH for the "
+            "pre-activation ResNet, and plain-mlp-DEPTH or resnet-mlp-DEPTH for the MLP"
         )
-    family: Literal["cnn", "mlp"] = "mlp" if match["family"] == "mlp" else "cnn"
+    family: Literal["cnn", "preact", "mlp"] = (
+        "mlp" if match["family"] == "mlp" else "preact" if match["family"] == "preact" else "cnn"
+    )
     depth = int(match["depth"])
-    if family == "cnn" and (depth < 8 or (depth - 2) % 6):
+    if family != "mlp" and (depth < 8 or (depth - 2) % 6):
         raise ValueError(f"model spec {spec!r}: the CIFAR ResNet needs depth 6n+2 (20, 32, 44, 56, 110, ...)")
     if family == "mlp" and depth < 3:
         raise ValueError(f"model spec {spec!r}: an MLP needs depth >= 3 (stem, at least one block, head)")
@@ -141,14 +145,15 @@ def build_model(
     """
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     gen = torch.Generator().manual_seed(seed)
-    if parsed.family == "cnn":
+    if parsed.family in ("cnn", "preact"):
         if len(dataset.input_shape) != 3:
             raise ValueError(
                 f"{parsed.name} is a CNN and needs image inputs (C, H, W); {dataset.name} has inputs of "
                 f"shape {dataset.input_shape}. Use an MLP spec "
                 f"({'resnet' if parsed.residual else 'plain'}-mlp-DEPTH)."
             )
-        return _models.resnet_cifar(
+        build = _models.resnet_cifar if parsed.family == "cnn" else _models.preact_resnet_cifar
+        return build(
             parsed.depth,
             residual=parsed.residual,
             width=width or 16,
@@ -253,6 +258,9 @@ class TrainConfig:
         tensorboard: stream each model's ``gradprobe/<column>/<block>`` scalars (``cum_gain``,
             ``gain``, ``res_ratio``), summaries and training curves into this TensorBoard log
             folder while it trains, one subfolder per model (see :mod:`gradprobe.export`).
+        lesion: after training, delete each block in turn and k = 1 .. ``LESION_K`` random
+            blocks (``LESION_SAMPLES`` subsets each) on the test split (:func:`gradprobe.lesion`);
+            the run keeps the table in ``meta["lesions"]`` (:func:`lesions`).
 
     >>> TrainConfig(epochs=2, lr=0.1).batch_size
     128
@@ -280,6 +288,7 @@ class TrainConfig:
     device: str | torch.device = "cpu"
     progress: bool = True
     tensorboard: str | os.PathLike[str] | None = None
+    lesion: bool = True
 
     def __post_init__(self) -> None:
         for name, value, minimum in (
@@ -540,6 +549,8 @@ def _train_entry(
     name: str, spec: ModelSpec | None, given: nn.Module | None, data: _data.Dataset, config: TrainConfig
 ) -> tuple[nn.Module, tuple[pd.DataFrame, ...], dict[str, Any]]:
     """Build (or take) one model of :func:`compare` and train it: the model, its labelled tables, its info."""
+    from .lesions import lesion
+
     if given is None:
         assert spec is not None
         model = build_model(
@@ -549,7 +560,12 @@ def _train_entry(
         model = given
     frame, scalars, info = train_one(model, data, config, name=name)
     depth, residual = _describe(name, model, spec, len(info["blocks"]))
-    tables = tuple(_label(t, name, depth, residual) for t in (frame, scalars, info.pop("paths")))
+    parts = [frame, scalars, info.pop("paths")]
+    if config.lesion:
+        parts.append(
+            lesion(model, data, blocks=config.blocks, k=LESION_K, samples=LESION_SAMPLES, seed=config.seed)
+        )
+    tables = tuple(_label(t, name, depth, residual) for t in parts)
     seconds = info.pop("seconds")
     spec_name = spec.name if spec is not None else None
     return (
@@ -563,10 +579,12 @@ def _gather(tables: Sequence[tuple[pd.DataFrame, ...]]) -> tuple[pd.DataFrame, .
     """One frame, scalars and paths table from the labelled tables of each model."""
     import pandas as pd
 
-    frame, scalars, paths = (pd.concat(parts, ignore_index=True) for parts in zip(*tables, strict=True))
+    frame, scalars, paths, *rest = (
+        pd.concat(parts, ignore_index=True) for parts in zip(*tables, strict=True)
+    )
     frame = frame.astype({"model": "object", "depth": "int64", "residual": "bool"})
     scalars = scalars.astype({"model": "object", "depth": "int64", "residual": "bool", "epoch": "int64"})
-    return frame, scalars, paths
+    return frame, scalars, paths, *rest
 
 
 def _run_meta(
@@ -615,7 +633,27 @@ _META_OPTIONS = (
     "every",
     "jacobian",
     "paths",
+    "lesion",
 )
+
+#: The lesions of a compare run: random deletions of k = 1 .. LESION_K blocks, LESION_SAMPLES
+#: subsets each (single deletions of every block come on top). On digits' 360 test images
+#: this adds a few seconds per model.
+LESION_K = 5
+LESION_SAMPLES = 4
+
+
+def lesions(run: Run) -> pd.DataFrame | None:
+    """The block-lesion table of a compare run (:func:`gradprobe.lesion` of each model after
+    training, with ``model``, ``depth`` and ``residual`` first), or None when it has none.
+
+    >>> run = compare(["resnet-mlp-4"], "synthetic", epochs=1, progress=False)
+    >>> lesions(run)[["kind", "block"]].head(2).values.tolist()
+    [['none', nan], ['single', 'blocks.0']]
+    """
+    from .summary import lesion_table
+
+    return lesion_table(run.meta.get("lesions"))
 
 
 def compare(
@@ -669,10 +707,15 @@ def compare(
         tables.append(labelled)
         if callback is not None:
             callback(name, model)
-    frame, scalars, path_table = _gather(tables)
+    frame, scalars, path_table, *lesion_part = _gather(tables)
     meta = _run_meta(
         config, image_data, model_info, run_id=run_id, created=created, started=started, command=command
     )
+    if lesion_part:
+        from .summary import lesion_records
+
+        lesion_part[0].attrs = {"k": LESION_K, "samples": LESION_SAMPLES, "seed": config.seed}
+        meta["lesions"] = lesion_records(lesion_part[0])
     run = Run(frame, scalars, meta, paths=path_table if config.paths else None)
     if out is not None:
         # Asked again: the folder may have changed while the models trained. An earlier compare run
@@ -706,4 +749,4 @@ def summary(run: Run) -> pd.DataFrame:
     """
     from .summary import summary as model_summary
 
-    return model_summary(run.frame(), run.scalars(), run.paths())
+    return model_summary(run.frame(), run.scalars(), run.paths(), lesion=lesions(run))

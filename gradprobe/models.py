@@ -4,6 +4,9 @@
   stages of widths w, 2w, 4w; BatchNorm; shortcut option "A" or "B" at stage
   transitions). It is laid out like torchvision's ResNets (``layer1.0``, ...), so
   ``blocks="auto"`` finds its blocks.
+* :func:`preact_resnet_cifar` is the pre-activation ("identity mapping") CIFAR ResNet of
+  He et al. 2016b: BN-ReLU-conv twice per block, an identity skip with nothing after the
+  addition, and a final BN-ReLU before pooling. Same stages and depths as :func:`resnet_cifar`.
 * :func:`mlp` is the same pairing for fully connected nets.
 
 ``residual=False`` gives the *plain* counterpart: the same block class with the
@@ -34,8 +37,11 @@ __all__ = [
     "BasicBlock",
     "MLPBlock",
     "PadShortcut",
+    "PreActBlock",
+    "PreActResNetCIFAR",
     "ResNetCIFAR",
     "mlp",
+    "preact_resnet_cifar",
     "resnet_cifar",
 ]
 
@@ -194,6 +200,106 @@ class ResNetCIFAR(nn.Module):
         )
 
 
+class PreActBlock(BasicBlock):
+    """A pre-activation block: ``y = s(x) + F(x)`` when residual, ``y = F(x)`` when plain.
+
+    ``F(x) = conv2(relu(bn2(conv1(relu(bn1(x))))))`` (He et al. 2016b, "full
+    pre-activation"): nothing follows the addition, so with matching shapes the skip is
+    the identity. ``s`` is the identity, or the ``shortcut`` child at a stage transition
+    (``"B"``: a 1x1 conv; ``"A"``: :class:`PadShortcut`), applied to the block's own
+    input. It subclasses :class:`BasicBlock` only so that gradprobe's tools treat its
+    plain form (``residual=False``, no shortcut) as shortcut-free by design.
+
+    >>> PreActBlock(16, 32, 2)(torch.rand(2, 16, 8, 8)).shape
+    torch.Size([2, 32, 4, 4])
+    """
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        residual: bool = True,
+        shortcut: Literal["A", "B"] = "B",
+    ):
+        nn.Module.__init__(self)  # a different layout from BasicBlock's: build it here
+        self.residual = residual
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU()
+        self.conv1 = _conv3x3(in_planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.shortcut = None
+        if residual and (stride != 1 or in_planes != planes):
+            if shortcut == "B":
+                self.shortcut = nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False)
+            else:
+                self.shortcut = PadShortcut(in_planes, planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.relu(self.bn1(x)))
+        out = self.conv2(self.relu(self.bn2(out)))
+        if self.residual:
+            out = out + (x if self.shortcut is None else self.shortcut(x))
+        return out
+
+
+class PreActResNetCIFAR(nn.Module):
+    """The pre-activation CIFAR ResNet/plain net of He et al. 2016b; see :func:`preact_resnet_cifar`."""
+
+    def __init__(
+        self,
+        depth: int,
+        *,
+        residual: bool,
+        width: int,
+        in_channels: int,
+        num_classes: int,
+        shortcut: Literal["A", "B"],
+    ):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.depth, self.residual, self.width, self.shortcut_type = depth, residual, width, shortcut
+        self.conv1 = _conv3x3(in_channels, width)  # no BN-ReLU here: the first block starts with them
+        planes_in = width
+        for stage, planes in enumerate((width, 2 * width, 4 * width), start=1):
+            blocks = []
+            for i in range(n):
+                stride = 2 if stage > 1 and i == 0 else 1
+                blocks.append(PreActBlock(planes_in, planes, stride, residual=residual, shortcut=shortcut))
+                planes_in = planes
+            self.add_module(f"layer{stage}", nn.Sequential(*blocks))
+        self.bn = nn.BatchNorm2d(4 * width)
+        self.relu = nn.ReLU()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = self.relu(self.bn(x))  # the last block's output is a sum: activate it once before pooling
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def __repr__(self) -> str:
+        n, w = len(self.layer1), self.width
+        kind = "residual" if self.residual else "plain"
+        short = f", shortcut {self.shortcut_type} at stage transitions" if self.residual else ""
+        params = sum(p.numel() for p in self.parameters())
+        return (
+            f"PreActResNetCIFAR(depth={self.depth}, {kind}, width={w}, {params:,} parameters\n"
+            f"  stem:   conv3x3({self.conv1.in_channels}->{w})\n"
+            f"  layer1: {n} x PreActBlock({w}->{w})\n"
+            f"  layer2: {n} x PreActBlock({2 * w}->{2 * w}), the first {w}->{2 * w} with stride 2{short}\n"
+            f"  layer3: {n} x PreActBlock({4 * w}->{4 * w}), the first {2 * w}->{4 * w} with stride 2\n"
+            f"  head:   BN + ReLU + global average pool + fc({4 * w}->{self.fc.out_features})\n"
+            f"  blocks: y = {'x + ' if self.residual else ''}conv2(relu(bn2(conv1(relu(bn1(x))))))\n)"
+        )
+
+
 class MLPBlock(nn.Module):
     """One fully connected block: ``y = x + F(x)`` when residual, ``y = F(x)`` when plain.
 
@@ -311,7 +417,9 @@ def _init(
     model: nn.Module, generator: torch.Generator, nonlinearity: Literal["relu", "tanh", "linear"]
 ) -> None:
     classifier = (
-        getattr(model, "fc", None) if isinstance(model, ResNetCIFAR) else getattr(model, "head", None)
+        getattr(model, "fc", None)
+        if isinstance(model, (ResNetCIFAR, PreActResNetCIFAR))
+        else getattr(model, "head", None)
     )
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)) and module is not classifier:
@@ -395,6 +503,68 @@ def resnet_cifar(
             for block in model.modules():
                 if isinstance(block, BasicBlock):
                     nn.init.zeros_(block.bn2.weight)
+    return model
+
+
+def preact_resnet_cifar(
+    depth: int,
+    *,
+    residual: bool = True,
+    width: int = 16,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    shortcut: Literal["A", "B"] = "B",
+    zero_init_residual: bool = False,
+    generator: torch.Generator | None = None,
+) -> PreActResNetCIFAR:
+    """The pre-activation CIFAR ResNet of He et al. 2016b (``residual=True``) or its plain counterpart.
+
+    The layout of :func:`resnet_cifar` (depth 6n+2; a 3x3 conv stem, stages ``layer1``-``layer3``
+    of n :class:`PreActBlock` each, widths w, 2w, 4w), with every block
+    ``y = x + conv2(relu(bn2(conv1(relu(bn1(x))))))``: no ReLU after the addition, so the skips
+    are identities and the net is a sum over paths. A final BN + ReLU precedes the global
+    average pool and the linear classifier. Stage transitions use shortcut ``"B"`` (a 1x1
+    conv) or ``"A"`` (zero padding); the plain net (``residual=False``) has none.
+    ``zero_init_residual=True`` zeroes the last conv of every residual branch, so every
+    residual block with matching shapes is exactly the identity at initialisation. Weights
+    come from ``generator`` (default: ``torch.Generator().manual_seed(0)``), never the global RNG.
+
+    >>> import torch
+    >>> net = preact_resnet_cifar(20)
+    >>> net(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    >>> sum(p.numel() for p in preact_resnet_cifar(110).parameters())
+    1730522
+    """
+    _check_int("depth", depth, 8)
+    if (depth - 2) % 6:
+        n = max(1, round((depth - 2) / 6))
+        raise ValueError(
+            f"preact_resnet_cifar needs depth = 6n+2 (8, 14, 20, 32, 44, 56, 110, ...), got {depth}; "
+            f"the nearest valid depths are {6 * n + 2} and {6 * (n + 1) + 2}"
+        )
+    _check_int("width", width, 1)
+    _check_int("in_channels", in_channels, 1)
+    _check_int("num_classes", num_classes, 1)
+    if shortcut not in ("A", "B"):
+        raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 projection), got {shortcut!r}")
+    gen = _generator(generator)
+    with torch.device("meta"):
+        model = PreActResNetCIFAR(
+            depth,
+            residual=bool(residual),
+            width=width,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            shortcut=shortcut,
+        )
+    _materialise(model)
+    _init(model, gen, "relu")
+    if zero_init_residual and residual:
+        with torch.no_grad():
+            for block in model.modules():
+                if isinstance(block, PreActBlock):
+                    nn.init.zeros_(block.conv2.weight)
     return model
 
 

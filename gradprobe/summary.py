@@ -9,6 +9,7 @@ frame, the scalars and the path-length table of a :class:`~gradprobe.records.Run
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -131,6 +132,7 @@ def summary(
     paths: pd.DataFrame | None = None,
     *,
     band: tuple[float, float] = GAIN_BAND,
+    lesion: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per model of a block frame (with its scalars and path-length table, when given).
 
@@ -153,7 +155,11 @@ def summary(
       first and the last step of ``paths``; NaN without a decomposition;
     - ``gain_outside`` and ``gain_outside_blocks``: how many blocks had a ``gain`` outside
       ``band`` at some recorded step, and their names;
-    - ``max_res_ratio`` and ``max_res_ratio_block``: the largest ``res_ratio`` of any block and step.
+    - ``max_res_ratio`` and ``max_res_ratio_block``: the largest ``res_ratio`` of any block and step;
+    - with a ``lesion`` table (:func:`gradprobe.lesion`, with a ``model`` column for several
+      models): ``lesion_worst_drop`` and ``lesion_worst_block``, the largest test-accuracy drop
+      of a single block deletion and its block, and ``lesion_median_drop``, the median drop over
+      the removable blocks that keep the shape (NaN where the model has no lesion rows).
 
     Missing values are NaN. A frame without a ``model`` column is one model, ``"run"``.
 
@@ -195,5 +201,74 @@ def summary(
             logged = logged.sort_values("step", kind="stable")
         row = _model_row(model, part, logged, columns, band)
         row.update(_effective_lengths(paths, model))
+        if lesion is not None:
+            row.update(lesion_drops(lesion, model))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def lesion_drops(lesion: pd.DataFrame, model: str | None = None) -> dict[str, Any]:
+    """``lesion_worst_drop``, ``lesion_worst_block`` and ``lesion_median_drop`` of one model's
+    lesion rows (all rows when ``model`` is None or the table has no ``model`` column).
+
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"kind": ["none", "single", "single", "single"], "block": [None, "a", "b", "c"],
+    ...                   "downsampling": [False, False, True, False], "removable": [True] * 4,
+    ...                   "acc": [0.9, 0.88, 0.5, 0.86]})
+    >>> d = lesion_drops(t)
+    >>> d["lesion_worst_block"], round(d["lesion_worst_drop"], 2), round(d["lesion_median_drop"], 2)
+    ('b', 0.4, 0.03)
+    """
+    import math
+
+    out: dict[str, Any] = {
+        "lesion_worst_drop": math.nan,
+        "lesion_worst_block": None,
+        "lesion_median_drop": math.nan,
+    }
+    part = lesion
+    if model is not None and "model" in lesion.columns:
+        part = lesion[lesion["model"].astype(str) == model]
+    base = part[part["kind"] == "none"]
+    single = part[(part["kind"] == "single") & part["removable"].astype(bool)]
+    if "acc" not in part.columns or base.empty or single.empty:
+        return out
+    drops = (float(base["acc"].iloc[0]) - single["acc"].astype(float)).to_numpy()
+    worst = int(np.argmax(drops))
+    out["lesion_worst_drop"] = float(drops[worst])
+    out["lesion_worst_block"] = str(single["block"].iloc[worst])
+    same = drops[~single["downsampling"].astype(bool).to_numpy()]
+    out["lesion_median_drop"] = float(np.median(same)) if len(same) else math.nan
+    return out
+
+
+def lesion_records(frame: pd.DataFrame) -> dict[str, Any]:
+    """A lesion frame as a JSON-able mapping (columns, rows, attrs), as a compare run keeps it in its meta."""
+
+    def plain(value: Any) -> Any:
+        if hasattr(value, "item"):  # numpy scalars
+            value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            return None  # JSON null: a missing block name or metric alike
+        return value
+
+    rows = [[plain(v) for v in row] for row in frame.itertuples(index=False, name=None)]
+    return {"columns": list(frame.columns), "rows": rows, "attrs": dict(frame.attrs)}
+
+
+def lesion_table(stored: Mapping[str, Any] | None) -> pd.DataFrame | None:
+    """The lesion frame back from :func:`lesion_records` (``meta["lesions"]`` of a compare run), or None."""
+    import pandas as pd
+
+    if not stored or not isinstance(stored, Mapping) or "columns" not in stored:
+        return None
+    frame = pd.DataFrame(list(stored.get("rows") or []), columns=list(stored["columns"]))
+    for column in frame.columns:
+        if column in ("k", "position", "samples", "depth"):
+            frame[column] = frame[column].astype("int64")
+        elif column in ("downsampling", "removable", "residual"):
+            frame[column] = frame[column].astype("bool")
+        elif column not in ("kind", "block", "model"):
+            frame[column] = frame[column].astype("float64")
+    frame.attrs.update(dict(stored.get("attrs") or {}))
+    return frame

@@ -33,6 +33,8 @@ __all__ = [
     "EXPLODE",
     "GLOSSARY",
     "IDENTITY",
+    "LESION_COLLAPSE",
+    "LESION_HARMLESS",
     "NEAR_ONE",
     "VANISH",
     "Finding",
@@ -55,6 +57,11 @@ DEGRADATION_RATIO = 1.5
 #: ... and at least this much higher in absolute terms (two nearly perfect fits are no degradation).
 DEGRADATION_MARGIN = 0.05
 
+#: A block deletion that lowers the test accuracy by at most this (absolute) barely matters.
+LESION_HARMLESS = 0.01
+#: A block deletion that leaves at most this fraction of the intact test accuracy collapses the net.
+LESION_COLLAPSE = 0.5
+
 #: The words of the findings and the thresholds behind them; the HTML report's glossary shows these.
 GLOSSARY: dict[str, str] = {
     "vanishes": f"cum_gain below {VANISH:g}: the gradient reaching the block is less than a tenth of the "
@@ -68,6 +75,9 @@ GLOSSARY: dict[str, str] = {
     "degradation": f"the deeper plain net ends with a training loss at least {DEGRADATION_RATIO:g} times and "
     f"{DEGRADATION_MARGIN:g} above the shallower one's (mean over the last epoch): it fits the training "
     "set worse, so it is not overfitting",
+    "barely matters": f"deleting the block (gradprobe.lesion: its output replaced by its shortcut) lowers "
+    f"the test accuracy by at most {LESION_HARMLESS:g}",
+    "collapses": f"deleting the block leaves at most {LESION_COLLAPSE:g} of the intact net's test accuracy",
     "effective length": "share-weighted mean number of residual branches on the gradient's paths "
     "(gradprobe.paths); half the branching blocks when every path carries the same gradient",
 }
@@ -147,11 +157,13 @@ def findings(
     frame: pd.DataFrame,
     scalars: pd.DataFrame | None = None,
     paths: pd.DataFrame | None = None,
+    lesion: pd.DataFrame | None = None,
 ) -> list[Finding]:
     """The sentences that the run's numbers support, in reading order.
 
     ``table`` is ``gradprobe.summary.summary(frame, scalars, paths)``; ``frame``, ``scalars`` and
-    ``paths`` are the run's tables. Figures are named as in ``gradprobe.reporting.FIGURES``.
+    ``paths`` are the run's tables, ``lesion`` its block-lesion table (:func:`gradprobe.lesion`).
+    Figures are named as in ``gradprobe.reporting.FIGURES``.
 
     >>> import pandas as pd
     >>> from gradprobe.summary import summary
@@ -173,7 +185,73 @@ def findings(
         for _, row in table.iterrows():
             out += _gradient_of_model(row, frame, several=len(table) > 1)
             out += _identity_blocks(row, frame, several=len(table) > 1)
+    if lesion is not None and len(lesion):
+        out += lesion_findings(lesion)
     out += _non_finite(frame, scalars)
+    return out
+
+
+def lesion_findings(lesion: pd.DataFrame) -> list[Finding]:
+    """One sentence per model of a lesion table: whether deleting one block barely matters
+    (:data:`LESION_HARMLESS`) or collapses the net (:data:`LESION_COLLAPSE`), and what k random
+    deletions do.
+
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"kind": ["none", "single", "single", "random", "random"],
+    ...                   "k": [0, 1, 1, 1, 2], "block": [None, "a", "b", None, None],
+    ...                   "downsampling": [False, False, True, False, False],
+    ...                   "removable": [True] * 5, "acc": [0.9, 0.895, 0.6, 0.75, 0.6]})
+    >>> print(lesion_findings(t)[0].text)  # doctest: +NORMALIZE_WHITESPACE
+    Deleting one block at a time barely matters for 1 of its 1 shape-preserving blocks (median accuracy
+    drop 0.005); the largest drop is 0.3, at b (downsampling). Deleting k random blocks takes the accuracy
+    from 0.9 (intact) to 0.75 at k = 1 and 0.6 at k = 2.
+    """
+    if not {"kind", "acc", "removable"} <= set(lesion.columns):
+        return []
+    models = list(dict.fromkeys(lesion["model"].astype(str))) if "model" in lesion.columns else [None]
+    out = []
+    for model in models:
+        part = lesion if model is None else lesion[lesion["model"].astype(str) == model]
+        base_rows = part.loc[part["kind"] == "none", "acc"]
+        single = part[(part["kind"] == "single") & part["removable"].astype(bool) & part["acc"].map(_finite)]
+        if not len(base_rows) or not len(single) or not _finite(base_rows.iloc[0]):
+            continue
+        base = float(base_rows.iloc[0])
+        acc = single["acc"].to_numpy(dtype="float64")
+        drops = base - acc
+        down = (
+            single["downsampling"].to_numpy(dtype=bool)
+            if "downsampling" in single.columns
+            else np.zeros(len(single), dtype=bool)
+        )
+        same = drops[~down]
+        where = f" of {model}" if model is not None else ""
+        collapsed = int((acc <= LESION_COLLAPSE * base).sum())
+        text = f"Deleting one block{where} at a time"
+        if collapsed and collapsed >= len(single) / 2:
+            text += (
+                f": {collapsed} of {len(single)} removable blocks collapse the net (accuracy from "
+                f"{_num(base)} to between {_num(float(acc.min()))} and {_num(float(acc.max()))})"
+            )
+        else:
+            harmless = int((same <= LESION_HARMLESS).sum())
+            text += (
+                f" barely matters for {harmless} of its {len(same)} shape-preserving blocks"
+                f" (median accuracy drop {_num(float(np.median(same)) if len(same) else math.nan)})"
+            )
+            worst = int(np.argmax(drops))
+            text += f"; the largest drop is {_num(float(drops[worst]))}, at {single['block'].iloc[worst]}"
+            if bool(down[worst]):
+                text += " (downsampling)"
+        text += "."
+        random = part[part["kind"] == "random"].sort_values("k", kind="stable")
+        random = random[random["acc"].map(_finite)]
+        if len(random):
+            steps = [f"{_num(float(r['acc']))} at k = {int(r['k'])}" for _, r in random.iterrows()]
+            text += (
+                f" Deleting k random blocks takes the accuracy from {_num(base)} (intact) to {_join(steps)}."
+            )
+        out.append(Finding(text, "lesion"))
     return out
 
 

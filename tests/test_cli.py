@@ -476,3 +476,22 @@ def test_piped_compare_prints_plain_progress_lines_and_no_shortcut_warning(tmp_p
         f"{model} epoch {epoch}/2" for model in ("plain-8", "resnet-8") for epoch in (1, 2)
     ]
     assert (tmp_path / "run" / "index.html").is_file()
+
+
+def test_compare_arch_preact_trains_the_pre_activation_pair_and_no_lesion_skips_lesions(tmp_path):
+    import gradprobe
+    from gradprobe.cli import main
+    from gradprobe.experiment import lesions
+
+    out = tmp_path / "run"
+    args = ["compare", "--quick", "--depths", "8", "--epochs", "1", "--no-report", "--no-progress"]
+    assert main([*args, "--arch", "preact", "--out", str(out)]) == 0
+    run = gradprobe.load(out)
+    assert run.models == ["plain-preact-8", "resnet-preact-8"]
+    assert run.meta["model_info"]["resnet-preact-8"]["model_class"] == "gradprobe.models.PreActResNetCIFAR"
+    assert lesions(run) is not None
+    assert "lesion_worst_drop" in summary(run).columns
+    assert main([*args, "--no-lesion", "--out", str(tmp_path / "bare")]) == 0
+    bare = gradprobe.load(tmp_path / "bare")
+    assert bare.models == ["plain-8", "resnet-8"] and lesions(bare) is None
+    assert "lesion_worst_drop" not in summary(bare).columns

@@ -496,3 +496,17 @@ def test_compare_replaces_an_earlier_compare_run_and_keeps_other_files_only_with
     ).save(probe_run)
     with pytest.raises(FileExistsError, match=r"another gradprobe run: a probe run \(run [0-9a-f]{12}"):
         compare(["plain-mlp-4"], TINY, out=probe_run, **options)
+
+
+def test_parse_spec_reads_the_pre_activation_resnet():
+    from gradprobe import data as _data
+    from gradprobe.experiment import build_model, parse_spec
+    from gradprobe.models import PreActResNetCIFAR
+
+    spec = parse_spec("resnet-preact-20")
+    assert (spec.family, spec.depth, spec.residual, spec.name) == ("preact", 20, True, "resnet-preact-20")
+    assert parse_spec("plain-preact-8").name == "plain-preact-8"
+    with pytest.raises(ValueError, match="6n\\+2"):
+        parse_spec("resnet-preact-21")
+    model = build_model("plain-preact-8", _data.synthetic(shape=(1, 8, 8), num_classes=3))
+    assert isinstance(model, PreActResNetCIFAR) and not model.residual

@@ -178,6 +178,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("gradprobe.probe", 7),
     # 8: the one-shot functions, above the probe
     ("gradprobe.analysis", 8),
+    ("gradprobe.lesions", 8),
     # 9: downstream of the DataFrame: read tables, never run a model
     ("gradprobe.plot", 9),
     ("gradprobe.plot.*", 9),

@@ -298,3 +298,100 @@ def test_mlp_rejects_bad_arguments(kwargs, error, match):
 
 def test_model_types_are_exported():
     assert issubclass(ResNetCIFAR, nn.Module) and issubclass(MLP, nn.Module)
+
+
+# ---------------------------------------------------------------------- pre-activation ResNet
+def preact_params(
+    depth: int, *, width: int = 16, in_channels: int = 3, classes: int = 10, shortcut: str
+) -> int:
+    """Closed-form parameter count of the pre-activation CIFAR ResNet: per block BN(in) + conv(in->out)
+    + BN(out) + conv(out->out), a 1x1 conv shortcut ("B") at the two transitions, a final BN."""
+    n = (depth - 2) // 6
+    total = 9 * in_channels * width  # stem conv, no BN of its own
+    planes_in = width
+    for planes in (width, 2 * width, 4 * width):
+        for _ in range(n):
+            total += 2 * planes_in + 9 * planes_in * planes + 2 * planes + 9 * planes * planes
+            if planes_in != planes and shortcut == "B":
+                total += planes_in * planes
+            planes_in = planes
+    return total + 2 * 4 * width + 4 * width * classes + classes
+
+
+@pytest.mark.parametrize("depth", [8, 20, 56, 110])
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_preact_parameter_count_matches_closed_form(depth, shortcut):
+    from gradprobe.models import preact_resnet_cifar
+
+    net = preact_resnet_cifar(depth, shortcut=shortcut, generator=gen())
+    assert sum(p.numel() for p in net.parameters()) == preact_params(depth, shortcut=shortcut)
+
+
+def test_preact_110_and_resnet_56_have_the_papers_sizes():
+    from gradprobe.models import preact_resnet_cifar
+
+    # He et al. 2016a Table 6 / 2016b Table 3: ResNet-56 0.85M, ResNet-110 1.7M parameters
+    assert sum(p.numel() for p in preact_resnet_cifar(110).parameters()) / 1e6 == pytest.approx(1.7, abs=0.05)
+    assert sum(p.numel() for p in resnet_cifar(56).parameters()) / 1e6 == pytest.approx(0.85, abs=0.01)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_preact_block_matches_its_formula_in_float64(residual):
+    from gradprobe.models import PreActBlock
+
+    block = PreActBlock(8, 8, residual=residual).double().eval()
+    with torch.no_grad():
+        for bn in (block.bn1, block.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    branch = block.conv2(torch.relu(block.bn2(block.conv1(torch.relu(block.bn1(x))))))
+    torch.testing.assert_close(block(x), branch + x if residual else branch, rtol=0, atol=1e-12)
+
+
+def test_preact_layout_plain_twin_and_zero_init():
+    from gradprobe.blocks import select_blocks, shortcut_modules, without_shortcut
+    from gradprobe.models import PreActBlock, PreActResNetCIFAR, preact_resnet_cifar
+
+    res = preact_resnet_cifar(20, zero_init_residual=True, generator=gen())
+    plain = preact_resnet_cifar(20, residual=False, zero_init_residual=True, generator=gen())
+    assert isinstance(res, PreActResNetCIFAR)
+    names = [n for n, _ in select_blocks(res)]
+    assert names == [n for n, _ in select_blocks(plain)]
+    assert names == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+    assert sorted(shortcut_modules(select_blocks(res))) == ["layer2.0", "layer3.0"]
+    assert not shortcut_modules(select_blocks(plain))
+    # the plain twin's shape-changing blocks have no shortcut by design: no warning for them
+    assert without_shortcut(select_blocks(plain)) == set(names)
+    assert not any(torch.all(b.conv2.weight == 0) for b in plain.modules() if isinstance(b, PreActBlock))
+    x = torch.randn(3, 16, 8, 8)
+    res.eval()
+    assert torch.equal(res.layer1[1](x), x)  # zero init: an identity block is exactly the identity
+
+
+def test_preact_plain_twin_probes_without_the_shortcut_warning():
+    import warnings
+
+    import gradprobe
+    from gradprobe.models import preact_resnet_cifar
+
+    net = preact_resnet_cifar(8, residual=False, in_channels=1, generator=gen())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradprobe.attach(net) as probe:
+            net(torch.randn(4, 1, 8, 8)).sum().backward()
+    assert probe.blocks == ["layer1.0", "layer2.0", "layer3.0"]
+
+
+def test_preact_is_seeded_and_rejects_bad_depths():
+    from gradprobe.models import preact_resnet_cifar
+
+    state = torch.random.get_rng_state()
+    a, b = preact_resnet_cifar(8, generator=gen(3)), preact_resnet_cifar(8, generator=gen(3))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    with pytest.raises(ValueError, match="6n\\+2"):
+        preact_resnet_cifar(21)
+    assert "PreActResNetCIFAR(depth=8, plain" in repr(preact_resnet_cifar(8, residual=False))

@@ -135,7 +135,7 @@ def _double_copy(block: torch.nn.Module) -> torch.nn.Module:
 
 
 #: Figures that the hand-built run of :func:`trained_run` has no data for.
-NOT_IN_HAND_BUILT_RUN = ("paths", "signal")
+NOT_IN_HAND_BUILT_RUN = ("paths", "signal", "lesion")
 
 
 def trained_run(

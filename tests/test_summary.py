@@ -205,3 +205,21 @@ def test_cli_and_html_summaries_show_the_same_numbers(tmp_path: Path):
         assert math.isfinite(_cli_value(printed[model]["cum_gain_init"]))
         assert math.isfinite(_cli_value(printed[model]["effective_length_end"]))
     assert _cli_value(printed["resnet-mlp-4"]["effective_length_init"]) == 0.0  # zero-initialised branches
+
+
+def test_summary_has_lesion_columns_only_with_a_lesion_table():
+    import pandas as pd
+
+    from gradprobe.summary import summary
+
+    frame = pd.DataFrame({"step": 0, "block": ["a", "b"], "index": [0, 1], "cum_gain": [1.0, 1.0]})
+    assert not any(c.startswith("lesion_") for c in summary(frame).columns)
+    lesion = pd.DataFrame({
+        "kind": ["none", "single", "single", "single"], "block": [None, "a", "b", "c"],
+        "downsampling": [False, False, True, False], "removable": [True, True, True, False],
+        "acc": [0.9, 0.85, 0.7, float("nan")],
+    })  # fmt: skip
+    row = summary(frame, lesion=lesion).iloc[0]
+    assert row["lesion_worst_block"] == "b"  # c is not removable: never the worst
+    assert row["lesion_worst_drop"] == pytest.approx(0.2)
+    assert row["lesion_median_drop"] == pytest.approx(0.05)

@@ -229,3 +229,61 @@ def test_the_glossary_states_each_threshold(term):
         "degradation": verdict.DEGRADATION_RATIO,
     }[term]
     assert f"{value:g}" in verdict.GLOSSARY[term]
+
+
+# ----------------------------------------------------------------------------- lesions
+def _lesion_table(single_acc, down=None, base=0.9, random_acc=()):
+    import pandas as pd
+
+    n = len(single_acc)
+    down = down or [False] * n
+    rows = [{"kind": "none", "k": 0, "block": None, "downsampling": False, "removable": True, "acc": base}]
+    rows += [
+        {"kind": "single", "k": 1, "block": f"b{i}", "downsampling": d, "removable": True, "acc": a}
+        for i, (a, d) in enumerate(zip(single_acc, down, strict=True))
+    ]
+    rows += [
+        {"kind": "random", "k": k, "block": None, "downsampling": False, "removable": True, "acc": a}
+        for k, a in enumerate(random_acc, start=1)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_lesion_sentence_says_single_deletions_barely_matter_within_the_threshold():
+    from gradprobe.verdict import LESION_HARMLESS, lesion_findings
+
+    base = 0.9
+    accs = [base - LESION_HARMLESS / 2, base, base - 2 * LESION_HARMLESS, base - 3 * LESION_HARMLESS]
+    table = _lesion_table(accs, [False, False, False, True])
+    (finding,) = lesion_findings(table)
+    assert finding.figure == "lesion"
+    assert "barely matters for 2 of its 3 shape-preserving blocks" in finding.text
+    assert "at b3 (downsampling)" in finding.text
+    assert "random" not in finding.text  # no random rows: no sentence about k
+
+
+def test_lesion_sentence_says_collapse_below_the_threshold():
+    from gradprobe.verdict import LESION_COLLAPSE, lesion_findings
+
+    base = 0.8
+    table = _lesion_table([LESION_COLLAPSE * base, 0.1, 0.79], random_acc=[0.3, 0.1])
+    (finding,) = lesion_findings(table)
+    assert "2 of 3 removable blocks collapse the net" in finding.text
+    assert "barely" not in finding.text
+    assert "0.3 at k = 1 and 0.1 at k = 2" in finding.text
+    # just above the threshold: no collapse
+    (finding,) = lesion_findings(_lesion_table([LESION_COLLAPSE * base + 0.01, 0.79, 0.79], base=base))
+    assert "collapse" not in finding.text
+
+
+def test_no_lesion_table_no_lesion_sentence():
+    import pandas as pd
+
+    from gradprobe.summary import summary
+    from gradprobe.verdict import findings
+
+    f = pd.DataFrame({"step": 0, "block": ["a", "b"], "index": [0, 1], "cum_gain": [1.0, 1.0],
+                      "gain": [1.0, 1.0], "grad_in": [1.0, 1.0], "grad_out": [1.0, 1.0]})  # fmt: skip
+    assert not [x for x in findings(summary(f), f) if x.figure == "lesion"]
+    with_lesion = findings(summary(f), f, lesion=_lesion_table([0.9, 0.9]))
+    assert [x.figure for x in with_lesion].count("lesion") == 1

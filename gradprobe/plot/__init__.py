@@ -44,6 +44,7 @@ from .gradient import (
 )
 from .identity import identity_figure, plot_over_steps
 from .jacobian import jacobian_figure, plot_jacobian, plot_spectrum
+from .lesion import lesion_figure, plot_lesion
 from .paths import (
     SIGNAL_PANELS,
     path_lengths_figure,
@@ -66,6 +67,7 @@ __all__ = [
     "highway_figure",
     "identity_figure",
     "jacobian_figure",
+    "lesion_figure",
     "loss_column",
     "model_palette",
     "offscreen",
@@ -74,6 +76,7 @@ __all__ = [
     "plot_gain_heatmap",
     "plot_highway",
     "plot_jacobian",
+    "plot_lesion",
     "plot_loss",
     "plot_over_steps",
     "plot_path_lengths",
