@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the names as the type checker and IDEs see them
     from .jacobian import spectrum
     from .lesions import lesion
     from .path_lengths import paths_summary
+    from .pooling import pool_ranks
     from .probe import Probe, attach, every_n
     from .records import Run, load
     from .reporting import report
@@ -46,6 +47,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "lesion": ("lesions", "lesion"),
     "paths_summary": ("path_lengths", "paths_summary"),
     "load": ("records", "load"),
+    "pool_ranks": ("pooling", "pool_ranks"),
     "Run": ("records", "Run"),
     "select_blocks": ("blocks", "select_blocks"),
     "models": ("models", None),
@@ -76,6 +78,7 @@ __all__ = [
     "paths",
     "paths_summary",
     "plot",
+    "pool_ranks",
     "report",
     "select_blocks",
     "spectrum",

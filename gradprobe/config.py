@@ -198,6 +198,9 @@ class ProbeConfig:
             default: told from the submodules' ``batch_first``).
         sink: a folder to stream recorded rows into, in chunks, so memory stays bounded
             (``gradprobe.load(sink)`` reads the run); fails at once if it cannot be written.
+            Under ``torch.distributed`` with several ranks each rank streams into its own
+            ``rank-<rank>`` folder inside it, and ``gradprobe.load(sink)`` reads them as one
+            run with a ``rank`` column.
         sink_options: ``chunk_rows`` (rows per chunk, default 50,000), ``flush_seconds``
             (a chunk at the end of the first step after this many seconds, default 5: a crash
             loses at most that), ``fmt`` (``"parquet"`` or ``"csv"``), ``max_buffer_rows``

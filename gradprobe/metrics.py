@@ -568,20 +568,25 @@ def _sum_sq(tensors: Sequence[torch.Tensor], acc: torch.dtype, device: torch.dev
 
 
 def param_stats(
-    params: Sequence[torch.Tensor], previous: Sequence[torch.Tensor] | None
+    params: Sequence[torch.Tensor],
+    previous: Sequence[torch.Tensor] | None,
+    grads: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Squared ``[|theta|^2]``, ``[|grad theta|^2]`` and ``[|theta - previous|^2]`` as 0-d tensors.
 
     Parameters without a gradient count as zero gradient; with no parameter
-    gradient at all the gradient entry is NaN. ``previous`` None gives NaN.
+    gradient at all the gradient entry is NaN. ``previous`` None gives NaN. ``grads``: the
+    parameters' gradients (default: each one's ``.grad``; the local shards of sharded ones).
     """
+    if grads is None:
+        grads = [p.grad for p in params]
     if not params:
         nan = torch.tensor(NAN)
         return nan, nan, nan
     device = params[0].device
     acc = real_dtype(params[0].dtype)
     sq = _sum_sq(params, acc, device)
-    gsq = _sum_sq([p.grad for p in params if p.grad is not None], acc, device)
+    gsq = _sum_sq([g for g in grads if g is not None], acc, device)
     if previous is None:
         dsq = torch.tensor(NAN, device=device, dtype=_wide(acc))
     else:
@@ -593,22 +598,28 @@ def param_stats(
 
 
 def block_param_stats(
-    groups: Sequence[Sequence[torch.Tensor]], previous: Sequence[Sequence[torch.Tensor] | None]
+    groups: Sequence[Sequence[torch.Tensor]],
+    previous: Sequence[Sequence[torch.Tensor] | None],
+    grads: Sequence[Sequence[torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
     """:func:`param_stats` of many blocks at once: a ``(blocks, 3)`` tensor of squared sums.
 
     One fused ``_foreach_norm`` over every parameter of every block instead of a
-    handful of kernels per block: the per-step cost stays flat as blocks grow.
+    handful of kernels per block: the per-step cost stays flat as blocks grow. ``grads``:
+    each block's parameter gradients (default: their ``.grad``).
     """
+    if grads is None:
+        grads = [[p.grad for p in g] for g in groups]
     flat = [p for g in groups for p in g]
+    flat_grads = [q for g in grads for q in g]
     devices = {p.device for p in flat}
     if len(devices) != 1 or any(
         g and prev is not None and len(prev) != len(g) for g, prev in zip(groups, previous, strict=False)
     ):
         return torch.stack(
             [
-                torch.stack(param_stats(g, prev)).cpu().double()
-                for g, prev in zip(groups, previous, strict=False)
+                torch.stack(param_stats(g, prev, gr)).cpu().double()
+                for g, prev, gr in zip(groups, previous, grads, strict=False)
             ]
         )
     (device,) = devices
@@ -619,8 +630,8 @@ def block_param_stats(
     # (Per target the additions run in the same order as one index_add_ per kind: same values.)
     tensors = [_detached(p) for p in flat]
     owner = [i for i, g in enumerate(groups) for _ in g]
-    with_grad = [i for i, p in enumerate(flat) if p.grad is not None]
-    tensors += [flat[i].grad for i in with_grad]  # type: ignore[misc]
+    with_grad = [i for i, g in enumerate(flat_grads) if g is not None]
+    tensors += [flat_grads[i] for i in with_grad]  # type: ignore[misc]
     owner += [n + owner[i] for i in with_grad]
     known = [i for i, prev in enumerate(previous) if prev is not None]
     if known:

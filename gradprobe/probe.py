@@ -46,8 +46,9 @@ from .config import SUB_BATCH, TRAINING_JACOBIAN_OPTIONS, ProbeConfig, Schedule,
 from .coverage import CallWatch, enclosing_modules, nested_message, not_residual_message
 from .hooks import Handles, remove_copied
 from .jacobian.schedule import JacobianSchedule, paths_decomposition
-from .records import RecordedTables, Recorder, Sink, new_run_id
+from .records import RecordedTables, Recorder, Sink, new_run_id, rank_folder
 from .rows import ParamSnapshots, loss_scale, non_finite, step_rows
+from .sharding import refuse_fsdp1
 from .stacking import StackTracker
 from .taps import Fwd, Taps, in_transform
 
@@ -99,6 +100,8 @@ class Probe(RecordedTables):
             raise TypeError("Probe(model, config) takes a gradprobe.ProbeConfig, or the keywords of attach()")
         self.config = config
         self._alerts = Alerts(config.strict)
+        if isinstance(model, nn.Module):  # (select_blocks says what else model should be)
+            refuse_fsdp1(model)
         selected = select_blocks(model, config.blocks)
         names = [n for n, _ in selected]
         self._rules = _rule.rules(names, config.input, config.output)
@@ -141,7 +144,12 @@ class Probe(RecordedTables):
         self._run_id = new_run_id()
         sink = None
         if config.sink is not None:  # last of the checks: a bad argument leaves no empty folder behind
-            sink = Sink(config.sink, meta=self.meta(), run_id=self._run_id, **dict(config.sink_options or {}))
+            sink = Sink(
+                rank_folder(config.sink),
+                meta=self.meta(),
+                run_id=self._run_id,
+                **dict(config.sink_options or {}),
+            )
             self._run_id, self._step = sink.run_id, sink.resumed_steps  # resume: continue its run
         self._out = Recorder(sink, self.meta, paths=bool(config.paths_every))
         try:

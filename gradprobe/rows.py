@@ -6,7 +6,9 @@ the host in one transfer per device (one sync per step keeps a GPU pipeline inta
 the calls of each block and turns the sums into the columns of
 :data:`gradprobe.records.FRAME_COLUMNS`. Nothing here needs a hook or a model, so it is
 tested on hand-made statistics. :class:`ParamSnapshots` keeps the parameter copies that
-``update_ratio`` needs between recorded steps.
+``update_ratio`` needs between recorded steps; with sharded (``DTensor``) parameters its
+statistics are this rank's shards summed over the ranks (one collective,
+:mod:`gradprobe.sharding`).
 
 >>> import torch
 >>> f, g, b = ([torch.tensor(v) for v in vs] for vs in ([4.0, 4.0, 1.0, 4.0], [1.0], [4.0, 1.0, 1.0]))
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
+from . import metrics, sharding
 from .records import FRAME_COLUMNS, SIGNAL_COLUMNS
 
 Row = dict[str, Any]
@@ -393,7 +395,12 @@ class ParamSnapshots:
     ) -> dict[str, torch.Tensor]:
         """``{block: [|theta|^2, |grad|^2, |theta - previous|^2]}`` of every block, in one fused pass."""
         with torch.no_grad():
-            stats = metrics.block_param_stats(groups, [self.previous.get(n) for n in names])
+            grads = None
+            if sharding.any_sharded(groups):  # FSDP2, tensor parallel: this rank's shards, then a sum
+                groups, grads = sharding.local_groups(groups)
+            stats = metrics.block_param_stats(groups, [self.previous.get(n) for n in names], grads)
+            if grads is not None:
+                stats = sharding.sum_over_ranks(stats)
         return {n: stats[i] for i, n in enumerate(names)}
 
     def take(
@@ -407,6 +414,8 @@ class ParamSnapshots:
             return
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
+        if sharding.any_sharded(groups):  # copies of this rank's shards (what stats compares)
+            groups = sharding.local_groups(groups)[0]
         for n, params in zip(names, groups, strict=False):
             old = taken.get(n) or self.spare.pop(n, None)
             if old is None or len(old) != len(params):

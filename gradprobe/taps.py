@@ -47,6 +47,7 @@ from .batching import SignalQueue
 from .capture import alias_view, find_output, gradient_edge, swap_input
 from .jacobian.schedule import block_capture
 from .rows import CallStats
+from .sharding import is_sharded
 from .stacking import StackTracker
 
 
@@ -459,8 +460,12 @@ class Taps:
         if task == self._pass[0]:
             return self._pass[1]
         trains = not self._params
+        sharded = False
         for p in self._params:
             if not p.requires_grad:  # frozen since attach
+                continue
+            if is_sharded(p):  # FSDP2 runs the pass on unsharded copies: p is never in its graph
+                sharded = True
                 continue
             try:
                 if _will_execute(gradient_edge(p).node, strict=True):
@@ -469,6 +474,8 @@ class Taps:
             except RuntimeError:  # a leaf that torch.autograd.grad captures: differentiated for
                 trains = not torch.is_grad_enabled()  # grad mode on in a pass: create_graph=True
                 break
+        if sharded and not trains:  # cannot tell: a pass without create_graph is taken to train
+            trains = not torch.is_grad_enabled()
         self._pass = (task, trains)
         return trains
 

@@ -152,6 +152,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("gradprobe.records.schema", 0),
     # 1: tensors to numbers, models and data, tables on disk
     ("gradprobe.metrics", 1),
+    ("gradprobe.sharding", 1),
     ("gradprobe.hooks", 1),
     ("gradprobe.models", 1),
     ("gradprobe.data", 1),
@@ -185,6 +186,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("gradprobe.verdict", 9),
     ("gradprobe.reporting", 9),
     ("gradprobe.export", 9),
+    ("gradprobe.pooling", 9),
     ("gradprobe.testing.bands", 9),
     # 10: entry points that run models and report on them
     ("gradprobe.testing", 10),
@@ -210,6 +212,7 @@ DOWNSTREAM = (
     "gradprobe.verdict",
     "gradprobe.testing.bands",
     "gradprobe.export",
+    "gradprobe.pooling",
     "gradprobe._format",
 )
 

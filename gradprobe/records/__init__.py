@@ -56,7 +56,7 @@ from .files import (
     try_write,
 )
 from .recorder import RecordedTables, Recorder, rank_view
-from .run import Run, check_meta, load, read_meta, save_run
+from .run import Run, check_meta, load, rank_folder, read_meta, save_run
 from .schema import (
     EXTRA_COLUMNS,
     FORMAT_VERSION,
@@ -109,6 +109,7 @@ __all__ = [
     "new_run_id",
     "not_regular",
     "paths_table",
+    "rank_folder",
     "rank_view",
     "read_meta",
     "report_at",

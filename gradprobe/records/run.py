@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -333,7 +334,8 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
     stray files are ignored with a warning. ``strict=True`` raises :class:`RunFormatError`
     on damage instead. A run that a live process is still streaming (it holds the folder's
     lock) is not damaged: its files being written are left out, with a warning saying so
-    and how much was read.
+    and how much was read. A folder of ``rank-<n>`` run folders (what the ranks of a
+    distributed run stream, :func:`rank_folder`) loads as one run with a ``rank`` column.
 
     >>> import tempfile, pandas as pd
     >>> d = tempfile.mkdtemp()
@@ -347,6 +349,9 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
             f"{folder} is not a saved gradprobe run (expected a folder with meta.json, "
             "frame.parquet|csv and scalars.parquet|csv)"
         )
+    ranks = _rank_folders(folder)
+    if ranks:
+        return _load_ranks(ranks, strict)
     meta = read_meta(folder)
     dtypes = meta.pop("dtypes", {})
     names = [p.name for p in folder.iterdir()]
@@ -384,6 +389,47 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
                 stacklevel=2,
             )
     return Run(frame, scalars, meta, paths=_read_paths(folder, dtypes, fmt))
+
+
+_RANK_FOLDER = re.compile(r"rank-(\d+)")
+
+
+def rank_folder(path: str | os.PathLike[str]) -> Path:
+    """Where a probe under ``torch.distributed`` (more than one rank) streams its rows: the
+    folder ``rank-<rank>`` inside ``path``, one per rank (``gradprobe.load(path)`` reads them
+    all as one run with a ``rank`` column); ``path`` itself in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Path(path) / f"rank-{dist.get_rank()}"
+    return Path(path)
+
+
+def _rank_folders(folder: Path) -> dict[int, Path]:
+    """``{rank: folder}`` of a folder holding one streamed run per rank (and no meta.json itself)."""
+    if os.path.lexists(folder / "meta.json"):
+        return {}
+    out = {}
+    for p in folder.iterdir():
+        m = _RANK_FOLDER.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
+
+
+def _load_ranks(folders: Mapping[int, Path], strict: bool) -> Run:
+    """The runs of every rank as one: frames, scalars and paths with a ``rank`` column, the
+    metadata of the lowest rank (``ranks``: the ranks read)."""
+    import pandas as pd
+
+    runs = {rank: load(f, strict=strict) for rank, f in folders.items()}
+    frame = pd.concat([r.frame().assign(rank=k) for k, r in runs.items()], ignore_index=True)
+    scalars = pd.concat([r.scalars().assign(rank=k) for k, r in runs.items()], ignore_index=True)
+    present = [r.paths().assign(rank=k) for k, r in runs.items() if len(r.paths())]
+    paths = pd.concat(present, ignore_index=True) if present else None
+    meta = dict(next(iter(runs.values())).meta)
+    meta["ranks"] = list(runs)
+    return Run(frame, scalars, meta, paths=paths)
 
 
 def _table_file(folder: Path, name: str, fmt: Any) -> Path:
