@@ -25,7 +25,7 @@ default uniform init for the classifier. All randomness comes from the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -443,6 +443,49 @@ def _init(
             raise AssertionError(f"no init rule for {type(module).__name__}")  # pragma: no cover
 
 
+_Net = TypeVar("_Net", bound=nn.Module)
+
+
+def _cifar_net(
+    cls: Callable[..., _Net],
+    who: str,
+    depth: int,
+    residual: bool,
+    width: int,
+    in_channels: int,
+    num_classes: int,
+    shortcut: str,
+    generator: torch.Generator | None,
+) -> _Net:
+    """A CIFAR ResNet of class ``cls`` with its arguments checked (``who`` names the function in
+    the messages), built on the meta device and initialised from ``generator`` (He init)."""
+    _check_int("depth", depth, 8)
+    if (depth - 2) % 6:
+        n = max(1, round((depth - 2) / 6))
+        raise ValueError(
+            f"{who} needs depth = 6n+2 (8, 14, 20, 32, 44, 56, 110, ...), got {depth}; "
+            f"the nearest valid depths are {6 * n + 2} and {6 * (n + 1) + 2}"
+        )
+    _check_int("width", width, 1)
+    _check_int("in_channels", in_channels, 1)
+    _check_int("num_classes", num_classes, 1)
+    if shortcut not in ("A", "B"):
+        raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 projection), got {shortcut!r}")
+    gen = _generator(generator)
+    with torch.device("meta"):
+        model = cls(
+            depth,
+            residual=bool(residual),
+            width=width,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            shortcut=shortcut,
+        )
+    _materialise(model)
+    _init(model, gen, "relu")
+    return model
+
+
 def resnet_cifar(
     depth: int,
     *,
@@ -474,30 +517,9 @@ def resnet_cifar(
     >>> [name for name, _ in net.named_children()][:4]
     ['conv1', 'bn1', 'relu', 'layer1']
     """
-    _check_int("depth", depth, 8)
-    if (depth - 2) % 6:
-        n = max(1, round((depth - 2) / 6))
-        raise ValueError(
-            f"resnet_cifar needs depth = 6n+2 (8, 14, 20, 32, 44, 56, 110, ...), got {depth}; "
-            f"the nearest valid depths are {6 * n + 2} and {6 * (n + 1) + 2}"
-        )
-    _check_int("width", width, 1)
-    _check_int("in_channels", in_channels, 1)
-    _check_int("num_classes", num_classes, 1)
-    if shortcut not in ("A", "B"):
-        raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 projection), got {shortcut!r}")
-    gen = _generator(generator)
-    with torch.device("meta"):
-        model = ResNetCIFAR(
-            depth,
-            residual=bool(residual),
-            width=width,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            shortcut=shortcut,
-        )
-    _materialise(model)
-    _init(model, gen, "relu")
+    model = _cifar_net(
+        ResNetCIFAR, "resnet_cifar", depth, residual, width, in_channels, num_classes, shortcut, generator
+    )
     if zero_init_residual and residual:
         with torch.no_grad():
             for block in model.modules():
@@ -536,30 +558,17 @@ def preact_resnet_cifar(
     >>> sum(p.numel() for p in preact_resnet_cifar(110).parameters())
     1730522
     """
-    _check_int("depth", depth, 8)
-    if (depth - 2) % 6:
-        n = max(1, round((depth - 2) / 6))
-        raise ValueError(
-            f"preact_resnet_cifar needs depth = 6n+2 (8, 14, 20, 32, 44, 56, 110, ...), got {depth}; "
-            f"the nearest valid depths are {6 * n + 2} and {6 * (n + 1) + 2}"
-        )
-    _check_int("width", width, 1)
-    _check_int("in_channels", in_channels, 1)
-    _check_int("num_classes", num_classes, 1)
-    if shortcut not in ("A", "B"):
-        raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 projection), got {shortcut!r}")
-    gen = _generator(generator)
-    with torch.device("meta"):
-        model = PreActResNetCIFAR(
-            depth,
-            residual=bool(residual),
-            width=width,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            shortcut=shortcut,
-        )
-    _materialise(model)
-    _init(model, gen, "relu")
+    model = _cifar_net(
+        PreActResNetCIFAR,
+        "preact_resnet_cifar",
+        depth,
+        residual,
+        width,
+        in_channels,
+        num_classes,
+        shortcut,
+        generator,
+    )
     if zero_init_residual and residual:
         with torch.no_grad():
             for block in model.modules():
