@@ -256,14 +256,28 @@ def test_lightning_bad_options_say_what_to_do(tmp_path):
 @pytest.mark.slow
 def test_lightning_ddp_rank_zero_writes_every_ranks_rows(tmp_path):
     from pytorch_lightning.loggers import CSVLogger
+    from torch.multiprocessing import ProcessExitedException
 
     from gradprobe.integrations.lightning import GradprobeCallback
 
-    callback = GradprobeCallback(module="net", log_every=1)
-    trainer = lightning_trainer(
-        tmp_path, callback, max_steps=4, devices=2, strategy="ddp_spawn", logger=CSVLogger(str(tmp_path))
-    )
-    trainer.fit(DigitsNet(), digits_loader(256, 16))
+    def fit(out):
+        callback = GradprobeCallback(module="net", log_every=1)
+        trainer = lightning_trainer(
+            out, callback, max_steps=4, devices=2, strategy="ddp_spawn", logger=CSVLogger(str(out))
+        )
+        trainer.fit(DigitsNet(), digits_loader(256, 16))
+
+    try:
+        fit(tmp_path / "run")
+    except ProcessExitedException as exc:
+        # A spawned gloo rank can abort in its C++ teardown after `fit` has returned ("terminate
+        # called without an active exception", once in about ten CI runs, never in isolation);
+        # that is the process group's exit, not the probe's work: the whole run again, once, in a
+        # fresh folder, with every assertion below.
+        if exc.signal_name != "SIGABRT":
+            raise
+        fit(tmp_path / "again")
+        tmp_path = tmp_path / "again"
     (folder,) = tmp_path.rglob("gradprobe")
     frame = gradprobe.load(folder).frame()
     assert (folder / "index.html").exists()
