@@ -141,6 +141,27 @@ class BasicBlock(nn.Module):
         return f"residual={self.residual}"
 
 
+def _add_stages(
+    model: nn.Module,
+    block: Callable[..., nn.Module],
+    n: int,
+    width: int,
+    *,
+    residual: bool,
+    shortcut: Literal["A", "B"],
+) -> None:
+    """The three stages ``layer1``-``layer3`` of a CIFAR ResNet: n blocks each, widths w, 2w, 4w,
+    the first block of stages 2 and 3 with stride 2 (registered on ``model`` in that order)."""
+    planes_in = width
+    for stage, planes in enumerate((width, 2 * width, 4 * width), start=1):
+        blocks = []
+        for i in range(n):
+            stride = 2 if stage > 1 and i == 0 else 1
+            blocks.append(block(planes_in, planes, stride, residual=residual, shortcut=shortcut))
+            planes_in = planes
+        model.add_module(f"layer{stage}", nn.Sequential(*blocks))
+
+
 class ResNetCIFAR(nn.Module):
     """The CIFAR ResNet/plain net of He et al. 2016, Sec. 4.2. Build it with :func:`resnet_cifar`."""
 
@@ -160,14 +181,7 @@ class ResNetCIFAR(nn.Module):
         self.conv1 = _conv3x3(in_channels, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
-        planes_in = width
-        for stage, planes in enumerate((width, 2 * width, 4 * width), start=1):
-            blocks = []
-            for i in range(n):
-                stride = 2 if stage > 1 and i == 0 else 1
-                blocks.append(BasicBlock(planes_in, planes, stride, residual=residual, shortcut=shortcut))
-                planes_in = planes
-            self.add_module(f"layer{stage}", nn.Sequential(*blocks))
+        _add_stages(self, BasicBlock, n, width, residual=residual, shortcut=shortcut)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * width, num_classes)
 
@@ -262,14 +276,7 @@ class PreActResNetCIFAR(nn.Module):
         n = (depth - 2) // 6
         self.depth, self.residual, self.width, self.shortcut_type = depth, residual, width, shortcut
         self.conv1 = _conv3x3(in_channels, width)  # no BN-ReLU here: the first block starts with them
-        planes_in = width
-        for stage, planes in enumerate((width, 2 * width, 4 * width), start=1):
-            blocks = []
-            for i in range(n):
-                stride = 2 if stage > 1 and i == 0 else 1
-                blocks.append(PreActBlock(planes_in, planes, stride, residual=residual, shortcut=shortcut))
-                planes_in = planes
-            self.add_module(f"layer{stage}", nn.Sequential(*blocks))
+        _add_stages(self, PreActBlock, n, width, residual=residual, shortcut=shortcut)
         self.bn = nn.BatchNorm2d(4 * width)
         self.relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
