@@ -131,6 +131,8 @@ def _layer_list(module: nn.Module) -> tuple[str, nn.Module] | None:
     """The module itself if it is a container, else its child container holding most of its weights."""
     if isinstance(module, _CONTAINERS):
         return "", module
+    if not any(isinstance(child, _CONTAINERS) for child in module.children()):
+        return None  # (most modules: no need to count their weights)
     total = _n_params(module)
     for name, child in module.named_children():
         if name == "parametrizations" and parametrize.is_parametrized(module):
@@ -198,12 +200,13 @@ def _auto(model: nn.Module) -> list[AutoBlock]:
     stages: list[tuple[str, nn.Module]] = []  # modules that are looked through
     # torch.nn.utils.parametrize keeps a weight's parametrizations in a ModuleDict
     # (``conv.parametrizations.weight``): bookkeeping of one layer, never blocks.
+    all_named = list(model.named_modules())  # (walked once: thousands of modules in deep nets)
     hidden = tuple(
         f"{_join(name, 'parametrizations')}."
-        for name, module in model.named_modules()
+        for name, module in all_named
         if parametrize.is_parametrized(module)
     )
-    for name, module in model.named_modules():
+    for name, module in all_named:
         if hidden and f"{name}.".startswith(hidden):
             continue
         if isinstance(module, _CONTAINERS):
@@ -232,14 +235,17 @@ def _auto(model: nn.Module) -> list[AutoBlock]:
     # group inside its encoder); then keep the outermost of what is left.
     stage_names = {name for name, _ in stages}
     kept = [c for c in candidates if c not in stage_names]
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    named = dict(model.named_modules())
+    order = {n: i for i, (n, _) in enumerate(all_named)}
+    named = dict(all_named)
+    kept_set = set(kept)
     out: list[AutoBlock] = []
+    chosen: set[str] = set()
     for c in sorted(kept, key=order.__getitem__):
-        if any(_is_ancestor(other, c) for other in kept if other != c):
+        if any(p in kept_set for p in _ancestors(c)):  # (by name: linear in the blocks, not quadratic)
             continue
         part = _called_part(c, named[c])  # a ModuleList member of a run is never called itself
-        if part is not None and all(part[0] != b.name for b in out):
+        if part is not None and part[0] not in chosen:
+            chosen.add(part[0])
             out.append(AutoBlock(part[0], part[1], candidates[c], stand_in=part[0] != c))
     return out
 
@@ -267,8 +273,15 @@ def _called_part(name: str, module: nn.Module) -> tuple[str, nn.Module] | None:
     return name, module
 
 
-def _is_ancestor(parent: str, child: str) -> bool:
-    return child.startswith(parent + ".")
+def _ancestors(name: str) -> list[str]:
+    """The qualified names of the modules that hold module ``name``, innermost first (the root
+    aside).
+
+    >>> _ancestors("layer1.0.conv1")
+    ['layer1.0', 'layer1']
+    """
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:

@@ -56,6 +56,8 @@ class CallWatch:
         #: and all blocks whose first call was asked, in call order.
         self.not_residual: list[str] = []
         self.asked: list[str] = []
+        self._asked: set[str] = set()  # the same as sets: asked once per call of every block
+        self._nested: set[str] = set()
 
     def start(self) -> None:
         """Hook every submodule of the blocks (all or none)."""
@@ -82,7 +84,7 @@ class CallWatch:
 
     def _ask(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """A block's first call with a graph: does its output add its input to a branch?"""
-        if name in self.asked or output is None:
+        if name in self._asked or output is None:
             return
         rule = self._rules.get(name, DEFAULT)
         found = locate_input(args, kwargs, rule.input, module)
@@ -90,13 +92,14 @@ class CallWatch:
         if found is None or y is None or not found[0].requires_grad or y.grad_fn is None:
             return
         self.asked.append(name)
+        self._asked.add(name)
         if adds_input(y.grad_fn, gradient_edge(found[0]).node) is False:
             self.not_residual.append(name)
 
     def _ask_enclosing(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """A module holding several blocks returns: is it ``x + (its blocks)(x)``, a residual block
         whose branch holds them?"""
-        if name in self.nested_in or output is None:
+        if name in self._nested or output is None:
             return
         found = locate_input(args, kwargs, None, module)
         y = find_output(output)
@@ -104,6 +107,7 @@ class CallWatch:
             return
         if skips_input(y.grad_fn, gradient_edge(found[0]).node):
             self.nested_in.append(name)
+            self._nested.add(name)
 
     def stop(self) -> None:
         """Remove the hooks (safe to call twice)."""

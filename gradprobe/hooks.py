@@ -147,10 +147,10 @@ class ModuleHook:
     Under ``torch.compile`` Dynamo breaks the graph around the hook and runs it eagerly:
     traced tensor hooks double-count gradients."""
 
-    __slots__ = ("__weakref__", "_eager", "_fn", "_module", "compiled")
+    __slots__ = ("__weakref__", "_fn", "_module", "compiled")
 
     def __init__(self, fn: Callable[..., Any], module: nn.Module) -> None:
-        self._fn, self._eager = fn, torch.compiler.disable(self._compiled_call, recursive=True)
+        self._fn = fn
         self._module = weakref.ref(module)
         self.compiled = False  # called from a frame Dynamo compiled
 
@@ -158,11 +158,9 @@ class ModuleHook:
         if module is not self._module():
             return None
         # Outside Dynamo the plain call: the disable wrapper costs about 40 us per call.
-        return self._eager(module, *args) if torch.compiler.is_compiling() else self._fn(module, *args)
-
-    def _compiled_call(self, module: nn.Module, *args: Any) -> Any:
-        self.compiled = True  # runs eagerly (a graph break): a plain attribute write
-        return self._fn(module, *args)
+        return (
+            _call_eagerly(self, module, *args) if torch.compiler.is_compiling() else self._fn(module, *args)
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _STAND_IN
@@ -179,6 +177,16 @@ class ModuleHook:
 
     def __copy__(self) -> ModuleHook:
         return self
+
+
+def _compiled_call(hook: ModuleHook, module: nn.Module, *args: Any) -> Any:
+    hook.compiled = True  # runs eagerly (a graph break): a plain attribute write
+    return hook._fn(module, *args)
+
+
+# One disabled function for every hook: a wrapper made per hook cost about 30 us each at attach,
+# a second of attaching on a model of thousands of blocks.
+_call_eagerly = torch.compiler.disable(_compiled_call, recursive=True)
 
 
 class Handles:

@@ -102,7 +102,10 @@ class Probe(RecordedTables):
         self._alerts = Alerts(config.strict)
         if isinstance(model, nn.Module):  # (select_blocks says what else model should be)
             refuse_fsdp1(model)
-        selected = select_blocks(model, config.blocks)
+        # blocks="auto" selects once: its blocks, and which of them stand in for a ModuleList's member
+        auto = isinstance(config.blocks, str) and config.blocks == "auto"
+        found = auto_blocks(model) if auto else []
+        selected = [(b.name, b.module) for b in found] if auto else select_blocks(model, config.blocks)
         names = [n for n, _ in selected]
         self._rules = _rule.rules(names, config.input, config.output)
         self._stacks = StackTracker(names, config.stacks)
@@ -133,10 +136,9 @@ class Probe(RecordedTables):
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         self._hooks = Handles()  # on the model, while attached
         # which blocks run (and, for blocks="auto", which are residual) until the first recorded step closes
-        auto = isinstance(config.blocks, str) and config.blocks == "auto"
         self._enclosing = enclosing_modules(model, names) if auto else {}
         self._watch = CallWatch(self._modules, self._rules, residual=auto, enclosing=self._enclosing)
-        self._stand_ins = {b.name for b in auto_blocks(model) if b.stand_in} if auto else set()
+        self._stand_ins = {b.name for b in found if b.stand_in}
         self._block_hooks = Handles()  # on the blocks and shortcuts, taken off on unrecorded steps
         self._created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._shortcut_modules = shortcut_modules(list(self._modules.items()), config.shortcuts)
@@ -506,13 +508,20 @@ class Probe(RecordedTables):
             self._alerts.once("unrun", message)
         # Beside residual blocks only: a plain net's blocks are all plain, by design.
         plain = [n for n in self._watch.not_residual if n not in self._no_shortcut_by_design]
-        residual = [n for n in self._watch.asked if n not in self._watch.not_residual]
+        not_residual = set(self._watch.not_residual)
+        residual = [n for n in self._watch.asked if n not in not_residual]
         if self._watch.nested_in:
             # the modules of the same classes as those found (a first one on an input without grad
             # cannot show its skip)
             kinds = {type(self._enclosing[n]) for n in self._watch.nested_in}
             outer = [n for n, m in self._enclosing.items() if type(m) in kinds]
-            inner = {o: [n for n in self._modules if n.startswith(o + ".")] for o in outer}
+            inner: dict[str, list[str]] = {o: [] for o in outer}
+            for n in self._modules:  # (by each block's dotted prefixes: linear in the blocks)
+                parts = n.split(".")
+                for k in range(1, len(parts)):
+                    inside = inner.get(".".join(parts[:k]))
+                    if inside is not None:
+                        inside.append(n)
             self._alerts.once("nested", nested_message(outer, inner))
         stand_ins = [n for n in plain if n in self._stand_ins]
         if plain and (residual or stand_ins):

@@ -20,6 +20,7 @@ path-length decomposition run along stacks. The rules, shared by the probe's hoo
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
 from typing import Any
 
@@ -154,10 +155,14 @@ def nesting(names: list[str]) -> dict[str, str]:
     >>> nesting(["a", "a.inner.0", "a.inner.1", "b"])
     {'a': '', 'a.inner.0': 'a', 'a.inner.1': 'a', 'b': ''}
     """
+    # By each name's dotted prefixes, longest first: linear in the names (a nested loop over all
+    # pairs took seconds at thousands of blocks).
+    known = set(names)
     out = {}
     for n in names:
-        parents = [p for p in names if n.startswith(p + ".")]
-        out[n] = max(parents, key=len) if parents else ""
+        parts = n.split(".")
+        prefixes = (".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1))
+        out[n] = next((p for p in prefixes if p in known), "")
     return out
 
 
@@ -285,6 +290,10 @@ class StackTracker:
         self._count = len(names)
         self._linked: dict[str, bool] = {}
         self._out_node: dict[str, Any] = {}
+        # The blocks of the forward order seen so far, at each nesting level, in that order:
+        # [(position, name)] (what finds the block before a block in constant time).
+        self._seen = 0
+        self._levels: dict[str, list[tuple[int, str]]] = {}
 
     @property
     def detecting(self) -> bool:
@@ -296,14 +305,16 @@ class StackTracker:
         if self.detecting:
             self._out_node[name] = node
 
-    def link(self, name: str, x: Any, index: Mapping[str, int]) -> None:
-        """Decide, once, whether block ``name`` (input ``x``) continues the previous block's stack."""
+    def link(self, name: str, x: Any, index: dict[str, int]) -> None:
+        """Decide, once, whether block ``name`` (input ``x``) continues the previous block's stack.
+
+        ``index``: each block's position in the forward order, a dict that only grows (a block's
+        position is fixed when it is first called)."""
         if name in self._linked:
             return
         position, key = index.get(name, -1), self._nest.get(name, "")
         # the block before it in forward order at its own level (nested blocks: inside the same block)
-        earlier = [(i, n) for n, i in index.items() if i < position and self._nest.get(n, "") == key]
-        prev = max(earlier)[1] if earlier else None
+        prev = self._before(index, key, position)
         if position <= 0 or prev is None:
             self._linked[name] = False  # the first block starts the first stack
         elif prev in self._out_node:
@@ -312,6 +323,23 @@ class StackTracker:
             return  # the previous block has not run in this pass yet: decide on a later call
         if not self.detecting:
             self._out_node.clear()
+
+    def _before(self, index: dict[str, int], key: str, position: int) -> str | None:
+        """The block at nesting level ``key`` with the largest position below ``position``.
+
+        The blocks added to ``index`` since the last call are taken in (from its end: a dict keeps
+        insertion order) and each level's blocks are kept sorted by position, so a call costs the
+        new blocks and a bisection, not a scan of every block."""
+        new = len(index) - self._seen
+        if new > 0:
+            recent = reversed(index)
+            added = [next(recent) for _ in range(new)]
+            for n in reversed(added):  # (positions grow with insertion: each lands at the end)
+                bisect.insort(self._levels.setdefault(self._nest.get(n, ""), []), (index[n], n))
+            self._seen = len(index)
+        level = self._levels.get(key, [])
+        k = bisect.bisect_left(level, (position, "")) - 1
+        return level[k][1] if k >= 0 else None
 
     def forget(self) -> None:
         """Drop the output nodes of this pass (a step closed or the probe detached)."""

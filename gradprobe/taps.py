@@ -560,7 +560,7 @@ class Taps:
         """The step closes: a call that no training pass reached keeps the gradients of the passes
         that did (said in a warning), and the blocks whose passes pooled as sums of squares are
         named in another (never a silent mix)."""
-        squares: list[str] = []
+        squares: dict[str, None] = {}  # (the blocks in call order, each once: a dict, not a list scan)
         for call in self.calls:
             aux = call.aux
             if aux is not None and call.passes_y == 0 and call.passes_x == 0:
@@ -574,12 +574,12 @@ class Taps:
                     "backward() or torch.autograd.grad(loss, params) pass in the same step is what "
                     "the probe records otherwise.",
                 )
-            if call.squares and call.block not in squares:
-                squares.append(call.block)
+            if call.squares:
+                squares.setdefault(call.block)
         if squares:
             self._warn_once(
                 "squares",
-                f"gradprobe: block(s) {squares} received several backward passes in one step beyond the "
+                f"gradprobe: block(s) {list(squares)} received several backward passes in one step beyond the "
                 f"{self._hold_bytes >> 20} MiB of first-pass gradients the probe holds to add them as "
                 "vectors: their grad_out, grad_in and branch columns pool those passes as "
                 "sqrt(|g1|^2 + |g2|^2), not |g1 + g2| as .grad adds them.",

@@ -2,10 +2,17 @@
 
 ``make(kind)`` builds one (``plain_mlp``, ``res_mlp``, ``res_cnn``, ``plain_cnn``, float64 by
 default) and ``make_input(kind)`` a batch for it. ``ResMLPBlock``, ``BasicBlock`` and
-``ResCNN`` are the blocks they are made of.
+``ResCNN`` are the blocks they are made of. ``deep_res_mlp(n)`` is a chain of ``n`` small
+residual blocks, and ``python_calls(fn)`` counts the function calls (Python and built-in) of
+``fn()``: how the tests check that a cost grows linearly with the number of blocks, without a timing.
 """
 
 from __future__ import annotations
+
+import cProfile
+import pstats
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,3 +105,21 @@ def make_input(kind: str, *, seed: int = 1, batch: int = 5, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     shape = (batch, 3, 6, 6) if "cnn" in kind else (batch, 6)
     return torch.randn(shape, generator=g, dtype=dtype)
+
+
+def deep_res_mlp(blocks: int, width: int = 4) -> nn.Sequential:
+    """``blocks`` residual blocks ``x + W2 relu(W1 x)`` in one ``nn.Sequential``, float64."""
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(*[ResMLPBlock(width) for _ in range(blocks)]).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return net
+
+
+def python_calls(fn: Callable[[], Any]) -> int:
+    """The number of function calls, Python and built-in, that ``fn()`` makes (``cProfile``)."""
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    stats: Any = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    return sum(v[1] for v in stats.values())

@@ -69,3 +69,10 @@ def test_jacobian10_is_not_refused_for_a_median_and_total_that_differ_by_design(
     assert periodic.consistent()
     assert periodic.median_text().startswith("1.500") and periodic.total_text().startswith("1.950")
     assert not overhead.Result("default", [[1.0] * 10] * 2, [steps] * 2, blocks=2, recorded=1.0).consistent()
+
+
+def test_the_scaling_benchmark_prints_a_row_per_depth(capsys):
+    scaling = _load("scaling")
+    scaling.main(["--blocks", "3", "6", "--pairs", "2", "--chunk", "9", "--count-steps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 3 |", "| 6 |"))]
+    assert len(rows) == 2 and all(row.count("|") == 9 for row in rows)

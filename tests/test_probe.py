@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from nets import make, make_input
+from nets import deep_res_mlp, make, make_input, python_calls
 from reference import reference_rows
 from torch import nn
 
@@ -694,3 +694,23 @@ def test_update_ratio_off_keeps_no_parameter_copies_and_changes_nothing_else():
     assert off["update_ratio"].isna().all()
     cols = [c for c in on.columns if c != "update_ratio"]
     pd.testing.assert_frame_equal(on[cols], off[cols])
+
+
+def test_attach_and_the_first_steps_calls_grow_linearly_with_the_blocks():
+    # Attaching (blocks="auto", the nesting of the stacks) and the first recorded step (stack
+    # detection) made calls in the square of the blocks: 2,000 blocks took seconds to attach and
+    # more to record the first step. Eight times the blocks now make at most eight times the calls.
+    def calls(blocks: int) -> int:
+        net = deep_res_mlp(blocks)
+        x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+        def run() -> None:
+            with gradprobe.attach(net) as probe:
+                for _ in range(2):
+                    net(x).pow(2).sum().backward()
+                assert len(probe.last_rows()) == blocks
+
+        return python_calls(run)
+
+    calls(2)  # what the first attach of a process imports is no cost of the blocks
+    assert calls(320) / calls(40) < 9

@@ -8,12 +8,14 @@ import warnings
 
 import pytest
 import torch
+from nets import python_calls
 from reference import exact_columns
 from test_capture import _norm, chain_reference
 from torch import nn
 
 import gradprobe
 from gradprobe.jacobian import capture_blocks
+from gradprobe.stacking import StackTracker, nesting
 
 F64 = torch.float64
 
@@ -417,3 +419,48 @@ def test_figures_draw_each_stack_as_its_own_line_and_old_frames_as_one():
     assert sorted(drawn) == [(0.0, 1.0), (0.0, 1.0), (2.0, 3.0), (2.0, 3.0)]
     old = frame.drop(columns="stack")  # a run saved before the stack column: one chain
     assert data_lines(plot.plot_highway(old)) == [(0.0, 1.0, 2.0, 3.0)]
+
+
+def _detect_chain(names: list[str]) -> dict[str, str]:
+    """A StackTracker deciding each block of a chain as the probe's hooks do (forward order)."""
+    tracker, index = StackTracker(names), {}
+    x = torch.ones(2, requires_grad=True)
+    for name in names:
+        index.setdefault(name, len(index))
+        tracker.link(name, x, index)
+        x = x * 2
+        tracker.output(name, x.grad_fn)
+    return tracker.names(names)
+
+
+def test_stack_detection_calls_grow_linearly_with_the_blocks():
+    # Each block's decision scanned every block seen before it for the one before it, and the
+    # nesting of the names compared every name with every other: calls in the square of the
+    # blocks, seconds of the first recorded step at 2,000 blocks.
+    small = [f"layers.{i}" for i in range(40)]
+    large = [f"layers.{i}" for i in range(320)] + [f"layers.0.inner.{i}" for i in range(4)]
+    assert set(_detect_chain(large[:320]).values()) == {"layers"}
+    assert nesting(large)["layers.0.inner.3"] == "layers.0" and nesting(large)["layers.5"] == ""
+    for fn in (_detect_chain, nesting):
+        ratio = python_calls(lambda fn=fn: fn(large)) / python_calls(lambda fn=fn: fn(small))
+        assert ratio < 9, fn.__name__
+
+
+def test_stack_detection_finds_the_block_before_at_its_own_level():
+    # blocks nested in block "a" chain among themselves; "b" continues after "a", not after "a.i.1"
+    names = ["a", "a.i.0", "a.i.1", "b"]
+    tracker, index = StackTracker(names), {}
+    x = torch.ones(2, requires_grad=True)
+    h = x * 1
+    index["a"] = 0
+    tracker.link("a", h, index)
+    inner = h * 2
+    for k, name in enumerate(["a.i.0", "a.i.1"]):
+        index[name] = k + 1
+        tracker.link(name, inner, index)
+        inner = inner * 3
+        tracker.output(name, inner.grad_fn)
+    tracker.output("a", inner.grad_fn)
+    index["b"] = 3
+    tracker.link("b", torch.ones(2), index)  # no graph: a new stack
+    assert tracker.names(names) == {"a": "a", "a.i.0": "a.i", "a.i.1": "a.i", "b": "b"}

@@ -22,6 +22,7 @@ class RowStore:
         self._chunks: list[tuple[Any, Any]] = []  # (keys int32 (n, 5), values float64 (n, k)) per step
         self._names: list[str] = []
         self._ids: dict[str, int] = {}
+        self._len = 0  # rows held (a sink asks at every step: no sum over the steps)
 
     def _id(self, name: str) -> int:
         if name not in self._ids:
@@ -41,9 +42,10 @@ class RowStore:
         )
         values = np.array([[r[c] for c in VALUE_COLUMNS] for r in rows], dtype=np.float64)
         self._chunks.append((keys, values))
+        self._len += len(keys)
 
     def __len__(self) -> int:
-        return sum(len(c[0]) for c in self._chunks)
+        return self._len
 
     @property
     def nbytes(self) -> int:
@@ -72,3 +74,4 @@ class RowStore:
 
     def clear(self) -> None:
         self._chunks.clear()
+        self._len = 0
