@@ -12,6 +12,9 @@ blocks ``x + fc(relu(x))``, width 32, zero-initialised branches, batch 16) at N 
   model instance in alternating bare and probed chunks (``overhead.py``'s harness), with its
   bare-vs-bare and probed-vs-probed controls (a control far from 1.00 means the machine was
   too noisy for the figure; it is printed anyway, marked);
+* **CPU µs per block**: the same extra cost in this thread's CPU time (means of probed and
+  bare steps, the garbage collector's collections included), which a loaded machine inflates
+  less than the wall clock;
 * **aten operators and Python calls per block** and recorded step beyond a bare step
   (``torch.profiler`` and ``cProfile``): counts that do not depend on the machine's load, so
   a cost that grows faster than the number of blocks shows there without timing noise.
@@ -107,6 +110,33 @@ def attach_times(work: Workload) -> dict[str, float]:
     return {"auto": auto, "rest": total - auto, "attach": total, "first": first, "bare": bare}
 
 
+def cpu_per_block(work: Workload, steps: int) -> float:
+    """Extra CPU µs (this thread's time, which other processes inflate less than the wall clock) per
+    block and recorded step: the mean of ``steps`` probed steps (each closed) over the mean of as
+    many bare ones, collections of the cyclic garbage collector included."""
+    step = _stepper(work)
+
+    def mean(probed: bool) -> float:
+        probe = gradprobe.attach(work.model) if probed else None
+        try:
+            for i in range(2):  # past the first recorded step's one-off work
+                step(i)
+            total = 0.0
+            for i in range(steps):
+                start = time.thread_time()
+                step(i)
+                if probe is not None:
+                    probe.last_rows()  # closes the step
+                total += time.thread_time() - start
+            return total / steps
+        finally:
+            if probe is not None:
+                probe.detach()
+
+    bare = mean(False)
+    return 1e6 * (mean(True) - bare) / len(work.model.blocks)  # type: ignore[arg-type]
+
+
 def counts(work: Workload, steps: int) -> tuple[float, float]:
     """Extra aten operator calls and Python function calls per block and recorded step."""
     step = _stepper(work)
@@ -166,9 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         "| blocks | auto s | rest of attach s | first step s (bare) | µs per block per step "
-        "(control, probed) | bare µs per block | aten ops per block | Python calls per block |"
+        "(control, probed) | CPU µs per block per step | bare µs per block | aten ops per block "
+        "| Python calls per block |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     warm = build(2)  # the first attach of a process pays for imports
     attach_times(warm)
     for n in args.blocks:
@@ -178,11 +209,12 @@ def main(argv: list[str] | None = None) -> None:
         r = measure_tool(work, ProbeTool("default"), args.pairs, chunk, torch.device("cpu"))
         control, probed = r.median_control(), r.median_probed_control()
         noisy = "" if in_range(control) and in_range(probed) else " noisy"
+        cpu = cpu_per_block(work, chunk - 1)
         ops, calls = counts(work, args.count_steps)
         bare_us = 1e6 * statistics.median(r.bare_steps) / n
         print(
             f"| {n} | {t['auto']:.3f} | {t['rest']:.3f} | {t['first']:.3f} ({t['bare']:.3f}) | "
-            f"{r.us_per_block():.0f} ({control:.3f}, {probed:.3f}{noisy}) | {bare_us:.0f} | "
+            f"{r.us_per_block():.0f} ({control:.3f}, {probed:.3f}{noisy}) | {cpu:.0f} | {bare_us:.0f} | "
             f"{ops:.1f} | {calls:.1f} |",
             flush=True,
         )

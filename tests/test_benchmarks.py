@@ -75,4 +75,4 @@ def test_the_scaling_benchmark_prints_a_row_per_depth(capsys):
     scaling = _load("scaling")
     scaling.main(["--blocks", "3", "6", "--pairs", "2", "--chunk", "9", "--count-steps", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 3 |", "| 6 |"))]
-    assert len(rows) == 2 and all(row.count("|") == 9 for row in rows)
+    assert len(rows) == 2 and all(row.count("|") == 10 for row in rows)
