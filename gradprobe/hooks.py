@@ -184,8 +184,8 @@ def _compiled_call(hook: ModuleHook, module: nn.Module, *args: Any) -> Any:
     return hook._fn(module, *args)
 
 
-# One disabled function for every hook: a wrapper made per hook cost about 30 us each at attach,
-# a second of attaching on a model of thousands of blocks.
+# One disabled function for every hook: a wrapper made per hook would cost about 30 us each at
+# attach, most of a second on a model of thousands of blocks.
 _call_eagerly = torch.compiler.disable(_compiled_call, recursive=True)
 
 

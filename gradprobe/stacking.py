@@ -155,8 +155,8 @@ def nesting(names: list[str]) -> dict[str, str]:
     >>> nesting(["a", "a.inner.0", "a.inner.1", "b"])
     {'a': '', 'a.inner.0': 'a', 'a.inner.1': 'a', 'b': ''}
     """
-    # By each name's dotted prefixes, longest first: linear in the names (a nested loop over all
-    # pairs took seconds at thousands of blocks).
+    # By each name's dotted prefixes, longest first: linear in the names (comparing every pair
+    # would take seconds at thousands of blocks).
     known = set(names)
     out = {}
     for n in names:
@@ -291,7 +291,7 @@ class StackTracker:
         self._linked: dict[str, bool] = {}
         self._out_node: dict[str, Any] = {}
         # The blocks of the forward order seen so far, at each nesting level, in that order:
-        # [(position, name)] (what finds the block before a block in constant time).
+        # [(position, name)] (where a bisection finds the block before a block).
         self._seen = 0
         self._levels: dict[str, list[tuple[int, str]]] = {}
 

@@ -579,8 +579,8 @@ class Taps:
         if squares:
             self._warn_once(
                 "squares",
-                f"gradprobe: block(s) {list(squares)} received several backward passes in one step beyond the "
-                f"{self._hold_bytes >> 20} MiB of first-pass gradients the probe holds to add them as "
+                f"gradprobe: block(s) {list(squares)} received several backward passes in one step beyond "
+                f"the {self._hold_bytes >> 20} MiB of first-pass gradients the probe holds to add them as "
                 "vectors: their grad_out, grad_in and branch columns pool those passes as "
                 "sqrt(|g1|^2 + |g2|^2), not |g1 + g2| as .grad adds them.",
             )
