@@ -19,7 +19,8 @@ blocks ``x + fc(relu(x))``, width 32, zero-initialised branches, batch 16) at N 
   (``torch.profiler`` and ``cProfile``): counts that do not depend on the machine's load, so
   a cost that grows faster than the number of blocks shows there without timing noise.
 
-A flat column from 50 to 2,000 blocks is linear scaling.
+A flat column from 50 to 2,000 blocks is linear scaling. Each depth runs in a process of its
+own, so that no depth inherits what the ones before it left (memory, collector state).
 
     python benchmarks/scaling.py
     python benchmarks/scaling.py --blocks 50 250 --pairs 3
@@ -34,6 +35,7 @@ import cProfile
 import os
 import pstats
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -170,6 +172,25 @@ def counts(work: Workload, steps: int) -> tuple[float, float]:
     return (ops - bare_ops) / (steps * blocks), (calls - bare_calls) / (steps * blocks)
 
 
+def row(n: int, pairs: int, chunk: int, count_steps: int) -> str:
+    """The table row of ``n`` blocks (``chunk`` 0: 1 + 2000/n steps, at least 9)."""
+    attach_times(build(2))  # the first attach of a process pays for imports
+    work = build(n)
+    chunk = chunk or max(9, 1 + 2000 // n)
+    t = attach_times(work)
+    r = measure_tool(work, ProbeTool("default"), pairs, chunk, torch.device("cpu"))
+    control, probed = r.median_control(), r.median_probed_control()
+    noisy = "" if in_range(control) and in_range(probed) else " noisy"
+    cpu = cpu_per_block(work, chunk - 1)
+    ops, calls = counts(work, count_steps)
+    bare_us = 1e6 * statistics.median(r.bare_steps) / n
+    return (
+        f"| {n} | {t['auto']:.3f} | {t['rest']:.3f} | {t['first']:.3f} ({t['bare']:.3f}) | "
+        f"{r.us_per_block():.0f} ({control:.3f}, {probed:.3f}{noisy}) | {cpu:.0f} | {bare_us:.0f} | "
+        f"{ops:.1f} | {calls:.1f} |"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -184,10 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--count-steps", type=int, default=2, help="steps counted by the profilers")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)  # one depth, its row only
     args = parser.parse_args(argv)
     if args.pairs < 2:
         parser.error("--pairs must be at least 2: the control compares alternate bare chunks")
     torch.set_num_threads(args.threads)
+    if args.row:
+        print(row(args.blocks[0], args.pairs, args.chunk, args.count_steps), flush=True)
+        return
     print(
         f"residual MLP x + fc(relu(x)), width {WIDTH}, batch {BATCH}, torch {torch.__version__}, "
         f"{args.threads} CPU thread(s), {args.pairs} chunk pairs of 1 + 2000/N steps "
@@ -200,23 +225,35 @@ def main(argv: list[str] | None = None) -> None:
         "| Python calls per block |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    warm = build(2)  # the first attach of a process pays for imports
-    attach_times(warm)
+    # the children import the gradprobe this process imported
+    package_root = str(Path(gradprobe.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    }
     for n in args.blocks:
-        work = build(n)
-        chunk = args.chunk or max(9, 1 + 2000 // n)
-        t = attach_times(work)
-        r = measure_tool(work, ProbeTool("default"), args.pairs, chunk, torch.device("cpu"))
-        control, probed = r.median_control(), r.median_probed_control()
-        noisy = "" if in_range(control) and in_range(probed) else " noisy"
-        cpu = cpu_per_block(work, chunk - 1)
-        ops, calls = counts(work, args.count_steps)
-        bare_us = 1e6 * statistics.median(r.bare_steps) / n
+        # Each depth in a process of its own: one that ran the smaller depths first (their
+        # profilers, their probes) took three times as long for the first step of 2,000 blocks.
+        options = ["--pairs", str(args.pairs), "--chunk", str(args.chunk), "--threads", str(args.threads)]
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--row",
+                "--blocks",
+                str(n),
+                *options,
+                "--count-steps",
+                str(args.count_steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
+        rows = [line for line in child.stdout.splitlines() if line.startswith(f"| {n} |")]
         print(
-            f"| {n} | {t['auto']:.3f} | {t['rest']:.3f} | {t['first']:.3f} ({t['bare']:.3f}) | "
-            f"{r.us_per_block():.0f} ({control:.3f}, {probed:.3f}{noisy}) | {cpu:.0f} | {bare_us:.0f} | "
-            f"{ops:.1f} | {calls:.1f} |",
-            flush=True,
+            rows[0] if child.returncode == 0 and rows else f"| {n} | failed: {child.stderr.strip()[-300:]} |"
         )
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
