@@ -22,6 +22,7 @@ from .._tensors import mute
 from ..capture import BlockCapture
 from ..config import JacobianOptions
 from ..path_lengths import sub_batch_decomposition
+from ..sharding import fsdp_kept_unsharded
 from .estimate import jacobian_columns
 from .rerun import batch_size, differentiable_twice, model_batch_dim, sub_batch_captures
 
@@ -124,7 +125,7 @@ class JacobianSchedule:
 
         dim = self.batch_dim(model)
         rerun = _Rerun(model, modules, rules, caps, call, generator, twice, dim or 0)
-        with mute():
+        with mute(), fsdp_kept_unsharded(model):
             used = (self._sub_batch(rerun, whole=False) if dim is not None else None) or caps
             try:
                 cols = estimate(used)
