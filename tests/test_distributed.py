@@ -529,3 +529,34 @@ def test_parameters_on_a_mesh_smaller_than_the_world_are_nan_after_a_warning(tmp
     assert result["frame"][PARAM_COLUMNS].isna().all().all()
     assert result["frame"]["grad_out"].notna().all()  # the rest of the row is recorded
     assert any("device mesh of 1 ranks in a world of 2" in m for m in result["messages"]), result["messages"]
+
+
+# ------------------------------------------------- FSDP2's reshard after backward, in this process
+def test_fsdp2_spectral_jacobian_columns_survive_the_reshard_after_the_first_backward(tmp_path):
+    # FSDP2 frees the unsharded weights at the end of every backward pass, the probe's first
+    # differentiation included; the spectral columns' second one needs them (it failed with
+    # "setStorage: ... out of bounds for storage of size 0" and left jac_spec NaN).
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        net = _net()
+        for block in net:
+            fully_shard(block, mesh=init_device_mesh("cpu", (1,)))
+        fully_shard(net)
+        groups = [g for block in net for g in block._get_fsdp_state()._fsdp_param_groups]
+        sharded = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with gradprobe.attach(net, jacobian=1, jacobian_options={"spec": True}) as probe:
+                y = net(_batch())
+                sharded.append([g.is_sharded for g in groups])  # after the probe's Jacobian passes
+                (y**2).mean().backward()
+        frame = probe.frame()
+    finally:
+        dist.destroy_process_group()
+    assert not [str(w.message) for w in caught if "gradprobe" in str(w.message)]
+    assert frame[["jac_spec", "prod_spec"]].notna().all().all()
+    assert sharded == [[True] * 3] and all(g.reshard_after_backward for g in groups)
