@@ -69,3 +69,102 @@ def test_jacobian10_is_not_refused_for_a_median_and_total_that_differ_by_design(
     assert periodic.consistent()
     assert periodic.median_text().startswith("1.500") and periodic.total_text().startswith("1.950")
     assert not overhead.Result("default", [[1.0] * 10] * 2, [steps] * 2, blocks=2, recorded=1.0).consistent()
+
+
+def test_schedule_cycles_hold_every_expensive_step_of_the_schedule(overhead):
+    # every10: one recorded step in 10; jacobian10: 20 Jacobian steps of 10, the first spectral
+    # (spec=20); paths50: one decomposition in 50.
+    assert [overhead.cycle_steps(c) for c in ("default", "every10", "jacobian10", "paths50")] == [
+        1,
+        10,
+        200,
+        50,
+    ]
+    assert (
+        overhead.chunk_for("jacobian10", 11) == 201 and overhead.chunk_for("jacobian10", 11, cycles=2) == 401
+    )
+    assert overhead.chunk_for("paths50", 9) == 51 and overhead.chunk_for("default", 9, cycles=3) == 9
+    # the dropped first step (0) is never a recorded one under a schedule
+    schedule = overhead.probe_kwargs("every10")["every"]
+    assert [s for s in range(25) if schedule(s)] == [1, 11, 21]
+    assert overhead.probe_kwargs("default") == {}
+
+
+def test_the_first_jacobian_step_is_measured_and_not_the_dropped_first_step(overhead, monkeypatch):
+    # A spectral cycle scaled down: Jacobian columns every 2nd recorded step, spectral on every
+    # 2nd of those, so a cycle is 4 steps and a chunk 1 + 4. The chunk's first (spectral)
+    # Jacobian step must be among the measured steps, the dropped step unrecorded.
+    monkeypatch.setitem(overhead.CONFIGS, "jac_small", {"jacobian": 2, "jacobian_options": {"spec": 2}})
+    assert overhead.cycle_steps("jac_small") == 4
+    work = overhead.build("mlp", 4, overhead.torch.device("cpu"))
+    (r,) = overhead.measure(
+        work, "jac_small", pairs=2, chunk=9, device=overhead.torch.device("cpu"), cycles=1
+    )
+    assert r.counts == "4 measured steps: 4 recorded, 2 Jacobian, 1 spectral"
+    assert r.scheduled and r.figure_text().startswith("total ")
+    assert "supplementary" in r.supplementary_text() and len(r.bare) == len(r.probed) == 2
+    assert all(len(c) == 4 for c in r.bare + r.probed)
+
+
+def test_a_scheduled_configuration_prints_the_total_as_its_figure(overhead, capsys):
+    overhead.main(["--model", "mlp", "--config", "every10", "--pairs", "2", "--chunk", "9", "--threads", "1"])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| mlp | every10 |")]
+    assert len(row) == 1
+    assert row[0].split("|")[7].strip().startswith("total ")  # the figure column
+    assert "median" in row[0].split("|")[8] and "supplementary" in row[0].split("|")[8]
+    assert "each probed chunk held: 10 measured steps: 1 recorded" in out
+
+
+def test_the_floor_reads_x_y_and_both_gradients_of_each_block_once_and_removes_its_hooks():
+    floor = _load("floor")
+    torch = pytest.importorskip("torch")
+    work = floor.build("mlp", 4, torch.device("cpu"))
+    tool = floor.FloorTool()
+    model = work.model
+    tool.attach(model)
+    try:
+        loss = tool.loss(work, work.batches[0], {})
+        tool.backward(loss, 0, {})
+    finally:
+        tool.detach(model, 1)
+    assert tool.blocks == 20 and len(tool.read) == 4 * 20  # x, y, g_y, g_x per block
+    # the values are the norms: check one block's against a plain autograd pass
+    blocks = [m for _, m in floor.select_blocks(model)]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, output):
+        seen["x"], seen["y"] = args[0], output
+        args[0].retain_grad()
+        output.retain_grad()
+
+    handle = blocks[3].register_forward_hook(keep)
+    try:
+        model.zero_grad()
+        work.loss(model, work.batches[0]).backward()
+    finally:
+        handle.remove()
+    want = [
+        float(torch.linalg.vector_norm(t.detach()))
+        for t in (seen["x"], seen["y"], seen["y"].grad, seen["x"].grad)
+    ]
+    # forward: x, y of blocks 0..19; backward: g_y, g_x of blocks 19..0
+    got = [tool.read[2 * 3], tool.read[2 * 3 + 1], tool.read[40 + 2 * 16], tool.read[40 + 2 * 16 + 1]]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in blocks)
+
+
+def test_overhead_prints_the_probe_as_a_multiple_of_the_floor(overhead, capsys):
+    overhead.main(
+        ["--model", "mlp", "--config", "default", "--pairs", "2", "--chunk", "9", "--threads", "1", "--floor"]
+    )
+    out = capsys.readouterr().out
+    assert "the probe against the floor: " in out
+    assert any(line.startswith("| mlp | floor (beside default) |") for line in out.splitlines())
+
+
+def test_floor_main_prints_the_floor_against_bare(capsys):
+    floor = _load("floor")
+    floor.main(["--model", "mlp", "--pairs", "2", "--chunk", "5", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "floor on mlp, batch 32" in out and "(20 blocks, 80 values read per step)" in out
