@@ -168,3 +168,32 @@ def test_floor_main_prints_the_floor_against_bare(capsys):
     floor.main(["--model", "mlp", "--pairs", "2", "--chunk", "5", "--threads", "1"])
     out = capsys.readouterr().out
     assert "floor on mlp, batch 32" in out and "(20 blocks, 80 values read per step)" in out
+
+
+def test_host_reads_are_counted_once_each_and_the_patches_removed():
+    profile = _load("profile_probe")
+    import torch
+
+    x = torch.arange(4.0)
+    before = {n: getattr(torch.Tensor, n) for n in (*profile.HOST_READS, "to")}
+    with profile.count_host_reads() as reads:
+        x.sum().item()
+        float(x.max())
+        if x.any():  # __bool__
+            pass
+        x.tolist()
+        f"{x.sum()}"  # __format__ calls item: counted as the item it is
+        host = x.to("cpu")  # the host copy is the read; reading the copy is no other
+        host.numpy()
+        x.to(torch.float64)  # no device: not a read
+    assert dict(reads) == {"item": 2, "__float__": 1, "__bool__": 1, "tolist": 1, "to(host)": 1}
+    assert {n: getattr(torch.Tensor, n) for n in before} == before
+    assert not set(before) & set(torch.Tensor.__dict__)
+
+
+def test_profile_probe_prints_host_reads_per_recorded_step(capsys):
+    profile = _load("profile_probe")
+    profile.main(["--steps", "2"])
+    out = capsys.readouterr().out
+    assert "windows of 2 steps, 2 of them recorded" in out
+    assert "host reads per recorded step: " in out and "nested ones and views included" in out
