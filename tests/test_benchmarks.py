@@ -1,14 +1,22 @@
-"""The overhead harness refuses a ratio when its bare-vs-bare control is off (no timing asserted)."""
+"""The benchmark scripts run on tiny settings and refuse a ratio whose control is off (no speed asserted)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _load(name: str):
@@ -197,3 +205,31 @@ def test_profile_probe_prints_host_reads_per_recorded_step(capsys):
     out = capsys.readouterr().out
     assert "windows of 2 steps, 2 of them recorded" in out
     assert "host reads per recorded step: " in out and "nested ones and views included" in out
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_stops_with_one_clear_line_without_cuda():
+    script = BENCH / "gpu_check.sh"
+    done = subprocess.run(
+        ["bash", str(script)],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "needs a CUDA build of torch and a CUDA device" in done.stderr
+    assert "== " not in done.stdout  # no part ran
+
+
+def test_gpu_counts_refuses_without_cuda_and_runs_on_the_cpu(capsys):
+    counts = _load("gpu_counts")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            counts.main(["--model", "mlp"])
+    counts.main(["--model", "mlp", "--device", "cpu", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "2 steps counted, 2 recorded, 20 blocks" in out
+    assert "aten operators per block and recorded step: " in out and "not measured (--device cpu)" in out
