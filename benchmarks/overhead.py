@@ -23,17 +23,18 @@ whole number of *cycles*:
 ``--cycles K`` puts K cycles in each such chunk (default: as many as ``--chunk``
 rounds to, at least one). The counts of recorded, Jacobian, spectral and
 decomposition steps per chunk are read back from the probe and printed, so a
-chunk that does not hold what it should shows. The first recorded step of each
-chunk also pays the probe's once-per-attach check of which blocks run: once a
-chunk, where a training run pays it once.
+chunk that does not hold what it should shows. What an attach pays once (the
+probe's check of which blocks run, on its first recorded step; any set-up of the
+first Jacobian step) is paid once a chunk here, where a training run pays it once.
 
 Printed for each configuration:
 
 * the **figure**: for the scheduled configurations the ratio of **summed** step
   times probed/bare over the whole cycles (``total``); the ratio of per-step
   medians is printed beside it, labelled supplementary (a median does not see the
-  one expensive step in N). For ``default`` (every step alike) the figure is the
-  ratio of medians, with the total beside it;
+  one expensive step in N), and so is the dearest measured step in median bare
+  steps (under ``jacobian10`` the spectral step). For ``default`` (every step
+  alike) the figure is the ratio of medians, with the total beside it;
 * beside each ratio, the **control**: the same ratio between the even-numbered
   and the odd-numbered bare chunks of the same run. Two sets of bare steps
   should read 1.00; how far they are from it is the noise of this machine now.
