@@ -233,3 +233,15 @@ def test_gpu_counts_refuses_without_cuda_and_runs_on_the_cpu(capsys):
     out = capsys.readouterr().out
     assert "2 steps counted, 2 recorded, 20 blocks" in out
     assert "aten operators per block and recorded step: " in out and "not measured (--device cpu)" in out
+
+
+def test_the_probe_as_a_multiple_of_the_floor(overhead):
+    bare = [[1.0] * 4] * 2
+    probe = overhead.Result("default", bare, [[1.5] * 4] * 2, blocks=2, recorded=1.0)
+    floor = overhead.Result("floor", bare, [[1.1] * 4] * 2, blocks=2, recorded=1.0)
+    assert overhead.floor_text(probe, floor) == "probe/floor 1.364; (probe - bare)/(floor - bare) 5.00"
+    # a floor within the control band leaves only probe/floor: its overhead is noise-sized
+    thin = overhead.Result("floor", bare, [[1.02] * 4] * 2, blocks=2, recorded=1.0)
+    assert "is within the control band" in overhead.floor_text(probe, thin)
+    noisy = overhead.Result("floor", [[1.0] * 4, [1.2] * 4], [[1.1] * 4] * 2, blocks=2, recorded=1.0)
+    assert overhead.floor_text(probe, noisy).startswith("refused")
