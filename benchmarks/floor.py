@@ -12,8 +12,10 @@ the cost of doing exactly that and nothing more, in the harness of ``overhead.py
 * a forward hook reduces ``x`` and ``y`` (one ``torch.linalg.vector_norm`` each,
   under ``no_grad``) and registers a tensor hook on ``y`` and on the alias, each
   reducing its gradient (``g_y``, ``g_x``) the same way;
-* the 0-d results stay on the device until the step's ``backward()`` returns, then
-  reach the host at once: one ``torch.stack`` and one ``.tolist()`` per step;
+* each result is written into its own slot of one buffer (``out=`` a 0-d view made
+  once per attach), which stays on the device until the step's ``backward()``
+  returns, then reaches the host at once: one ``.tolist()`` per step (the first
+  step of an attach, dropped by the harness, stacks its values and makes the slots);
 * every hook is removed when the chunk ends.
 
 That is four reductions per block and one host read per step: no statistics beyond
@@ -64,7 +66,10 @@ class FloorTool(Tool):
 
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
-        self._values: list[torch.Tensor] = []
+        self._buf: torch.Tensor | None = None  # one slot per value of a step, read at once
+        self._slots: list[torch.Tensor] = []  # 0-d views of _buf, made once (not per step)
+        self._n = 0  # values of this step so far
+        self._extra: list[torch.Tensor] = []  # values beyond the slots (the first step of an attach)
         self.read: list[float] = []  # the last step's values, as the host got them
 
     def attach(self, model: nn.Module) -> None:
@@ -93,25 +98,43 @@ class FloorTool(Tool):
         with torch.no_grad():  # the reductions are no part of the training graph
             for t in (x, y):
                 if t is not None:
-                    self._values.append(torch.linalg.vector_norm(t))
+                    self._put(t)
         for t in (x, y):
             if t is not None and t.requires_grad:
                 t.register_hook(self._grad)
 
     def _grad(self, g: torch.Tensor) -> None:
-        self._values.append(torch.linalg.vector_norm(g))
+        self._put(g)
+
+    def _put(self, t: torch.Tensor) -> None:
+        """One reduction of ``t``, written into its slot of the step's buffer (no stack, no copy)."""
+        k, self._n = self._n, self._n + 1
+        dtype = None if t.dtype is torch.float32 else torch.float32
+        if k < len(self._slots):
+            torch.linalg.vector_norm(t, dtype=dtype, out=self._slots[k])
+        else:
+            self._extra.append(torch.linalg.vector_norm(t, dtype=dtype))
 
     def backward(self, loss: torch.Tensor, step: int, info: dict[str, Any]) -> None:
         loss.backward()
-        if self._values:
-            self.read = torch.stack(self._values).tolist()  # the step's one host read
-            self._values.clear()
+        n, self._n = self._n, 0
+        if self._extra:  # more values than slots: read them this once, and make slots for the next steps
+            parts = ([self._buf[: len(self._slots)]] if self._slots and self._buf is not None else []) + [
+                torch.stack(self._extra)
+            ]
+            self.read = torch.cat(parts).tolist()
+            self._buf = torch.empty(n, device=self._extra[0].device)
+            self._slots = list(self._buf.unbind())
+            self._extra.clear()
+        elif self._buf is not None and n:
+            self.read = (self._buf if n == len(self._slots) else self._buf[:n]).tolist()  # one host read
 
     def _remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._values.clear()
+        self._buf, self._slots, self._n = None, [], 0
+        self._extra.clear()
 
     def detach(self, model: nn.Module, chunk: int) -> None:
         self._remove()

@@ -27,9 +27,14 @@ probed block and recorded step, what a probed step does beyond a bare one:
   machine still inflates), and with ``--top N`` the functions and operators that
   account for the difference.
 
+With ``--floor`` it counts the floor of ``floor.py`` the same way (one norm per
+x, y, g_y, g_x of each block, one ``.tolist()`` a step): the least a probe that
+reads those tensors can do.
+
     python benchmarks/profile_probe.py
     python benchmarks/profile_probe.py --top 25 --config every10
     python benchmarks/profile_probe.py --model resnet56 --batch 8 --steps 10
+    python benchmarks/profile_probe.py --floor
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import CONFIGS, build  # a script beside this one, not a package
+from overhead import CONFIGS, Tool, build  # a script beside this one, not a package
 
 import gradprobe
 
@@ -126,6 +131,44 @@ def count_host_reads() -> Iterator[Counter[str]]:
             delattr(torch.Tensor, name)
 
 
+def report(label: str, probed: dict[str, Any], bare: dict[str, Any], steps: int) -> int:
+    """Print the counts of ``probed`` over ``bare``; return the recorded block-steps they are per."""
+    recorded = probed["recorded"]
+    if len(set(recorded)) != 1 or not recorded[0]:
+        raise SystemExit(f"the counted windows recorded {recorded} steps: use more --steps")
+    rec = recorded[0]
+    per = rec * probed["blocks"]
+
+    def aten(ops: Counter[str]) -> int:
+        return sum(v for k, v in ops.items() if k.startswith("aten::"))
+
+    extra_aten = aten(probed["ops"]) - aten(bare["ops"])
+    py = sum(probed["calls"].values()) - sum(bare["calls"].values())
+    reads = sum(probed["reads"].values()) - sum(bare["reads"].values())
+    scalar = probed["ops"]["aten::_local_scalar_dense"] - bare["ops"]["aten::_local_scalar_dense"]
+    print(f"{label}: windows of {steps} steps, {rec} of them recorded, {probed['blocks']} blocks")
+    print(
+        f"  per block and recorded step: {extra_aten / per:.1f} aten operator calls (all aten events of "
+        f"torch.profiler, nested ones and views included), {py / per:.1f} Python calls (cProfile) more "
+        "than bare"
+    )
+    kinds = ", ".join(
+        f"{k} {(probed['reads'][k] - bare['reads'][k]) / rec:g}"
+        for k in sorted(set(probed["reads"]) | set(bare["reads"]))
+        if probed["reads"][k] != bare["reads"][k]
+    )
+    print(
+        f"  host reads per recorded step: {reads / rec:g} (calls of Tensor.{', .'.join(HOST_READS)} and "
+        f".to(host), minus bare{': ' + kinds if kinds else ''}); "
+        f"aten::_local_scalar_dense {scalar / rec:g} per recorded step"
+    )
+    print(
+        f"  extra CPU time: {1e6 * (probed['time'] - bare['time']) * steps / per:.0f} µs per block and "
+        f"recorded step (bare step {1e6 * bare['time']:.0f} µs; a loaded machine inflates this)"
+    )
+    return per
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", choices=list(CONFIGS), default="default")
     parser.add_argument("--steps", type=int, default=20, help="steps of each counted window")
     parser.add_argument("--top", type=int, default=0, help="show the N largest differences")
+    parser.add_argument(
+        "--floor", action="store_true", help="also count floor.py's floor (every step, the same way)"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -145,13 +191,23 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     timed_steps = 10 * args.steps if args.model == "mlp" else args.steps
 
+    tool = Tool()  # plain loss.backward(); floor.py's FloorTool reads its values after it
+
     def step(i: int) -> None:
         opt.zero_grad(set_to_none=True)
-        work.loss(model, work.batches[i % len(work.batches)]).backward()
+        info: dict[str, Any] = {}
+        tool.backward(tool.loss(work, work.batches[i % len(work.batches)], info), i, info)
         opt.step()
 
-    def measure(probed: bool) -> dict[str, Any]:
-        probe = gradprobe.attach(model, **CONFIGS[args.config]) if probed else None
+    def measure(kind: str) -> dict[str, Any]:
+        nonlocal tool
+        probe = gradprobe.attach(model, **CONFIGS[args.config]) if kind == "probe" else None
+        tool = Tool()
+        if kind == "floor":
+            from floor import FloorTool  # a script beside this one
+
+            tool = FloorTool()
+            tool.attach(model)
         recorded: list[int] = []  # recorded steps of each counted window
 
         def window(n: int) -> Iterator[int]:
@@ -160,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             yield from range(n)
             if probe is not None:
                 recorded.append(len(set(probe.frame()["step"]) - before))
+            elif kind == "floor":
+                recorded.append(n)  # the floor reads every step
 
         try:
             for i in range(3):
@@ -185,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.thread_time()
                 step(i)
                 times.append(time.thread_time() - start)
-            blocks = len(probe.blocks) if probe is not None else 0
+            blocks = len(probe.blocks) if probe is not None else tool.blocks
             return {
                 "ops": ops,
                 "reads": Counter(reads),
@@ -197,47 +255,17 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             if probe is not None:
                 probe.detach()
+            tool.detach(model, args.steps)
 
-    bare = measure(False)
-    probed = measure(True)
+    bare = measure("bare")
+    probed = measure("probe")
+    floor = measure("floor") if args.floor else None
     blocks = probed["blocks"]
-    recorded = probed["recorded"]
-    if len(set(recorded)) != 1 or not recorded[0]:
-        raise SystemExit(f"the counted windows recorded {recorded} steps: use more --steps")
-    rec = recorded[0]
-    per = rec * blocks
-
-    def aten(ops: Counter[str]) -> int:
-        return sum(v for k, v in ops.items() if k.startswith("aten::"))
-
-    extra_aten = aten(probed["ops"]) - aten(bare["ops"])
-    py = sum(probed["calls"].values()) - sum(bare["calls"].values())
-    reads = sum(probed["reads"].values()) - sum(bare["reads"].values())
-    scalar = probed["ops"]["aten::_local_scalar_dense"] - bare["ops"]["aten::_local_scalar_dense"]
     what = "20-block MLP, width 64" if args.model == "mlp" else f"ResNet-56 ({blocks} blocks), 32x32 inputs"
-    print(
-        f"{what}, batch {work.batch}, config {args.config}, torch {torch.__version__}, 1 thread; "
-        f"windows of {args.steps} steps, {rec} of them recorded"
-    )
-    print(
-        f"per block and recorded step: {extra_aten / per:.1f} aten operator calls (all aten events of "
-        f"torch.profiler, nested ones and views included), {py / per:.1f} Python calls (cProfile) more "
-        "than bare"
-    )
-    kinds = ", ".join(
-        f"{k} {(probed['reads'][k] - bare['reads'][k]) / rec:g}"
-        for k in sorted(set(probed["reads"]) | set(bare["reads"]))
-        if probed["reads"][k] != bare["reads"][k]
-    )
-    print(
-        f"host reads per recorded step: {reads / rec:g} (calls of Tensor.{', .'.join(HOST_READS)} and "
-        f".to(host), probed minus bare{': ' + kinds if kinds else ''}); "
-        f"aten::_local_scalar_dense {scalar / rec:g} per recorded step"
-    )
-    print(
-        f"extra CPU time: {1e6 * (probed['time'] - bare['time']) * args.steps / per:.0f} µs per block and "
-        f"recorded step (bare step {1e6 * bare['time']:.0f} µs; a loaded machine inflates this)"
-    )
+    print(f"{what}, batch {work.batch}, config {args.config}, torch {torch.__version__}, 1 thread")
+    per = report("gradprobe", probed, bare, args.steps)
+    if floor is not None:
+        report("floor (floor.py)", floor, bare, args.steps)
     if args.top:
         for title, key in (("aten operators", "ops"), ("Python functions", "calls")):
             new, old = probed[key], bare[key]

@@ -131,12 +131,15 @@ def test_the_floor_reads_x_y_and_both_gradients_of_each_block_once_and_removes_i
     tool = floor.FloorTool()
     model = work.model
     tool.attach(model)
+    reads = []
     try:
-        loss = tool.loss(work, work.batches[0], {})
-        tool.backward(loss, 0, {})
+        for step in range(2):  # the first step makes the slots the second one writes into
+            tool.backward(tool.loss(work, work.batches[0], {}), step, {})
+            reads.append(tool.read)
     finally:
-        tool.detach(model, 1)
+        tool.detach(model, 2)
     assert tool.blocks == 20 and len(tool.read) == 4 * 20  # x, y, g_y, g_x per block
+    assert reads[0] == reads[1]  # no update between: the same values, by either path
     # the values are the norms: check one block's against a plain autograd pass
     blocks = [m for _, m in floor.select_blocks(model)]
     seen: dict[str, torch.Tensor] = {}
@@ -201,10 +204,13 @@ def test_host_reads_are_counted_once_each_and_the_patches_removed():
 
 def test_profile_probe_prints_host_reads_per_recorded_step(capsys):
     profile = _load("profile_probe")
-    profile.main(["--steps", "2"])
+    profile.main(["--steps", "2", "--floor"])
     out = capsys.readouterr().out
-    assert "windows of 2 steps, 2 of them recorded" in out
+    assert "gradprobe: windows of 2 steps, 2 of them recorded, 20 blocks" in out
     assert "host reads per recorded step: " in out and "nested ones and views included" in out
+    # the floor: four norms and a share of one stack per block, one .tolist() a step
+    floor = out[out.index("floor (floor.py): windows of 2 steps, 2 of them recorded, 20 blocks") :]
+    assert "host reads per recorded step: 1 (" in floor and "tolist 1" in floor
 
 
 @pytest.mark.skipif(torch_cuda_available(), reason="checks the refusal on a machine without CUDA")
