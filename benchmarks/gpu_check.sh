@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check of gradprobe: needs a CUDA build of torch and one CUDA device, no network,
-# and finishes in about 10 minutes at most (each part has its own time limit, so one
-# slow part cannot eat the others' time). It runs
+# GPU check of gradprobe: needs a CUDA build of torch and one CUDA device, no network.
+# Each part has its own time limit, so one slow part cannot eat the others' time; the
+# limits add up to 13 minutes, the worst case. Without CUDA it stops at once with one
+# line on stderr and exit status 2. It runs
 #   1. the CUDA tests: float16 autocast + GradScaler, and one device-to-host
 #      synchronisation per recorded step (torch.cuda.set_sync_debug_mode);
 #   2. the counts (benchmarks/gpu_counts.py): CUDA kernels per block and recorded step
