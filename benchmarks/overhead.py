@@ -10,22 +10,25 @@ Schedules and whole cycles. ``every10``, ``jacobian10`` and ``paths50`` have
 expensive steps: the recorded step under ``every=10``, the Jacobian step (and
 the spectral one, every 20th Jacobian step starting with the first) under
 ``jacobian=10``, the path-length decomposition under ``paths=50``. For these the
-probe runs a schedule shifted by one step (``every=`` a callable that records
-steps 1, 1 + N, 1 + 2N, ... of the chunk), so that the dropped first step is an
-ordinary, unrecorded one and the first recorded step (the first Jacobian step,
-a spectral one; the first decomposition) is measured. Each chunk holds 1 + a
-whole number of *cycles*:
+probe runs a shifted schedule (``every=`` a callable), so that the dropped first
+step is an ordinary, unrecorded one, and the measured steps hold whole *cycles*:
 
-* ``every10``: 10 steps (one recorded step);
-* ``jacobian10``: 200 steps (20 Jacobian steps, one of them spectral);
-* ``paths50``: 50 steps (one decomposition).
+* ``every10``: 10 steps (one recorded step). The schedule records steps 1, 2, 12,
+  22, ...: two steps are dropped, the unrecorded step 0 and step 1, the attach's
+  first recorded step, which also checks which blocks run (a check a run makes
+  once, costing on the MLP about as much again as the recorded step itself);
+* ``jacobian10``: 200 steps (20 Jacobian steps, one of them spectral). Every step
+  from step 1 is recorded; the first recorded step is the first Jacobian step, a
+  spectral one, and is measured;
+* ``paths50``: 50 steps (one decomposition, on the first recorded step, step 1).
 
 ``--cycles K`` puts K cycles in each such chunk (default: as many as ``--chunk``
 rounds to, at least one). The counts of recorded, Jacobian, spectral and
 decomposition steps per chunk are read back from the probe and printed, so a
 chunk that does not hold what it should shows. What an attach pays once (the
 probe's check of which blocks run, on its first recorded step; any set-up of the
-first Jacobian step) is paid once a chunk here, where a training run pays it once.
+first Jacobian step) is paid once a chunk under ``jacobian10`` and ``paths50``,
+where a training run pays it once.
 
 Printed for each configuration:
 
@@ -134,26 +137,47 @@ def is_scheduled(config: str) -> bool:
     return cycle_steps(config) > 1
 
 
-def shifted_every(every: int) -> Callable[[int], bool]:
-    """A schedule that records steps 1, 1 + every, 1 + 2 every, ... of an attach, not step 0.
+def lead_steps(config: str) -> int:
+    """Steps dropped at the start of a chunk of ``config``.
+
+    One (an ordinary step: warm-up after the switch) for all; a second one, the chunk's
+    first recorded step, for a schedule of recorded steps alone (``every10``): an attach's
+    first recorded step also checks which blocks run, once a run (on the MLP it costs
+    about as much again as a recorded step's metrics), and with one recorded step in ten
+    that check would otherwise weigh on every measured recorded step. Under ``jacobian10``
+    and ``paths50`` the first recorded step is the first Jacobian (spectral) step or the
+    first decomposition, both counted from the first recorded step: it is measured, and
+    pays that check once a chunk.
+    """
+    kwargs = CONFIGS.get(config, {})
+    if is_scheduled(config) and not kwargs.get("jacobian") and not kwargs.get("paths"):
+        return 2
+    return 1
+
+
+def shifted_every(every: int, lead: int = 1) -> Callable[[int], bool]:
+    """A schedule that records steps ``lead``, ``lead + every``, ... of an attach, and step 1
+    when ``lead`` is 2; never step 0.
 
     Step 0 of a chunk is the dropped warm-up step: under this schedule it is an ordinary,
-    unrecorded one, and the first recorded step (with its first Jacobian step and first
-    decomposition, both counted from the first recorded step) is measured.
+    unrecorded one. With ``lead`` 2 step 1, also dropped, is a recorded one that takes the
+    attach's first-recorded-step check out of the measured steps. The measured steps start
+    with a recorded one (with the first Jacobian step and the first decomposition, both
+    counted from the first recorded step).
     """
 
     def schedule(step: int) -> bool:
-        return step >= 1 and (step - 1) % every == 0
+        return step >= 1 if step < lead else (step - lead) % every == 0
 
-    schedule.__name__ = f"every_{every}_from_1"
+    schedule.__name__ = f"every_{every}_from_{lead}"
     return schedule
 
 
 def probe_kwargs(config: str) -> dict[str, Any]:
-    """``attach`` keyword arguments of ``config``; scheduled ones shifted by one step."""
+    """``attach`` keyword arguments of ``config``; scheduled ones shifted (:func:`shifted_every`)."""
     kwargs = dict(CONFIGS[config])
     if is_scheduled(config):
-        kwargs["every"] = shifted_every(int(kwargs.get("every", 1)))
+        kwargs["every"] = shifted_every(int(kwargs.get("every", 1)), lead_steps(config))
     return kwargs
 
 
@@ -373,6 +397,8 @@ class Tool:
     blocks = 0  # probed blocks (for the cost per block)
     recorded = 0.0  # recorded steps per measured step
 
+    lead = 1  # steps dropped at the start of a chunk
+
     def attach(self, model: nn.Module) -> None:
         pass
 
@@ -389,8 +415,11 @@ class Tool:
 class ProbeTool(Tool):
     """gradprobe attached with the keyword arguments of a configuration."""
 
-    def __init__(self, name: str, **kwargs: Any) -> None:
+    lead = 1  # steps dropped at the start of a chunk
+
+    def __init__(self, name: str, lead: int = 1, **kwargs: Any) -> None:
         self.name = name
+        self.lead = lead
         self.kwargs = kwargs
         self.probe: gradprobe.Probe | None = None
         self.counts: list[str] = []  # what each measured chunk held
@@ -404,16 +433,16 @@ class ProbeTool(Tool):
         probe.detach()
         frame = probe.frame()
         self.blocks = len(probe.blocks)
-        kept = frame.loc[frame["step"] >= 1]  # the measured steps
+        kept = frame.loc[frame["step"] >= self.lead]  # the measured steps
         recorded = int(kept["step"].nunique())
-        self.recorded = recorded / (chunk - 1)
-        parts = [f"{chunk - 1} measured steps: {recorded} recorded"]
+        self.recorded = recorded / (chunk - self.lead)
+        parts = [f"{chunk - self.lead} measured steps: {recorded} recorded"]
         if self.kwargs.get("jacobian"):
             parts.append(f"{int(kept.loc[kept['jac_fro'].notna(), 'step'].nunique())} Jacobian")
             parts.append(f"{int(kept.loc[kept['jac_spec'].notna(), 'step'].nunique())} spectral")
         if self.kwargs.get("paths"):
             paths = probe.paths_frame()
-            done = int(paths.loc[paths["step"] >= 1, "step"].nunique()) if len(paths) else 0
+            done = int(paths.loc[paths["step"] >= self.lead, "step"].nunique()) if len(paths) else 0
             parts.append(f"{done} decomposition{'s' if done != 1 else ''}")
         self.counts.append(", ".join(parts))
 
@@ -428,6 +457,7 @@ def measure_tools(
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     cuda = device.type == "cuda"
     bare_tool = Tool()
+    lead = max(t.lead for t in tools)  # the bare chunks drop as many steps as the tools do
     k = 0
 
     def chunk_times(current: Tool, steps: int) -> list[float]:
@@ -450,12 +480,12 @@ def measure_tools(
                 times.append(time.perf_counter() - start)
         finally:
             current.detach(model, steps)
-        return times[1:]  # the first step of a chunk is dropped (an ordinary one: see shifted_every)
+        return times[current.lead if current is not bare_tool else lead :]  # see lead_steps
 
     # warm-up, discarded: short (a cycle of 200 steps needs no 200 steps of warm-up), but long
     # enough for a shifted schedule to reach its first recorded, Jacobian and spectral step
     for current in (bare_tool, *tools):
-        chunk_times(current, min(chunk, max(warm, 3)))
+        chunk_times(current, min(chunk, max(warm, lead + 2)))
     for tool in tools:
         if isinstance(tool, ProbeTool):
             tool.counts.clear()
@@ -478,7 +508,8 @@ def measure_tool(work: Workload, tool: Tool, pairs: int, chunk: int, device: tor
 
 
 def chunk_for(config: str, chunk: int, cycles: int | None = None) -> int:
-    """Steps per chunk: 1 (the dropped first step) + whole cycles of a scheduled configuration.
+    """Steps per chunk: the dropped lead (:func:`lead_steps`) + whole cycles of a scheduled
+    configuration.
 
     ``cycles`` cycles when given, else as many as ``chunk - 1`` rounds to (at least one);
     ``chunk`` as is for a configuration without a schedule.
@@ -486,7 +517,7 @@ def chunk_for(config: str, chunk: int, cycles: int | None = None) -> int:
     n = cycle_steps(config)
     if n == 1:
         return chunk
-    return 1 + n * (cycles if cycles else max(1, round((chunk - 1) / n)))
+    return lead_steps(config) + n * (cycles if cycles else max(1, round((chunk - 1) / n)))
 
 
 def measure(
@@ -500,7 +531,7 @@ def measure(
 ) -> list[Result]:
     """gradprobe in configuration ``config`` (and ``extra`` tools, in the same rounds) against
     bare training on the same model; the probe's Result first."""
-    tools: list[Tool] = [ProbeTool(config, **probe_kwargs(config)), *(extra or [])]
+    tools: list[Tool] = [ProbeTool(config, lead_steps(config), **probe_kwargs(config)), *(extra or [])]
     return measure_tools(work, tools, pairs, chunk_for(config, chunk, cycles), device)
 
 
@@ -571,8 +602,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.model}, batch {work.batch}, device {device}, CPU threads {torch.get_num_threads()}, "
         f"torch {torch.__version__}, {args.pairs} chunk pairs; steps per chunk, the first dropped: {chunks} "
-        "(every10/jacobian10/paths50: 1 + whole cycles of 10/200/50 steps, schedule shifted so the "
-        f"dropped step is unrecorded), load average {load_start:.2f} at the start"
+        "(every10: 2 dropped + whole cycles of 10; jacobian10/paths50: 1 dropped + whole cycles of "
+        f"200/50; the dropped first step is unrecorded), load average {load_start:.2f} at the start"
     )
     results = []
     floors: dict[str, tuple[Result, str]] = {}

@@ -59,7 +59,7 @@ def test_the_harness_runs_and_prints_a_table_row(overhead, capsys):
     row = [line for line in out.splitlines() if line.startswith("| mlp | default |")]
     assert len(row) == 1 and "control" in row[0]
     assert "20 blocks, 1.00 recorded per step" in out
-    assert overhead.chunk_for("every10", 9) == 11  # whole cycles of one recorded step in ten
+    assert overhead.chunk_for("every10", 9) == 12  # 2 dropped + a whole cycle of one recorded step in ten
 
 
 def test_peers_report_a_missing_peer_instead_of_failing(capsys):
@@ -92,9 +92,13 @@ def test_schedule_cycles_hold_every_expensive_step_of_the_schedule(overhead):
         overhead.chunk_for("jacobian10", 11) == 201 and overhead.chunk_for("jacobian10", 11, cycles=2) == 401
     )
     assert overhead.chunk_for("paths50", 9) == 51 and overhead.chunk_for("default", 9, cycles=3) == 9
-    # the dropped first step (0) is never a recorded one under a schedule
+    # the dropped first step (0) is never a recorded one under a schedule; under every10 the
+    # attach's first recorded step (1) is dropped too, and the cycles start at step 2
     schedule = overhead.probe_kwargs("every10")["every"]
-    assert [s for s in range(25) if schedule(s)] == [1, 11, 21]
+    assert [s for s in range(25) if schedule(s)] == [1, 2, 12, 22]
+    assert overhead.lead_steps("every10") == 2 and overhead.chunk_for("every10", 11) == 12
+    schedule = overhead.probe_kwargs("jacobian10")["every"]
+    assert [s for s in range(4) if schedule(s)] == [1, 2, 3] and overhead.lead_steps("jacobian10") == 1
     assert overhead.probe_kwargs("default") == {}
 
 
