@@ -57,19 +57,19 @@ def _is_int(value: Any, least: int) -> bool:
 class JacobianOptions:
     """How a probe takes the Jacobian columns (``attach(..., jacobian_options=...)``).
 
-    The defaults are the training ones, sized so that on a CIFAR ResNet-56 at batch 128 a
-    Frobenius Jacobian step costs about 1.5 bare training steps and a spectral one about 3
+    The defaults are the training ones, sized for a CIFAR ResNet-56 at batch 128
     (``benchmarks/jacobian_cost.py``; docs, Performance). The spectral columns cost several
-    times the Frobenius ones, so they come on every 20th Jacobian step only, starting with
-    the second (:meth:`spectral_now`).
+    times the Frobenius ones, so they come once in 20 Jacobian steps, ``jac_spec`` on the
+    second and ``prod_spec`` on the third of each 20 (:meth:`spectral_now`).
 
     Attributes:
         sub_batch: samples of the second forward pass the columns are taken on (cloned
             BatchNorm buffers, forked RNG: training is unchanged); ``None``: the whole batch,
             through the training graph.
         spec: ``True``/``False`` for the spectral columns (``jac_spec``, ``prod_spec``) on
-            every/no step with Jacobian columns, or N for every N-th of those steps, starting
-            with the second.
+            every/no step with Jacobian columns, or N for once in N of those steps:
+            ``jac_spec`` on the second and ``prod_spec`` on the third of every N (N = 2: both
+            on the second).
         power_iters, tol, prod, prod_spec: as in :func:`gradprobe.jacobian.jacobian_columns`.
         seed: seeds the probe vectors.
         paths_sub_batch: samples of the second forward pass of the path-length decomposition
@@ -161,21 +161,26 @@ class JacobianOptions:
         """The options as a plain dict (stored in a saved run's metadata)."""
         return dataclasses.asdict(self)
 
-    def spectral_now(self, calls: int) -> bool:
-        """Whether the Jacobian step after ``calls`` Jacobian steps gets the spectral columns.
+    def spectral_now(self, calls: int) -> bool | Literal["blocks", "products"]:
+        """Which spectral columns the Jacobian step after ``calls`` Jacobian steps gets
+        (``spec`` of :func:`gradprobe.jacobian.jacobian_columns`).
 
-        With ``spec=N`` (N > 1): the second Jacobian step of every N, so that the first one of
-        a run, which also pays for the probe's first recorded step, is a Frobenius one, and a
-        short run still gets the spectral columns early.
+        With ``spec=N`` (N > 2) a cycle of N Jacobian steps spreads them over two: ``jac_spec``
+        on the second, ``prod_spec`` on the third, each at about half the cost of both; the
+        first one of a run, which also pays for the probe's first recorded step, is a
+        Frobenius one. ``spec=2``: both on the second of every two.
 
-        >>> [c for c in range(45) if JacobianOptions(spec=20).spectral_now(c)]
-        [1, 21, 41]
+        >>> [JacobianOptions(spec=20).spectral_now(c) for c in (0, 1, 2, 3, 20, 21, 22)]
+        [False, 'blocks', 'products', False, False, 'blocks', 'products']
         """
-        if isinstance(self.spec, bool):
-            return self.spec
-        return calls % self.spec == (1 if self.spec > 1 else 0)
+        if isinstance(self.spec, bool) or self.spec == 1:
+            return bool(self.spec)
+        phase = calls % self.spec
+        if self.spec == 2:
+            return phase == 1
+        return "blocks" if phase == 1 else "products" if phase == 2 else False
 
-    def columns_kwargs(self, spec: bool) -> dict[str, Any]:
+    def columns_kwargs(self, spec: bool | Literal["blocks", "products"]) -> dict[str, Any]:
         """Keyword arguments of :func:`gradprobe.jacobian.jacobian_columns` for one step."""
         return {
             "power_iters": self.power_iters,
@@ -215,9 +220,10 @@ class ProbeConfig:
             (``power_iters``, ``tol``, ``prod``, ``prod_spec``), with the training defaults of
             :class:`JacobianOptions`. ``spec``: ``True``/``False`` for the spectral
             columns (``jac_spec``, ``prod_spec``) on every/no step with Jacobian columns, or
-            N for every N-th of those steps, starting with the second (default 20; NaN on the
-            others). ``sub_batch`` (default :data:`SUB_BATCH` = 16): the columns are taken on a
-            second forward pass over the first ``sub_batch`` samples (cloned BatchNorm buffers,
+            N for once in N of those steps, ``jac_spec`` on the second and ``prod_spec`` on the
+            third of every N (default 20; NaN on the others). ``sub_batch`` (default
+            :data:`SUB_BATCH` = 16): the columns are taken on a second forward pass
+            over the first ``sub_batch`` samples (cloned BatchNorm buffers,
             forked RNG: training is unchanged), ``None`` for the whole batch through the
             training graph. Calls whose arguments hold anything but tensors and plain values
             (a key/value cache object) always use the training graph. ``seed`` seeds the

@@ -5,8 +5,8 @@ training forward pass; at the end of that pass (the model's forward hook)
 :meth:`JacobianSchedule.columns` estimates the columns, by default on a second forward pass
 over a sub-batch (:func:`gradprobe.jacobian.sub_batch_captures`), falling back to the
 training graph when that pass cannot run, and to an eager re-run of the whole batch when
-the training graph refuses a second differentiation. The spectral columns come on every
-``spec``-th Jacobian step only, starting with the second
+the training graph refuses a second differentiation. The spectral columns come once in
+``spec`` Jacobian steps, ``jac_spec`` and ``prod_spec`` on two different steps
 (:meth:`gradprobe.config.JacobianOptions.spectral_now`).
 """
 
