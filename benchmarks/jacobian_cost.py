@@ -1,20 +1,20 @@
 """Cost of the training steps that carry Jacobian columns, by kind, and over a whole spectral cycle.
 
 On one model instance (``overhead.build``: ResNet-56, 32x32 inputs, SGD with momentum) it
-times, interleaved in rounds, single training steps of four kinds: bare; recorded without
-Jacobian columns (``attach(model)``); a Frobenius Jacobian step (``jacobian_options``
-``spec=False``); a spectral one (``spec=True``). Each probed step runs with the probe
-attached just for it, after one untimed step. It also times the first two Jacobian steps
-of a fresh ``attach(model, jacobian=10)`` (recorded steps 0 and 10: the first one of a run
-and the cycle's spectral one).
+times, interleaved in rounds, single training steps: bare; recorded without Jacobian
+columns (``attach(model)``, after one untimed step); and the first four steps of a fresh
+``attach(model, jacobian=1)`` at the default options, which are the four kinds of
+Jacobian step: the first of a run (a Frobenius one), the one with ``jac_spec``, the one
+with ``prod_spec``, and a Frobenius one.
 
 Times are the thread CPU time of the training step (``time.thread_time``, one torch
 thread), which a loaded machine inflates less than wall time; the figure per kind is the
 median over ``--rounds``. From them, the total of one spectral cycle of ``jacobian=10``
-at the default ``spec=20`` (200 recorded steps: 19 Frobenius steps, 1 spectral step, 180
-recorded steps without Jacobian columns), relative to 200 bare steps, is::
+at the default ``spec=20`` (200 recorded steps: 20 with Jacobian columns, of which one
+with ``jac_spec``, one with ``prod_spec``, 18 Frobenius ones), relative to 200 bare
+steps, is::
 
-    (180 * recorded + 19 * frobenius + spectral) / (200 * bare)
+    (180 * recorded + 18 * frobenius + jac_spec + prod_spec) / (200 * bare)
 
 and the Jacobian columns' own share of it (the same with ``recorded`` in place of ``bare``).
 
@@ -31,7 +31,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -42,12 +41,7 @@ from overhead import build  # a script beside this one, not a package
 import gradprobe
 from gradprobe.config import JacobianOptions
 
-KINDS: dict[str, dict[str, Any] | None] = {
-    "bare": None,
-    "recorded": {},
-    "frobenius": {"jacobian": 1, "jacobian_options": {"spec": False}},
-    "spectral": {"jacobian": 1, "jacobian_options": {"spec": True}},
-}
+JACOBIAN_KINDS = ("first Jacobian step", "jac_spec step", "prod_spec step", "frobenius step")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,47 +67,40 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         return time.thread_time() - t
 
-    def timed(kind: str) -> float:
-        kwargs = KINDS[kind]
-        if kwargs is None:
-            step()
-            return step()
-        with gradprobe.attach(model, **kwargs):
-            step()  # untimed: the probe's first step
-            return step()
-
+    options = JacobianOptions()
+    spec = options.spec
+    assert isinstance(spec, int) and not isinstance(spec, bool) and spec > 2
     for _ in range(2):  # warm-up
         step()
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
-    first: list[tuple[float, float]] = []
+    times: dict[str, list[float]] = {k: [] for k in ("bare", "recorded", *JACOBIAN_KINDS)}
     for r in range(args.rounds):
-        for kind in KINDS:
-            times[kind].append(timed(kind))
-        if r < 2:
-            with gradprobe.attach(model, jacobian=10):
-                got = [step() for _ in range(11)]
-            first.append((got[0], got[10]))
+        step()
+        times["bare"].append(step())
+        with gradprobe.attach(model):
+            step()  # untimed: the probe's first step
+            times["recorded"].append(step())
+        with gradprobe.attach(model, jacobian=1):
+            for kind in JACOBIAN_KINDS:
+                times[kind].append(step())
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     bare = med["bare"]
-    spec = JacobianOptions().spec
-    assert isinstance(spec, int) and not isinstance(spec, bool)
     n = 10 * spec
     print(
         f"\n{args.model}, batch {args.batch}, 1 torch thread, thread CPU time per training step "
-        f"(median of {args.rounds}), default jacobian_options {JacobianOptions().as_dict()}"
+        f"(median of {args.rounds}), default jacobian_options {options.as_dict()}"
     )
     for kind, v in med.items():
         each = ", ".join(f"{t:.3f}" for t in times[kind])
-        print(f"  {kind:10s} {v:7.3f} s  {v / bare:5.2f} bare steps   (all: {each})")
-    for i, (a, b) in enumerate(first):
-        print(
-            f"  fresh attach(jacobian=10), run {i + 1}: first Jacobian step {a:.3f} s ({a / bare:.2f} bare), "
-            f"second {b:.3f} s ({b / bare:.2f} bare)"
-        )
-    total = (n - spec) * med["recorded"] + (spec - 1) * med["frobenius"] + med["spectral"]
+        print(f"  {kind:20s} {v:7.3f} s  {v / bare:5.2f} bare steps   (all: {each})")
+    total = (
+        (n - spec) * med["recorded"]
+        + (spec - 2) * med["frobenius step"]
+        + med["jac_spec step"]
+        + med["prod_spec step"]
+    )
     print(
-        f"  one spectral cycle of jacobian=10 ({n} recorded steps: {spec - 1} Frobenius, 1 spectral): "
+        f"  one spectral cycle of jacobian=10 ({n} recorded steps, {spec} with Jacobian columns): "
         f"{total / (n * bare):.3f}x bare in total, {total / (n * med['recorded']):.3f}x the probe without "
         "Jacobian columns"
     )
