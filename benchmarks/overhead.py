@@ -40,9 +40,10 @@ Configurations: ``default`` (``attach(model)``: every metric on every step),
 every 10th step at the default options). Chunks hold ``--chunk`` steps (11 by
 default: 10 measured, one of them recorded under ``every10`` and one with
 Jacobian columns under ``jacobian10``; for these two the chunk is rounded to
-1 + a multiple of 10, so that the measured steps hold whole cycles). The spectral Jacobian columns come on
-every 20th Jacobian step starting with the first, which is a dropped first step
-here: ``jacobian10`` measures the Frobenius columns' steady cost.
+1 + a multiple of 10, so that the measured steps hold whole cycles). The spectral Jacobian columns come once
+in 20 Jacobian steps (``jac_spec`` on the second, ``prod_spec`` on the third), so a
+chunk holds a spectral step only now and then: ``benchmarks/jacobian_cost.py`` gives
+each kind of Jacobian step's cost and their total over a whole spectral cycle.
 
 Benchmarks are never timed tests: nothing here asserts on speed.
 """
