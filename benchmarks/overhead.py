@@ -77,6 +77,9 @@ every 10th step at the default options), ``paths50`` (``paths=50``). A
 ``jacobian10`` cycle is 200 steps: on ResNet-56 at batch 128 on a CPU a chunk pair
 takes minutes, so it is not in the default ``--config`` list; name it, or measure
 it on the MLP or at a smaller ``--batch`` (and say which).
+``benchmarks/jacobian_cost.py`` times each kind of Jacobian step (``jac_spec`` comes on
+the second Jacobian step of every 20, ``prod_spec`` on the third) and sums them over a whole
+spectral cycle.
 
 Benchmarks are never timed tests: nothing here asserts on speed.
 """
