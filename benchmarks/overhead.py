@@ -7,9 +7,10 @@ it pays for attaching and for warm-up after the switch. A leading bare and probe
 chunk (at most 11 steps each) are discarded as warm-up.
 
 Schedules and whole cycles. ``every10``, ``jacobian10`` and ``paths50`` have
-expensive steps: the recorded step under ``every=10``, the Jacobian step (and
-the spectral one, every 20th Jacobian step starting with the first) under
-``jacobian=10``, the path-length decomposition under ``paths=50``. For these the
+expensive steps: the recorded step under ``every=10``, the Jacobian steps (and
+the spectral ones: ``jac_spec`` on the second and ``prod_spec`` on the third of
+every 20 Jacobian steps) under ``jacobian=10``, the path-length decomposition
+under ``paths=50``. For these the
 probe runs a shifted schedule (``every=`` a callable), so that the dropped first
 step is an ordinary, unrecorded one, and the measured steps hold whole *cycles*:
 
@@ -17,9 +18,9 @@ step is an ordinary, unrecorded one, and the measured steps hold whole *cycles*:
   22, ...: two steps are dropped, the unrecorded step 0 and step 1, the attach's
   first recorded step, which also checks which blocks run (a check a run makes
   once, costing on the MLP about as much again as the recorded step itself);
-* ``jacobian10``: 200 steps (20 Jacobian steps, one of them spectral). Every step
-  from step 1 is recorded; the first recorded step is the first Jacobian step, a
-  spectral one, and is measured;
+* ``jacobian10``: 200 steps (20 Jacobian steps, two of them spectral). Every step
+  from step 1 is recorded; the first recorded step is the first Jacobian step, and
+  is measured;
 * ``paths50``: 50 steps (one decomposition, on the first recorded step, step 1).
 
 ``--cycles K`` puts K cycles in each such chunk (default: as many as ``--chunk``
@@ -36,7 +37,7 @@ Printed for each configuration:
   times probed/bare over the whole cycles (``total``); the ratio of per-step
   medians is printed beside it, labelled supplementary (a median does not see the
   one expensive step in N), and so is the dearest measured step in median bare
-  steps (under ``jacobian10`` the spectral step). For ``default`` (every step
+  steps (under ``jacobian10`` a spectral step). For ``default`` (every step
   alike) the figure is the ratio of medians, with the total beside it;
 * beside each ratio, the **control**: the same ratio between the even-numbered
   and the odd-numbered bare chunks of the same run. Two sets of bare steps
@@ -148,7 +149,7 @@ def lead_steps(config: str) -> int:
     first recorded step also checks which blocks run, once a run (on the MLP it costs
     about as much again as a recorded step's metrics), and with one recorded step in ten
     that check would otherwise weigh on every measured recorded step. Under ``jacobian10``
-    and ``paths50`` the first recorded step is the first Jacobian (spectral) step or the
+    and ``paths50`` the first recorded step is the first Jacobian step or the
     first decomposition, both counted from the first recorded step: it is measured, and
     pays that check once a chunk.
     """
