@@ -289,7 +289,7 @@ def channel_axis(t: torch.Tensor, channel_dim: int | None = None) -> int | None:
     return 1 if t.dim() >= 4 else t.dim() - 1
 
 
-def _moments(v: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+def moments(v: torch.Tensor, scratch: bool = False) -> torch.Tensor:
     """(n, 3, C) float64: count, mean and M2 (sum of squared deviations from the mean) of each
     channel of each of n tensors stacked as ``v`` of shape (n, B, C, rows).
 
@@ -345,11 +345,11 @@ def signal_many(
     # One tensor reduces through a view of itself (a copy only where its layout needs one); many
     # are stacked once into a scratch copy that can be shifted in place.
     v = _detached(first).reshape(1, -1, c, rows) if n == 1 else torch.stack([_detached(y) for y in ys])
-    own = _moments(v.view(n, -1, c, rows), scratch=n > 1)
+    own = moments(v.view(n, -1, c, rows), scratch=n > 1)
     if residuals[0] is None:
         return torch.stack([own, torch.full_like(own, NAN)], 1)
     r = residuals[0].reshape(1, -1, c, rows) if n == 1 else torch.stack(residuals)  # type: ignore[arg-type]
-    return torch.stack([own, _moments(r.view(n, -1, c, rows), scratch=True)], 1)
+    return torch.stack([own, moments(r.view(n, -1, c, rows), scratch=True)], 1)
 
 
 def signal_stats(
@@ -597,16 +597,87 @@ def param_stats(
     return sq, gsq, dsq
 
 
+#: Elements of one concatenated group of parameters (widened to float64): bounds the memory the
+#: parameter statistics take at once.
+GROUP_ELEMENTS = 1 << 22
+
+
+def _grouped_squares(
+    sums: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    owner: Sequence[int],
+    old: Sequence[torch.Tensor],
+    cache: dict[Any, torch.Tensor],
+) -> None:
+    """Add ``|t|^2`` of each tensor to ``sums[owner]``; the last ``len(old)`` tensors are replaced by
+    their differences to ``old``. Tensors of one trailing shape and dtype are concatenated (in
+    chunks of at most :data:`GROUP_ELEMENTS`; differences apart), widened to float64 (exact
+    squares, no under- or overflow) and reduced per row, the rows summed into their owners by
+    one ``index_add_``: a few kernels per shape, not a few per tensor."""
+    first_old = len(tensors) - len(old)
+    groups: dict[tuple[Any, ...], list[list[int]]] = {}
+    sizes: dict[tuple[Any, ...], int] = {}  # elements in the last chunk of each group
+    for i, t in enumerate(tensors):
+        if t.is_complex():
+            t = _as_real(t)
+        key = (tuple(t.shape[1:]) if t.dim() else None, t.dtype, i >= first_old)
+        chunks = groups.setdefault(key, [[]])
+        n = t.numel()
+        if chunks[-1] and sizes[key] + n > GROUP_ELEMENTS:
+            chunks.append([])
+            sizes[key] = 0
+        chunks[-1].append(i)
+        sizes[key] = sizes.get(key, 0) + n
+    for (trailing, _, diff), chunks in groups.items():
+        for members in chunks:
+            parts = _rows_of([tensors[i] for i in members], trailing is None)
+            if diff:
+                prev = _rows_of([old[i - first_old] for i in members], trailing is None)
+                if prev.device != parts.device:
+                    prev = prev.to(parts.device)
+                parts = parts - prev
+            rows = parts.reshape(parts.shape[0], -1)
+            wide = rows if rows.dtype == sums.dtype else rows.to(sums.dtype)
+            sq = (wide * wide).sum(1)
+            counts = [_as_real(tensors[i]).shape[0] if trailing is not None else 1 for i in members]
+            sums.index_add_(0, _owner_index(cache, [owner[i] for i in members], counts, sums.device), sq)
+
+
+def _rows_of(tensors: Sequence[torch.Tensor], scalars: bool) -> torch.Tensor:
+    """Tensors of one trailing shape concatenated along their first axis (0-d ones as one row each)."""
+    real = [_as_real(t) if t.is_complex() else t for t in tensors]
+    if scalars:
+        real = [t.reshape(1) for t in real]
+    return real[0] if len(real) == 1 else torch.cat(real)
+
+
+def _owner_index(
+    cache: dict[Any, torch.Tensor], owners: list[int], counts: list[int], device: torch.device
+) -> torch.Tensor:
+    """The row-to-block index of a group, made once per layout (the same every step) in ``cache``."""
+    key = (tuple(owners), tuple(counts), device)
+    index = cache.get(key)
+    if index is None:
+        if len(cache) >= 64:  # the blocks that ran changed many times: start again
+            cache.clear()
+        flat = [o for o, c in zip(owners, counts, strict=True) for _ in range(c)]
+        # Made from a host list and copied without blocking: no device-to-host sync on a GPU.
+        index = cache[key] = torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
+    return index
+
+
 def block_param_stats(
     groups: Sequence[Sequence[torch.Tensor]],
     previous: Sequence[Sequence[torch.Tensor] | None],
     grads: Sequence[Sequence[torch.Tensor | None]] | None = None,
+    cache: dict[Any, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`param_stats` of many blocks at once: a ``(blocks, 3)`` tensor of squared sums.
 
-    One fused ``_foreach_norm`` over every parameter of every block instead of a
-    handful of kernels per block: the per-step cost stays flat as blocks grow. ``grads``:
-    each block's parameter gradients (default: their ``.grad``).
+    Tensors of one trailing shape are reduced together (:func:`_grouped_squares`) instead of a
+    handful of kernels per tensor: the per-step cost stays flat as blocks grow. ``grads``:
+    each block's parameter gradients (default: their ``.grad``); ``cache``: a dict kept between
+    steps (the row-to-block index tensors, the same every step).
     """
     if grads is None:
         grads = [[p.grad for p in g] for g in groups]
@@ -625,25 +696,23 @@ def block_param_stats(
     (device,) = devices
     acc = real_dtype(flat[0].dtype)
     n = len(groups)
-    # One fused _foreach_norm over parameters, then gradients, then differences to the
-    # previous snapshot, summed per block into one (3 * blocks) vector by one index_add_.
-    # (Per target the additions run in the same order as one index_add_ per kind: same values.)
+    # Parameters, then gradients, then differences to the previous snapshot, each summed into its
+    # block's entry of one (3 * blocks) vector: tensors of one trailing shape are concatenated
+    # and reduced together (a few kernels per shape, not a few per tensor).
     tensors = [_detached(p) for p in flat]
     owner = [i for i, g in enumerate(groups) for _ in g]
     with_grad = [i for i, g in enumerate(flat_grads) if g is not None]
     tensors += [flat_grads[i] for i in with_grad]  # type: ignore[misc]
     owner += [n + owner[i] for i in with_grad]
     known = [i for i, prev in enumerate(previous) if prev is not None]
+    old: list[torch.Tensor] = []
     if known:
-        cur = [_detached(p) for i in known for p in groups[i]]
+        tensors += [_detached(p) for i in known for p in groups[i]]
         old = [q for i in known for q in previous[i]]  # type: ignore[union-attr]
-        tensors += list(torch._foreach_sub(cur, old))
         owner += [2 * n + i for i in known for _ in groups[i]]
     sums = torch.zeros(3 * n, device=device, dtype=_wide(acc))
     if tensors:
-        sq = _squared_norms(tensors, acc)
-        # Made from a host list and copied without blocking: no device-to-host sync on a GPU.
-        sums.index_add_(0, torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True), sq)
+        _grouped_squares(sums, tensors, owner, old, {} if cache is None else cache)
     # NaN where a block has no parameter, no gradient, or no previous snapshot.
     has_grad = {owner[i] for i in with_grad}
     has_prev = set(known)
