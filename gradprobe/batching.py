@@ -26,9 +26,9 @@ is. Should a held tensor change after all, that call gets NaN for what it would 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-import math
 from typing import Any
 
 import torch

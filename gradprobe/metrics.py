@@ -639,7 +639,8 @@ def _grouped_squares(
             rows = parts.reshape(parts.shape[0], -1)
             wide = rows if rows.dtype == sums.dtype else rows.to(sums.dtype)
             sq = (wide * wide).sum(1)
-            counts = [_as_real(tensors[i]).shape[0] if trailing is not None else 1 for i in members]
+            # rows per tensor (a complex tensor's real view keeps its first axis)
+            counts = [tensors[i].shape[0] for i in members] if trailing is not None else [1] * len(members)
             sums.index_add_(0, _owner_index(cache, [owner[i] for i in members], counts, sums.device), sq)
 
 

@@ -449,16 +449,16 @@ class ParamSnapshots:
         """Parameter copies held between steps (0 with ``enabled=False``)."""
         return sum(len(v) for v in self.previous.values()) + sum(len(v) for v in self.spare.values())
 
-    def stats(
-        self, names: Sequence[str], groups: Sequence[Sequence[torch.Tensor]]
-    ) -> dict[str, ParamStat]:
+    def stats(self, names: Sequence[str], groups: Sequence[Sequence[torch.Tensor]]) -> dict[str, ParamStat]:
         """``{block: [|theta|^2, |grad|^2, |theta - previous|^2]}`` of every block, in one pass: rows of
         one ``(blocks, 3)`` tensor."""
         with torch.no_grad():
             grads = None
             if sharding.any_sharded(groups):  # FSDP2, tensor parallel: this rank's shards, then a sum
                 groups, grads = sharding.local_groups(groups)
-            stats = metrics.block_param_stats(groups, [self.previous.get(n) for n in names], grads, self.index)
+            stats = metrics.block_param_stats(
+                groups, [self.previous.get(n) for n in names], grads, self.index
+            )
             if grads is not None:
                 stats = sharding.sum_over_ranks(stats)
         return {n: (stats, i) for i, n in enumerate(names)}

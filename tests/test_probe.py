@@ -18,8 +18,7 @@ from reference import reference_rows
 from torch import nn
 
 import gradprobe
-from gradprobe import batching
-from gradprobe import metrics
+from gradprobe import batching, metrics
 
 REL = 1e-6
 COLUMNS = [
