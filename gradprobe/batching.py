@@ -11,8 +11,10 @@ closes), and the held tensors of one shape and dtype are reduced in one batch fo
   (``|g_x|^2``, ``|g_x - g_y|^2``, ``<g_x - g_y, g_y>``);
 * the block outputs whose forward statistics were taken at once (their signal moments).
 
-Batched sums of squares and products accumulate in float64 (float32 tensors are widened first),
-so they neither under- nor overflow and equal a float64 reference to float64 rounding. Larger
+On accelerators the batches are widened to float64 (their sums neither under- nor overflow);
+on the CPU float32 batches are reduced in float32 and the rows whose values say that float32
+may have under- or overflowed are redone in float64 (a host read costs nothing there, and
+widening costs memory traffic). Either way no statistic reads the host per call. Larger
 tensors are reduced at once (their memory traffic, not their kernels, is the cost), and so is
 everything once ``BUDGET_BYTES`` are held: what is held stays small.
 
@@ -244,21 +246,6 @@ def _reduce(held: Sequence[_Held]) -> None:
             h.call.sig = (sig, i)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """A float32 batch as float64 (its squares and products are then exact, and their sums
-    neither under- nor overflow); float64 as it is."""
-    return t.double() if t.dtype == torch.float32 else t
-
-
-def _rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Tensors of one shape as the rows of one ``(n, numel)`` tensor (a view for one of them)."""
-    if len(tensors) == 1:
-        return tensors[0].reshape(1, -1)
-    if tensors[0].dim() == 0:
-        return torch.stack(list(tensors)).reshape(len(tensors), -1)
-    return torch.cat(list(tensors)).reshape(len(tensors), -1)  # (n * B, ...): one row per tensor
-
-
 def _groups(items: Sequence[Any], key: Any) -> list[list[Any]]:
     out: dict[Any, list[Any]] = {}
     for item in items:
@@ -271,13 +258,13 @@ def _reduce_forward(held: Sequence[_Forward]) -> None:
     for group in _groups(held, lambda f: (f.y.shape, f.y.dtype, f.y.device, f.axis)):
         n, y = len(group), group[0].y
         with torch.no_grad(), full_precision(y.device.type):
-            both = _rows([f.x for f in group] + [f.y for f in group]).view(2, n, -1)
+            both = metrics.stacked_rows([f.x for f in group] + [f.y for f in group]).view(2, n, -1)
             d = both[1] - both[0]  # in the tensors' dtype, as the statistics taken at once
-            w = _wide(torch.cat([both.view(2 * n, -1), d]))
-            sq = (w * w).sum(1)  # |x|^2 of each call, then |y|^2, then |y - x|^2
+            xy = metrics.row_squares(both.view(2 * n, -1))  # |x|^2 of each call, then |y|^2
+            dd = metrics.row_squares(d)
             for i, f in enumerate(group):
-                for j, slot in enumerate(f.slots):
-                    slot.batch, slot.k = sq, j * n + i
+                (f.slots[0].batch, f.slots[0].k), (f.slots[1].batch, f.slots[1].k) = (xy, i), (xy, n + i)
+                f.slots[2].batch, f.slots[2].k = dd, i
             axis = group[0].axis
             if axis is None:
                 continue
@@ -295,16 +282,17 @@ def _reduce_grads(held: Sequence[_Grad]) -> None:
         n, g = len(group), group[0].g
         with torch.no_grad(), full_precision(g.device.type):
             if group[0].pair is None:
-                w = _wide(_rows([h.g for h in group]))
-                sq = (w * w).sum(1)
+                sq = metrics.row_squares(metrics.stacked_rows([h.g for h in group]))
                 for i, h in enumerate(group):
                     h.slots[0].batch, h.slots[0].k = sq, i
                 continue
-            both = _wide(_rows([h.g for h in group] + [h.pair for h in group])).view(2, n, -1)
-            b = both[0] - both[1]  # g_x - g_y, exact in float64 for float32 gradients
-            left = torch.cat([both[0], b, b])
-            right = torch.cat([both[0], b, both[1]])
-            stats = (left * right).sum(1)  # |g_x|^2 of each call, then |b|^2, then <b, g_y>
+            both = metrics.stacked_rows([h.g for h in group] + [h.pair for h in group]).view(2, n, -1)
+            if not metrics.host_checked(both):
+                both = both.double()  # then b is exact for float32 gradients
+            b = both[0] - both[1]  # g_x - g_y
+            gxx, bb = metrics.row_squares(both[0]), metrics.row_squares(b)
+            bg = metrics.row_dots(b, both[1], bb, metrics.row_squares(both[1]))
+            stats = torch.cat([gxx, bb, bg])  # |g_x|^2 of each call, then |b|^2, then <b, g_y>
         for i, h in enumerate(group):
             for j, slot in enumerate(h.slots):
                 slot.batch, slot.k = stats, j * n + i

@@ -142,22 +142,22 @@ def _sq_read(a: torch.Tensor) -> tuple[torch.Tensor, float | None]:
     return s64, s64.item()
 
 
-def _re_dot(a: torch.Tensor, b: torch.Tensor, narrow_ok: bool = False) -> torch.Tensor:
+def _re_dot(a: torch.Tensor, b: torch.Tensor, narrow: bool = False) -> torch.Tensor:
     """``Re <a, b>``: the real inner product, also of complex vectors (C^n as R^2n).
 
-    Float32 vectors are multiplied in float64 unless ``narrow_ok`` (the caller knows, from
-    :func:`_narrow_ok`, that float32 products neither under- nor overflow).
+    Float32 vectors are multiplied in float64 unless ``narrow`` (the caller knows, from
+    :func:`narrow_ok`, that float32 products neither under- nor overflow).
     """
     if a.is_complex() or b.is_complex():
         dtype = torch.promote_types(a.dtype, b.dtype)
         a, b = _as(a, dtype), _as(b, dtype)
-    if not narrow_ok and (a.dtype in _NARROW or b.dtype in _NARROW):
+    if not narrow and (a.dtype in _NARROW or b.dtype in _NARROW):
         wide = torch.complex128 if a.is_complex() else torch.float64
         a, b = _as(a, wide), _as(b, wide)
     return torch.vdot(a, b).real if a.is_complex() else torch.dot(a, b)
 
 
-def _narrow_ok(n: int, lo: float, hi: float) -> bool:
+def narrow_ok(n: int, lo: float, hi: float) -> bool:
     """Whether a float32 sum of ``n`` products whose ``|a| |b|`` lies in ``[lo, hi]`` is exact to
     float32 precision: ``|a| |b|`` bounds every partial sum (no overflow up to float32's largest
     value) and the rounding of subnormal products (under ``2**-24`` of it above ``n * tiny``).
@@ -165,6 +165,55 @@ def _narrow_ok(n: int, lo: float, hi: float) -> bool:
     if math.isnan(lo) or math.isnan(hi) or hi == 0.0:  # NaN, or a zero vector: exact either way
         return True
     return n * _TINY32 <= lo and hi <= _MAX32
+
+
+def host_checked(t: torch.Tensor) -> bool:
+    """Whether a batch is reduced in float32 and its values checked on the host: float32 on the CPU,
+    where a host read costs no synchronisation and widening costs memory traffic. Elsewhere the
+    batch is widened to float64 at once (no host read; a GPU's cost is its kernels)."""
+    return t.dtype == torch.float32 and t.is_cpu
+
+
+def row_squares(rows: torch.Tensor) -> torch.Tensor:
+    """``|row|^2`` of each row of a 2-d tensor, float64, exact to the rows' precision over float64's
+    range: float32 rows on the CPU are reduced in float32 and the rows whose value says that
+    float32 may have under- or overflowed are redone in float64 (as :func:`_sq`).
+
+    >>> row_squares(torch.tensor([[3.0, 4.0], [1e-30, 0.0]])).tolist()
+    [25.0, 1e-60]
+    """
+    if not host_checked(rows):
+        return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square_()
+    out = torch.linalg.vector_norm(rows, dim=1).double().square_()
+    low = rows.shape[1] * _TINY32  # a float32 sum of squares above it lost nothing to underflow
+    bad = [i for i, v in enumerate(out.tolist()) if not low <= v <= _MAX32 and not math.isnan(v)]
+    if bad:
+        zero = [i for i in bad if out[i] == 0.0]
+        if zero:  # an exact zero row is exact; a zero from underflowed squares is not
+            nonzero = rows[zero].ne(0).any(1).tolist()
+            bad = [i for i in bad if i not in zero] + [i for i, nz in zip(zero, nonzero, strict=True) if nz]
+        if bad:
+            out[bad] = torch.linalg.vector_norm(rows[bad].double(), dim=1).square_()
+    return out
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
+    """``<a_i, b_i>`` of each pair of rows, float64; ``aa``, ``bb``: their :func:`row_squares`. Float32
+    rows on the CPU are multiplied in float32 where ``|a_i| |b_i|`` shows that float32 neither
+    under- nor overflows (:func:`narrow_ok`), the others in float64.
+
+    >>> row_dots(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]]), torch.tensor([5.0]), torch.tensor([25.0]))
+    tensor([11.], dtype=torch.float64)
+    """
+    if not host_checked(a):
+        return torch.linalg.vecdot(a.double(), b.double())
+    out = torch.linalg.vecdot(a, b).double()
+    n = a.shape[1]
+    bounds = (aa * bb).sqrt_().tolist()  # |a_i| |b_i| bounds the partial sums
+    bad = [i for i, v in enumerate(bounds) if not narrow_ok(n, v, v)]
+    if bad:
+        out[bad] = torch.linalg.vecdot(a[bad].double(), b[bad].double())
+    return out
 
 
 #: One statistic of one call: a 0-d tensor, or None where it does not exist (NaN in the frame).
@@ -272,7 +321,7 @@ def grad_in_stat(g_x: torch.Tensor, g_y: torch.Tensor | None) -> tuple[Stat, Sta
         # on the host (CPU scalars, no synchronisation). Elsewhere the product runs in float64.
         nx, nb = math.sqrt(vxx), math.sqrt(vbb)
         n = b.numel() * (2 if b.is_complex() else 1)
-        ok = _narrow_ok(n, nb * abs(nx - nb), nb * (nx + nb))
+        ok = narrow_ok(n, nb * abs(nx - nb), nb * (nx + nb))
     return gxx, bb, _re_dot(b, fy, ok)
 
 
@@ -597,88 +646,89 @@ def param_stats(
     return sq, gsq, dsq
 
 
-#: Elements of one concatenated group of parameters (widened to float64): bounds the memory the
-#: parameter statistics take at once.
+#: Elements of one concatenated group of parameters (:func:`_block_param_stats_cpu`): bounds the
+#: memory its copies take at once.
 GROUP_ELEMENTS = 1 << 22
 
 
-def _grouped_squares(
-    sums: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    owner: Sequence[int],
-    old: Sequence[torch.Tensor],
-    cache: dict[Any, torch.Tensor],
-) -> None:
-    """Add ``|t|^2`` of each tensor to ``sums[owner]``; the last ``len(old)`` tensors are replaced by
-    their differences to ``old``. Tensors of one trailing shape and dtype are concatenated (in
-    chunks of at most :data:`GROUP_ELEMENTS`; differences apart), widened to float64 (exact
-    squares, no under- or overflow) and reduced per row, the rows summed into their owners by
-    one ``index_add_``: a few kernels per shape, not a few per tensor."""
-    first_old = len(tensors) - len(old)
-    groups: dict[tuple[Any, ...], list[list[int]]] = {}
-    sizes: dict[tuple[Any, ...], int] = {}  # elements in the last chunk of each group
-    for i, t in enumerate(tensors):
-        if t.is_complex():
-            t = _as_real(t)
-        key = (tuple(t.shape[1:]) if t.dim() else None, t.dtype, i >= first_old)
-        chunks = groups.setdefault(key, [[]])
-        n = t.numel()
-        if chunks[-1] and sizes[key] + n > GROUP_ELEMENTS:
-            chunks.append([])
-            sizes[key] = 0
-        chunks[-1].append(i)
-        sizes[key] = sizes.get(key, 0) + n
-    for (trailing, _, diff), chunks in groups.items():
-        for members in chunks:
-            parts = _rows_of([tensors[i] for i in members], trailing is None)
-            if diff:
-                prev = _rows_of([old[i - first_old] for i in members], trailing is None)
-                if prev.device != parts.device:
-                    prev = prev.to(parts.device)
-                parts = parts - prev
-            rows = parts.reshape(parts.shape[0], -1)
-            wide = rows if rows.dtype == sums.dtype else rows.to(sums.dtype)
-            sq = (wide * wide).sum(1)
-            # rows per tensor (a complex tensor's real view keeps its first axis)
-            counts = [tensors[i].shape[0] for i in members] if trailing is not None else [1] * len(members)
-            sums.index_add_(0, _owner_index(cache, [owner[i] for i in members], counts, sums.device), sq)
-
-
-def _rows_of(tensors: Sequence[torch.Tensor], scalars: bool) -> torch.Tensor:
-    """Tensors of one trailing shape concatenated along their first axis (0-d ones as one row each)."""
-    real = [_as_real(t) if t.is_complex() else t for t in tensors]
-    if scalars:
-        real = [t.reshape(1) for t in real]
-    return real[0] if len(real) == 1 else torch.cat(real)
-
-
-def _owner_index(
-    cache: dict[Any, torch.Tensor], owners: list[int], counts: list[int], device: torch.device
+def _block_param_stats_cpu(
+    groups: Sequence[Sequence[torch.Tensor]],
+    previous: Sequence[Sequence[torch.Tensor] | None],
+    flat_grads: Sequence[torch.Tensor | None],
+    n: int,
 ) -> torch.Tensor:
-    """The row-to-block index of a group, made once per layout (the same every step) in ``cache``."""
-    key = (tuple(owners), tuple(counts), device)
-    index = cache.get(key)
-    if index is None:
-        if len(cache) >= 64:  # the blocks that ran changed many times: start again
-            cache.clear()
-        flat = [o for o, c in zip(owners, counts, strict=True) for _ in range(c)]
-        # Made from a host list and copied without blocking: no device-to-host sync on a GPU.
-        index = cache[key] = torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
-    return index
+    """:func:`block_param_stats` of float32 parameters on the CPU: the tensors of one shape
+    concatenated (in chunks of at most :data:`GROUP_ELEMENTS` elements) and reduced one row per
+    tensor in float32 (:func:`row_squares`: rows that float32 may have under- or overflowed redone
+    in float64), the rows summed into their blocks by one ``index_add_``. On the CPU the per-tensor
+    kernels of ``_foreach_norm`` (a loop there) cost more than the copies."""
+    tensors: list[torch.Tensor] = []
+    owner: list[int] = []  # the entry of the (3 * blocks) sums: kind * blocks + block
+    old: list[torch.Tensor | None] = []
+    for i, g in enumerate(groups):
+        tensors += [_detached(p) for p in g]
+        owner += [i] * len(g)
+        old += [None] * len(g)
+    for j, grad in enumerate(flat_grads):
+        if grad is not None:
+            tensors.append(grad)
+            owner.append(n + owner[j])
+            old.append(None)
+    for i, prev in enumerate(previous):
+        if prev is not None:
+            for p, q in zip(groups[i], prev, strict=True):
+                tensors.append(_detached(p))
+                owner.append(2 * n + i)
+                old.append(q)
+    sums = torch.zeros(3 * n, dtype=torch.float64)
+    chunks: dict[tuple[Any, ...], list[list[int]]] = {}
+    sizes: dict[tuple[Any, ...], int] = {}
+    for k, t in enumerate(tensors):
+        key = (tuple(t.shape), old[k] is not None)  # one row per tensor: tensors of one shape
+        parts = chunks.setdefault(key, [[]])
+        if parts[-1] and sizes[key] + t.numel() > GROUP_ELEMENTS:
+            parts.append([])
+            sizes[key] = 0
+        parts[-1].append(k)
+        sizes[key] = sizes.get(key, 0) + t.numel()
+    for (_, diff), parts in chunks.items():
+        for members in parts:
+            rows = stacked_rows([tensors[k] for k in members])
+            if diff:
+                rows = rows - stacked_rows([old[k] for k in members])  # type: ignore[misc]
+            index = torch.tensor([owner[k] for k in members])
+            sums.index_add_(0, index, row_squares(rows))
+    # NaN where a block has no parameter, no gradient, or no previous snapshot.
+    has_grad = {owner[k] for k in range(len(owner)) if n <= owner[k] < 2 * n}
+    missing = (
+        [not g for g in groups]
+        + [n + i not in has_grad for i in range(n)]
+        + [prev is None for prev in previous]
+    )
+    if any(missing):
+        sums[torch.tensor(missing)] = NAN
+    return sums.view(3, n).t()
+
+
+def stacked_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tensors of one shape as the rows of one ``(n, numel)`` tensor (a view for one of them)."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(1, -1)
+    if tensors[0].dim() == 0:
+        return torch.stack(list(tensors)).reshape(len(tensors), -1)
+    return torch.cat(list(tensors)).reshape(len(tensors), -1)
 
 
 def block_param_stats(
     groups: Sequence[Sequence[torch.Tensor]],
     previous: Sequence[Sequence[torch.Tensor] | None],
     grads: Sequence[Sequence[torch.Tensor | None]] | None = None,
-    cache: dict[Any, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`param_stats` of many blocks at once: a ``(blocks, 3)`` tensor of squared sums.
 
-    Tensors of one trailing shape are reduced together (:func:`_grouped_squares`) instead of a
-    handful of kernels per tensor: the per-step cost stays flat as blocks grow. ``grads``:
-    each block's parameter gradients (default: their ``.grad``); ``cache``: a dict kept between
-    steps (the row-to-block index tensors, the same every step).
+    One fused ``_foreach_norm`` over every parameter of every block instead of a
+    handful of kernels per block: the per-step cost stays flat as blocks grow. ``grads``:
+    each block's parameter gradients (default: their ``.grad``).
     """
     if grads is None:
         grads = [[p.grad for p in g] for g in groups]
@@ -697,23 +747,27 @@ def block_param_stats(
     (device,) = devices
     acc = real_dtype(flat[0].dtype)
     n = len(groups)
-    # Parameters, then gradients, then differences to the previous snapshot, each summed into its
-    # block's entry of one (3 * blocks) vector: tensors of one trailing shape are concatenated
-    # and reduced together (a few kernels per shape, not a few per tensor).
+    if device.type == "cpu" and all(p.dtype == torch.float32 for p in flat):
+        return _block_param_stats_cpu(groups, previous, flat_grads, n)
+    # One fused _foreach_norm over parameters, then gradients, then differences to the
+    # previous snapshot, summed per block into one (3 * blocks) vector by one index_add_.
+    # (Per target the additions run in the same order as one index_add_ per kind: same values.)
     tensors = [_detached(p) for p in flat]
     owner = [i for i, g in enumerate(groups) for _ in g]
     with_grad = [i for i, g in enumerate(flat_grads) if g is not None]
     tensors += [flat_grads[i] for i in with_grad]  # type: ignore[misc]
     owner += [n + owner[i] for i in with_grad]
     known = [i for i, prev in enumerate(previous) if prev is not None]
-    old: list[torch.Tensor] = []
     if known:
-        tensors += [_detached(p) for i in known for p in groups[i]]
+        cur = [_detached(p) for i in known for p in groups[i]]
         old = [q for i in known for q in previous[i]]  # type: ignore[union-attr]
+        tensors += list(torch._foreach_sub(cur, old))
         owner += [2 * n + i for i in known for _ in groups[i]]
     sums = torch.zeros(3 * n, device=device, dtype=_wide(acc))
     if tensors:
-        _grouped_squares(sums, tensors, owner, old, {} if cache is None else cache)
+        sq = _squared_norms(tensors, acc)
+        # Made from a host list and copied without blocking: no device-to-host sync on a GPU.
+        sums.index_add_(0, torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True), sq)
     # NaN where a block has no parameter, no gradient, or no previous snapshot.
     has_grad = {owner[i] for i in with_grad}
     has_prev = set(known)

@@ -443,7 +443,6 @@ class ParamSnapshots:
     enabled: bool = True
     previous: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     spare: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    index: dict[Any, torch.Tensor] = field(default_factory=dict)  # metrics.block_param_stats' cache
 
     def held(self) -> int:
         """Parameter copies held between steps (0 with ``enabled=False``)."""
@@ -456,9 +455,7 @@ class ParamSnapshots:
             grads = None
             if sharding.any_sharded(groups):  # FSDP2, tensor parallel: this rank's shards, then a sum
                 groups, grads = sharding.local_groups(groups)
-            stats = metrics.block_param_stats(
-                groups, [self.previous.get(n) for n in names], grads, self.index
-            )
+            stats = metrics.block_param_stats(groups, [self.previous.get(n) for n in names], grads)
             if grads is not None:
                 stats = sharding.sum_over_ranks(stats)
         return {n: (stats, i) for i, n in enumerate(names)}
