@@ -202,8 +202,9 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, aa: torch.Tensor, bb: torch.Tenso
     rows on the CPU are multiplied in float32 where ``|a_i| |b_i|`` shows that float32 neither
     under- nor overflows (:func:`narrow_ok`), the others in float64.
 
-    >>> row_dots(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]]), torch.tensor([5.0]), torch.tensor([25.0]))
-    tensor([11.], dtype=torch.float64)
+    >>> a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])
+    >>> row_dots(a, b, row_squares(a), row_squares(b)).tolist()
+    [11.0]
     """
     if not host_checked(a):
         return torch.linalg.vecdot(a.double(), b.double())
