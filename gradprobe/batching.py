@@ -41,6 +41,9 @@ from .rows import CallStats, Slot, full_precision
 #: Tensors up to this size are held for a batch (1 MiB: a GPT-2 block at width 128, sequence 64,
 #: batch 16 is 512 KiB); larger ones cost more in memory traffic than in kernel launches.
 DEFER_BYTES = 1 << 20
+#: On the CPU, tensors up to this size (64 KiB): past it, copying a tensor into a batch costs more
+#: than the kernels the batch saves (the fused kernels, where enabled, take the larger ones).
+CPU_DEFER_BYTES = 64 << 10
 #: At most this much is held (all kinds together); past it, tensors are reduced at once.
 BUDGET_BYTES = 64 << 20
 
@@ -94,9 +97,13 @@ class SignalQueue:
     (True, [], torch.Size([1, 2, 3, 2]))
     """
 
-    def __init__(self, defer_bytes: int | None = None, budget: int | None = None) -> None:
+    def __init__(self, defer_bytes: int | None = None, budget: int | None = None, fused: Any = None) -> None:
         self.defer_bytes = DEFER_BYTES if defer_bytes is None else defer_bytes
+        self.cpu_defer_bytes = (
+            self.defer_bytes if defer_bytes is not None else min(DEFER_BYTES, CPU_DEFER_BYTES)
+        )
         self.budget = BUDGET_BYTES if budget is None else budget
+        self.fused = fused  # a gradprobe.fused.Fused for the large calls, or None (eager)
         self._held: list[_Held] = []
         self._forward: list[_Forward] = []
         self._grads: list[_Grad] = []
@@ -116,19 +123,48 @@ class SignalQueue:
         size = 0
         for t in tensors:
             n = t.numel() * t.element_size()
-            if n > self.defer_bytes or t.dtype not in _BATCHED or not t.is_contiguous():
+            if n > self._limit(t) or t.dtype not in _BATCHED or not t.is_contiguous():
                 return None
             if t.dtype != first.dtype or t.device != first.device:
                 return None
             size += n
         return size if self._bytes + size <= self.budget else None
 
+    def _limit(self, t: torch.Tensor) -> int:
+        """The largest tensor held for a batch: smaller on the CPU, where a batch's copies cost more
+        than the kernels they save once a tensor is past a cache's size."""
+        return self.cpu_defer_bytes if t.is_cpu else self.defer_bytes
+
+    def _large(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether same-dtype contiguous float32/float64 tensors are too large to be held (the fused
+        kernels' calls)."""
+        first = tensors[0]
+        return (
+            first.numel() * first.element_size() > self._limit(first)
+            and first.dtype in _BATCHED
+            and all(
+                t.dtype == first.dtype and t.device == first.device and t.is_contiguous() for t in tensors
+            )
+        )
+
     def forward(self, call: CallStats, x: torch.Tensor, y: torch.Tensor, axis: int | None) -> bool:
         """Hold the input and output of a call of a block read as ``y = x + F(x)`` for its forward
         statistics and signal moments (``axis``: the channel axis, None for none); False when the
         caller is to take them now (a block whose outputs were not yet seen left alone, large or
         strided tensors, other dtypes, a full budget)."""
-        if call.block not in self._hold or x.shape != y.shape:
+        if x.shape != y.shape:
+            return False
+        if self.fused is not None and self._large((x, y)):
+            got = self.fused.forward(x, y, axis)
+            if got is not None:
+                totals, moments = got
+                xx = Slot(totals, 0)
+                call.fwd = (xx, Slot(totals, 1), Slot(totals, 2), xx)
+                call.numel_x = call.numel_y = y.numel()
+                if moments is not None:
+                    call.sig = (moments, 0)
+                return True
+        if call.block not in self._hold:
             return False
         size = self._room((x, y))
         if size is None:
@@ -159,6 +195,10 @@ class SignalQueue:
         """Hold a first pass's ``g_x`` (and the same-shape ``g_y`` it pairs with) for ``|g_x|^2``,
         ``|g_x - g_y|^2`` and ``<g_x - g_y, g_y>``; None when the caller is to take them now."""
         pair = g_y if g_y is not None and g_y.shape == g_x.shape else None
+        if pair is not None and self.fused is not None and self._large((g_x, pair)):
+            stats = self.fused.grad_in(g_x, pair)
+            if stats is not None:
+                return Slot(stats, 0), Slot(stats, 1), Slot(stats, 2)
         size = None if call.block in self._never else self._room((g_x,) if pair is None else (g_x, pair))
         if size is None:
             return None
@@ -181,7 +221,7 @@ class SignalQueue:
         # tensor's reductions (and its last bits): those are reduced alone, in their layout.
         strided = not y.is_contiguous() or (residual is not None and not residual.is_contiguous())
         full = self._bytes + held > self.budget
-        if strided or size > self.defer_bytes or block in self._never or full:
+        if strided or size > self._limit(y) or block in self._never or full:
             _reduce([_Held(call, y, 0, residual, axis)])
             return
         # Detached: a held output must not keep its graph (and the saved tensors) alive.

@@ -129,6 +129,7 @@ class Probe(RecordedTables):
             fail=self._alerts.fail,
             warn_once=self._alerts.once,
             params=[p for group in self._params.values() for p in group],
+            fused=config.fused,
         )
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         self._hooks = Handles()  # on the model, while attached

@@ -45,6 +45,7 @@ from . import metrics
 from ._tensors import in_backward, mute, muted
 from .batching import SignalQueue
 from .capture import alias_view, find_output, gradient_edge, swap_input
+from .fused import Fused
 from .jacobian.schedule import block_capture
 from .rows import CallStats
 from .sharding import is_sharded
@@ -179,6 +180,7 @@ class Taps:
         warn_once: Callable[[str, str], None],
         params: Sequence[torch.Tensor] = (),
         hold_bytes: int = HOLD_BYTES,
+        fused: bool = False,
     ) -> None:
         self._rules, self._stacks, self._index, self._channel_dim = rules, stacks, index, channel_dim
         self._forward_kind, self._recording, self._backward_started = (
@@ -197,7 +199,7 @@ class Taps:
         self.jacobian_due = False
         self._stack: dict[str, list[Call]] = {name: [] for name in rules}  # pre -> post hook
         self._shortcut_out: dict[str, torch.Tensor] = {}
-        self._signal = SignalQueue()
+        self._signal = SignalQueue(fused=Fused(warn_once) if fused else None)
         self._model_calls = 0  # calls of the whole model in progress
         self._count_y: torch.Tensor | None = None  # the last unrecorded block output in them
         self.through_model = False  # a backward pass went through the model's output
