@@ -106,10 +106,14 @@ class CallStats:
         ``hold``: keep the first pass's ``g_y`` should another pass come. ``defer``: a
         :class:`gradprobe.batching.SignalQueue` that may reduce the first pass's with others."""
         g_y = g_y.detach() if g_y.requires_grad else g_y  # (a create_graph pass's has a graph)
+        slot = defer.grad_out(self, g_y) if defer is not None and self.passes_y == 0 else None
+        if slot is not None:  # reduced later with other calls' (the common path: no work now)
+            self.gyy, self.gy_sum = slot, (g_y if hold else None)
+            self.passes_y += 1
+            return g_y
         with _no_grad(), full_precision(g_y.device.type):
             if self.passes_y == 0:
-                slot = defer.grad_out(self, g_y) if defer is not None else None
-                self.gyy = slot if slot is not None else metrics.grad_out_stat(g_y)
+                self.gyy = metrics.grad_out_stat(g_y)
                 self.gy_sum = g_y if hold else None
             elif self.gy_sum is not None and self.gy_sum.shape == g_y.shape:
                 self.gy_sum = self.gy_sum + g_y
@@ -128,11 +132,15 @@ class CallStats:
         (None: shapes differ). ``hold``: keep the first pass's ``g_x`` should another pass come;
         ``defer`` as in :meth:`add_grad_out`."""
         g_x = g_x.detach() if g_x.requires_grad else g_x
+        slots = defer.grad_in(self, g_x, g_y) if defer is not None and self.passes_x == 0 else None
+        if slots is not None:  # reduced later with other calls' (or by a fused kernel)
+            self.bwd_x, self.gx_sum = slots, (g_x if hold else None)
+            self.passes_x += 1
+            return
         with _no_grad(), full_precision(g_x.device.type):
             paired = self.passes_y == self.passes_x + 1  # this pass's g_y arrived (and only it)
             if self.passes_x == 0:
-                slots = defer.grad_in(self, g_x, g_y) if defer is not None else None
-                self.bwd_x = slots if slots is not None else metrics.grad_in_stat(g_x, g_y)
+                self.bwd_x = metrics.grad_in_stat(g_x, g_y)
                 self.gx_sum = g_x if hold else None
             elif (
                 self.gx_sum is not None
