@@ -133,7 +133,7 @@ class SignalQueue:
     def _limit(self, t: torch.Tensor) -> int:
         """The largest tensor held for a batch: smaller on the CPU, where a batch's copies cost more
         than the kernels they save once a tensor is past a cache's size."""
-        return self.cpu_defer_bytes if t.is_cpu else self.defer_bytes
+        return self.cpu_defer_bytes if metrics.reads_host(t) else self.defer_bytes
 
     def _large(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether same-dtype contiguous float32/float64 tensors are too large to be held (the fused

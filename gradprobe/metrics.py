@@ -119,7 +119,8 @@ def _sq(a: torch.Tensor) -> torch.Tensor:
 def _sq_read(a: torch.Tensor) -> tuple[torch.Tensor, float | None]:
     """:func:`_sq` and its value where it was read on the host (float32 on the CPU), else None."""
     dtype = a.dtype
-    if dtype is torch.float32 and a.is_cpu:  # the common case first: one BLAS call, one host read
+    host = reads_host(a)
+    if dtype is torch.float32 and host:  # the common case first: one BLAS call, one host read
         # torch.dot is a single BLAS reduction: about twice as fast as vector_norm on CPU.
         s = torch.dot(a, a)
         v = s.item()
@@ -128,7 +129,7 @@ def _sq_read(a: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         n = a.numel()
     elif dtype not in _NARROW:
         return (torch.vdot(a, a).real if a.is_complex() else torch.dot(a, a)), None
-    elif not a.is_cpu:
+    elif not host:
         return _sq64(a), None
     else:
         s = torch.vdot(a, a).real
@@ -167,11 +168,19 @@ def narrow_ok(n: int, lo: float, hi: float) -> bool:
     return n * _TINY32 <= lo and hi <= _MAX32
 
 
+def reads_host(t: torch.Tensor) -> bool:
+    """Whether the statistics of ``t`` take the CPU's path: values read on the host where that
+    saves work (a CPU tensor's values are on the host: no synchronisation). Every such choice
+    asks this one function; ``benchmarks/profile_probe.py --as-accelerator`` replaces it to count
+    the operators and host reads of the path that accelerators take."""
+    return t.is_cpu
+
+
 def host_checked(t: torch.Tensor) -> bool:
     """Whether a batch is reduced in float32 and its values checked on the host: float32 on the CPU,
     where a host read costs no synchronisation and widening costs memory traffic. Elsewhere the
     batch is widened to float64 at once (no host read; a GPU's cost is its kernels)."""
-    return t.dtype == torch.float32 and t.is_cpu
+    return t.dtype == torch.float32 and reads_host(t)
 
 
 def row_squares(rows: torch.Tensor) -> torch.Tensor:
@@ -597,7 +606,7 @@ def _squared_norms(tensors: Sequence[torch.Tensor], acc: torch.dtype) -> torch.T
     real = [_as_real(_detached(t)) for t in tensors]
     if acc != torch.float32:
         return torch.stack(torch._foreach_norm(real, 2, dtype=acc)).square_()
-    if real[0].device.type != "cpu":
+    if not reads_host(real[0]):
         return torch.stack(torch._foreach_norm(real, 2, dtype=torch.float64)).square_()
     norms = torch.stack(torch._foreach_norm(real, 2, dtype=acc))
     wide = norms.double()
@@ -748,7 +757,7 @@ def block_param_stats(
     (device,) = devices
     acc = real_dtype(flat[0].dtype)
     n = len(groups)
-    if device.type == "cpu" and all(p.dtype == torch.float32 for p in flat):
+    if reads_host(flat[0]) and all(p.dtype == torch.float32 for p in flat):
         return _block_param_stats_cpu(groups, previous, flat_grads, n)
     # One fused _foreach_norm over parameters, then gradients, then differences to the
     # previous snapshot, summed per block into one (3 * blocks) vector by one index_add_.
