@@ -263,6 +263,11 @@ class ProbeConfig:
             default 32 samples) in a second forward pass, the loss a fixed random projection of
             the output; read it with ``probe.paths_frame()``, saved as ``paths.parquet``.
             A mapping is converted to :class:`JacobianOptions`.
+        fused: take the statistics of calls larger than
+            :data:`gradprobe.batching.DEFER_BYTES` with two kernels compiled by
+            ``torch.compile``, each reading a call's tensors once (:mod:`gradprobe.fused`);
+            the first recorded step compiles them (seconds, cached on disk). Where they
+            cannot be compiled the probe warns once and stays eager.
 
     >>> ProbeConfig(jacobian="yes")
     Traceback (most recent call last):
@@ -288,6 +293,7 @@ class ProbeConfig:
     stacks: Any = None
     channel_dim: int | None = None
     paths: bool | int = False
+    fused: bool = False
 
     def __post_init__(self) -> None:
         opts = JacobianOptions.from_mapping(self.jacobian_options)
@@ -307,6 +313,8 @@ class ProbeConfig:
                 f"channel_dim= must be None (dim 1 of 4-d outputs, the last dim of 2-d and 3-d ones) or an "
                 f"int axis of the block outputs, got {self.channel_dim!r}"
             )
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"fused= must be True or False, got {self.fused!r}")
         if not _is_int(self.probes, 1):
             raise ValueError(f"probes= must be a positive int, got {self.probes!r}")
         unknown = sorted(set(self.sink_options or {}) - set(SINK_OPTIONS))
