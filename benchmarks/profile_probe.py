@@ -27,6 +27,18 @@ probed block and recorded step, what a probed step does beyond a bare one:
   machine still inflates), and with ``--top N`` the functions and operators that
   account for the difference.
 
+Beside the aten count it prints the **launching operators**: the aten operators
+called from Python (not from inside another aten operator: a ``_foreach_norm``
+counts once, as the one fused kernel it is on a GPU, not as the per-tensor loop
+it runs on the CPU), without views, allocations and host reads, which launch no
+kernel. That is the count closest to a GPU's kernel launches that a CPU can give.
+
+With ``--as-accelerator`` the probe takes the path it takes on an accelerator
+while it runs on the CPU (``gradprobe.metrics.reads_host`` answers False: no
+float32 reduction checked on the host, batches up to 1 MiB widened to float64,
+parameters by fused ``_foreach_norm``): its operators and host reads are those of
+a GPU run, its time is not.
+
 With ``--floor`` it counts the floor of ``floor.py`` the same way (one norm per
 x, y, g_y, g_x of each block, one ``.tolist()`` a step): the least a probe that
 reads those tensors can do.
@@ -35,6 +47,7 @@ reads those tensors can do.
     python benchmarks/profile_probe.py --top 25 --config every10
     python benchmarks/profile_probe.py --model resnet56 --batch 8 --steps 10
     python benchmarks/profile_probe.py --floor
+    python benchmarks/profile_probe.py --as-accelerator
 """
 
 from __future__ import annotations
@@ -131,6 +144,32 @@ def count_host_reads() -> Iterator[Counter[str]]:
             delattr(torch.Tensor, name)
 
 
+#: aten operators that launch no kernel: views and metadata, allocations, host reads.
+NO_KERNEL = frozenset(
+    "aten::" + name
+    for name in (
+        "view as_strided reshape _reshape_alias unsqueeze squeeze select slice narrow detach detach_ "
+        "alias expand t transpose permute view_as unbind split chunk resolve_conj resolve_neg "
+        "lift_fresh empty empty_strided empty_like item _local_scalar_dense is_nonzero result_type "
+        "promote_types to"
+    ).split()
+)
+
+
+def launching(prof: Any) -> int:
+    """The aten operators of a profile that Python called (not nested in another aten operator) and
+    that launch a kernel (not in :data:`NO_KERNEL`)."""
+    count = 0
+    for event in prof.events():
+        if not event.name.startswith("aten::") or event.name in NO_KERNEL:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
 def report(label: str, probed: dict[str, Any], bare: dict[str, Any], steps: int) -> int:
     """Print the counts of ``probed`` over ``bare``; return the recorded block-steps they are per."""
     recorded = probed["recorded"]
@@ -151,6 +190,11 @@ def report(label: str, probed: dict[str, Any], bare: dict[str, Any], steps: int)
         f"  per block and recorded step: {extra_aten / per:.1f} aten operator calls (all aten events of "
         f"torch.profiler, nested ones and views included), {py / per:.1f} Python calls (cProfile) more "
         "than bare"
+    )
+    print(
+        f"  launching operators per block and recorded step: "
+        f"{(probed['launching'] - bare['launching']) / per:.1f} (called from Python, no views, "
+        "allocations or host reads; a _foreach_* once)"
     )
     kinds = ", ".join(
         f"{k} {(probed['reads'][k] - bare['reads'][k]) / rec:g}"
@@ -180,6 +224,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=0, help="show the N largest differences")
     parser.add_argument(
         "--floor", action="store_true", help="also count floor.py's floor (every step, the same way)"
+    )
+    parser.add_argument(
+        "--as-accelerator",
+        action="store_true",
+        help="run the probe's accelerator path on the CPU (its counts, not its time)",
     )
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -226,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                 for i in window(args.steps):
                     step(i)
             ops: Counter[str] = Counter({e.key: e.count for e in prof.key_averages()})
+            launches = launching(prof)
             with count_host_reads() as reads:
                 for i in window(args.steps):
                     step(i)
@@ -246,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
             blocks = len(probe.blocks) if probe is not None else tool.blocks
             return {
                 "ops": ops,
+                "launching": launches,
                 "reads": Counter(reads),
                 "calls": calls,
                 "time": statistics.quantiles(times, n=10)[0] if len(times) > 1 else times[0],
@@ -258,11 +309,19 @@ def main(argv: list[str] | None = None) -> None:
             tool.detach(model, args.steps)
 
     bare = measure("bare")
-    probed = measure("probe")
+    if args.as_accelerator:
+        reads_host = gradprobe.metrics.reads_host
+        gradprobe.metrics.reads_host = lambda t: False  # type: ignore[assignment]
+    try:
+        probed = measure("probe")
+    finally:
+        if args.as_accelerator:
+            gradprobe.metrics.reads_host = reads_host  # type: ignore[assignment]
     floor = measure("floor") if args.floor else None
     blocks = probed["blocks"]
     what = "20-block MLP, width 64" if args.model == "mlp" else f"ResNet-56 ({blocks} blocks), 32x32 inputs"
-    print(f"{what}, batch {work.batch}, config {args.config}, torch {torch.__version__}, 1 thread")
+    path = ", the accelerator path (--as-accelerator)" if args.as_accelerator else ""
+    print(f"{what}, batch {work.batch}, config {args.config}, torch {torch.__version__}, 1 thread{path}")
     per = report("gradprobe", probed, bare, args.steps)
     if floor is not None:
         report("floor (floor.py)", floor, bare, args.steps)

@@ -729,6 +729,11 @@ def stacked_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(tensors)).reshape(len(tensors), -1)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor made from a host list, on ``device`` without blocking (no device-to-host sync)."""
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 def block_param_stats(
     groups: Sequence[Sequence[torch.Tensor]],
     previous: Sequence[Sequence[torch.Tensor] | None],
@@ -777,7 +782,7 @@ def block_param_stats(
     if tensors:
         sq = _squared_norms(tensors, acc)
         # Made from a host list and copied without blocking: no device-to-host sync on a GPU.
-        sums.index_add_(0, torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True), sq)
+        sums.index_add_(0, _to_device(torch.tensor(owner, dtype=torch.long), device), sq)
     # NaN where a block has no parameter, no gradient, or no previous snapshot.
     has_grad = {owner[i] for i in with_grad}
     has_prev = set(known)
@@ -787,6 +792,6 @@ def block_param_stats(
         + [i not in has_prev for i in range(n)]
     )
     if any(missing):
-        mask = torch.tensor(missing).to(device, non_blocking=True)
+        mask = _to_device(torch.tensor(missing), device)
         sums = torch.where(mask, torch.full_like(sums, NAN), sums)
     return sums.view(3, n).t()
