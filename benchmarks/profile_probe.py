@@ -147,12 +147,13 @@ def count_host_reads() -> Iterator[Counter[str]]:
 #: aten operators that launch no kernel: views and metadata, allocations, host reads.
 NO_KERNEL = frozenset(
     "aten::" + name
-    for name in (
-        "view as_strided reshape _reshape_alias unsqueeze squeeze select slice narrow detach detach_ "
-        "alias expand t transpose permute view_as unbind split chunk resolve_conj resolve_neg "
-        "lift_fresh empty empty_strided empty_like item _local_scalar_dense is_nonzero result_type "
-        "promote_types to"
-    ).split()
+    for name in [
+        *("view", "as_strided", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "select", "slice"),
+        *("narrow", "detach", "detach_", "alias", "expand", "t", "transpose", "permute", "view_as"),
+        *("unbind", "split", "chunk", "resolve_conj", "resolve_neg", "lift_fresh", "empty"),
+        *("empty_strided", "empty_like", "item", "_local_scalar_dense", "is_nonzero", "result_type"),
+        *("promote_types", "to"),
+    ]
 )
 
 
