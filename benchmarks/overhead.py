@@ -73,7 +73,9 @@ SGD with momentum; the loss is cross-entropy (next-token loss for GPT-2). The
 first line printed names the model and the batch used.
 
 Configurations: ``default`` (``attach(model)``: every metric on every step),
-``every10`` (``every=10``), ``jacobian10`` (``jacobian=10``: Jacobian columns
+``every10`` (``every=10``), ``fused`` and ``fused-every10`` (the same with ``fused=True``: the
+statistics of large calls by compiled kernels, compiled in the warm-up chunk),
+``jacobian10`` (``jacobian=10``: Jacobian columns
 every 10th step at the default options), ``paths50`` (``paths=50``). A
 ``jacobian10`` cycle is 200 steps: on ResNet-56 at batch 128 on a CPU a chunk pair
 takes minutes, so it is not in the default ``--config`` list; name it, or measure
@@ -109,6 +111,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "every10": {"every": 10},
     "jacobian10": {"jacobian": 10},
     "paths50": {"paths": 50},  # the path-length decomposition every 50th step (total ratio)
+    "fused": {"fused": True},  # every step, large calls by the compiled kernels (gradprobe.fused)
+    "fused-every10": {"fused": True, "every": 10},
 }
 
 #: The configurations ``--config`` runs unless told (``jacobian10``'s cycle is 200 steps).
