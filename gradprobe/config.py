@@ -263,9 +263,9 @@ class ProbeConfig:
             default 32 samples) in a second forward pass, the loss a fixed random projection of
             the output; read it with ``probe.paths_frame()``, saved as ``paths.parquet``.
             A mapping is converted to :class:`JacobianOptions`.
-        fused: take the statistics of calls larger than
-            :data:`gradprobe.batching.DEFER_BYTES` with two kernels compiled by
-            ``torch.compile``, each reading a call's tensors once (:mod:`gradprobe.fused`);
+        fused: take the statistics of calls too large to be batched (tensors over 64 KiB
+            on the CPU, 1 MiB elsewhere) with two kernels compiled by ``torch.compile``,
+            each reading a call's tensors once (:mod:`gradprobe.fused`);
             the first recorded step compiles them (seconds, cached on disk). Where they
             cannot be compiled the probe warns once and stays eager.
 

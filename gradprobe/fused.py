@@ -4,8 +4,9 @@ Taken eagerly, the forward statistics and signal moments of a call read the bloc
 output about fourteen times (a difference, three sums of squares, a shifted copy, sums and
 norms per channel), and the input-gradient statistics about eight. On a convolutional net
 those passes over activations of megabytes are the probe's cost. With ``attach(...,
-fused=True)`` the statistics of calls whose tensors are larger than
-:data:`gradprobe.batching.DEFER_BYTES` (smaller ones are batched instead) are taken by two
+fused=True)`` the statistics of calls whose tensors are too large to be batched
+(:data:`gradprobe.batching.CPU_DEFER_BYTES` on the CPU, :data:`gradprobe.batching.DEFER_BYTES`
+elsewhere; smaller ones are batched instead) are taken by two
 kernels compiled with ``torch.compile``: one reads ``x`` and ``y`` once for ``|x|^2``,
 ``|y|^2``, ``|y - x|^2`` and the signal moments of ``y`` and ``y - x``; one reads ``g_x`` and
 ``g_y`` once for ``|g_x|^2``, ``|g_x - g_y|^2`` and ``<g_x - g_y, g_y>``. Both accumulate in
