@@ -300,18 +300,18 @@ def _reduce_forward(held: Sequence[_Forward]) -> None:
         with torch.no_grad(), full_precision(y.device.type):
             both = metrics.stacked_rows([f.x for f in group] + [f.y for f in group]).view(2, n, -1)
             d = both[1] - both[0]  # in the tensors' dtype, as the statistics taken at once
-            xy = metrics.row_squares(both.view(2 * n, -1))  # |x|^2 of each call, then |y|^2
-            dd = metrics.row_squares(d)
+            rows3 = torch.cat([both.view(2 * n, -1), d])  # x of each call, then y, then y - x
+            sq = metrics.row_squares(rows3)
             for i, f in enumerate(group):
-                (f.slots[0].batch, f.slots[0].k), (f.slots[1].batch, f.slots[1].k) = (xy, i), (xy, n + i)
-                f.slots[2].batch, f.slots[2].k = dd, i
+                for j, slot in enumerate(f.slots):
+                    slot.batch, slot.k = sq, j * n + i
             axis = group[0].axis
             if axis is None:
                 continue
             c, rows = y.shape[axis], math.prod(y.shape[axis + 1 :])
-            # both[1] and d are scratch now: the moments shift them in place
-            own = metrics.moments(both[1].reshape(n, -1, c, rows), scratch=True)
-            sig = torch.stack([own, metrics.moments(d.view(n, -1, c, rows), scratch=True)], 1)
+            # the rows of y and y - x are scratch now: the moments shift them in place
+            both_moments = metrics.moments(rows3[n:].reshape(2 * n, -1, c, rows), scratch=True)
+            sig = both_moments.view(2, n, 3, c).transpose(0, 1)  # (n, 2, 3, C): y's, then y - x's
         for i, f in enumerate(group):
             f.call.sig = (sig, i)
 
@@ -330,9 +330,9 @@ def _reduce_grads(held: Sequence[_Grad]) -> None:
             if not metrics.host_checked(both):
                 both = both.double()  # then b is exact for float32 gradients
             b = both[0] - both[1]  # g_x - g_y
-            gxx, bb = metrics.row_squares(both[0]), metrics.row_squares(b)
-            bg = metrics.row_dots(b, both[1], bb, metrics.row_squares(both[1]))
-            stats = torch.cat([gxx, bb, bg])  # |g_x|^2 of each call, then |b|^2, then <b, g_y>
+            sq = metrics.row_squares(torch.cat([both[0], b, both[1]]))  # |g_x|^2, |b|^2, |g_y|^2
+            bg = metrics.row_dots(b, both[1], sq[n : 2 * n], sq[2 * n :])
+            stats = torch.cat([sq[: 2 * n], bg])  # |g_x|^2 of each call, then |b|^2, then <b, g_y>
         for i, h in enumerate(group):
             for j, slot in enumerate(h.slots):
                 slot.batch, slot.k = stats, j * n + i
