@@ -261,11 +261,14 @@ def main(argv: list[str] | None = None) -> None:
         recorded: list[int] = []  # recorded steps of each counted window
 
         def window(n: int) -> Iterator[int]:
-            # the steps the frame gained over the window (frame() is called outside the counted steps)
-            before = set(probe.frame()["step"]) if probe is not None else set()
+            # The recorded steps among those the window closes: a step closes when the next one
+            # begins, so the window closes the step pending before it and its own but the last.
+            # Read from the probe's schedule: frame() would close a step itself, and run pandas
+            # inside the counted steps.
+            start = probe.current_step if probe is not None else 0
             yield from range(n)
             if probe is not None:
-                recorded.append(len(set(probe.frame()["step"]) - before))
+                recorded.append(sum(bool(probe._schedule(s)) for s in range(start, start + n)))
             elif kind == "floor":
                 recorded.append(n)  # the floor reads every step
 
