@@ -188,8 +188,9 @@ def row_squares(rows: torch.Tensor) -> torch.Tensor:
     range: float32 rows on the CPU are reduced in float32 and the rows whose value says that
     float32 may have under- or overflowed are redone in float64 (as :func:`_sq`).
 
-    >>> row_squares(torch.tensor([[3.0, 4.0], [1e-30, 0.0]])).tolist()
-    [25.0, 1e-60]
+    >>> squares = row_squares(torch.tensor([[3.0, 4.0], [2.0**-100, 0.0]]))  # float32 squares underflow
+    >>> squares[0].item(), squares[1].item() == 2.0**-200
+    (25.0, True)
     """
     if not host_checked(rows):
         return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square_()
