@@ -255,3 +255,32 @@ def test_the_probe_as_a_multiple_of_the_floor(overhead):
     assert "is within the control band" in overhead.floor_text(probe, thin)
     noisy = overhead.Result("floor", [[1.0] * 4, [1.2] * 4], [[1.1] * 4] * 2, blocks=2, recorded=1.0)
     assert overhead.floor_text(probe, noisy).startswith("refused")
+
+
+def test_the_accelerator_path_reads_the_host_once_per_recorded_step_in_few_launches(capsys):
+    # The counts of the path a GPU takes, run on the CPU: one host read (the step's one transfer)
+    # and at most 15 kernel-launching operators per block and recorded step.
+    import gradprobe.metrics
+
+    reads_host = gradprobe.metrics.reads_host
+    profile = _load("profile_probe")
+    profile.main(["--steps", "10", "--as-accelerator"])
+    out = capsys.readouterr().out
+    assert gradprobe.metrics.reads_host is reads_host  # put back
+    assert "the accelerator path (--as-accelerator)" in out
+    assert "host reads per recorded step: 1 (" in out
+    launching = float(out.split("launching operators per block and recorded step: ")[1].split()[0])
+    assert launching <= 15
+
+
+def test_parts_times_each_part_of_the_probe_and_puts_the_originals_back(capsys):
+    from gradprobe import probe, taps
+
+    before = (taps.Taps.pre_hook, probe.Probe._close_step)
+    parts = _load("parts")
+    parts.main(["--steps", "3"])
+    out = capsys.readouterr().out
+    assert (taps.Taps.pre_hook, probe.Probe._close_step) == before
+    assert "µs per block and recorded step more" in out
+    for _, _, what in parts.PARTS:
+        assert what in out
