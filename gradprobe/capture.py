@@ -438,7 +438,9 @@ def alias_view(x: Tensor) -> Tensor:
     >>> alias_view(torch.ones(2)).requires_grad
     True
     """
-    return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+    # x[...] is aten::alias: one view op, and a backward that passes the gradient on as it is
+    # (view_as would reshape it: two more ops per block and step).
+    return x[...] if x.requires_grad else x.detach().requires_grad_(True)
 
 
 def gradient_edge(t: Tensor) -> Any:
@@ -491,7 +493,7 @@ class BlockCapture:
     """One block's input and output, as seen inside the live forward graph.
 
     ``x`` is an alias of the block's input created right before the block ran
-    (``x.view_as(x)``, or a fresh leaf requiring grad for an input that does not),
+    (``x[...]``, a view of x, or a fresh leaf requiring grad for an input that does not),
     so gradients with respect to it flow through this block only; ``y`` is the
     block's first output tensor. ``x_edge`` and ``y_edge``, when given
     (``torch.autograd.graph.get_gradient_edge(t)``), are used by autograd instead
@@ -677,7 +679,7 @@ def capture_blocks(
     """Run ``model(*inputs)`` once and capture every selected block's input alias and output.
 
     This is what the probe does during training: each block's input is replaced by
-    an alias (``x.view_as(x)``, or a leaf requiring grad when x does not), so the
+    an alias (``x[...]``, a view of x, or a leaf requiring grad when x does not), so the
     captures are ready for :func:`gradprobe.jacobian.jacobian_columns`. The forward pass is an ordinary
     one (BatchNorm running statistics update, dropout draws from the global RNG);
     hooks are removed before returning. Returns (model output, captures in forward

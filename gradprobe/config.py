@@ -22,9 +22,13 @@ from .blocks import BlockSpec
 Schedule = Callable[[int], bool]
 
 #: Default ``jacobian_options["sub_batch"]``: the Jacobian columns of a training step are
-#: taken on a second forward pass over the first 32 samples of the batch (``None``: on the
+#: taken on a second forward pass over the first 16 samples of the batch (``None``: on the
 #: whole batch, through the training graph itself). See ``jacobian.sub_batch_captures``.
-SUB_BATCH = 32
+SUB_BATCH = 16
+
+#: Default ``jacobian_options["paths_sub_batch"]``: the path-length decomposition of
+#: ``attach(paths=N)`` is taken on a second forward pass over the first 32 samples.
+PATHS_SUB_BATCH = 32
 
 SINK_OPTIONS = ("chunk_rows", "fmt", "flush_seconds", "max_buffer_rows", "resume")
 
@@ -53,19 +57,23 @@ def _is_int(value: Any, least: int) -> bool:
 class JacobianOptions:
     """How a probe takes the Jacobian columns (``attach(..., jacobian_options=...)``).
 
-    The defaults are the training ones: Jacobian columns every 10th step stay within 1.25x
-    of bare training on a CIFAR ResNet-56 at batch 128 (README, Performance). The spectral
-    columns cost several times the Frobenius ones, so they come on every 20th Jacobian step
-    only, the first one included (the initial state always has them).
+    The defaults are the training ones, sized for a CIFAR ResNet-56 at batch 128
+    (``benchmarks/jacobian_cost.py``; docs, Performance). The spectral columns cost several
+    times the Frobenius ones, so they come once in 20 Jacobian steps, ``jac_spec`` on the
+    second and ``prod_spec`` on the third of each 20 (:meth:`spectral_now`).
 
     Attributes:
         sub_batch: samples of the second forward pass the columns are taken on (cloned
             BatchNorm buffers, forked RNG: training is unchanged); ``None``: the whole batch,
             through the training graph.
         spec: ``True``/``False`` for the spectral columns (``jac_spec``, ``prod_spec``) on
-            every/no step with Jacobian columns, or N for every N-th of those steps.
+            every/no step with Jacobian columns, or N for once in N of those steps:
+            ``jac_spec`` on the second and ``prod_spec`` on the third of every N (N = 2: both
+            on the second).
         power_iters, tol, prod, prod_spec: as in :func:`gradprobe.jacobian.jacobian_columns`.
         seed: seeds the probe vectors.
+        paths_sub_batch: samples of the second forward pass of the path-length decomposition
+            (``attach(paths=N)``); ``None``: the whole batch.
         batch_dim: the axis of the batch in the model's tensor arguments, which the sub-batch
             slices: 0 (batch first), 1 for sequence-first models (``batch_first=False``,
             ``(T, N, C)``); ``None`` (default): 1 where every submodule with a ``batch_first``
@@ -83,12 +91,13 @@ class JacobianOptions:
 
     sub_batch: int | None = SUB_BATCH
     spec: bool | int = 20
-    power_iters: int = 8
+    power_iters: int = 4
     tol: float = 1e-2
     prod: bool = True
     prod_spec: Literal["each", "shared", "none"] = "shared"
     seed: int = 0
     batch_dim: int | None = None
+    paths_sub_batch: int | None = PATHS_SUB_BATCH
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, bool) and not _is_int(self.spec, 1):
@@ -119,6 +128,11 @@ class JacobianOptions:
             )
         if not _is_int(self.seed, 0):
             raise ValueError(f"jacobian_options['seed'] must be an int >= 0, got {self.seed!r}")
+        if self.paths_sub_batch is not None and not _is_int(self.paths_sub_batch, 1):
+            raise ValueError(
+                "jacobian_options['paths_sub_batch'] must be a positive int (samples of the path-length "
+                f"decomposition's pass) or None (the whole batch), got {self.paths_sub_batch!r}"
+            )
         if self.batch_dim is not None and not _is_int(self.batch_dim, 0):
             raise ValueError(
                 "jacobian_options['batch_dim'] must be an int >= 0 (the batch axis of the model's tensor "
@@ -147,7 +161,26 @@ class JacobianOptions:
         """The options as a plain dict (stored in a saved run's metadata)."""
         return dataclasses.asdict(self)
 
-    def columns_kwargs(self, spec: bool) -> dict[str, Any]:
+    def spectral_now(self, calls: int) -> bool | Literal["blocks", "products"]:
+        """Which spectral columns the Jacobian step after ``calls`` Jacobian steps gets
+        (``spec`` of :func:`gradprobe.jacobian.jacobian_columns`).
+
+        With ``spec=N`` (N > 2) a cycle of N Jacobian steps spreads them over two: ``jac_spec``
+        on the second, ``prod_spec`` on the third, each at about half the cost of both; the
+        first one of a run, which also pays for the probe's first recorded step, is a
+        Frobenius one. ``spec=2``: both on the second of every two.
+
+        >>> [JacobianOptions(spec=20).spectral_now(c) for c in (0, 1, 2, 3, 20, 21, 22)]
+        [False, 'blocks', 'products', False, False, 'blocks', 'products']
+        """
+        if isinstance(self.spec, bool) or self.spec == 1:
+            return bool(self.spec)
+        phase = calls % self.spec
+        if self.spec == 2:
+            return phase == 1
+        return "blocks" if phase == 1 else "products" if phase == 2 else False
+
+    def columns_kwargs(self, spec: bool | Literal["blocks", "products"]) -> dict[str, Any]:
         """Keyword arguments of :func:`gradprobe.jacobian.jacobian_columns` for one step."""
         return {
             "power_iters": self.power_iters,
@@ -187,9 +220,10 @@ class ProbeConfig:
             (``power_iters``, ``tol``, ``prod``, ``prod_spec``), with the training defaults of
             :class:`JacobianOptions`. ``spec``: ``True``/``False`` for the spectral
             columns (``jac_spec``, ``prod_spec``) on every/no step with Jacobian columns, or
-            N for every N-th of those steps (default 20; NaN on the others).
-            ``sub_batch`` (default :data:`SUB_BATCH` = 32): the columns are taken on a
-            second forward pass over the first ``sub_batch`` samples (cloned BatchNorm buffers,
+            N for once in N of those steps, ``jac_spec`` on the second and ``prod_spec`` on the
+            third of every N (default 20; NaN on the others). ``sub_batch`` (default
+            :data:`SUB_BATCH` = 16): the columns are taken on a second forward pass
+            over the first ``sub_batch`` samples (cloned BatchNorm buffers,
             forked RNG: training is unchanged), ``None`` for the whole batch through the
             training graph. Calls whose arguments hold anything but tensors and plain values
             (a key/value cache object) always use the training graph. ``seed`` seeds the
@@ -225,10 +259,15 @@ class ProbeConfig:
             (``chan_mean_sq``, ``chan_var``, ``branch_var``); default dim 1 of 4-d outputs
             (N, C, H, W) and the last dim of 2-d and 3-d ones ((N, C), (N, T, C)).
         paths: the path-length decomposition (:func:`gradprobe.paths`) on every (``True``) or
-            every N-th recorded step, on the Jacobian sub-batch (``jacobian_options["sub_batch"]``,
+            every N-th recorded step, on a sub-batch (``jacobian_options["paths_sub_batch"]``,
             default 32 samples) in a second forward pass, the loss a fixed random projection of
             the output; read it with ``probe.paths_frame()``, saved as ``paths.parquet``.
             A mapping is converted to :class:`JacobianOptions`.
+        fused: take the statistics of calls too large to be batched (tensors over 64 KiB
+            on the CPU, 1 MiB elsewhere) with two kernels compiled by ``torch.compile``,
+            each reading a call's tensors once (:mod:`gradprobe.fused`);
+            the first recorded step compiles them (seconds, cached on disk). Where they
+            cannot be compiled the probe warns once and stays eager.
 
     >>> ProbeConfig(jacobian="yes")
     Traceback (most recent call last):
@@ -254,6 +293,7 @@ class ProbeConfig:
     stacks: Any = None
     channel_dim: int | None = None
     paths: bool | int = False
+    fused: bool = False
 
     def __post_init__(self) -> None:
         opts = JacobianOptions.from_mapping(self.jacobian_options)
@@ -273,6 +313,8 @@ class ProbeConfig:
                 f"channel_dim= must be None (dim 1 of 4-d outputs, the last dim of 2-d and 3-d ones) or an "
                 f"int axis of the block outputs, got {self.channel_dim!r}"
             )
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"fused= must be True or False, got {self.fused!r}")
         if not _is_int(self.probes, 1):
             raise ValueError(f"probes= must be a positive int, got {self.probes!r}")
         unknown = sorted(set(self.sink_options or {}) - set(SINK_OPTIONS))

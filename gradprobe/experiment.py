@@ -246,11 +246,11 @@ class TrainConfig:
         jacobian: add the Jacobian columns. ``True``: at the first and the last recorded
             step of each model (initialisation and end of training), spectral columns
             included; an int N: every N-th recorded step, with the defaults of
-            :func:`gradprobe.attach` (spectral columns on every 20th of those steps).
+            :func:`gradprobe.attach` (spectral columns once in 20 of those steps).
         jacobian_options: passed to :func:`gradprobe.attach` (``probes``, ``prod_spec``, ...).
-        paths: the path-length decomposition (:func:`gradprobe.paths`, on the Jacobian
-            sub-batch): ``True`` at the first and the last recorded step of each model,
-            an int N every N-th recorded step, ``False`` never.
+        paths: the path-length decomposition (:func:`gradprobe.paths`, on its sub-batch,
+            ``jacobian_options["paths_sub_batch"]``): ``True`` at the first and the last
+            recorded step of each model, an int N every N-th recorded step, ``False`` never.
         device: where the models train.
         progress: show progress on stderr: a tqdm bar per model (epoch, loss, ETA) on a
             terminal or in a notebook, else one plain line per model and epoch (see
@@ -368,7 +368,7 @@ class TrainConfig:
         options = dict(self.jacobian_options or {})
         if self.jacobian is True:
             # Two Jacobian steps only (initialisation, end): both get the spectral columns,
-            # not just the first as under the probe's every-20th-Jacobian-step default.
+            # which the probe's once-in-20-Jacobian-steps default would not give them.
             options.setdefault("spec", True)
         return {
             "every": self.every,

@@ -119,7 +119,8 @@ def _sq(a: torch.Tensor) -> torch.Tensor:
 def _sq_read(a: torch.Tensor) -> tuple[torch.Tensor, float | None]:
     """:func:`_sq` and its value where it was read on the host (float32 on the CPU), else None."""
     dtype = a.dtype
-    if dtype is torch.float32 and a.is_cpu:  # the common case first: one BLAS call, one host read
+    host = reads_host(a)
+    if dtype is torch.float32 and host:  # the common case first: one BLAS call, one host read
         # torch.dot is a single BLAS reduction: about twice as fast as vector_norm on CPU.
         s = torch.dot(a, a)
         v = s.item()
@@ -128,7 +129,7 @@ def _sq_read(a: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         n = a.numel()
     elif dtype not in _NARROW:
         return (torch.vdot(a, a).real if a.is_complex() else torch.dot(a, a)), None
-    elif not a.is_cpu:
+    elif not host:
         return _sq64(a), None
     else:
         s = torch.vdot(a, a).real
@@ -142,22 +143,22 @@ def _sq_read(a: torch.Tensor) -> tuple[torch.Tensor, float | None]:
     return s64, s64.item()
 
 
-def _re_dot(a: torch.Tensor, b: torch.Tensor, narrow_ok: bool = False) -> torch.Tensor:
+def _re_dot(a: torch.Tensor, b: torch.Tensor, narrow: bool = False) -> torch.Tensor:
     """``Re <a, b>``: the real inner product, also of complex vectors (C^n as R^2n).
 
-    Float32 vectors are multiplied in float64 unless ``narrow_ok`` (the caller knows, from
-    :func:`_narrow_ok`, that float32 products neither under- nor overflow).
+    Float32 vectors are multiplied in float64 unless ``narrow`` (the caller knows, from
+    :func:`narrow_ok`, that float32 products neither under- nor overflow).
     """
     if a.is_complex() or b.is_complex():
         dtype = torch.promote_types(a.dtype, b.dtype)
         a, b = _as(a, dtype), _as(b, dtype)
-    if not narrow_ok and (a.dtype in _NARROW or b.dtype in _NARROW):
+    if not narrow and (a.dtype in _NARROW or b.dtype in _NARROW):
         wide = torch.complex128 if a.is_complex() else torch.float64
         a, b = _as(a, wide), _as(b, wide)
     return torch.vdot(a, b).real if a.is_complex() else torch.dot(a, b)
 
 
-def _narrow_ok(n: int, lo: float, hi: float) -> bool:
+def narrow_ok(n: int, lo: float, hi: float) -> bool:
     """Whether a float32 sum of ``n`` products whose ``|a| |b|`` lies in ``[lo, hi]`` is exact to
     float32 precision: ``|a| |b|`` bounds every partial sum (no overflow up to float32's largest
     value) and the rounding of subnormal products (under ``2**-24`` of it above ``n * tiny``).
@@ -165,6 +166,65 @@ def _narrow_ok(n: int, lo: float, hi: float) -> bool:
     if math.isnan(lo) or math.isnan(hi) or hi == 0.0:  # NaN, or a zero vector: exact either way
         return True
     return n * _TINY32 <= lo and hi <= _MAX32
+
+
+def reads_host(t: torch.Tensor) -> bool:
+    """Whether the statistics of ``t`` take the CPU's path: values read on the host where that
+    saves work (a CPU tensor's values are on the host: no synchronisation). Every such choice
+    asks this one function; ``benchmarks/profile_probe.py --as-accelerator`` replaces it to count
+    the operators and host reads of the path that accelerators take."""
+    return t.is_cpu
+
+
+def host_checked(t: torch.Tensor) -> bool:
+    """Whether a batch is reduced in float32 and its values checked on the host: float32 on the CPU,
+    where a host read costs no synchronisation and widening costs memory traffic. Elsewhere the
+    batch is widened to float64 at once (no host read; a GPU's cost is its kernels)."""
+    return t.dtype == torch.float32 and reads_host(t)
+
+
+def row_squares(rows: torch.Tensor) -> torch.Tensor:
+    """``|row|^2`` of each row of a 2-d tensor, float64, exact to the rows' precision over float64's
+    range: float32 rows on the CPU are reduced in float32 and the rows whose value says that
+    float32 may have under- or overflowed are redone in float64 (as :func:`_sq`).
+
+    >>> squares = row_squares(torch.tensor([[3.0, 4.0], [2.0**-100, 0.0]]))  # float32 squares underflow
+    >>> squares[0].item(), squares[1].item() == 2.0**-200
+    (25.0, True)
+    """
+    if not host_checked(rows):
+        return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square_()
+    out = torch.linalg.vector_norm(rows, dim=1).double().square_()
+    low = rows.shape[1] * _TINY32  # a float32 sum of squares above it lost nothing to underflow
+    bad = [i for i, v in enumerate(out.tolist()) if not low <= v <= _MAX32 and not math.isnan(v)]
+    if bad:
+        zero = [i for i in bad if out[i] == 0.0]
+        if zero:  # an exact zero row is exact; a zero from underflowed squares is not
+            nonzero = rows[zero].ne(0).any(1).tolist()
+            bad = [i for i in bad if i not in zero] + [i for i, nz in zip(zero, nonzero, strict=True) if nz]
+        if bad:
+            out[bad] = torch.linalg.vector_norm(rows[bad].double(), dim=1).square_()
+    return out
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
+    """``<a_i, b_i>`` of each pair of rows, float64; ``aa``, ``bb``: their :func:`row_squares`. Float32
+    rows on the CPU are multiplied in float32 where ``|a_i| |b_i|`` shows that float32 neither
+    under- nor overflows (:func:`narrow_ok`), the others in float64.
+
+    >>> a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])
+    >>> row_dots(a, b, row_squares(a), row_squares(b)).tolist()
+    [11.0]
+    """
+    if not host_checked(a):
+        return torch.linalg.vecdot(a.double(), b.double())
+    out = torch.linalg.vecdot(a, b).double()
+    n = a.shape[1]
+    bounds = (aa * bb).sqrt_().tolist()  # |a_i| |b_i| bounds the partial sums
+    bad = [i for i, v in enumerate(bounds) if not narrow_ok(n, v, v)]
+    if bad:
+        out[bad] = torch.linalg.vecdot(a[bad].double(), b[bad].double())
+    return out
 
 
 #: One statistic of one call: a 0-d tensor, or None where it does not exist (NaN in the frame).
@@ -272,7 +332,7 @@ def grad_in_stat(g_x: torch.Tensor, g_y: torch.Tensor | None) -> tuple[Stat, Sta
         # on the host (CPU scalars, no synchronisation). Elsewhere the product runs in float64.
         nx, nb = math.sqrt(vxx), math.sqrt(vbb)
         n = b.numel() * (2 if b.is_complex() else 1)
-        ok = _narrow_ok(n, nb * abs(nx - nb), nb * (nx + nb))
+        ok = narrow_ok(n, nb * abs(nx - nb), nb * (nx + nb))
     return gxx, bb, _re_dot(b, fy, ok)
 
 
@@ -289,7 +349,7 @@ def channel_axis(t: torch.Tensor, channel_dim: int | None = None) -> int | None:
     return 1 if t.dim() >= 4 else t.dim() - 1
 
 
-def _moments(v: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+def moments(v: torch.Tensor, scratch: bool = False) -> torch.Tensor:
     """(n, 3, C) float64: count, mean and M2 (sum of squared deviations from the mean) of each
     channel of each of n tensors stacked as ``v`` of shape (n, B, C, rows).
 
@@ -345,11 +405,11 @@ def signal_many(
     # One tensor reduces through a view of itself (a copy only where its layout needs one); many
     # are stacked once into a scratch copy that can be shifted in place.
     v = _detached(first).reshape(1, -1, c, rows) if n == 1 else torch.stack([_detached(y) for y in ys])
-    own = _moments(v.view(n, -1, c, rows), scratch=n > 1)
+    own = moments(v.view(n, -1, c, rows), scratch=n > 1)
     if residuals[0] is None:
         return torch.stack([own, torch.full_like(own, NAN)], 1)
     r = residuals[0].reshape(1, -1, c, rows) if n == 1 else torch.stack(residuals)  # type: ignore[arg-type]
-    return torch.stack([own, _moments(r.view(n, -1, c, rows), scratch=True)], 1)
+    return torch.stack([own, moments(r.view(n, -1, c, rows), scratch=True)], 1)
 
 
 def signal_stats(
@@ -547,7 +607,7 @@ def _squared_norms(tensors: Sequence[torch.Tensor], acc: torch.dtype) -> torch.T
     real = [_as_real(_detached(t)) for t in tensors]
     if acc != torch.float32:
         return torch.stack(torch._foreach_norm(real, 2, dtype=acc)).square_()
-    if real[0].device.type != "cpu":
+    if not reads_host(real[0]):
         return torch.stack(torch._foreach_norm(real, 2, dtype=torch.float64)).square_()
     norms = torch.stack(torch._foreach_norm(real, 2, dtype=acc))
     wide = norms.double()
@@ -597,6 +657,84 @@ def param_stats(
     return sq, gsq, dsq
 
 
+#: Elements of one concatenated group of parameters (:func:`_block_param_stats_cpu`): bounds the
+#: memory its copies take at once.
+GROUP_ELEMENTS = 1 << 22
+
+
+def _block_param_stats_cpu(
+    groups: Sequence[Sequence[torch.Tensor]],
+    previous: Sequence[Sequence[torch.Tensor] | None],
+    flat_grads: Sequence[torch.Tensor | None],
+    n: int,
+) -> torch.Tensor:
+    """:func:`block_param_stats` of float32 parameters on the CPU: the tensors of one shape
+    concatenated (in chunks of at most :data:`GROUP_ELEMENTS` elements) and reduced one row per
+    tensor in float32 (:func:`row_squares`: rows that float32 may have under- or overflowed redone
+    in float64), the rows summed into their blocks by one ``index_add_``. On the CPU the per-tensor
+    kernels of ``_foreach_norm`` (a loop there) cost more than the copies."""
+    tensors: list[torch.Tensor] = []
+    owner: list[int] = []  # the entry of the (3 * blocks) sums: kind * blocks + block
+    old: list[torch.Tensor | None] = []
+    for i, g in enumerate(groups):
+        tensors += [_detached(p) for p in g]
+        owner += [i] * len(g)
+        old += [None] * len(g)
+    for j, grad in enumerate(flat_grads):
+        if grad is not None:
+            tensors.append(grad)
+            owner.append(n + owner[j])
+            old.append(None)
+    for i, prev in enumerate(previous):
+        if prev is not None:
+            for p, q in zip(groups[i], prev, strict=True):
+                tensors.append(_detached(p))
+                owner.append(2 * n + i)
+                old.append(q)
+    sums = torch.zeros(3 * n, dtype=torch.float64)
+    chunks: dict[tuple[Any, ...], list[list[int]]] = {}
+    sizes: dict[tuple[Any, ...], int] = {}
+    for k, t in enumerate(tensors):
+        key = (tuple(t.shape), old[k] is not None)  # one row per tensor: tensors of one shape
+        parts = chunks.setdefault(key, [[]])
+        if parts[-1] and sizes[key] + t.numel() > GROUP_ELEMENTS:
+            parts.append([])
+            sizes[key] = 0
+        parts[-1].append(k)
+        sizes[key] = sizes.get(key, 0) + t.numel()
+    for (_, diff), parts in chunks.items():
+        for members in parts:
+            rows = stacked_rows([tensors[k] for k in members])
+            if diff:
+                rows = rows - stacked_rows([old[k] for k in members])  # type: ignore[misc]
+            index = torch.tensor([owner[k] for k in members])
+            sums.index_add_(0, index, row_squares(rows))
+    # NaN where a block has no parameter, no gradient, or no previous snapshot.
+    has_grad = {owner[k] for k in range(len(owner)) if n <= owner[k] < 2 * n}
+    missing = (
+        [not g for g in groups]
+        + [n + i not in has_grad for i in range(n)]
+        + [prev is None for prev in previous]
+    )
+    if any(missing):
+        sums[torch.tensor(missing)] = NAN
+    return sums.view(3, n).t()
+
+
+def stacked_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tensors of one shape as the rows of one ``(n, numel)`` tensor (a view for one of them)."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(1, -1)
+    if tensors[0].dim() == 0:
+        return torch.stack(list(tensors)).reshape(len(tensors), -1)
+    return torch.cat(list(tensors)).reshape(len(tensors), -1)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor made from a host list, on ``device`` without blocking (no device-to-host sync)."""
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 def block_param_stats(
     groups: Sequence[Sequence[torch.Tensor]],
     previous: Sequence[Sequence[torch.Tensor] | None],
@@ -625,6 +763,8 @@ def block_param_stats(
     (device,) = devices
     acc = real_dtype(flat[0].dtype)
     n = len(groups)
+    if reads_host(flat[0]) and all(p.dtype == torch.float32 for p in flat):
+        return _block_param_stats_cpu(groups, previous, flat_grads, n)
     # One fused _foreach_norm over parameters, then gradients, then differences to the
     # previous snapshot, summed per block into one (3 * blocks) vector by one index_add_.
     # (Per target the additions run in the same order as one index_add_ per kind: same values.)
@@ -643,7 +783,7 @@ def block_param_stats(
     if tensors:
         sq = _squared_norms(tensors, acc)
         # Made from a host list and copied without blocking: no device-to-host sync on a GPU.
-        sums.index_add_(0, torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True), sq)
+        sums.index_add_(0, _to_device(torch.tensor(owner, dtype=torch.long), device), sq)
     # NaN where a block has no parameter, no gradient, or no previous snapshot.
     has_grad = {owner[i] for i in with_grad}
     has_prev = set(known)
@@ -653,6 +793,6 @@ def block_param_stats(
         + [i not in has_prev for i in range(n)]
     )
     if any(missing):
-        mask = torch.tensor(missing).to(device, non_blocking=True)
+        mask = _to_device(torch.tensor(missing), device)
         sums = torch.where(mask, torch.full_like(sums, NAN), sums)
     return sums.view(3, n).t()

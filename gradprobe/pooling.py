@@ -13,10 +13,18 @@ row equals what one process records on the whole batch with the mean loss over i
 * ``gain`` and ``cum_gain`` are ratios of pooled norms (the factor ``W`` cancels);
   ``branch_cos`` is the summed inner products over the pooled norms.
 * ``in_rms`` and ``out_rms`` are the root of the ranks' mean square: exact for equal parts.
+* ``res_ratio`` and ``cos_xy`` of a shape-preserving block (a row with ``skip_grad``
+  recorded on every rank: there the reference ``r`` is the input ``x``) come from the
+  ranks' ``|y - x|^2 = (res_ratio |x|)^2`` and ``<x, y> = cos_xy |x| |y|``, with ``|x|`` and
+  ``|y|`` from ``in_rms`` and ``out_rms``: exact for equal parts. A block that changes shape
+  compares ``y`` with its shortcut's output, whose norm a row does not keep: NaN there.
 * ``param_norm``, ``param_grad_norm`` and ``update_ratio`` are the same on every rank
   (DDP keeps replicas; under FSDP2 the probe sums the shards): the first rank's value.
-* ``res_ratio``, ``cos_xy``, the signal columns (per-channel moments) and the Jacobian
-  columns need statistics that a row does not keep: NaN (read them per rank).
+* The signal columns (:data:`NOT_POOLED`) are means over channels of per-channel moments
+  (``mean_c (mean y_c)^2``); pooling them needs each rank's per-channel means, which a row
+  does not keep (only ``chan_var + chan_mean_sq``, the mean square, would pool). The
+  Jacobian columns are random estimates on each rank's own sub-batch: their pooled value
+  would not be what one process estimates on the whole batch. NaN (read them per rank).
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ from .records.schema import FRAME_COLUMNS, JACOBIAN_COLUMNS, SIGNAL_COLUMNS
 if TYPE_CHECKING:
     import pandas as pd
 
-#: Columns that the pooled frame leaves NaN: they are not sums over samples of what a row keeps.
-NOT_POOLED: tuple[str, ...] = ("res_ratio", "cos_xy", *SIGNAL_COLUMNS, *JACOBIAN_COLUMNS)
+#: Columns that the pooled frame leaves NaN: the rows of the ranks do not determine their
+#: whole-batch values (see the module docstring).
+NOT_POOLED: tuple[str, ...] = (*SIGNAL_COLUMNS, *JACOBIAN_COLUMNS)
 
 _NORMS = ("grad_out", "grad_in", "branch_grad", "skip_grad")
 _FIRST = ("index", "calls", "stack", "param_norm", "param_grad_norm", "update_ratio")
@@ -71,6 +80,11 @@ def pool_ranks(frame: pd.DataFrame, *, loss: Literal["mean", "sum"] = "mean") ->
         parts: dict[str, Any] = {f"sq_{c}": num(c) ** 2 for c in _NORMS}
         parts["dot"] = num("branch_cos") * num("branch_grad") * num("grad_out")
         parts["ms_in"], parts["ms_out"] = num("in_rms") ** 2, num("out_rms") ** 2
+        # res_ratio and cos_xy compare y with x on shape-preserving blocks (skip_grad recorded):
+        # |y - x|^2 and <x, y>, per element of x (the factor numel cancels for equal parts)
+        same = num("skip_grad").notna()
+        parts["ms_d"] = (num("res_ratio") ** 2 * parts["ms_in"]).where(same)
+        parts["m_xy"] = (num("cos_xy") * num("in_rms") * num("out_rms")).where(same)
     grouped = f.assign(**parts).groupby(keys, sort=False, dropna=False)
     sums = grouped[[k for k in parts if k.startswith("sq_") or k == "dot"]].sum(min_count=1)
     # a NaN on any rank (a block without a gradient there) leaves the pooled value NaN
@@ -79,7 +93,7 @@ def pool_ranks(frame: pd.DataFrame, *, loss: Literal["mean", "sum"] = "mean") ->
         .groupby(keys, sort=False, dropna=False)[list(parts)]
         .any()
     )
-    means = grouped[["ms_in", "ms_out"]].mean()
+    means = grouped[["ms_in", "ms_out", "ms_d", "m_xy"]].mean()
     out = grouped[[c for c in _FIRST if c in f]].first()
     scale = float(world) if loss == "mean" else 1.0
     with np.errstate(all="ignore"):
@@ -90,6 +104,9 @@ def pool_ranks(frame: pd.DataFrame, *, loss: Literal["mean", "sum"] = "mean") ->
         out["branch_cos"] = dot / (out["branch_grad"] * out["grad_out"])
         out["in_rms"] = np.sqrt(means["ms_in"].where(~nan_any["ms_in"]))
         out["out_rms"] = np.sqrt(means["ms_out"].where(~nan_any["ms_out"]))
+        ms_in, ms_out = means["ms_in"].where(~nan_any["ms_in"]), means["ms_out"].where(~nan_any["ms_out"])
+        out["res_ratio"] = np.sqrt(means["ms_d"].where(~nan_any["ms_d"]) / ms_in)
+        out["cos_xy"] = means["m_xy"].where(~nan_any["m_xy"]) / np.sqrt(ms_in * ms_out)
     out = out.reset_index()
     if "stack" in out and "index" in out:
         # cum_gain: pooled grad_in over the pooled grad_out of the last block of the row's stack

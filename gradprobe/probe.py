@@ -47,7 +47,7 @@ from .coverage import CallWatch, enclosing_modules, nested_message, not_residual
 from .hooks import Handles, remove_copied
 from .jacobian.schedule import JacobianSchedule, paths_decomposition
 from .records import RecordedTables, Recorder, Sink, new_run_id, rank_folder
-from .rows import ParamSnapshots, loss_scale, non_finite, step_rows
+from .rows import ParamSnapshots, ParamStat, loss_scale, non_finite, step_rows
 from .sharding import refuse_fsdp1
 from .stacking import StackTracker
 from .taps import Fwd, Taps, in_transform
@@ -66,7 +66,7 @@ __all__ = [
 class _Step:
     """What the current step has collected."""
 
-    params: dict[str, torch.Tensor] = field(default_factory=dict)  # squared [|theta|, |grad|, |delta|]
+    params: dict[str, ParamStat] = field(default_factory=dict)  # squared [|theta|, |grad|, |delta|]
     snapshot: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     scalars: dict[str, Any] = field(default_factory=dict)
     jacobian: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -132,6 +132,7 @@ class Probe(RecordedTables):
             fail=self._alerts.fail,
             warn_once=self._alerts.once,
             params=[p for group in self._params.values() for p in group],
+            fused=config.fused,
         )
         self._taps.jacobian_due = self._jacobian.due(self._recorded_steps)
         self._hooks = Handles()  # on the model, while attached

@@ -35,19 +35,51 @@ from .records import FRAME_COLUMNS, SIGNAL_COLUMNS
 Row = dict[str, Any]
 
 
+@dataclass(eq=False)
+class Slot:
+    """A statistic reduced later with those of other calls (:mod:`gradprobe.batching`): element
+    ``k`` of ``batch`` (flattened) once the batch is reduced; NaN while ``batch`` is None (a held
+    tensor that changed in place before its batch ran).
+
+    >>> s = Slot(); s.batch, s.k = torch.tensor([[1.0, 2.0]]), 1; s.tensor().item()
+    2.0
+    """
+
+    batch: torch.Tensor | None = None
+    k: int = 0
+
+    def tensor(self) -> torch.Tensor | None:
+        """The statistic as a 0-d tensor (None before its batch ran)."""
+        return None if self.batch is None else self.batch.reshape(-1)[self.k]
+
+
+#: One statistic of one call: a 0-d tensor, a :class:`Slot` of a batch, or None (NaN in the frame).
+Stat = metrics.Stat | Slot
+
+
+def _tensor(s: Stat) -> metrics.Stat:
+    return s.tensor() if isinstance(s, Slot) else s
+
+
+def _add(a: Stat, b: Stat) -> metrics.Stat:
+    """Two passes' statistic summed (None if either is missing: a NaN in any pass stays NaN)."""
+    ta, tb = _tensor(a), _tensor(b)
+    return None if ta is None or tb is None else ta + tb
+
+
 @dataclass
 class CallStats:
     """Statistics of one call of one block within a step (0-d tensors without a graph, None where a
     statistic does not exist; the step's are stacked and copied to the host together)."""
 
     block: str
-    fwd: tuple[metrics.Stat, ...] | None = None  # metrics.forward_stats: |x|^2, |y|^2, |y - r|^2, |r|^2
+    fwd: tuple[Stat, ...] | None = None  # metrics.forward_stats: |x|^2, |y|^2, |y - r|^2, |r|^2
     # per-channel moments of y and y - r: row ``i`` of a (n, 2, 3, C) batch (metrics.signal_many)
     sig: tuple[torch.Tensor, int] | None = None
     numel_x: int = 0
     numel_y: int = 0
-    gyy: metrics.Stat = None  # metrics.grad_out_stats of the backward passes' summed g_y
-    bwd_x: tuple[metrics.Stat, ...] | None = None  # metrics.grad_in_stats of the summed g_x (and g_y)
+    gyy: Stat = None  # metrics.grad_out_stats of the backward passes' summed g_y
+    bwd_x: tuple[Stat, ...] | None = None  # metrics.grad_in_stats of the summed g_x (and g_y)
     # GradScaler's loss scale (squared gradient statistics carry scale**2); a 1-element tensor
     # until the step's transfer to the host (see loss_scale)
     scale: float | torch.Tensor = 1.0
@@ -69,10 +101,16 @@ class CallStats:
             self.numel_x, self.numel_y = x.numel(), y.numel()
         return residual
 
-    def add_grad_out(self, g_y: torch.Tensor, hold: bool = False) -> torch.Tensor:
+    def add_grad_out(self, g_y: torch.Tensor, hold: bool = False, defer: Any = None) -> torch.Tensor:
         """Add one backward pass's ``g_y``; returns the g_y its ``g_x`` pairs with (the sum so far).
-        ``hold``: keep the first pass's ``g_y`` should another pass come."""
+        ``hold``: keep the first pass's ``g_y`` should another pass come. ``defer``: a
+        :class:`gradprobe.batching.SignalQueue` that may reduce the first pass's with others."""
         g_y = g_y.detach() if g_y.requires_grad else g_y  # (a create_graph pass's has a graph)
+        slot = defer.grad_out(self, g_y) if defer is not None and self.passes_y == 0 else None
+        if slot is not None:  # reduced later with other calls' (the common path: no work now)
+            self.gyy, self.gy_sum = slot, (g_y if hold else None)
+            self.passes_y += 1
+            return g_y
         with _no_grad(), full_precision(g_y.device.type):
             if self.passes_y == 0:
                 self.gyy = metrics.grad_out_stat(g_y)
@@ -82,15 +120,23 @@ class CallStats:
                 self.gyy = metrics.grad_out_stat(self.gy_sum)
             else:
                 stat = metrics.grad_out_stat(g_y)
-                self.gyy = stat if self.gyy is None else self.gyy + stat
+                self.gyy = stat if self.gyy is None else _add(self.gyy, stat)
                 self.gy_sum, self.squares = None, True
         self.passes_y += 1
         return g_y if self.gy_sum is None else self.gy_sum
 
-    def add_grad_in(self, g_x: torch.Tensor, g_y: torch.Tensor | None, hold: bool = False) -> None:
+    def add_grad_in(
+        self, g_x: torch.Tensor, g_y: torch.Tensor | None, hold: bool = False, defer: Any = None
+    ) -> None:
         """Add one backward pass's ``g_x``; ``g_y``: what :meth:`add_grad_out` returned in this pass
-        (None: shapes differ). ``hold``: keep the first pass's ``g_x`` should another pass come."""
+        (None: shapes differ). ``hold``: keep the first pass's ``g_x`` should another pass come;
+        ``defer`` as in :meth:`add_grad_out`."""
         g_x = g_x.detach() if g_x.requires_grad else g_x
+        slots = defer.grad_in(self, g_x, g_y) if defer is not None and self.passes_x == 0 else None
+        if slots is not None:  # reduced later with other calls' (or by a fused kernel)
+            self.bwd_x, self.gx_sum = slots, (g_x if hold else None)
+            self.passes_x += 1
+            return
         with _no_grad(), full_precision(g_x.device.type):
             paired = self.passes_y == self.passes_x + 1  # this pass's g_y arrived (and only it)
             if self.passes_x == 0:
@@ -105,12 +151,9 @@ class CallStats:
                 self.gx_sum = self.gx_sum + g_x
                 self.bwd_x = metrics.grad_in_stat(self.gx_sum, g_y)
             else:
-                stats: tuple[metrics.Stat, ...] = metrics.grad_in_stat(g_x, g_y)
+                stats: tuple[Stat, ...] = metrics.grad_in_stat(g_x, g_y)
                 if self.bwd_x is not None:  # a NaN (None) in any pass stays NaN
-                    stats = tuple(
-                        None if a is None or b is None else a + b
-                        for a, b in zip(self.bwd_x, stats, strict=True)
-                    )
+                    stats = tuple(_add(a, b) for a, b in zip(self.bwd_x, stats, strict=True))
                 self.bwd_x = stats
                 self.gx_sum, self.squares = None, True
         self.passes_x += 1
@@ -236,7 +279,10 @@ def _call_matrix(calls: Sequence[CallStats], values: Mapping[int, Any]) -> np.nd
     scale: list[float] = []
     for c in calls:
         for t in (*(c.fwd or none4), c.gyy, *(c.bwd_x or none3)):
-            flat.append(nan if t is None else values[id(t)][0])
+            if isinstance(t, Slot):
+                flat.append(nan if t.batch is None else values[id(t.batch)][t.k])
+            else:
+                flat.append(nan if t is None else values[id(t)][0])
         scale.append(values[id(c.scale)][0] if isinstance(c.scale, torch.Tensor) else c.scale)
     m = np.array(flat, dtype=np.float64).reshape(len(calls), 8)
     s = np.array(scale, dtype=np.float64)
@@ -269,17 +315,32 @@ def _signal_columns(moments: Sequence[Any]) -> dict[str, list[float]]:
     return out
 
 
+#: A block's ``[|theta|^2, |grad|^2, |delta|^2]``: a 3-element tensor, or row ``i`` of an ``(n, 3)``
+#: tensor of every block's (:meth:`ParamSnapshots.stats`: no per-block kernel to slice it).
+ParamStat = torch.Tensor | tuple[torch.Tensor, int]
+
+
+def _param_batch(p: ParamStat) -> torch.Tensor:
+    return p[0] if isinstance(p, tuple) else p
+
+
+def _param_values(values: Mapping[int, Any], p: ParamStat) -> Any:
+    if isinstance(p, tuple):
+        return values[id(p[0])][3 * p[1] : 3 * p[1] + 3]
+    return values[id(p)]
+
+
 def step_rows(
     step: int,
     calls: Sequence[CallStats],
-    params: Mapping[str, torch.Tensor],
+    params: Mapping[str, ParamStat],
     jacobian: Mapping[str, Mapping[str, float]],
     index: Mapping[str, int],
     stacks: Callable[[list[str]], Mapping[str, str]],
 ) -> list[Row]:
     """One row per block of one step, in forward order, with every column of ``FRAME_COLUMNS``.
 
-    ``params``: ``{block: [|theta|^2, |grad|^2, |delta|^2]}`` tensors; ``jacobian``: the
+    ``params``: ``{block: [|theta|^2, |grad|^2, |delta|^2]}`` (:data:`ParamStat`); ``jacobian``: the
     Jacobian columns of the blocks that have them; ``index``: forward position of each block;
     ``stacks(names)``: ``{block: stack name}``. Every statistic, of every block, is copied to
     the host in one transfer per device. The calls of a block are pooled by adding their
@@ -292,10 +353,15 @@ def step_rows(
     if not by_block:
         return []
     # Each statistic once (|r|^2 is |x|^2 itself where r is x), one entry per moments batch.
-    tensors = {id(t): t for c in calls for t in (*(c.fwd or ()), c.gyy, *(c.bwd_x or ())) if t is not None}
+    tensors: dict[int, torch.Tensor] = {}
+    for c in calls:
+        for t in (*(c.fwd or ()), c.gyy, *(c.bwd_x or ())):
+            t = t.batch if isinstance(t, Slot) else t  # a whole batch travels once
+            if t is not None:
+                tensors[id(t)] = t
     tensors.update((id(c.sig[0]), c.sig[0]) for c in calls if c.sig is not None)
     tensors.update((id(c.scale), c.scale) for c in calls if isinstance(c.scale, torch.Tensor))
-    tensors.update((id(p), p) for p in params.values())
+    tensors.update((id(_param_batch(p)), _param_batch(p)) for p in params.values())
     values = to_host(list(tensors.values()))
     matrix = _call_matrix(calls, values)
 
@@ -325,7 +391,7 @@ def step_rows(
     cols["calls"] = np.bincount(owner, minlength=n).tolist()
     cols.update(_signal_columns(moments))
     nan3 = [math.nan] * 3
-    p = np.array([values[id(params[b])] if b in params else nan3 for b in names], dtype=np.float64)
+    p = np.array([_param_values(values, params[b]) if b in params else nan3 for b in names], dtype=np.float64)
     cols.update({k: v.tolist() for k, v in metrics.param_columns_many(p.reshape(n, 3)).items()})
     # cum_gain: grad_in over grad_out of the last block (in forward order) of the row's stack.
     stack_of = stacks(names)
@@ -390,10 +456,9 @@ class ParamSnapshots:
         """Parameter copies held between steps (0 with ``enabled=False``)."""
         return sum(len(v) for v in self.previous.values()) + sum(len(v) for v in self.spare.values())
 
-    def stats(
-        self, names: Sequence[str], groups: Sequence[Sequence[torch.Tensor]]
-    ) -> dict[str, torch.Tensor]:
-        """``{block: [|theta|^2, |grad|^2, |theta - previous|^2]}`` of every block, in one fused pass."""
+    def stats(self, names: Sequence[str], groups: Sequence[Sequence[torch.Tensor]]) -> dict[str, ParamStat]:
+        """``{block: [|theta|^2, |grad|^2, |theta - previous|^2]}`` of every block, in one pass: rows of
+        one ``(blocks, 3)`` tensor."""
         with torch.no_grad():
             grads = None
             if sharding.any_sharded(groups):  # FSDP2, tensor parallel: this rank's shards, then a sum
@@ -401,7 +466,7 @@ class ParamSnapshots:
             stats = metrics.block_param_stats(groups, [self.previous.get(n) for n in names], grads)
             if grads is not None:
                 stats = sharding.sum_over_ranks(stats)
-        return {n: stats[i] for i, n in enumerate(names)}
+        return {n: (stats, i) for i, n in enumerate(names)}
 
     def take(
         self,
@@ -421,7 +486,7 @@ class ParamSnapshots:
             if old is None or len(old) != len(params):
                 old = [torch.empty_like(p) for p in params]
             dst += old
-            src += [p.detach() for p in params]
+            src += params  # (copied under no_grad below: no graph, no detach needed)
             taken[n] = old
         if dst:  # one fused copy for every block
             with torch.no_grad():

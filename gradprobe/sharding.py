@@ -10,11 +10,17 @@ Plain tensors beside sharded ones are whole on every rank: rank 0 counts them.
 
 FSDP1 (``FullyShardedDataParallel``) hides the blocks' parameters in flat parameters:
 :func:`refuse_fsdp1` says so in one line.
+
+The Jacobian columns differentiate a block's graph twice (the spectral ones); FSDP2 frees
+the unsharded parameters at the end of each backward pass, the first of the two included,
+so :func:`fsdp_kept_unsharded` keeps them until the probe's passes are done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +37,17 @@ def _dtensor_type() -> type | None:
     except ImportError:  # a build without distributed support
         return None
     return DTensor
+
+
+def _fsdp2_type() -> type | None:
+    """``torch.distributed.fsdp.FSDPModule`` where this torch build has it (None otherwise)."""
+    if _dtensor_type() is None:
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule
 
 
 def is_sharded(t: torch.Tensor | None) -> bool:
@@ -120,3 +137,29 @@ def refuse_fsdp1(model: nn.Module) -> None:
                 "gradprobe does not probe FullyShardedDataParallel (FSDP1): its flat parameters hide "
                 "the blocks' own; shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead"
             )
+
+
+@contextmanager
+def fsdp_kept_unsharded(model: nn.Module) -> Iterator[None]:
+    """Inside: the FSDP2 (``fully_shard``) parameter groups of ``model`` keep their unsharded
+    parameters after a backward pass, so that a graph can be differentiated twice (FSDP2
+    frees them at the end of each pass, and the second pass needs the weights the first one
+    saved). After: each group's setting is restored, and a group that was sharded on entry
+    is sharded again. Values and gradients are unchanged; nothing happens without FSDP2."""
+    groups: list[Any] = []
+    fsdp_module = _fsdp2_type()
+    if fsdp_module is not None:
+        for m in model.modules():
+            if isinstance(m, fsdp_module):
+                state = m._get_fsdp_state()  # type: ignore[operator]
+                groups.extend(getattr(state, "_fsdp_param_groups", ()))
+    saved = [(g, g.reshard_after_backward, g.is_unsharded) for g in groups]
+    for g, _, _ in saved:
+        g.reshard_after_backward = False
+    try:
+        yield
+    finally:
+        for g, flag, was_unsharded in saved:
+            g.reshard_after_backward = flag
+            if not was_unsharded and g.is_unsharded:
+                g.reshard()

@@ -45,6 +45,7 @@ from . import metrics
 from ._tensors import in_backward, mute, muted
 from .batching import SignalQueue
 from .capture import alias_view, find_output, gradient_edge, swap_input
+from .fused import Fused
 from .jacobian.schedule import block_capture
 from .rows import CallStats
 from .sharding import is_sharded
@@ -179,6 +180,7 @@ class Taps:
         warn_once: Callable[[str, str], None],
         params: Sequence[torch.Tensor] = (),
         hold_bytes: int = HOLD_BYTES,
+        fused: bool = False,
     ) -> None:
         self._rules, self._stacks, self._index, self._channel_dim = rules, stacks, index, channel_dim
         self._forward_kind, self._recording, self._backward_started = (
@@ -197,7 +199,7 @@ class Taps:
         self.jacobian_due = False
         self._stack: dict[str, list[Call]] = {name: [] for name in rules}  # pre -> post hook
         self._shortcut_out: dict[str, torch.Tensor] = {}
-        self._signal = SignalQueue()
+        self._signal = SignalQueue(fused=Fused(warn_once) if fused else None)
         self._model_calls = 0  # calls of the whole model in progress
         self._count_y: torch.Tensor | None = None  # the last unrecorded block output in them
         self.through_model = False  # a backward pass went through the model's output
@@ -350,11 +352,12 @@ class Taps:
             ref = x if call.same_shape else shortcut_out
             if ref is None or ref.shape != y.shape:
                 self.no_shortcut.add(call.block)
-            residual = call.add_forward(x, y, ref)
             axis = metrics.channel_axis(y, self._channel_dim)
-            if axis is not None and not y.is_complex():
-                self._signal.add(call, y, residual, axis)
-            elif y.is_complex():
+            if y.is_complex() or ref is not x or not self._signal.forward(call, x, y, axis):
+                residual = call.add_forward(x, y, ref)  # now (else in the end-of-backward batch)
+                if axis is not None and not y.is_complex():
+                    self._signal.add(call, y, residual, axis)
+            if y.is_complex():
                 self._warn_once(
                     f"signal:{call.block}",
                     f"gradprobe: block {call.block} has a complex output: chan_mean_sq, chan_var and "
@@ -407,6 +410,8 @@ class Taps:
         ``output=``."""
         x = call.x
         assert x is not None
+        if output is y:  # the block returned one tensor: nothing else to read
+            return
         spec = _rule.same_shape_output(output, y, x.shape) if self._rules[call.block].output is None else None
         if spec is not None:
             self.no_shortcut.discard(call.block)  # the output rule is the suspect, not a shortcut
@@ -422,13 +427,13 @@ class Taps:
             t.register_hook(partial(self._grad_other_hook, call, len(call.other_edges) - 1))
 
     def flush_signal(self) -> None:
-        """Reduce the held block outputs to their signal moments (end of a backward pass, step close)."""
+        """Reduce the held tensors of the step's calls in batches (end of a backward pass, step close)."""
         for block in self._signal.flush():
             self._warn_once(
                 f"signal-inplace:{block}",
-                f"gradprobe: the output of block {block} was changed in place after the block "
-                "returned, before the probe reduced it: its chan_mean_sq, chan_var and branch_var "
-                "are NaN in this step, and are taken when the block returns from now on.",
+                f"gradprobe: a tensor of block {block} (its input, output or a gradient) was changed in "
+                "place before the probe reduced it: the columns that need it are NaN in this step, "
+                "and the block's statistics are taken when its tensors arrive from now on.",
             )
 
     # ------------------------------------------------------------------ backward
@@ -494,7 +499,7 @@ class Taps:
         try:
             target = call.target(self._trains())
             hold = target.passes_y == 0 and self._hold(grad)
-            paired = target.add_grad_out(grad, hold)
+            paired = target.add_grad_out(grad, hold, self._signal)
             if call.same_shape:
                 target.g_y = paired
         except Exception as exc:
@@ -550,7 +555,7 @@ class Taps:
         try:
             target = call.target(self._trains())
             hold = target.passes_x == 0 and self._hold(grad)
-            target.add_grad_in(grad, target.g_y if call.same_shape else None, hold)
+            target.add_grad_in(grad, target.g_y if call.same_shape else None, hold, self._signal)
         except Exception as exc:
             self._fail(f"input gradient of block {call.block}", exc)
         finally:

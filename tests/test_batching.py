@@ -35,8 +35,9 @@ def train(model, x, steps=3, **options):
 @pytest.mark.parametrize("name", ["res_mlp", "res_cnn", "plain_cnn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_held_and_batched_moments_equal_the_ones_taken_when_each_block_returns(monkeypatch, name, dtype):
-    # The whole frame, bit for bit, with every output held (the default for these small nets),
-    # with none held, and with a budget so small that the queue is reduced at every block.
+    # The whole frame with every call held (the default for these small nets), with none held, and
+    # with a budget so small that every call is reduced at once: batched sums accumulate in float64,
+    # the ones taken at once in the tensors' dtype, so they agree to float32 precision, not in bits.
     frames = {}
     for mode, defer, budget in (("held", None, None), ("now", 0, None), ("early", None, 1)):
         monkeypatch.setattr(batching, "DEFER_BYTES", batching.DEFER_BYTES if defer is None else defer)
@@ -45,8 +46,9 @@ def test_held_and_batched_moments_equal_the_ones_taken_when_each_block_returns(m
         model, x = make(name, dtype=dtype), make_input(name, dtype=dtype)
         frames[mode] = train(model, x).frame()
     assert frames["held"][SIGNAL].notna().any().all()
-    pd.testing.assert_frame_equal(frames["held"], frames["now"], check_exact=True)
-    pd.testing.assert_frame_equal(frames["held"], frames["early"], check_exact=True)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-12
+    pd.testing.assert_frame_equal(frames["held"], frames["now"], check_exact=False, rtol=rtol, atol=0)
+    pd.testing.assert_frame_equal(frames["held"], frames["early"], check_exact=False, rtol=rtol, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:gradprobe. non-finite")  # the step without a backward pass
@@ -141,7 +143,9 @@ def test_a_held_output_changed_in_place_is_nan_with_one_warning_then_reduced_whe
     assert_moments_of_the_returned_outputs(frame, seen, 0)
     second = frame[frame.step == 1]
     assert second[SIGNAL].isna().all().all()
-    assert second[["grad_out", "gain", "res_ratio", "in_rms"]].notna().all().all()  # the rest is recorded
+    # the forward statistics were held with the output: NaN too; the gradient columns are recorded
+    assert second[["res_ratio", "in_rms", "out_rms"]].isna().all().all()
+    assert second[["grad_out", "gain", "grad_in", "branch_grad"]].notna().all().all()
     assert_moments_of_the_returned_outputs(frame, seen, 2)
 
 

@@ -19,7 +19,7 @@ def test_jacobian_options_are_the_knobs_of_jacobian_columns_plus_the_probes_own(
     # Checked here once, instead of reading jacobian_columns' signature at every attach.
     knobs = set(inspect.signature(jacobian_columns).parameters) - {"captures", "probes", "generator"}
     fields = {f.name for f in dataclasses.fields(JacobianOptions)}
-    assert fields == knobs | {"seed", "sub_batch", "batch_dim"}
+    assert fields == knobs | {"seed", "sub_batch", "batch_dim", "paths_sub_batch"}
     defaults = inspect.signature(jacobian_columns).parameters
     assert JacobianOptions().prod is defaults["prod"].default
 

@@ -573,6 +573,31 @@ def test_projection_block_and_switches():
     assert jacobian_columns([], generator=gen(0)) == {}
 
 
+def test_spec_blocks_and_products_each_give_their_own_spectral_column_of_the_full_call():
+    # The probe spreads a spectral cycle over two steps: "blocks" for jac_spec, "products" for
+    # prod_spec. Each is the full call's estimate (the same probes, the same Lanczos runs), except
+    # at a stack's end, where the full call keeps the better of its two lower bounds for both.
+    net = bn_cnn()
+    caps = captured(net, inputs_for(net))
+    full = jacobian_columns(caps, generator=gen(3))
+    blocks = jacobian_columns(caps, spec="blocks", generator=gen(3))
+    products = jacobian_columns(caps, spec="products", generator=gen(3))
+    exact = exact_columns(caps)
+    end = caps[-1].name
+    for c in caps:
+        for col in ("jac_fro", "prod_fro"):
+            assert blocks[c.name][col] == pytest.approx(full[c.name][col], rel=1e-12)
+            assert products[c.name][col] == pytest.approx(full[c.name][col], rel=1e-12)
+        assert math.isnan(blocks[c.name]["prod_spec"]) and math.isnan(products[c.name]["jac_spec"])
+        assert blocks[c.name]["jac_spec"] <= exact[c.name]["jac_spec"] * (1 + 1e-9)
+        assert products[c.name]["prod_spec"] <= exact[c.name]["prod_spec"] * (1 + 1e-9)
+        if c.name != end:
+            assert blocks[c.name]["jac_spec"] == pytest.approx(full[c.name]["jac_spec"], rel=1e-9)
+            assert products[c.name]["prod_spec"] == pytest.approx(full[c.name]["prod_spec"], rel=1e-9)
+    with pytest.raises(ValueError, match="spec must be"):
+        jacobian_columns(caps, spec="both", generator=gen(3))  # type: ignore[arg-type]
+
+
 def test_same_generator_same_values_and_float32():
     net = bn_cnn().float()
     x = inputs_for(net).float()

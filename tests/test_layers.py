@@ -152,6 +152,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("gradprobe.records.schema", 0),
     # 1: tensors to numbers, models and data, tables on disk
     ("gradprobe.metrics", 1),
+    ("gradprobe.fused", 1),
     ("gradprobe.sharding", 1),
     ("gradprobe.hooks", 1),
     ("gradprobe.models", 1),
@@ -201,7 +202,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
 )
 
 #: The probe itself: what hooks into a model while it trains.
-PROBE = ("gradprobe.probe", "gradprobe.taps", "gradprobe.hooks", "gradprobe.batching")
+PROBE = ("gradprobe.probe", "gradprobe.taps", "gradprobe.hooks", "gradprobe.batching", "gradprobe.fused")
 
 #: Downstream of the DataFrame: may not reach the probe through any chain of imports.
 DOWNSTREAM = (
@@ -223,6 +224,7 @@ UPSTREAM = (
     "gradprobe.taps",
     "gradprobe.hooks",
     "gradprobe.batching",
+    "gradprobe.fused",
     "gradprobe.capture",
     "gradprobe.stacking",
     "gradprobe.blocks",

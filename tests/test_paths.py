@@ -379,7 +379,7 @@ def train(model, batches, kind="res_cnn", **attach_kwargs):
 
 def test_attach_paths_records_the_sub_batch_decomposition_every_nth_step(tmp_path):
     batches = [make_input("res_cnn", seed=s, batch=6) for s in range(5)]
-    options = {"sub_batch": 4, "seed": 3}
+    options = {"paths_sub_batch": 4, "seed": 3}
     losses, probe, before = train(make("res_cnn"), batches, paths=2, jacobian_options=options)
     frame = probe.paths_frame()
     assert sorted(frame["step"].unique().tolist()) == [0, 2, 4]
@@ -403,7 +403,7 @@ def test_attach_paths_records_the_sub_batch_decomposition_every_nth_step(tmp_pat
 def test_paths_stacks_are_named_as_in_the_probe_frame(tmp_path):
     """Regression (issue 14): the paths table's ``stack`` held 0, 1, ... while the frame held names."""
     batches = [make_input("res_cnn", seed=s, batch=6) for s in range(2)]
-    _, probe, _ = train(make("res_cnn"), batches, paths=1, jacobian_options={"sub_batch": 4})
+    _, probe, _ = train(make("res_cnn"), batches, paths=1, jacobian_options={"paths_sub_batch": 4})
     table, frame = probe.paths_frame(), probe.frame()
     assert len(table) and set(table["stack"]) <= set(frame["stack"])
     assert all(isinstance(name, str) for name in table["stack"])

@@ -18,7 +18,7 @@ from reference import reference_rows
 from torch import nn
 
 import gradprobe
-from gradprobe import metrics
+from gradprobe import batching, metrics
 
 REL = 1e-6
 COLUMNS = [
@@ -599,7 +599,11 @@ def test_a_failing_metric_warns_once_records_nan_and_training_goes_on(monkeypatc
 
 
 def test_strict_mode_raises_metric_errors(monkeypatch):
-    monkeypatch.setattr(metrics, "grad_out_stat", lambda g: (_ for _ in ()).throw(ValueError("bad grad")))
+    def bad(*args):
+        raise ValueError("bad grad")
+
+    monkeypatch.setattr(metrics, "grad_out_stat", bad)  # taken at once
+    monkeypatch.setattr(batching, "_reduce_grads", bad)  # taken in the end-of-backward batch
     net = make("res_mlp")
     with pytest.raises(ValueError, match="bad grad"), gradprobe.attach(net, strict=True):
         loss_of(net(make_input("res_mlp"))).backward()

@@ -84,21 +84,32 @@ def test_jacobian_every_n_recorded_steps_and_training_is_bit_identical():
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
     with_jac = sorted(frame.loc[frame["jac_fro"].notna(), "step"].unique())
     assert with_jac == [0, 2, 4]
-    # spectral columns on every 20th step with Jacobian columns, the first one included
-    assert sorted(frame.loc[frame["jac_spec"].notna(), "step"].unique()) == [0]
+    # spectral columns once in 20 Jacobian steps: jac_spec on the second, prod_spec on the third
+    assert sorted(frame.loc[frame["jac_spec"].notna(), "step"].unique()) == [2]
+    assert sorted(frame.loc[frame["prod_spec"].notna(), "step"].unique()) == [4]
     assert (frame.loc[frame["jac_fro"].notna(), "prod_fro"] > 0).all()
 
 
-@pytest.mark.parametrize(("spec", "expected"), [(True, [0, 2, 4, 6]), (False, []), (3, [0, 6])])
-def test_spectral_columns_follow_their_schedule_among_jacobian_steps(spec, expected):
+@pytest.mark.parametrize(
+    ("spec", "jac", "prod"),
+    [
+        (True, [0, 2, 4, 6], [0, 2, 4, 6]),
+        (False, [], []),
+        (1, [0, 2, 4, 6], [0, 2, 4, 6]),
+        (2, [2, 6], [2, 6]),
+        (3, [2], [4]),
+        (20, [2], [4]),
+    ],
+)
+def test_spectral_columns_follow_their_schedule_among_jacobian_steps(spec, jac, prod):
     net = make("res_mlp")
     opts = {"spec": spec, "power_iters": 3}
     with gradprobe.attach(net, jacobian=2, probes=1, jacobian_options=opts) as probe:
         for _ in range(8):
             net(make_input("res_mlp")).pow(2).sum().backward()
     f = probe.frame()
-    assert sorted(f.loc[f["jac_spec"].notna(), "step"].unique()) == expected
-    assert sorted(f.loc[f["prod_spec"].notna(), "step"].unique()) == expected
+    assert sorted(f.loc[f["jac_spec"].notna(), "step"].unique()) == jac
+    assert sorted(f.loc[f["prod_spec"].notna(), "step"].unique()) == prod
     assert sorted(f.loc[f["jac_fro"].notna(), "step"].unique()) == [0, 2, 4, 6]
 
 

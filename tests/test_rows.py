@@ -155,18 +155,24 @@ def test_non_finite_names_the_first_block_and_skips_excused_ones():
     assert non_finite(4, [good], lambda block: False) is None
 
 
+def _row(stat):
+    """A block's [|theta|^2, |grad|^2, |delta|^2] from ParamSnapshots.stats (a row of every block's)."""
+    batch, i = stat
+    return batch[i]
+
+
 def test_param_snapshots_give_the_update_since_the_last_recorded_step():
     p = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
     p.grad = torch.tensor([0.0, 2.0], dtype=torch.float64)
     snaps = ParamSnapshots()
-    first = snaps.stats(["b"], [[p]])["b"].tolist()
+    first = _row(snaps.stats(["b"], [[p]])["b"]).tolist()
     assert first[:2] == [25.0, 4.0] and math.isnan(first[2])  # no previous step: NaN
     taken: dict[str, list[torch.Tensor]] = {}
     snaps.take(["b"], [[p]], taken)
     snaps.commit(taken)
     with torch.no_grad():
         p.add_(torch.tensor([0.0, -1.0], dtype=torch.float64))
-    second = snaps.stats(["b"], [[p]])["b"].tolist()
+    second = _row(snaps.stats(["b"], [[p]])["b"]).tolist()
     assert second == pytest.approx([18.0, 4.0, 1.0], rel=1e-15)  # norm, then squared
     assert param_columns(*second)["update_ratio"] == pytest.approx(1 / math.sqrt(18))
     # the copies are buffers reused from step to step: two sets at most
@@ -183,7 +189,7 @@ def test_param_snapshots_disabled_keep_no_copy():
     snaps.take(["b"], [[p]], taken)
     snaps.commit(taken)
     assert snaps.held() == 0 and taken == {}
-    assert math.isnan(snaps.stats(["b"], [[p]])["b"][2].item())
+    assert math.isnan(_row(snaps.stats(["b"], [[p]])["b"])[2].item())
 
 
 def test_finalize_is_the_one_definition_rows_use():

@@ -105,9 +105,9 @@ def test_hugging_face_models_blocks_metrics_and_reference(name, no_leaks):
     factory, make_input, loss_fn, expected = CASES[name]
     model = no_leaks(_build(factory))
     x = make_input()
-    # Jacobian columns from a second pass on one of the two samples: it must not disturb the
-    # gradients compared with autograd below.
-    with gradprobe.attach(model, jacobian=True, jacobian_options={"sub_batch": 1}) as probe:
+    # Jacobian columns, spectral ones included, from a second pass on one of the two samples: it
+    # must not disturb the gradients compared with autograd below.
+    with gradprobe.attach(model, jacobian=True, jacobian_options={"sub_batch": 1, "spec": True}) as probe:
         loss_fn(model(x)).backward()
     f = probe.frame()
     assert (f["jac_batch"] == 1).all()
@@ -201,7 +201,7 @@ def test_gpt2_dropout_and_key_value_cache_are_untouched_by_jacobian_columns(pass
             cache = transformers.DynamicCache()
             with torch.no_grad():
                 net(ids[:, :6], use_cache=True, past_key_values=cache)
-        opts = {"sub_batch": 2}
+        opts = {"sub_batch": 2, "spec": True}
         probe = gradprobe.attach(net, jacobian=True, jacobian_options=opts) if probed else None
         try:
             out = net(ids[:, 6:] if pass_cache else ids, use_cache=True, past_key_values=cache)

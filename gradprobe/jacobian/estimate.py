@@ -181,12 +181,16 @@ def _top_sv_bidiag(alphas: list[float], betas: list[float]) -> tuple[float, floa
 
 
 def _orthogonalize(z: Tensor, basis: Sequence[Tensor]) -> Tensor:
-    # Classical Gram-Schmidt twice ("twice is enough"): keeps the Lanczos bases
-    # orthonormal to working precision, so every Ritz value stays a lower bound.
+    # Classical Gram-Schmidt twice ("twice is enough"), each pass two matrix-vector products:
+    # keeps the Lanczos bases orthonormal to working precision, so every Ritz value stays a
+    # lower bound.
+    if not basis:
+        return z
+    b = torch.stack([q.reshape(-1) for q in basis])
+    flat = z.reshape(-1)
     for _ in range(2):
-        for q in basis:
-            z = z - _dot(q, z) * q
-    return z
+        flat = flat - b.T @ (b @ flat)
+    return flat.view(z.shape)
 
 
 def _lanczos_top(
@@ -418,39 +422,54 @@ def _shared_subspace(
     largest singular value of A_i^T Q: a lower bound that only grows with Q. One Q serves
     all blocks because the top left singular vectors of long products are alike.
     """
-    # Orthonormalise the probes, transforming their VJPs the same way (A^T is linear).
+    # Orthonormalise the probes (Gram-Schmidt twice, dropping dependent ones): Q = U T with a
+    # small matrix T, and A_i^T Q = P_i T for the probes' VJPs P_i (A^T is linear), so each
+    # block's vectors are transformed by one matrix product instead of vector by vector.
+    m = len(us)
     qs: list[Tensor] = []
-    ps: list[list[Tensor]] = [[] for _ in range(nb)]
-    for u, pv in zip(us, probe_vjps, strict=True):
-        z, pz = u.clone(), [p.clone() for p in pv]
+    cols: list[np.ndarray] = []  # column k of T: q_k in terms of the probes
+    for k, u in enumerate(us):
+        z, t = u.clone(), np.zeros(m)
+        t[k] = 1.0
         for _ in range(2):
-            for j, q in enumerate(qs):
+            for q, tq in zip(qs, cols, strict=True):
                 c = _dot(q, z)
                 z -= c * q
-                for i in range(nb):
-                    pz[i] -= c * ps[i][j]
+                t -= c * tq
         nz = math.sqrt(_sqnorm(z))
         if not nz > _breakdown(u.dtype) * math.sqrt(_sqnorm(u)):
             continue
         qs.append(z / nz)
-        for i in range(nb):
-            ps[i].append(pz[i] / nz)
-    grams = [np.array([[_dot(a, b) for b in ps[i]] for a in ps[i]]) for i in range(nb)]
+        cols.append(t / nz)
+    if not qs:
+        return [_NAN] * nb
+    # ps[i]: the rows A_i^T q_k of block i, flattened, with room for one more per power step.
+    ps: list[Tensor] = []
+    grams: list[np.ndarray] = []
+    for i in range(nb):
+        raw = torch.stack([pv[i].reshape(-1) for pv in probe_vjps])
+        for pv in probe_vjps:
+            pv[i] = raw.new_empty(0)  # free the probe's copy once stacked
+        buf = raw.new_empty((len(qs) + power_iters, raw.shape[1]))
+        torch.mm(torch.as_tensor(np.stack(cols), dtype=raw.dtype, device=raw.device), raw, out=buf[: len(qs)])
+        del raw
+        ps.append(buf)
+        rows = buf[: len(qs)]
+        grams.append((rows @ rows.T).double().cpu().numpy())
     est = [_top_ritz(gm) for gm in grams]
     sig = [math.sqrt(e[0]) for e in est]
     for _ in range(power_iters):
         if not all(math.isfinite(s) for s in sig):
             break
+        n = len(qs)
         tangents: list[Tensor | None] = []
         for i in range(nb):
             s2 = est[i][0]
             if s2 <= 0:
                 tangents.append(None)
                 continue
-            r = ps[i][0] * float(est[i][1][0])
-            for cf, p in zip(est[i][1][1:], ps[i][1:], strict=True):
-                r = r + float(cf) * p
-            tangents.append(r / s2)
+            ritz = torch.as_tensor(est[i][1] / s2, dtype=ps[i].dtype, device=ps[i].device)
+            tangents.append(ritz @ ps[i][:n])
         z = lin.jvp(tangents)
         size = math.sqrt(_sqnorm(z))
         z = _orthogonalize(z, qs)
@@ -463,13 +482,14 @@ def _shared_subspace(
         qs.append(q)
         new_p = lin.vjp(q)
         for i in range(nb):
-            row = np.array([_dot(a, new_p[i]) for a in ps[i]] + [_sqnorm(new_p[i])])
-            gm = np.empty((len(row), len(row)))
+            ps[i][n] = new_p[i].reshape(-1)
+            row = (ps[i][: n + 1] @ ps[i][n]).double().cpu().numpy()
+            gm = np.empty((n + 1, n + 1))
             gm[:-1, :-1] = grams[i]
             gm[-1, :] = row
             gm[:, -1] = row
             grams[i] = gm
-            ps[i].append(new_p[i])
+        del new_p
         est = [_top_ritz(gm) for gm in grams]
         new = [math.sqrt(e[0]) if math.isfinite(e[0]) else _NAN for e in est]
         converged = all(abs(a - b) <= tol * a for a, b in zip(new, sig, strict=True))
@@ -491,7 +511,7 @@ def jacobian_columns(
     power_iters: int = ACCURATE_SPECTRA["power_iters"],
     generator: torch.Generator,
     prod: bool = True,
-    spec: bool = True,
+    spec: bool | Literal["blocks", "products"] = True,
     prod_spec: Literal["each", "shared", "none"] = ACCURATE_SPECTRA["prod_spec"],
     tol: float = ACCURATE_SPECTRA["tol"],
 ) -> dict[str, dict[str, float]]:
@@ -517,7 +537,9 @@ def jacobian_columns(
       JVP pass and one VJP pass; ``tol``
       stops earlier once the Ritz residual is at most ``tol`` times the estimate.
       ``spec=False`` or ``power_iters=0`` skip ``jac_spec`` and ``prod_spec`` (NaN)
-      and make the call VJP-only.
+      and make the call VJP-only; ``spec="blocks"`` takes ``jac_spec`` only,
+      ``spec="products"`` ``prod_spec`` only (the probe spreads a spectral cycle over two
+      steps so).
     * ``prod=False`` skips the product columns. ``prod_spec="each"`` runs a Lanczos per
       block (exact to ``tol``, about depth/2 times the cost of ``jac_spec``);
       ``"shared"`` estimates all blocks from one subspace (the cost of one Lanczos
@@ -565,7 +587,10 @@ def jacobian_columns(
                 f"block {c.name!r}: its output has no autograd graph; jacobian_columns needs the live graph "
                 "of a forward pass run with gradients enabled, before backward frees it"
             )
-    iters = power_iters if spec else 0
+    if spec not in (True, False, "blocks", "products"):
+        raise ValueError(f"spec must be True, False, 'blocks' or 'products', got {spec!r}")
+    block_iters = power_iters if spec in (True, "blocks") else 0
+    prod_iters = power_iters if spec in (True, "products") else 0
     result: dict[str, dict[str, float]] = {}
     stacks: dict[str, list[BlockCapture]] = {}
     for c in caps:
@@ -591,16 +616,16 @@ def jacobian_columns(
         lasts: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         if prod:
             for label, members in stacks.items():
-                got, lasts[label] = _prod_columns(members, probes, iters, tol, generator, prod_spec)
+                got, lasts[label] = _prod_columns(members, probes, prod_iters, tol, generator, prod_spec)
                 pcols.update(got)
         ends = {members[-1].name for members in stacks.values()}
         for c in (c for members in stacks.values() for c in members):
             # A stack's last block's product is the block itself: it reuses the product's probes and VJPs.
             given = lasts.get(c.stack) if c.name in ends else None
-            cols = _block_columns(c, probes, iters, tol, generator, given)
+            cols = _block_columns(c, probes, block_iters, tol, generator, given)
             cols.update(pcols.get(c.name, {"prod_fro": _NAN, "prod_spec": _NAN}))
             result[c.name] = cols
-        if prod:
+        if prod and spec is True:
             for name in ends:
                 end = result[name]
                 # One matrix, two lower bounds of its largest singular value: keep the better one for both.

@@ -5,8 +5,9 @@ training forward pass; at the end of that pass (the model's forward hook)
 :meth:`JacobianSchedule.columns` estimates the columns, by default on a second forward pass
 over a sub-batch (:func:`gradprobe.jacobian.sub_batch_captures`), falling back to the
 training graph when that pass cannot run, and to an eager re-run of the whole batch when
-the training graph refuses a second differentiation. The spectral columns come on every
-``spec``-th Jacobian step only (:class:`gradprobe.config.JacobianOptions`).
+the training graph refuses a second differentiation. The spectral columns come once in
+``spec`` Jacobian steps, ``jac_spec`` and ``prod_spec`` on two different steps
+(:meth:`gradprobe.config.JacobianOptions.spectral_now`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .._tensors import mute
 from ..capture import BlockCapture
 from ..config import JacobianOptions
 from ..path_lengths import sub_batch_decomposition
+from ..sharding import fsdp_kept_unsharded
 from .estimate import jacobian_columns
 from .rerun import batch_size, differentiable_twice, model_batch_dim, sub_batch_captures
 
@@ -105,8 +107,7 @@ class JacobianSchedule:
         stacks = stack_names([c.name for c in caps])
         for cap in caps:
             cap.stack = stacks[cap.name]
-        spec = self.options.spec
-        spec_now = spec if isinstance(spec, bool) else self._calls % spec == 0
+        spec_now = self.options.spectral_now(self._calls)
         self._calls += 1
         kwargs = self.options.columns_kwargs(spec_now)
         generator = self._generator
@@ -124,7 +125,7 @@ class JacobianSchedule:
 
         dim = self.batch_dim(model)
         rerun = _Rerun(model, modules, rules, caps, call, generator, twice, dim or 0)
-        with mute():
+        with mute(), fsdp_kept_unsharded(model):
             used = (self._sub_batch(rerun, whole=False) if dim is not None else None) or caps
             try:
                 cols = estimate(used)
@@ -233,8 +234,9 @@ def paths_decomposition(
     call: tuple[tuple[Any, ...], dict[str, Any]],
     options: JacobianOptions,
 ) -> Any:
-    """The path-length decomposition (a frame) of one training call, on the Jacobian sub-batch
-    in a second forward pass of its own (the training graph is not used)."""
+    """The path-length decomposition (a frame) of one training call, on its sub-batch
+    (``options.paths_sub_batch``) in a second forward pass of its own (the training graph is
+    not used)."""
     args, kwargs = call
     dim = options.batch_dim if options.batch_dim is not None else model_batch_dim(model)
     if dim != 0:
@@ -245,7 +247,7 @@ def paths_decomposition(
         )
     with mute():
         frame = sub_batch_decomposition(
-            model, named, shortcut_modules, tuple(args), dict(kwargs), options.sub_batch, options.seed
+            model, named, shortcut_modules, tuple(args), dict(kwargs), options.paths_sub_batch, options.seed
         )
     if frame is None:
         raise RuntimeError(
