@@ -291,3 +291,42 @@ def test_parts_times_each_part_of_the_probe_and_puts_the_originals_back(capsys):
     assert "µs per block and recorded step more" in out
     for _, _, what in parts.PARTS:
         assert what in out
+
+
+def test_the_accelerator_path_reads_the_host_once_per_recorded_step_with_a_grad_scaler(monkeypatch):
+    # The loss scale travels with the step's statistics (rows.loss_scale), so a GradScaler adds no
+    # host read: three recorded steps, three reads more than bare (each the close of a step).
+    import torch
+
+    import gradprobe
+    import gradprobe.metrics
+
+    profile = _load("profile_probe")
+    overhead = _load("overhead")
+    torch.manual_seed(0)
+    work = overhead.build("mlp", None, torch.device("cpu"))
+    model = work.model
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(work.loss(model, work.batches[i % len(work.batches)])).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def reads():
+        with profile.count_host_reads() as counts:
+            for i in range(3):
+                step(i)
+        return sum(counts.values())
+
+    for i in range(2):
+        step(i)
+    bare = reads()
+    monkeypatch.setattr(gradprobe.metrics, "reads_host", lambda t: False)
+    with gradprobe.attach(model, scaler=scaler):
+        for i in range(2):
+            step(i)
+        probed = reads()
+    assert probed - bare == 3

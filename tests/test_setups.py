@@ -71,20 +71,7 @@ def test_float16_autocast_with_grad_scaler_on_cuda_records_unscaled_norms_close_
 
 
 @CUDA
-@pytest.mark.parametrize(
-    "with_scaler",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                reason="the probe reads GradScaler.get_scale() at the end of each backward pass, one more "
-                "sync (issue 16: the scale should travel with the step's statistics)",
-                strict=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("with_scaler", [False, True])
 def test_a_recorded_step_synchronises_with_the_host_once_on_cuda(with_scaler):
     import warnings
 
