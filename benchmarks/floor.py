@@ -45,7 +45,7 @@ from torch.utils.hooks import RemovableHandle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import Tool, build, measure_tool  # a script beside this one, not a package
+from overhead import Tool, add_run_options, build, measure_tool, parse_run_options  # a script beside this one
 
 from gradprobe.blocks import select_blocks
 
@@ -147,16 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=["resnet56", "mlp", "gpt2"], default="resnet56")
     parser.add_argument("--pairs", type=int, default=10, help="bare+floor chunk pairs (at least 2)")
     parser.add_argument("--chunk", type=int, default=11, help="steps per chunk, the first one dropped")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the model's)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    if args.pairs < 2:
-        parser.error("--pairs must be at least 2: the control compares alternate bare chunks")
+    add_run_options(parser)
+    args = parse_run_options(parser, argv)
     if args.chunk < 3:
         parser.error("--chunk must be at least 3: the first step of a chunk is dropped")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     work = build(args.model, args.batch, device)
     load_start = os.getloadavg()[0]

@@ -572,6 +572,23 @@ def ratio_text(value: float, control: float, probed_control: float = 1.0) -> str
     return f"refused ({controls})"
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every script of this harness takes beside ``--model`` and ``--pairs``."""
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the model's)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+
+
+def parse_run_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, refuse fewer than two chunk pairs, and set the torch threads."""
+    args = parser.parse_args(argv)
+    if args.pairs < 2:
+        parser.error("--pairs must be at least 2: the control compares alternate bare chunks")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -591,18 +608,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also measure floor.py's floor in the same rounds (configurations recording every step)",
     )
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the model's)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    if args.pairs < 2:
-        parser.error("--pairs must be at least 2: the control compares alternate bare chunks")
+    add_run_options(parser)
+    args = parse_run_options(parser, argv)
     if args.chunk < 9:
         parser.error("--chunk must be at least 9: a probe stays attached for at least 8 measured steps")
     if args.cycles is not None and args.cycles < 1:
         parser.error("--cycles must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     work = build(args.model, args.batch, device)
     load_start = os.getloadavg()[0]
