@@ -4,6 +4,7 @@ torchvision and timm when they import."""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import numpy as np
@@ -135,6 +136,19 @@ def test_hugging_face_models_blocks_metrics_and_reference(name, no_leaks):
         assert row["grad_out"] == pytest.approx(ref[row["block"]]["grad_out"], rel=1e-6)
 
 
+def _with_cache(model, cache):
+    """The keyword argument that passes a key/value cache to ``model``: ``cache`` where its forward
+    takes one (transformers 5.x, where ``past_key_values`` is deprecated), else ``past_key_values``."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def _out_cache(out):
+    """The cache an output returns (``out.cache`` where it has one, else ``out.past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _cache_tensors(cache):
     out = []
     for layer in getattr(cache, "layers", []):
@@ -157,10 +171,10 @@ def test_gpt2_key_value_cache_is_left_unchanged_by_the_probe():
         model.zero_grad()
         if probed:
             with gradprobe.attach(model) as probe:
-                model(ids, use_cache=True, past_key_values=cache).logits.pow(2).mean().backward()
+                model(ids, use_cache=True, **_with_cache(model, cache)).logits.pow(2).mean().backward()
             assert len(probe.frame()) == 3
         else:
-            model(ids, use_cache=True, past_key_values=cache).logits.pow(2).mean().backward()
+            model(ids, use_cache=True, **_with_cache(model, cache)).logits.pow(2).mean().backward()
         return _cache_tensors(cache)
 
     bare, probed = run(False), run(True)
@@ -200,18 +214,18 @@ def test_gpt2_dropout_and_key_value_cache_are_untouched_by_jacobian_columns(pass
         if pass_cache:
             cache = transformers.DynamicCache()
             with torch.no_grad():
-                net(ids[:, :6], use_cache=True, past_key_values=cache)
+                net(ids[:, :6], use_cache=True, **_with_cache(net, cache))
         opts = {"sub_batch": 2, "spec": True}
         probe = gradprobe.attach(net, jacobian=True, jacobian_options=opts) if probed else None
         try:
-            out = net(ids[:, 6:] if pass_cache else ids, use_cache=True, past_key_values=cache)
+            out = net(ids[:, 6:] if pass_cache else ids, use_cache=True, **_with_cache(net, cache))
             loss = out.logits.pow(2).mean()
             loss.backward()
         finally:
             if probe is not None:
                 probe.detach()
         grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
-        return loss.item(), _cache_tensors(out.past_key_values), grads, torch.get_rng_state(), probe
+        return loss.item(), _cache_tensors(_out_cache(out)), grads, torch.get_rng_state(), probe
 
     with torch.random.fork_rng():
         bare, probed = run(False), run(True)
