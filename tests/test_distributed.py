@@ -46,11 +46,10 @@ def _spawn(worker, world: int, *args) -> None:
 
 def _rank(rank: int, worker, world: int, port: int, *args) -> None:
     """One spawned rank: ``worker`` (which writes its results and destroys its process group), then
-    a direct exit. A spawned process that returns tears its interpreter down, with the process
-    group's C++ objects still held by the FSDP2 modules, and a gloo rank can abort there
-    ("terminate called without an active exception": twice in about 250 runs of the GPT-2
-    worker under load; the Lightning DDP test meets it after ``fit`` has returned). That exit
-    status would say nothing of the work the tests check. An exception in ``worker`` still fails
+    a direct exit, without the interpreter's teardown. A gloo rank of the GPT-2 worker aborted
+    with "terminate called without an active exception" twice in about 250 runs under load;
+    where it aborts was not confirmed, and the teardown is the suspect (the Lightning DDP test
+    meets the same abort after ``fit`` has returned). An exception in ``worker`` still fails
     the spawn."""
     worker(rank, world, port, *args)
     sys.stdout.flush()
